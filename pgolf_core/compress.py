@@ -1,0 +1,80 @@
+"""General-purpose byte compressors at their strongest settings, behind one name each.
+
+Compressed bytes count against the 16,000,000-byte budget, and which codec wins depends
+on the data (zstd-22 beat zlib-9 on int6 in the March records; brotli-11 and lzma-9
+later), so the artifact tries the configured ones per tensor group and keeps the
+smallest. Each codec has a small integer id so the artifact can name it in one byte.
+"""
+
+from __future__ import annotations
+
+import lzma
+import zlib
+
+import brotli
+import zstandard
+
+CODEC_IDS = {"zlib": 1, "lzma": 2, "brotli": 3, "zstd": 4}  # stored in artifacts: never renumber
+CODEC_NAMES = {i: name for name, i in CODEC_IDS.items()}
+
+_LZMA_PRESET = 9 | lzma.PRESET_EXTREME
+_BROTLI_WINDOW_BITS = 24  # the largest window; decoding needs no setting
+_DECOMPRESS_ERRORS = (zlib.error, lzma.LZMAError, brotli.error, zstandard.ZstdError)
+
+
+def compress(data: bytes, name: str) -> bytes:
+    """`data` compressed by codec `name` (zlib 9, lzma 9|extreme, brotli 11, zstd 22)."""
+    _check_name(name)
+    if name == "zlib":
+        return zlib.compress(data, 9)
+    if name == "lzma":
+        return lzma.compress(data, preset=_LZMA_PRESET)
+    if name == "brotli":
+        return brotli.compress(data, quality=11, lgwin=_BROTLI_WINDOW_BITS)
+    return zstandard.ZstdCompressor(level=22).compress(data)
+
+
+def decompress(data: bytes, name: str) -> bytes:
+    """Inverse of `compress`; corrupt input raises ValueError naming the codec."""
+    _check_name(name)
+    try:
+        if name == "zlib":
+            return zlib.decompress(data)
+        if name == "lzma":
+            return lzma.decompress(data)
+        if name == "brotli":
+            return brotli.decompress(data)
+        return zstandard.ZstdDecompressor().decompress(data)
+    except _DECOMPRESS_ERRORS as e:
+        raise ValueError(f"{name}: cannot decompress {len(data)} bytes of corrupt or foreign data ({e})") from e
+
+
+def compress_smallest(data: bytes, names) -> tuple[str, bytes]:
+    """(codec name, compressed bytes) of the smallest output among `names`; ties go to the first."""
+    names = list(names)
+    if not names:
+        raise ValueError("compress_smallest: no codec given; expected some of " + ", ".join(CODEC_IDS))
+    best_name, best = None, None
+    for name in names:
+        blob = compress(data, name)
+        if best is None or len(blob) < len(best):
+            best_name, best = name, blob
+    return best_name, best
+
+
+def codec_id(name: str) -> int:
+    """The one-byte id an artifact stores for codec `name`."""
+    _check_name(name)
+    return CODEC_IDS[name]
+
+
+def codec_name(codec: int) -> str:
+    """The codec named by a stored id; unknown ids raise ValueError."""
+    if codec not in CODEC_NAMES:
+        raise ValueError(f"unknown codec id {codec!r}; expected one of {sorted(CODEC_NAMES)}")
+    return CODEC_NAMES[codec]
+
+
+def _check_name(name: str) -> None:
+    if name not in CODEC_IDS:
+        raise ValueError(f"unknown codec {name!r}; expected one of {', '.join(CODEC_IDS)}")

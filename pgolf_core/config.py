@@ -1,0 +1,264 @@
+"""Typed configuration: `params.yaml` sections -> frozen dataclasses.
+
+The only module that reads YAML. Each stage loads its own section; an unknown key is
+rejected with the nearest valid key named, and a wrongly typed value names the key,
+the value found and the type expected. `dvc exp run -S` edits params.yaml, so this is
+the one override path (no env vars, no CLI flags for hyperparameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+EVAL_MODES = ("nonoverlap", "sliding")
+COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizeConfig:
+    source: str = "embedded"  # "embedded" (stdlib text, no network) or "jsonl"
+    jsonl_path: str = ""  # a JSONL of {"text": ...} documents when source == "jsonl"
+    val_documents: int = 250  # the first N documents are the validation split
+    max_documents: int = 0  # keep only the first N documents (0 = all); for quick profiles
+    min_doc_chars: int = 200  # embedded corpus: shorter docstrings are dropped
+    vocab_size: int = 1024  # SentencePiece BPE vocabulary (8192 in the GPU profiles)
+    shard_tokens: int = 10_000_000  # tokens per train shard file
+    num_threads: int = 2  # SentencePiece training and encoding threads
+
+    def __post_init__(self):
+        _choice("tokenize.source", self.source, ("embedded", "jsonl"))
+        if self.source == "jsonl" and not self.jsonl_path:
+            raise ValueError("tokenize.jsonl_path is empty but tokenize.source is 'jsonl'")
+        _positive("tokenize.val_documents", self.val_documents)
+        _positive("tokenize.shard_tokens", self.shard_tokens)
+        _positive("tokenize.num_threads", self.num_threads)
+        if not 260 < self.vocab_size <= 65536:
+            raise ValueError(
+                f"tokenize.vocab_size={self.vocab_size}: must exceed 260 (4 specials + 256 "
+                "byte-fallback pieces) and fit uint16 shards (<= 65536)"
+            )
+        if self.max_documents and self.max_documents <= self.val_documents:
+            raise ValueError(
+                f"tokenize.max_documents={self.max_documents} leaves no training documents "
+                f"after tokenize.val_documents={self.val_documents}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class NgramConfig:
+    trigram_buckets: int = 1 << 16  # hashed (t-2, t-1) context buckets of the trigram table
+
+    def __post_init__(self):
+        _positive("ngrams.trigram_buckets", self.trigram_buckets)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    # model
+    num_layers: int = 4
+    model_dim: int = 192
+    num_heads: int = 4
+    num_kv_heads: int = 2  # grouped-query attention: num_heads % num_kv_heads == 0
+    mlp_mult: int = 4  # MLP hidden = mlp_mult * model_dim
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0  # logits = c * tanh(logits / c)
+    # data
+    seq_len: int = 256  # tokens per training sequence
+    batch_tokens: int = 8192  # global tokens per optimizer step, whatever the world size
+    micro_batch_seqs: int = 32  # sequences per forward pass per process (accumulation fills the rest)
+    # schedule
+    iterations: int = 600  # optimizer steps (schedule: steps)
+    schedule: str = "steps"  # "steps" (comparable across machines) or "wallclock" (fills the cap)
+    max_wallclock_seconds: float = 240.0  # hard cap on timed training (0 = none)
+    warmup_steps: int = 0  # linear LR warm-up
+    warmdown_frac: float = 0.4  # final fraction of the run with LR decaying linearly
+    min_lr_frac: float = 0.0  # LR floor as a fraction of the peak
+    # optimiser
+    matrix_lr: float = 0.02  # Muon, 2-D block matrices
+    embed_lr: float = 0.03  # Adam, tied embedding
+    scalar_lr: float = 0.02  # Adam, norms' gains and other vectors
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85  # momentum ramps linearly from this value
+    muon_momentum_warmup_steps: int = 100
+    ns_steps: int = 5  # Newton-Schulz iterations
+    weight_decay: float = 0.0  # decoupled, Muon matrices only
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+    ema_decay: float = 0.99  # EMA of weights; the EMA weights are what is saved (0 = off)
+    # bookkeeping
+    val_every: int = 100  # steps between validations (0 = only at the end)
+    val_tokens: int = 65536  # validation tokens scored at periodic checks (0 = all)
+    seed: int = 1337
+    compile: bool = False  # torch.compile the model (GPU profiles)
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+
+    def __post_init__(self):
+        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                     "seq_len", "batch_tokens", "micro_batch_seqs", "iterations"):
+            _positive(f"train.{name}", getattr(self, name))
+        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
+            raise ValueError(
+                f"train.model_dim={self.model_dim} must split into train.num_heads="
+                f"{self.num_heads} heads of even size (rotary pairs)"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"train.num_heads={self.num_heads} is not a multiple of "
+                f"train.num_kv_heads={self.num_kv_heads}"
+            )
+        if self.batch_tokens % self.seq_len:
+            raise ValueError(
+                f"train.batch_tokens={self.batch_tokens} is not a multiple of "
+                f"train.seq_len={self.seq_len}"
+            )
+        _choice("train.schedule", self.schedule, ("steps", "wallclock"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        if self.schedule == "wallclock" and self.max_wallclock_seconds <= 0:
+            raise ValueError("train.schedule 'wallclock' needs train.max_wallclock_seconds > 0")
+        for name in ("warmdown_frac", "min_lr_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"train.{name}={getattr(self, name)}: must lie in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"train.ema_decay={self.ema_decay}: must lie in [0, 1)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig:
+    bits: int = 8  # symmetric per-row integer grid: +-(2**(bits-1) - 1)
+    clip_percentile: float = 99.99  # per-row |w| percentile that sets the scale (100 = max)
+    passthrough_max_numel: int = 65536  # tensors this small (and all 1-D) stay fp16
+    compressors: list = field(default_factory=lambda: list(COMPRESSORS))  # the smallest wins
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"quantize.bits={self.bits}: must lie in [2, 8] (int8 storage)")
+        if not 50.0 < self.clip_percentile <= 100.0:
+            raise ValueError(f"quantize.clip_percentile={self.clip_percentile}: must lie in (50, 100]")
+        if not self.compressors:
+            raise ValueError("quantize.compressors is empty: name at least one of " + ", ".join(COMPRESSORS))
+        for name in self.compressors:
+            _choice("quantize.compressors[]", name, COMPRESSORS)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyConfig:
+    max_artifact_bytes: int = 16_000_000  # decimal, code included
+    time_budget_seconds: float = 600.0  # train + calibration must fit
+    batch_seqs: int = 32  # sequences per evaluation forward pass
+    seq_len: int = 256  # evaluation sequence length of the round-trip check
+
+    def __post_init__(self):
+        _positive("verify.batch_seqs", self.batch_seqs)
+        _positive("verify.seq_len", self.seq_len)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    final_mode: str = "sliding"  # the mode reported as val_bpb, fixed before evaluating
+    modes: list = field(default_factory=lambda: list(EVAL_MODES))  # modes to run
+    seq_len: int = 256  # window length (non-overlapping block length too)
+    stride: int = 64  # sliding: new targets scored per window
+    batch_seqs: int = 32  # windows per forward pass
+    truncate_to_seq_len: bool = False  # score only ((N-1)//seq_len)*seq_len targets, as the records
+
+    def __post_init__(self):
+        for mode in self.modes:
+            _choice("evaluate.modes[]", mode, EVAL_MODES)
+        _choice("evaluate.final_mode", self.final_mode, EVAL_MODES)
+        if self.final_mode not in self.modes:
+            raise ValueError(f"evaluate.final_mode={self.final_mode!r} is not in evaluate.modes={self.modes}")
+        _positive("evaluate.seq_len", self.seq_len)
+        _positive("evaluate.batch_seqs", self.batch_seqs)
+        if not 0 < self.stride <= self.seq_len:
+            raise ValueError(f"evaluate.stride={self.stride}: must lie in [1, seq_len={self.seq_len}]")
+
+
+SECTIONS: dict[str, type] = {
+    "tokenize": TokenizeConfig,
+    "ngrams": NgramConfig,
+    "train": TrainConfig,
+    "quantize": QuantizeConfig,
+    "verify": VerifyConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def load_params(path: str | Path) -> dict:
+    """Read params.yaml; names the file when it is missing or not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"params file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        params = yaml.safe_load(f) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, found {type(params).__name__}")
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section {unknown[0]!r}{_nearest(unknown[0], SECTIONS)}")
+    return params
+
+
+def load_section(path: str | Path, section: str):
+    """The typed config of one section of params.yaml (defaults for absent keys)."""
+    return build_section(section, load_params(path).get(section) or {})
+
+
+def build_section(section: str, values: dict):
+    """Validate `values` against the section's dataclass and build it."""
+    cls = SECTIONS[section]
+    if not isinstance(values, dict):
+        raise ValueError(f"params section {section!r} must be a mapping, found {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"unknown params key {section}.{key}{_nearest(key, fields)}")
+        values = {**values, key: _coerce(f"{section}.{key}", value, fields[key], cls)}
+    return cls(**values)
+
+
+def section_keys(section: str) -> list[str]:
+    """Leaf keys of a section, as `dvc.yaml` lists them (`train.matrix_lr`)."""
+    return [f"{section}.{f.name}" for f in dataclasses.fields(SECTIONS[section])]
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _coerce(key: str, value, fld: dataclasses.Field, cls: type):
+    expected = typing.get_type_hints(cls)[fld.name]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is bool and not isinstance(value, bool):
+        raise ValueError(f"params key {key}: expected true/false, found {value!r}")
+    if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"params key {key}: expected an integer, found {value!r}")
+    if expected in (float, str, list) and not isinstance(value, expected):
+        raise ValueError(f"params key {key}: expected {expected.__name__}, found {value!r}")
+    return value
+
+
+def _nearest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(choices))})"
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r}: must be one of {', '.join(map(repr, allowed))}")
+
+
+def _positive(key: str, value) -> None:
+    if value <= 0:
+        raise ValueError(f"{key}={value}: must be positive")

@@ -1,0 +1,128 @@
+"""Token shards in the challenge's format, and batches read from them.
+
+Shard = 256 little-endian int32 header (`[0]` magic 20240520, `[1]` version 1,
+`[2]` token count, rest 0) followed by the tokens as little-endian uint16. Readers
+check magic, version and that the file size is exactly 1024 + 2 * count, so a
+truncated or foreign file is named, never silently misread.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+TRAIN_PATTERN = "fineweb_train_*.bin"
+VAL_PATTERN = "fineweb_val_[0-9]*.bin"  # excludes the CaseOps byte sidecars (fineweb_val_bytes_*)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"fineweb_{split}_{index:06d}.bin"
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> None:
+    """Write `tokens` (any integer array with values < 65536) as one shard file."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 1 << 16):
+        raise ValueError(f"{path}: token ids must lie in [0, 65535], found [{tokens.min()}, {tokens.max()}]")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (SHARD_MAGIC, SHARD_VERSION, tokens.size)
+    with open(path, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+
+
+def read_header(path: str | Path) -> int:
+    """Validate a shard's header and size; return its token count."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"shard not found: {path}")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"shard {path}: {size} bytes is shorter than the {HEADER_BYTES}-byte header (truncated?)")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"shard {path}: magic {header[0]} != {SHARD_MAGIC} (not a token shard)")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"shard {path}: version {header[1]} != {SHARD_VERSION}")
+    count = int(header[2])
+    expected = HEADER_BYTES + 2 * count
+    if size != expected:
+        raise ValueError(
+            f"shard {path}: {size} bytes but its header promises {count} tokens = {expected} bytes "
+            "(truncated or padded)"
+        )
+    return count
+
+
+def read_shard(path: str | Path, vocab_size: int | None = None, mmap: bool = False) -> np.ndarray:
+    """The shard's tokens as uint16 (memory-mapped on request), checked against the vocab."""
+    count = read_header(path)
+    if mmap:
+        tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    else:
+        tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
+    if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
+        bad = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(
+            f"shard {path}: token id {int(tokens[bad])} at position {bad} is beyond the vocab "
+            f"size {vocab_size} (tokenizer and shards do not match)"
+        )
+    return tokens
+
+
+def list_shards(directory: str | Path, split: str) -> list[Path]:
+    """Sorted shard files of one split; an empty split is an error that names the folder."""
+    pattern = {"train": TRAIN_PATTERN, "val": VAL_PATTERN}[split]
+    files = sorted(Path(directory).glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no {split} shards ({pattern}) in {directory}")
+    return files
+
+
+def load_split(directory: str | Path, split: str, vocab_size: int | None = None) -> np.ndarray:
+    """All tokens of a split, concatenated in file order."""
+    return np.concatenate([read_shard(p, vocab_size) for p in list_shards(directory, split)])
+
+
+def write_split(directory: str | Path, split: str, tokens: np.ndarray, shard_tokens: int) -> list[Path]:
+    """Cut a split's stream into shards of at most `shard_tokens` tokens."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, start in enumerate(range(0, max(len(tokens), 1), shard_tokens)):
+        path = directory / shard_name(split, index)
+        write_shard(path, tokens[start : start + shard_tokens])
+        paths.append(path)
+    return paths
+
+
+class TokenStream:
+    """Sequential reader over train shards that wraps around forever.
+
+    `next_batch(n)` returns n + 1 contiguous tokens (inputs and shifted targets) and
+    advances by n, so consecutive batches tile the stream with no gap and no overlap.
+    Every process reads the same global span; `dist` slices it per rank.
+    """
+
+    def __init__(self, files: list[Path], vocab_size: int):
+        self.tokens = np.concatenate([read_shard(p, vocab_size) for p in files]).astype(np.int64)
+        if len(self.tokens) < 2:
+            raise ValueError(f"train shards hold {len(self.tokens)} tokens: too few to train on")
+        self.position = 0
+
+    def next_batch(self, num_tokens: int) -> np.ndarray:
+        n = len(self.tokens)
+        idx = (self.position + np.arange(num_tokens + 1)) % n
+        self.position = (self.position + num_tokens) % n
+        return self.tokens[idx]
+
+    def state(self) -> int:
+        return self.position
+
+    def restore(self, position: int) -> None:
+        self.position = position

@@ -1,0 +1,67 @@
+"""The only module that talks to torch.distributed.
+
+Under `torchrun` it initialises from the environment (NCCL on CUDA, gloo on CPU);
+without it everything degrades to one process and the collectives are no-ops.
+Other modules return sums and let the caller reduce them here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as td
+
+
+def init(device_type: str) -> None:
+    """Join the process group torchrun describes (no-op for a single process)."""
+    if "RANK" in os.environ and not td.is_initialized():
+        td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+def rank() -> int:
+    return td.get_rank() if td.is_initialized() else 0
+
+
+def world_size() -> int:
+    return td.get_world_size() if td.is_initialized() else 1
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` -> this process's CUDA device when there is one, else the CPU."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for but no CUDA device is visible")
+        torch.cuda.set_device(local_rank())
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if td.is_initialized():
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    if td.is_initialized():
+        td.all_reduce(t, op=td.ReduceOp.MAX)
+    return t
+
+
+def barrier() -> None:
+    if td.is_initialized():
+        td.barrier()

@@ -1,0 +1,97 @@
+"""Windowed scoring of a token stream: non-overlapping blocks and sliding windows.
+
+Both are one algorithm. Targets are stream positions 1..N-1 (the first token is never
+a target). The first window scores all of its targets; each later window moves its end
+forward by `stride` and scores only the targets no earlier window scored, with the
+rest of the window as context. stride == window gives non-overlapping blocks; a small
+stride gives every scored target at least window - stride tokens of context. All
+windows have the same length, min(window, N-1), so batches need no padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pgolf_core import dist
+from pgolf_core.bpb import ByteTables, bits_per_byte, target_bytes
+from pgolf_core.model import token_nll
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # first input position; inputs are tokens[start : start + length]
+    num_scored: int  # the window's last `num_scored` targets are scored here
+
+
+@dataclass
+class ScoreSums:
+    nll_nats: float = 0.0
+    num_bytes: int = 0
+    num_targets: int = 0
+
+    def as_tensor(self, device) -> torch.Tensor:
+        return torch.tensor([self.nll_nats, self.num_bytes, self.num_targets], dtype=torch.float64, device=device)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "ScoreSums":
+        nll, nbytes, ntargets = t.tolist()
+        return cls(nll, int(round(nbytes)), int(round(ntargets)))
+
+
+def plan_windows(num_tokens: int, window: int, stride: int) -> tuple[int, list[Window]]:
+    """(window length, windows) covering targets 1..num_tokens-1, each exactly once."""
+    if num_tokens < 2:
+        raise ValueError(f"a stream of {num_tokens} tokens has no target to score")
+    if not 0 < stride <= window:
+        raise ValueError(f"stride {stride} must lie in [1, window {window}]")
+    length = min(window, num_tokens - 1)
+    windows = [Window(0, length)]
+    end = length  # last target index scored so far
+    while end < num_tokens - 1:
+        new_end = min(end + stride, num_tokens - 1)
+        windows.append(Window(new_end - length, new_end - end))
+        end = new_end
+    return length, windows
+
+
+@torch.no_grad()
+def score_windows(model, tokens: np.ndarray, tables: ByteTables, *, window: int, stride: int,
+                  batch_seqs: int, device, rank: int = 0, world_size: int = 1,
+                  autocast_dtype: torch.dtype | None = None, progress: bool = False) -> ScoreSums:
+    """Sum NLL and bytes over this rank's share of the windows (windows[rank::world_size])."""
+    length, windows = plan_windows(len(tokens), window, stride)
+    mine = windows[rank::world_size]
+    stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    offsets = torch.arange(length + 1)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    batches = range(0, len(mine), batch_seqs)
+    for i in tqdm(batches, desc=f"score w={window} s={stride}", disable=not progress, unit="batch"):
+        chunk = mine[i : i + batch_seqs]
+        starts = torch.tensor([w.start for w in chunk])
+        seqs = stream[starts[:, None] + offsets].to(device)  # (b, length + 1)
+        inputs, targets = seqs[:, :-1], seqs[:, 1:]
+        scored = torch.arange(length, device=device)[None, :] >= torch.tensor(
+            [length - w.num_scored for w in chunk], device=device)[:, None]  # (b, length)
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            logits = model(inputs)
+        nll = token_nll(logits, targets).double()
+        nbytes = target_bytes(tables, inputs, targets)
+        sums += torch.stack([nll[scored].sum(), nbytes[scored].sum().double(), scored.sum().double()])
+    model.train(was_training)
+    return ScoreSums.from_tensor(sums.cpu())
+
+
+def val_bpb(model, tokens: np.ndarray, tables: ByteTables, *, window: int, stride: int, batch_seqs: int,
+            device, autocast_dtype: torch.dtype | None = None, progress: bool = False) -> tuple[float, ScoreSums]:
+    """Bits per byte over all targets of `tokens`, windows shared across ranks and the sums reduced."""
+    sums = score_windows(model, tokens, tables, window=window, stride=stride, batch_seqs=batch_seqs,
+                         device=device, rank=dist.rank(), world_size=dist.world_size(),
+                         autocast_dtype=autocast_dtype, progress=progress)
+    total = ScoreSums.from_tensor(dist.all_reduce_sum(sums.as_tensor(device)).cpu())
+    return bits_per_byte(total.nll_nats, total.num_bytes), total

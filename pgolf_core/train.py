@@ -1,0 +1,176 @@
+"""The training loop: one function, the same under one process and under torchrun.
+
+Global batch and results do not depend on the number of processes: every process
+reads the same global span of the stream, keeps its own rows, and accumulates
+micro-batches until its share is done; DDP averages the gradients. Timing follows
+the speed-record discipline: the clock runs only around training steps (validation is
+paused out), CUDA is synchronised before reading it, and with `compile` a few warm-up
+steps run first and the model, optimizer and data state are then restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import resource
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from pgolf_core import dist
+from pgolf_core.bpb import ByteTables
+from pgolf_core.config import TrainConfig
+from pgolf_core.data import TokenStream
+from pgolf_core.eval.sliding import val_bpb
+from pgolf_core.model import GPT, token_nll
+from pgolf_core.optim import apply_schedule, build_optimizers, lr_multiplier, muon_momentum
+
+COMPILE_WARMUP_STEPS = 3
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    train_seconds: float
+    tokens_per_second: float
+    ms_per_step: float
+    val_bpb_prequant: float
+    final_train_loss: float
+    peak_mem_mib: float
+    world_size: int
+    seed: int
+    stopped_by: str  # "iterations" or "wallclock"
+
+
+def set_seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndarray, tables: ByteTables,
+          device: torch.device, log: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train `model` in place, leave the EMA weights in it, and report. `log(step, metrics)`
+    receives train loss, lr and throughput every step and val_bpb at each validation."""
+    world, rank = dist.world_size(), dist.rank()
+    seqs_per_step = cfg.batch_tokens // cfg.seq_len
+    if seqs_per_step % world:
+        raise ValueError(f"train.batch_tokens={cfg.batch_tokens} gives {seqs_per_step} sequences per step, "
+                         f"not divisible by {world} processes")
+    rank_seqs = seqs_per_step // world
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    step_model = DistributedDataParallel(model) if world > 1 else model
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+    optimizers = build_optimizers(model, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+    def one_step(step: int, progress: float) -> torch.Tensor:
+        apply_schedule(optimizers, lr_multiplier(step, progress, cfg), muon_momentum(step, cfg))
+        span = torch.as_tensor(stream.next_batch(cfg.batch_tokens))
+        x = span[:-1].view(seqs_per_step, cfg.seq_len)[rank * rank_seqs : (rank + 1) * rank_seqs]
+        y = span[1:].view(seqs_per_step, cfg.seq_len)[rank * rank_seqs : (rank + 1) * rank_seqs]
+        return _accumulate_and_step(step_model, optimizers, x.to(device), y.to(device), cfg, autocast_dtype)
+
+    if cfg.compile:
+        _warm_up_and_restore(model, optimizers, stream, one_step)
+    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if cfg.ema_decay else None
+    val_slice = val_tokens[: cfg.val_tokens + 1] if cfg.val_tokens else val_tokens
+    step, elapsed, loss = 0, 0.0, float("nan")
+    bar = tqdm(total=cfg.iterations, desc="train", unit="step", disable=not dist.is_main())
+    while True:
+        elapsed = float(dist.all_reduce_max(torch.tensor([elapsed], dtype=torch.float64)).item())
+        out_of_time = cfg.max_wallclock_seconds > 0 and elapsed >= cfg.max_wallclock_seconds
+        done = step >= cfg.iterations or out_of_time
+        if log and (done or (cfg.val_every and step % cfg.val_every == 0 and step > 0)):
+            bpb, _ = val_bpb(model, val_slice, tables, window=cfg.seq_len, stride=cfg.seq_len,
+                             batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype)
+            log(step, {"val_bpb": bpb})
+        if done:
+            break
+        progress = step / cfg.iterations if cfg.schedule == "steps" else elapsed / cfg.max_wallclock_seconds
+        _sync(device)
+        t0 = time.perf_counter()
+        loss_t = one_step(step, progress)
+        _sync(device)
+        elapsed += time.perf_counter() - t0
+        if ema is not None:
+            _update_ema(ema, model, cfg.ema_decay)
+        loss = float(dist.all_reduce_sum(loss_t.detach().double().cpu()).item()) / world
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"train loss became {loss} at step {step}: lower the learning rates")
+        step += 1
+        tok_s = step * cfg.batch_tokens / max(elapsed, 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
+        if log:
+            log(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, cfg),
+                       "tokens_per_second": tok_s})
+    bar.close()
+    if ema is not None:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
+    final_bpb, _ = val_bpb(model, val_tokens, tables, window=cfg.seq_len, stride=cfg.seq_len,
+                           batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype,
+                           progress=dist.is_main())
+    return TrainResult(
+        steps=step, train_seconds=elapsed, tokens_per_second=step * cfg.batch_tokens / max(elapsed, 1e-9),
+        ms_per_step=1000 * elapsed / max(step, 1), val_bpb_prequant=final_bpb, final_train_loss=loss,
+        peak_mem_mib=_peak_mem_mib(device), world_size=world, seed=cfg.seed,
+        stopped_by="iterations" if step >= cfg.iterations else "wallclock",
+    )
+
+
+def _accumulate_and_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -> torch.Tensor:
+    """Forward/backward this rank's rows in micro-batches, then one optimizer step.
+    Each micro loss is weighted by its share of the rows, so the sum is the rank mean."""
+    rows = x.size(0)
+    starts = list(range(0, rows, cfg.micro_batch_seqs))
+    total = torch.zeros((), device=x.device)
+    for i, s in enumerate(starts):
+        last = i == len(starts) - 1
+        xb, yb = x[s : s + cfg.micro_batch_seqs], y[s : s + cfg.micro_batch_seqs]
+        no_sync = step_model.no_sync() if hasattr(step_model, "no_sync") and not last else contextlib.nullcontext()
+        with no_sync, torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = token_nll(step_model(xb), yb).mean() * (xb.size(0) / rows)
+            loss.backward()
+        total += loss.detach()
+    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total
+
+
+def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> None:
+    """Run a few steps so torch.compile builds its graphs, then restore the initial state."""
+    model_state = copy.deepcopy(model.state_dict())
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    position = stream.state()
+    for step in range(COMPILE_WARMUP_STEPS):
+        one_step(step, 0.0)
+    model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, opt_states):
+        opt.load_state_dict(state)
+    stream.restore(position)
+
+
+@torch.no_grad()
+def _update_ema(ema: dict, model, decay: float) -> None:
+    for name, value in model.state_dict().items():
+        ema[name].lerp_(value.float(), 1.0 - decay)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_mem_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

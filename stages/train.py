@@ -1,0 +1,73 @@
+"""Stage `train`: shards + tokenizer -> model weights (EMA) and DVCLive metrics.
+
+Runs as one process or under `torchrun --nproc_per_node=N -m stages.train ...`.
+"""
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from dvclive import Live
+
+from pgolf_core import checkpoint, config, data, dist, io, tokenizer
+from pgolf_core.bpb import byte_tables
+from pgolf_core.model import GPT, ModelConfig
+from pgolf_core.train import set_seed, train
+
+
+def model_config(cfg: config.TrainConfig, vocab_size: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, num_layers=cfg.num_layers, model_dim=cfg.model_dim,
+                       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult,
+                       rope_base=cfg.rope_base, logit_softcap=cfg.logit_softcap)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--shards", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="model file (.safetensors)")
+    parser.add_argument("--metrics", type=Path, required=True, help="DVCLive folder")
+    args = parser.parse_args()
+    cfg = config.load_section(args.params, "train")
+    device = dist.select_device(cfg.device)
+    dist.init(device.type)
+    set_seed(cfg.seed)
+    sp = tokenizer.load_tokenizer(args.tokenizer)
+    tables = byte_tables(sp)
+    train_files = data.list_shards(args.shards, "train")
+    stream = data.TokenStream(train_files, sp.vocab_size())
+    val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
+    model = GPT(model_config(cfg, sp.vocab_size())).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
+    if live:
+        print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
+              f"{len(stream.tokens):,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens")
+
+    def log(step: int, values: dict) -> None:
+        if live:
+            live.step = step
+            for name, value in values.items():
+                live.log_metric(name, value)
+            live.make_summary()
+
+    start = time.perf_counter()
+    result = train(cfg, model, stream, val_tokens, tables, device, log)
+    if live:
+        checkpoint.save_model(args.out, model)
+        inputs = {"shards": io.sha256_tree(args.shards), "tokenizer": io.sha256_tree(args.tokenizer)}
+        summary = {**dataclasses.asdict(result), "num_params": num_params,
+                   "provenance": io.provenance(inputs)}
+        live.summary = summary  # metrics.json = the final summary, not the last step's values
+        live.make_summary()
+        live.end()
+        print(f"train: {result.steps} steps in {result.train_seconds:.1f} s "
+              f"({result.tokens_per_second:,.0f} tok/s), val_bpb_prequant {result.val_bpb_prequant:.4f}, "
+              f"stage {time.perf_counter() - start:.1f} s")
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Every codec round-trips, names itself in errors, and the smallest output is chosen."""
+
+import random
+
+import pytest
+
+from pgolf_core.compress import CODEC_IDS, codec_id, codec_name, compress, compress_smallest, decompress
+
+
+def _data(n=20000, seed=0):
+    rng = random.Random(seed)
+    return bytes(rng.choice(b"\x00\x01\x02\xfe\xff\x7f") for _ in range(n)) + b"pgolf" * 500
+
+
+@pytest.mark.parametrize("name", list(CODEC_IDS))
+def test_round_trip(name):
+    data = _data()
+    blob = compress(data, name)
+    assert len(blob) < len(data)
+    assert decompress(blob, name) == data
+    assert decompress(compress(b"", name), name) == b""
+
+
+@pytest.mark.parametrize("name", list(CODEC_IDS))
+def test_corrupt_data_names_the_codec(name):
+    with pytest.raises(ValueError, match=name):
+        decompress(b"\x13\x37not compressed at all" * 3, name)
+
+
+def test_unknown_codec_is_refused():
+    with pytest.raises(ValueError, match="unknown codec 'gzip'"):
+        compress(b"abc", "gzip")
+    with pytest.raises(ValueError, match="unknown codec 'gzip'"):
+        decompress(b"abc", "gzip")
+    with pytest.raises(ValueError, match="unknown codec id 99"):
+        codec_name(99)
+
+
+def test_compress_smallest_picks_the_minimum():
+    data = _data(seed=1)
+    sizes = {name: len(compress(data, name)) for name in CODEC_IDS}
+    name, blob = compress_smallest(data, list(CODEC_IDS))
+    assert len(blob) == min(sizes.values()) and sizes[name] == len(blob)
+    assert decompress(blob, name) == data
+    only, _ = compress_smallest(data, ["zlib"])
+    assert only == "zlib"
+    with pytest.raises(ValueError, match="no codec"):
+        compress_smallest(data, [])
+
+
+def test_codec_ids_round_trip():
+    for name in CODEC_IDS:
+        assert codec_name(codec_id(name)) == name

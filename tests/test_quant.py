@@ -1,0 +1,99 @@
+"""Laws of per-row RTN: error bound, fp16-exact scales, routing, refusal of bad weights."""
+
+import pytest
+import torch
+
+from pgolf_core.config import QuantizeConfig
+from pgolf_core.quant import dequantize
+from pgolf_core.quant.rtn import qmax_for, quantize_matrix, quantize_rtn, row_clip, row_scales
+
+
+def _weights(rows=48, cols=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    w[3, 7] = 0.9  # an outlier the percentile clip cuts
+    return w
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+@pytest.mark.parametrize("pct", [99.0, 99.99, 100.0])
+def test_error_within_half_scale_of_clipped_weights(bits, pct):
+    w = _weights()
+    q, scale = quantize_matrix(w, bits, pct)
+    clip = row_clip(w, pct)[:, None]
+    w_clipped = torch.maximum(torch.minimum(w, clip), -clip).double()
+    deq = q.double() * scale.double()[:, None]
+    assert ((w_clipped - deq).abs() <= scale.double()[:, None] / 2 * (1 + 1e-6)).all()
+    assert q.dtype == torch.int8 and q.abs().max() <= qmax_for(bits)
+
+
+def test_percentile_matches_numpy_and_100_is_max():
+    np = pytest.importorskip("numpy")
+    w = _weights()
+    got = row_clip(w, 99.5)
+    want = torch.from_numpy(np.percentile(w.abs().numpy(), 99.5, axis=1)).float()
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    assert torch.equal(row_clip(w, 100.0), w.abs().amax(dim=1))
+
+
+def test_scales_are_fp16_and_dequant_uses_them_exactly():
+    w = _weights(seed=1)
+    q, scale = quantize_matrix(w, 6, 99.9)
+    assert scale.dtype == torch.float16
+    assert torch.equal(scale.float().half(), scale)  # round trips: fp16-representable
+    ideal = row_clip(w, 99.9) / qmax_for(6)
+    assert ((scale.float() - ideal).abs() <= ideal * 2**-10).all()  # nearest fp16
+    qm = quantize_rtn({"m": w}, QuantizeConfig(bits=6, clip_percentile=99.9, passthrough_max_numel=16))
+    assert torch.equal(dequantize(qm)["m"], q.float() * scale.float()[:, None])
+
+
+def test_zero_rows_get_scale_one_and_zero_integers():
+    w = _weights()
+    w[5] = 0.0
+    q, scale = quantize_matrix(w, 8, 99.99)
+    assert scale[5].item() == 1.0 and not q[5].any()
+    assert torch.isfinite(scale).all()
+
+
+def test_tiny_rows_keep_the_bound_despite_fp16_underflow():
+    w = _weights() * 1e-7  # clip / qmax falls below the smallest fp16 subnormal
+    q, scale = quantize_matrix(w, 8, 100.0)
+    assert (scale > 0).all()
+    deq = q.double() * scale.double()[:, None]
+    assert ((w.double() - deq).abs() <= scale.double()[:, None] / 2 * (1 + 1e-6)).all()
+
+
+def test_routing_large_matrices_quantized_rest_passthrough():
+    state = {
+        "tok_emb.weight": _weights(64, 32, seed=2),  # 2048 > 1000: int8
+        "blocks.0.attn.gain": torch.rand(32) + 0.5,  # 1-D: fp16
+        "blocks.0.small": torch.rand(8, 8) + 0.1,  # 64 <= 1000: fp16
+    }
+    qm = quantize_rtn(state, QuantizeConfig(passthrough_max_numel=1000))
+    kinds = {name: t.kind for name, t in qm.tensors.items()}
+    assert kinds == {"tok_emb.weight": "int8", "blocks.0.attn.gain": "fp16", "blocks.0.small": "fp16"}
+    assert qm.tensors["blocks.0.small"].data.dtype == torch.float16
+    out = dequantize(qm)
+    for name, t in state.items():
+        assert out[name].dtype == torch.float32 and out[name].shape == t.shape
+    assert torch.equal(out["blocks.0.attn.gain"], state["blocks.0.attn.gain"].half().float())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_by_name(bad):
+    w = _weights()
+    w[1, 2] = bad
+    with pytest.raises(ValueError, match="blocks.1.mlp.fc.weight"):
+        quantize_rtn({"blocks.1.mlp.fc.weight": w}, QuantizeConfig(passthrough_max_numel=16))
+    with pytest.raises(ValueError, match="norm.gain"):
+        quantize_rtn({"norm.gain": torch.tensor([1.0, bad])}, QuantizeConfig())
+
+
+def test_passthrough_beyond_fp16_range_is_refused():
+    with pytest.raises(ValueError, match="big.*fp16"):
+        quantize_rtn({"big": torch.tensor([1e6, 1.0])}, QuantizeConfig())
+
+
+def test_row_scales_reject_fp16_overflow():
+    with pytest.raises(ValueError, match="overflows fp16"):
+        row_scales(torch.tensor([1e9]), 8)
