@@ -49,9 +49,11 @@ import safetensors
 import safetensors.torch
 import torch
 
+from pgolf_core.checkpoint import build_model
 from pgolf_core.compress import codec_id, codec_name, compress_smallest, decompress
 from pgolf_core.io import write_bytes_atomic
-from pgolf_core.quant import KINDS, QuantizedModel, QuantizedTensor
+from pgolf_core.model import GPT, ModelConfig
+from pgolf_core.quant import KINDS, QuantizedModel, QuantizedTensor, dequantize
 from pgolf_core.quant.rtn import qmax_for
 
 MAGIC = b"PGOLFART"
@@ -347,3 +349,19 @@ def _check_tensor(name: str, t: QuantizedTensor, kind: str, where: str) -> Quant
     if peak > qmax_for(t.bits):
         raise ValueError(f"{where}: tensor {name!r} has |q| {peak} > {qmax_for(t.bits)} for {t.bits} bits")
     return t
+
+
+def read_artifact(path: str | Path) -> bytes:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact not found: {path} (run the quantize stage)")
+    return path.read_bytes()
+
+
+def load_model(path: str | Path) -> GPT:
+    """Rebuild the dequantized model from the artifact file alone."""
+    try:
+        qm, config = unpack_artifact(read_artifact(path))
+    except ValueError as e:
+        raise ValueError(f"artifact {path}: {e}") from e
+    return build_model(dequantize(qm), ModelConfig(**config))

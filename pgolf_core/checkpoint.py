@@ -50,21 +50,3 @@ def build_model(state: dict[str, torch.Tensor], cfg: ModelConfig) -> GPT:
         raise ValueError(f"weights do not fit the model config {cfg}: {e}") from e
     return model
 
-
-def read_artifact(path: str | Path) -> bytes:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"artifact not found: {path} (run the quantize stage)")
-    return path.read_bytes()
-
-
-def model_from_artifact(path: str | Path) -> GPT:
-    """Rebuild the dequantized model from the artifact file alone."""
-    from pgolf_core.artifact import unpack_artifact
-    from pgolf_core.quant import dequantize
-
-    try:
-        qm, config = unpack_artifact(read_artifact(path))
-    except ValueError as e:
-        raise ValueError(f"artifact {path}: {e}") from e
-    return build_model(dequantize(qm), ModelConfig(**config))

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 # What rebuilding the model from the artifact and scoring it needs.
-EVAL_ENTRY_MODULES = ("pgolf_core.checkpoint", "pgolf_core.artifact", "pgolf_core.eval.sliding",
+EVAL_ENTRY_MODULES = ("pgolf_core.artifact", "pgolf_core.eval.sliding",
                       "pgolf_core.bpb", "pgolf_core.data", "pgolf_core.tokenizer")
 
 _PROBE = """

@@ -62,7 +62,7 @@ class NgramConfig:
 class TrainConfig:
     # model
     num_layers: int = 4
-    model_dim: int = 192
+    model_dim: int = 128
     num_heads: int = 4
     num_kv_heads: int = 2  # grouped-query attention: num_heads % num_kv_heads == 0
     mlp_mult: int = 4  # MLP hidden = mlp_mult * model_dim
@@ -73,9 +73,9 @@ class TrainConfig:
     batch_tokens: int = 8192  # global tokens per optimizer step, whatever the world size
     micro_batch_seqs: int = 32  # sequences per forward pass per process (accumulation fills the rest)
     # schedule
-    iterations: int = 600  # optimizer steps (schedule: steps)
+    iterations: int = 250  # optimizer steps (schedule: steps)
     schedule: str = "steps"  # "steps" (comparable across machines) or "wallclock" (fills the cap)
-    max_wallclock_seconds: float = 240.0  # hard cap on timed training (0 = none)
+    max_wallclock_seconds: float = 200.0  # hard cap on timed training (0 = none)
     warmup_steps: int = 0  # linear LR warm-up
     warmdown_frac: float = 0.4  # final fraction of the run with LR decaying linearly
     min_lr_frac: float = 0.0  # LR floor as a fraction of the peak
@@ -93,7 +93,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
     ema_decay: float = 0.99  # EMA of weights; the EMA weights are what is saved (0 = off)
     # bookkeeping
-    val_every: int = 100  # steps between validations (0 = only at the end)
+    val_every: int = 50  # steps between validations (0 = only at the end)
     val_tokens: int = 65536  # validation tokens scored at periodic checks (0 = all)
     seed: int = 1337
     compile: bool = False  # torch.compile the model (GPU profiles)
@@ -137,7 +137,7 @@ class TrainConfig:
 class QuantizeConfig:
     bits: int = 8  # symmetric per-row integer grid: +-(2**(bits-1) - 1)
     clip_percentile: float = 99.99  # per-row |w| percentile that sets the scale (100 = max)
-    passthrough_max_numel: int = 65536  # tensors this small (and all 1-D) stay fp16
+    passthrough_max_numel: int = 4096  # tensors this small (and all 1-D) stay fp16
     compressors: list = field(default_factory=lambda: list(COMPRESSORS))  # the smallest wins
 
     def __post_init__(self):

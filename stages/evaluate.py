@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf_core import checkpoint, config, data, dist, io, tokenizer
+from pgolf_core import artifact, config, data, dist, io, tokenizer
 from pgolf_core.bpb import byte_tables
 from pgolf_core.eval.sliding import val_bpb
 
@@ -44,7 +44,7 @@ def main() -> None:
     device = dist.select_device("auto")
     dist.init(device.type)
     sp = tokenizer.load_tokenizer(args.tokenizer)
-    model = checkpoint.model_from_artifact(args.artifact / "model.bin").to(device)
+    model = artifact.load_model(args.artifact / "model.bin").to(device)
     if model.cfg.vocab_size != sp.vocab_size():
         raise ValueError(f"model vocab {model.cfg.vocab_size} != tokenizer vocab {sp.vocab_size()} ({args.tokenizer})")
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())

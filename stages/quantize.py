@@ -3,39 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import time
 from pathlib import Path
 
-import safetensors
-
 from pgolf_core.artifact import pack_artifact, write_reference
+from pgolf_core.checkpoint import read_model_file
 from pgolf_core.config import load_section
 from pgolf_core.io import atomic_path, provenance, sha256_files, write_json_atomic
 from pgolf_core.quant.rtn import quantize_rtn
 
 
-def read_model(path: Path) -> tuple[dict, dict]:
-    """(float tensors by name, model config dict) from the train stage's safetensors."""
-    if not path.is_file():
-        raise FileNotFoundError(f"model not found: {path} (run the train stage first)")
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if "model_config" not in meta:
-            raise ValueError(f"{path}: no 'model_config' in the safetensors metadata (found {sorted(meta)})")
-        state = {name: f.get_tensor(name) for name in f.keys()}
-    try:
-        return state, json.loads(meta["model_config"])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: metadata 'model_config' is not valid JSON: {e}") from e
-
-
 def quantize(params: Path, model: Path, out: Path, reference: Path, metrics: Path) -> dict:
     cfg = load_section(params, "quantize")
-    state, model_config = read_model(model)
+    state, model_config = read_model_file(model)
     start = time.perf_counter()
     qm = quantize_rtn(state, cfg)
-    blob, report = pack_artifact(qm, model_config, cfg.compressors)
+    blob, report = pack_artifact(qm, dataclasses.asdict(model_config), cfg.compressors)
     quantize_seconds = time.perf_counter() - start
     with atomic_path(out) as tmp:
         tmp.mkdir()

@@ -10,21 +10,21 @@ import sys
 import time
 from pathlib import Path
 
-from pgolf_core import artifact, checkpoint, codesize, config, data, dist, io, tokenizer
+from pgolf_core import artifact, codesize, config, data, dist, io, tokenizer
 from pgolf_core.bpb import byte_tables
 from pgolf_core.eval.sliding import val_bpb
 
 
 def verify(cfg: config.VerifyConfig, args) -> tuple[dict, list[str]]:
     """Metrics and the list of broken rules (empty when the artifact passes)."""
-    blob = checkpoint.read_artifact(args.artifact / "model.bin")
+    blob = artifact.read_artifact(args.artifact / "model.bin")
     qm, _ = artifact.unpack_artifact(blob)
     mismatched = artifact.compare_exact(qm, artifact.read_reference(args.reference))
     code_total, code_files = codesize.code_bytes()
     train_seconds = io.read_json(args.train_metrics, "train metrics")["train_seconds"]
     calib_seconds = io.read_json(args.quant_metrics, "quantize metrics")["calib_seconds"]
     sp = tokenizer.load_tokenizer(args.tokenizer)
-    model = checkpoint.model_from_artifact(args.artifact / "model.bin")
+    model = artifact.load_model(args.artifact / "model.bin")
     if model.cfg.vocab_size != sp.vocab_size():
         raise ValueError(f"model vocab {model.cfg.vocab_size} != tokenizer vocab {sp.vocab_size()} ({args.tokenizer})")
     device = dist.select_device("auto")
