@@ -18,6 +18,7 @@ import json
 import os
 import random
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 SHUFFLE_SEED = 20240520
@@ -40,7 +41,21 @@ def jsonl_documents(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"tokenize.jsonl_path: file not found: {path}")
-    docs = []
+    docs = list(iter_jsonl_documents(path))
+    if not docs:
+        raise ValueError(f"{path}: no documents")
+    return docs
+
+
+def iter_jsonl_documents(path: str | Path) -> Iterator[str]:
+    """Stream the texts of a JSONL file of `{"text": ...}` objects, one line at a time.
+
+    Memory stays bounded by the longest line, so the 45 GB FineWeb docs cache can be read
+    in full. Blank lines are skipped; a bad line raises `ValueError` naming file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"JSONL documents file not found: {path}")
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -51,10 +66,7 @@ def jsonl_documents(path: str | Path) -> list[str]:
                 raise ValueError(f"{path}:{line_no}: expected a JSON object with a 'text' field ({e})") from e
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{line_no}: 'text' is {type(text).__name__}, expected a string")
-            docs.append(text)
-    if not docs:
-        raise ValueError(f"{path}: no documents")
-    return docs
+            yield text
 
 
 def corpus_sha256(docs: list[str]) -> str:

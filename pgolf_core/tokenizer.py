@@ -23,26 +23,10 @@ PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 def train_tokenizer(docs: list[str], vocab_size: int, num_threads: int = 1) -> bytes:
     """Train a BPE model on `docs`; returns the serialized model proto."""
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        character_coverage=0.9995,
-        hard_vocab_limit=False,
-        max_sentence_length=1 << 20,
-        pad_id=PAD_ID,
-        bos_id=BOS_ID,
-        eos_id=EOS_ID,
-        unk_id=UNK_ID,
-        num_threads=num_threads,
-        minloglevel=2,
-    )
+    try:
+        _train(docs, vocab_size, num_threads, model)
+    except RuntimeError as e:  # SentencePiece reports bad settings as RuntimeError
+        raise ValueError(f"tokenizer training failed for vocab_size={vocab_size}: {e}") from e
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     if sp.vocab_size() != vocab_size:
         raise ValueError(
@@ -81,3 +65,26 @@ def encode_documents(sp: spm.SentencePieceProcessor, docs: list[str], num_thread
     for start, ids in zip(starts, pieces):
         stream[start + 1 : start + 1 + len(ids)] = ids
     return stream
+
+
+def _train(docs: list[str], vocab_size: int, num_threads: int, writer) -> None:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs),
+        model_writer=writer,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        character_coverage=0.9995,
+        hard_vocab_limit=False,
+        max_sentence_length=1 << 20,
+        pad_id=PAD_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        num_threads=num_threads,
+        minloglevel=2,
+    )

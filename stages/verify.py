@@ -57,7 +57,10 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     cfg = config.load_section(args.params, "verify")
-    metrics, broken = verify(cfg, args)
+    try:
+        metrics, broken = verify(cfg, args)
+    except ValueError as e:  # unreadable, tampered or mismatched inputs: no metrics to write
+        sys.exit(f"verify FAILED: {e}")
     inputs = {"artifact": io.sha256_tree(args.artifact), "shards": io.sha256_tree(args.shards)}
     io.write_json_atomic(args.metrics, {**metrics, "broken_rules": broken, "provenance": io.provenance(inputs)})
     print(f"verify: {metrics['artifact_bytes']:,} bytes ({metrics['code_bytes']:,} code + "

@@ -1,0 +1,170 @@
+"""End to end through DVC on a temporary copy of the repo with a seconds-long profile:
+the whole DAG runs, reruns only what changed, `dvc exp run -S` takes effect, and
+`verify` refuses a broken artifact."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TEST_PROFILE = {
+    "tokenize": {"max_documents": 400, "val_documents": 40, "vocab_size": 512, "num_threads": 2},
+    "ngrams": {},
+    "train": {"num_layers": 1, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1, "mlp_mult": 2, "seq_len": 64,
+              "batch_tokens": 1024, "micro_batch_seqs": 16, "iterations": 4, "val_every": 0, "val_tokens": 1024},
+    "quantize": {"passthrough_max_numel": 256},
+    "verify": {"seq_len": 64},
+    "evaluate": {"seq_len": 64, "stride": 32},
+}
+ALL_STAGES = {"tokenize", "ngrams", "train", "quantize", "verify", "evaluate"}
+pytestmark = pytest.mark.slow
+
+
+def run(repo, *args, check=True):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "2", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1"}
+    out = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{args} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def dvc(repo, *args, check=True):
+    return run(repo, sys.executable, "-m", "dvc", *args, check=check)
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def set_params(repo, section, **values):
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    params[section].update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    """A git + DVC copy of the tracked tree, with the test profile applied and one full run."""
+    repo = tmp_path_factory.mktemp("pgolf") / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file() and not name.startswith(("metrics/", "dvc.lock")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    for section, values in TEST_PROFILE.items():
+        set_params(repo, section, **values)
+    run(repo, "git", "init", "-q")
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "test copy")
+    first = dvc(repo, "repro")
+    assert ran_stages(first.stdout) == ALL_STAGES
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "first run")
+    return repo
+
+
+def test_full_run_writes_every_metric(repo):
+    metrics = {name: json.loads((repo / "metrics" / name).read_text())
+               for name in ("tokenize.json", "ngrams.json", "quantize.json", "verify.json", "eval.json")}
+    train = json.loads((repo / "metrics/train/metrics.json").read_text())
+    assert {"documents", "bytes", "tokens"} <= set(metrics["tokenize.json"]["val"])
+    assert metrics["ngrams.json"]["val_bpb_unigram"] > metrics["ngrams.json"]["val_bpb_bigram"]
+    assert train["steps"] == 4 and {"train_seconds", "tokens_per_second", "ms_per_step", "val_bpb_prequant",
+                                    "peak_mem_mib", "world_size", "seed"} <= set(train)
+    verify = metrics["verify.json"]
+    assert verify["fits_16mb"] and verify["roundtrip_exact"] and verify["broken_rules"] == []
+    assert verify["artifact_bytes"] == verify["code_bytes"] + verify["model_bytes"]
+    assert "pgolf_core/model.py" in verify["code_files"] and "pgolf_core/train.py" not in verify["code_files"]
+    ev = metrics["eval.json"]
+    assert ev["val_bpb"] == ev["val_bpb_sliding"] and ev["tokens_scored"] == metrics["tokenize.json"]["val"]["tokens"] - 1
+    assert ev["val_bpb_nonoverlap"] == pytest.approx(verify["val_bpb_roundtrip"], rel=1e-9)
+    for m in (*metrics.values(), train):
+        assert {"git_commit", "python_version", "torch_version", "device", "data_sha256"} <= set(m["provenance"])
+    assert (repo / "metrics/train/plots/metrics/train_loss.tsv").is_file()
+
+
+def test_second_repro_reruns_nothing(repo):
+    assert ran_stages(dvc(repo, "repro").stdout) == set()
+
+
+def test_train_change_reruns_train_and_what_follows(repo):
+    set_params(repo, "train", matrix_lr=0.03)
+    assert ran_stages(dvc(repo, "repro").stdout) == {"train", "quantize", "verify", "evaluate"}
+
+
+def test_evaluate_change_reruns_only_evaluate(repo):
+    set_params(repo, "evaluate", stride=16)
+    assert ran_stages(dvc(repo, "repro").stdout) == {"evaluate"}
+
+
+def test_exp_run_override_takes_effect_and_metrics_diff_shows_it(repo):
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "commit", "-qm", "baseline")
+    dvc(repo, "exp", "run", "-S", "train.iterations=6")
+    assert json.loads((repo / "metrics/train/metrics.json").read_text())["steps"] == 6
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["iterations"] == 6
+    diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
+    assert diff["metrics/train/metrics.json"]["steps"] == {"old": 4, "new": 6, "diff": 2}
+    assert "val_bpb" in diff["metrics/eval.json"]
+
+
+def test_unknown_params_key_fails_the_stage_and_names_it(repo):
+    set_params(repo, "evaluate", strid=8)
+    out = dvc(repo, "repro", check=False)
+    assert out.returncode != 0 and "unknown params key evaluate.strid (did you mean 'stride'?)" in out.stderr + out.stdout
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    del params["evaluate"]["strid"]
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _verify(repo, artifact_dir, reference="data/quant/reference.safetensors", params="params.yaml"):
+    return run(repo, sys.executable, "-m", "stages.verify", "--params", params, "--artifact", str(artifact_dir),
+               "--reference", reference, "--shards", "data/shards", "--tokenizer", "data/tokenizer",
+               "--train-metrics", "metrics/train/metrics.json", "--quant-metrics", "metrics/quantize.json",
+               "--metrics", str(artifact_dir / "verify.json"), check=False)
+
+
+def test_verify_rejects_a_tampered_artifact(repo, tmp_path):
+    tampered = tmp_path / "artifact"
+    shutil.copytree(repo / "data/artifact", tampered)
+    blob = bytearray((tampered / "model.bin").read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    (tampered / "model.bin").write_bytes(bytes(blob))
+    out = _verify(repo, tampered)
+    assert out.returncode != 0 and "verify FAILED" in out.stderr and "sha256" in out.stderr
+    assert not (tampered / "verify.json").exists()
+
+
+def test_verify_rejects_an_artifact_that_disagrees_with_the_reference(repo, tmp_path):
+    from pgolf_core import artifact
+
+    qm = artifact.read_reference(repo / "data/quant/reference.safetensors")
+    name, tensor = next((n, t) for n, t in qm.tensors.items() if t.kind == "int8")
+    tensor.q[0, 0] = -tensor.q[0, 0] if tensor.q[0, 0] else 1
+    artifact.write_reference(tmp_path / "ref.safetensors", qm)
+    out = _verify(repo, repo / "data/artifact", reference=str(tmp_path / "ref.safetensors"))
+    assert out.returncode != 0 and "differs from the quantizer's reference in 1 tensors" in out.stderr
+    assert name in out.stderr
+
+
+def test_verify_rejects_an_oversized_artifact_and_a_blown_time_budget(repo, tmp_path):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["verify"].update(max_artifact_bytes=1000, time_budget_seconds=0.001)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    artifact_dir = tmp_path / "artifact"
+    shutil.copytree(repo / "data/artifact", artifact_dir)
+    out = _verify(repo, artifact_dir, params=str(tmp_path / "params.yaml"))
+    assert out.returncode != 0 and "> 1,000" in out.stderr and "train + calibration took" in out.stderr
+    written = json.loads((artifact_dir / "verify.json").read_text())
+    assert written["fits_16mb"] is False and len(written["broken_rules"]) == 2
