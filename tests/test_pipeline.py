@@ -65,6 +65,8 @@ def repo(tmp_path_factory):
     for section, values in TEST_PROFILE.items():
         set_params(repo, section, **values)
     run(repo, "git", "init", "-q")
+    run(repo, "git", "config", "user.name", "pgolf test")
+    run(repo, "git", "config", "user.email", "test@pgolf.local")
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "test copy")
     first = dvc(repo, "repro")
