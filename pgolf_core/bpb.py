@@ -75,10 +75,18 @@ def target_bytes(tables: ByteTables, prev_tokens, targets):
     return base[targets] + (space[targets] & ~boundary[prev_tokens]).long()
 
 
+def position_bytes(tables: ByteTables, tokens: np.ndarray) -> np.ndarray:
+    """Bytes of the target at each stream position, int64 (N,); position 0 is never a
+    target and holds 0. Evaluators index this array by target position."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    counts = np.zeros(len(tokens), dtype=np.int64)
+    counts[1:] = target_bytes(tables, tokens[:-1], tokens[1:])
+    return counts
+
+
 def stream_bytes(tables: ByteTables, tokens: np.ndarray) -> int:
     """Total bytes of every target of a token stream (all positions but the first)."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    return int(target_bytes(tables, tokens[:-1], tokens[1:]).sum())
+    return int(position_bytes(tables, tokens).sum())
 
 
 def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
@@ -86,3 +94,9 @@ def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
     if num_bytes <= 0:
         raise ValueError(f"cannot compute bits per byte over {num_bytes} bytes")
     return nll_nats / math.log(2) / num_bytes
+
+
+def val_byte_counts(sp, shards_dir, tokens: np.ndarray) -> np.ndarray:
+    """Per-position byte counts of the validation stream (see `position_bytes`): what
+    every evaluator divides by."""
+    return position_bytes(byte_tables(sp), tokens)

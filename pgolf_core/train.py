@@ -23,7 +23,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pgolf_core import dist
-from pgolf_core.bpb import ByteTables
 from pgolf_core.config import TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
@@ -52,10 +51,11 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
 
 
-def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndarray, tables: ByteTables,
+def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndarray, val_bytes: np.ndarray,
           device: torch.device, log: Callable[[int, dict], None] | None = None) -> TrainResult:
-    """Train `model` in place, leave the EMA weights in it, and report. `log(step, metrics)`
-    receives train loss, lr and throughput every step and val_bpb at each validation."""
+    """Train `model` in place, leave the EMA weights in it, and report. `val_bytes` are the
+    byte counts per val position (`bpb.val_byte_counts`). `log(step, metrics)` receives
+    train loss, lr and throughput every step and val_bpb at each validation."""
     world, rank = dist.world_size(), dist.rank()
     seqs_per_step = cfg.batch_tokens // cfg.seq_len
     if seqs_per_step % world:
@@ -78,7 +78,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     if cfg.compile:
         _warm_up_and_restore(model, optimizers, stream, one_step)
     ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if cfg.ema_decay else None
-    val_slice = val_tokens[: cfg.val_tokens + 1] if cfg.val_tokens else val_tokens
+    val_end = cfg.val_tokens + 1 if cfg.val_tokens else len(val_tokens)
     step, elapsed, loss = 0, 0.0, float("nan")
     bar = tqdm(total=cfg.iterations, desc="train", unit="step", disable=not dist.is_main())
     while True:
@@ -86,7 +86,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         out_of_time = cfg.max_wallclock_seconds > 0 and elapsed >= cfg.max_wallclock_seconds
         done = step >= cfg.iterations or out_of_time
         if log and (done or (cfg.val_every and step % cfg.val_every == 0 and step > 0)):
-            bpb, _ = val_bpb(model, val_slice, tables, window=cfg.seq_len, stride=cfg.seq_len,
+            bpb, _ = val_bpb(model, val_tokens[:val_end], val_bytes[:val_end], window=cfg.seq_len, stride=cfg.seq_len,
                              batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype)
             log(step, {"val_bpb": bpb})
         if done:
@@ -112,7 +112,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     bar.close()
     if ema is not None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
-    final_bpb, _ = val_bpb(model, val_tokens, tables, window=cfg.seq_len, stride=cfg.seq_len,
+    final_bpb, _ = val_bpb(model, val_tokens, val_bytes, window=cfg.seq_len, stride=cfg.seq_len,
                            batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype,
                            progress=dist.is_main())
     return TrainResult(

@@ -11,21 +11,22 @@ from pathlib import Path
 import torch
 
 from pgolf_core import artifact, config, data, dist, io, tokenizer
-from pgolf_core.bpb import byte_tables
+from pgolf_core.bpb import val_byte_counts
 from pgolf_core.eval.sliding import val_bpb
 
 STRIDES = {"nonoverlap": lambda cfg: cfg.seq_len, "sliding": lambda cfg: cfg.stride}
 
 
-def evaluate(cfg: config.EvaluateConfig, model, val_tokens, tables, device) -> dict:
+def evaluate(cfg: config.EvaluateConfig, model, val_tokens, val_bytes, device) -> dict:
     if cfg.truncate_to_seq_len:
-        val_tokens = val_tokens[: (len(val_tokens) - 1) // cfg.seq_len * cfg.seq_len + 1]
+        end = (len(val_tokens) - 1) // cfg.seq_len * cfg.seq_len + 1
+        val_tokens, val_bytes = val_tokens[:end], val_bytes[:end]
     autocast = torch.bfloat16 if device.type == "cuda" else None
     metrics = {}
     for mode in cfg.modes:
         start = time.perf_counter()
         metrics[f"val_bpb_{mode}"], total = val_bpb(
-            model, val_tokens, tables, window=cfg.seq_len, stride=STRIDES[mode](cfg), batch_seqs=cfg.batch_seqs,
+            model, val_tokens, val_bytes, window=cfg.seq_len, stride=STRIDES[mode](cfg), batch_seqs=cfg.batch_seqs,
             device=device, autocast_dtype=autocast, progress=dist.is_main())
         metrics[f"eval_seconds_{mode}"] = time.perf_counter() - start
         metrics["tokens_scored"] = total.num_targets
@@ -48,7 +49,7 @@ def main() -> None:
     if model.cfg.vocab_size != sp.vocab_size():
         raise ValueError(f"model vocab {model.cfg.vocab_size} != tokenizer vocab {sp.vocab_size()} ({args.tokenizer})")
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
-    metrics = evaluate(cfg, model, val_tokens, byte_tables(sp), device)
+    metrics = evaluate(cfg, model, val_tokens, val_byte_counts(sp, args.shards, val_tokens), device)
     if dist.is_main():
         inputs = {"artifact": io.sha256_tree(args.artifact), "shards": io.sha256_tree(args.shards)}
         io.write_json_atomic(args.metrics, {**metrics, "provenance": io.provenance(inputs)})

@@ -11,7 +11,7 @@ from pathlib import Path
 from dvclive import Live
 
 from pgolf_core import checkpoint, config, data, dist, io, tokenizer
-from pgolf_core.bpb import byte_tables
+from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT, ModelConfig
 from pgolf_core.train import set_seed, train
 
@@ -35,10 +35,10 @@ def main() -> None:
     dist.init(device.type)
     set_seed(cfg.seed)
     sp = tokenizer.load_tokenizer(args.tokenizer)
-    tables = byte_tables(sp)
     train_files = data.list_shards(args.shards, "train")
     stream = data.TokenStream(train_files, sp.vocab_size())
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
+    val_bytes = val_byte_counts(sp, args.shards, val_tokens)
     model = GPT(model_config(cfg, sp.vocab_size())).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
@@ -54,7 +54,7 @@ def main() -> None:
             live.make_summary()
 
     start = time.perf_counter()
-    result = train(cfg, model, stream, val_tokens, tables, device, log)
+    result = train(cfg, model, stream, val_tokens, val_bytes, device, log)
     if live:
         checkpoint.save_model(args.out, model)
         inputs = {"shards": io.sha256_tree(args.shards), "tokenizer": io.sha256_tree(args.tokenizer)}

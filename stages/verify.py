@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from pgolf_core import artifact, codesize, config, data, dist, io, tokenizer
-from pgolf_core.bpb import byte_tables
+from pgolf_core.bpb import val_byte_counts
 from pgolf_core.eval.sliding import val_bpb
 
 
@@ -29,7 +29,8 @@ def verify(cfg: config.VerifyConfig, args) -> tuple[dict, list[str]]:
         raise ValueError(f"model vocab {model.cfg.vocab_size} != tokenizer vocab {sp.vocab_size()} ({args.tokenizer})")
     device = dist.select_device("auto")
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
-    roundtrip_bpb, _ = val_bpb(model.to(device), val_tokens, byte_tables(sp), window=cfg.seq_len,
+    val_bytes = val_byte_counts(sp, args.shards, val_tokens)
+    roundtrip_bpb, _ = val_bpb(model.to(device), val_tokens, val_bytes, window=cfg.seq_len,
                                stride=cfg.seq_len, batch_seqs=cfg.batch_seqs, device=device, progress=True)
     metrics = {
         "artifact_bytes": code_total + len(blob), "code_bytes": code_total, "model_bytes": len(blob),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf_core.bpb import ByteTables
+from pgolf_core.bpb import ByteTables, position_bytes
 from pgolf_core.eval.sliding import plan_windows, score_windows
 from pgolf_core.model import GPT, token_nll
 
@@ -35,7 +35,7 @@ def test_scores_equal_a_brute_force_per_target_loop(tiny_model_config, stride):
             p.add_(torch.randn_like(p) * 0.05)
     tokens = np.random.default_rng(1).integers(0, tiny_model_config.vocab_size, 70)
     tables = _tables(tiny_model_config.vocab_size)
-    sums = score_windows(model, tokens, tables, window=16, stride=stride, batch_seqs=3, device=torch.device("cpu"))
+    sums = score_windows(model, tokens, position_bytes(tables, tokens), window=16, stride=stride, batch_seqs=3, device=torch.device("cpu"))
     nll, nbytes = 0.0, 0
     length, windows = plan_windows(len(tokens), 16, stride)
     for w in windows:  # one window at a time, each scored target recomputed from its own context
@@ -52,8 +52,9 @@ def test_ranks_partition_the_windows(tiny_model_config):
     model = GPT(tiny_model_config).eval()
     tokens = np.random.default_rng(2).integers(0, tiny_model_config.vocab_size, 200)
     kw = dict(window=16, stride=4, batch_seqs=4, device=torch.device("cpu"))
-    whole = score_windows(model, tokens, _tables(tiny_model_config.vocab_size), **kw)
-    parts = [score_windows(model, tokens, _tables(tiny_model_config.vocab_size), rank=r, world_size=3, **kw)
+    counts = position_bytes(_tables(tiny_model_config.vocab_size), tokens)
+    whole = score_windows(model, tokens, counts, **kw)
+    parts = [score_windows(model, tokens, counts, rank=r, world_size=3, **kw)
              for r in range(3)]
     assert sum(p.num_targets for p in parts) == whole.num_targets == 199
     assert sum(p.nll_nats for p in parts) == pytest.approx(whole.nll_nats, rel=1e-9)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from pgolf_core import config, data, tokenizer
-from pgolf_core.bpb import byte_tables
+from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT, ModelConfig
 from pgolf_core.train import train
 
@@ -33,7 +33,8 @@ def run_train(shards, tiny_sp, **overrides):
                             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult))
     stream = data.TokenStream(data.list_shards(shards, "train"), tiny_sp.vocab_size())
     logged = []
-    result = train(cfg, model, stream, data.load_split(shards, "val"), byte_tables(tiny_sp),
+    val = data.load_split(shards, "val")
+    result = train(cfg, model, stream, val, val_byte_counts(tiny_sp, shards, val),
                    torch.device("cpu"), log=lambda step, values: logged.append((step, values)))
     return result, logged, model
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pgolf_core import dist
-from pgolf_core.bpb import ByteTables, bits_per_byte, target_bytes
+from pgolf_core.bpb import bits_per_byte
 from pgolf_core.model import token_nll
 
 
@@ -59,13 +59,17 @@ def plan_windows(num_tokens: int, window: int, stride: int) -> tuple[int, list[W
 
 
 @torch.no_grad()
-def score_windows(model, tokens: np.ndarray, tables: ByteTables, *, window: int, stride: int,
+def score_windows(model, tokens: np.ndarray, byte_counts: np.ndarray, *, window: int, stride: int,
                   batch_seqs: int, device, rank: int = 0, world_size: int = 1,
                   autocast_dtype: torch.dtype | None = None, progress: bool = False) -> ScoreSums:
-    """Sum NLL and bytes over this rank's share of the windows (windows[rank::world_size])."""
+    """Sum NLL and bytes over this rank's share of the windows (windows[rank::world_size]).
+    `byte_counts[j]` is the byte count of the target at stream position j (`bpb`)."""
+    if len(byte_counts) != len(tokens):
+        raise ValueError(f"{len(byte_counts)} byte counts for a stream of {len(tokens)} tokens")
     length, windows = plan_windows(len(tokens), window, stride)
     mine = windows[rank::world_size]
     stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    stream_bytes = torch.as_tensor(np.asarray(byte_counts, dtype=np.int64))
     offsets = torch.arange(length + 1)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
@@ -74,23 +78,24 @@ def score_windows(model, tokens: np.ndarray, tables: ByteTables, *, window: int,
     for i in tqdm(batches, desc=f"score w={window} s={stride}", disable=not progress, unit="batch"):
         chunk = mine[i : i + batch_seqs]
         starts = torch.tensor([w.start for w in chunk])
-        seqs = stream[starts[:, None] + offsets].to(device)  # (b, length + 1)
+        positions = starts[:, None] + offsets  # (b, length + 1)
+        seqs = stream[positions].to(device)
         inputs, targets = seqs[:, :-1], seqs[:, 1:]
+        nbytes = stream_bytes[positions[:, 1:]].to(device)  # bytes of each target
         scored = torch.arange(length, device=device)[None, :] >= torch.tensor(
             [length - w.num_scored for w in chunk], device=device)[:, None]  # (b, length)
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(inputs)
         nll = token_nll(logits, targets).double()
-        nbytes = target_bytes(tables, inputs, targets)
         sums += torch.stack([nll[scored].sum(), nbytes[scored].sum().double(), scored.sum().double()])
     model.train(was_training)
     return ScoreSums.from_tensor(sums.cpu())
 
 
-def val_bpb(model, tokens: np.ndarray, tables: ByteTables, *, window: int, stride: int, batch_seqs: int,
+def val_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, *, window: int, stride: int, batch_seqs: int,
             device, autocast_dtype: torch.dtype | None = None, progress: bool = False) -> tuple[float, ScoreSums]:
     """Bits per byte over all targets of `tokens`, windows shared across ranks and the sums reduced."""
-    sums = score_windows(model, tokens, tables, window=window, stride=stride, batch_seqs=batch_seqs,
+    sums = score_windows(model, tokens, byte_counts, window=window, stride=stride, batch_seqs=batch_seqs,
                          device=device, rank=dist.rank(), world_size=dist.world_size(),
                          autocast_dtype=autocast_dtype, progress=progress)
     total = ScoreSums.from_tensor(dist.all_reduce_sum(sums.as_tensor(device)).cpu())
