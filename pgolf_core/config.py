@@ -29,7 +29,9 @@ class TokenizeConfig:
     min_doc_chars: int = 200  # embedded corpus: shorter docstrings are dropped
     vocab_size: int = 1024  # SentencePiece BPE vocabulary (8192 in the GPU profiles)
     shard_tokens: int = 10_000_000  # tokens per train shard file
-    num_threads: int = 2  # SentencePiece training and encoding threads
+    tokenizer_train_documents: int = 0  # train documents the tokenizer learns from (0 = all)
+    num_threads: int = 2  # SentencePiece training threads
+    num_workers: int = 2  # processes encoding documents into shards
 
     def __post_init__(self):
         _choice("tokenize.source", self.source, ("embedded", "jsonl"))
@@ -38,6 +40,9 @@ class TokenizeConfig:
         _positive("tokenize.val_documents", self.val_documents)
         _positive("tokenize.shard_tokens", self.shard_tokens)
         _positive("tokenize.num_threads", self.num_threads)
+        _positive("tokenize.num_workers", self.num_workers)
+        if self.tokenizer_train_documents < 0:
+            raise ValueError(f"tokenize.tokenizer_train_documents={self.tokenizer_train_documents}: must be >= 0")
         if not 260 < self.vocab_size <= 65536:
             raise ValueError(
                 f"tokenize.vocab_size={self.vocab_size}: must exceed 260 (4 specials + 256 "

@@ -13,7 +13,9 @@ why `tokenize` records `python_version` and `corpus_sha256`.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -25,26 +27,17 @@ SHUFFLE_SEED = 20240520
 _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"}
 
 
-def embedded_documents(min_chars: int = 200) -> list[str]:
-    """The stdlib corpus: pydoc topics + docstrings, deduplicated, in a fixed shuffled order."""
+@functools.lru_cache(maxsize=2)
+def embedded_documents(min_chars: int = 200) -> tuple[str, ...]:
+    """The stdlib corpus: pydoc topics + docstrings, deduplicated, in a fixed shuffled order.
+    Cached: `tokenize` reads its source twice (tokenizer sample, then the export)."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     docs = [text for text in _pydoc_topics(stdlib) if len(text) >= min_chars]
     for path in _stdlib_sources(stdlib):
         docs.extend(d for d in _docstrings(path) if len(d) >= min_chars)
     unique = sorted(set(d.strip() for d in docs))
     random.Random(SHUFFLE_SEED).shuffle(unique)
-    return unique
-
-
-def jsonl_documents(path: str | Path) -> list[str]:
-    """Documents of a JSONL file of `{"text": ...}` objects (the FineWeb docs-cache format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenize.jsonl_path: file not found: {path}")
-    docs = list(iter_jsonl_documents(path))
-    if not docs:
-        raise ValueError(f"{path}: no documents")
-    return docs
+    return tuple(unique)
 
 
 def iter_jsonl_documents(path: str | Path) -> Iterator[str]:
@@ -106,12 +99,19 @@ def _pydoc_topics(stdlib: Path) -> list[str]:
     return []
 
 
-def load_documents(source: str, jsonl_path: str = "", min_chars: int = 200, max_documents: int = 0) -> list[str]:
-    """Documents of the configured source, leading whitespace dropped, empty ones removed.
+
+def iter_documents(source: str, jsonl_path: str = "", min_chars: int = 200, max_documents: int = 0) -> Iterator[str]:
+    """Documents of the configured source, streamed, leading whitespace dropped, empty
+    ones skipped, at most `max_documents` (0 = all).
 
     Leading whitespace goes because the byte rule never charges the space of a piece
     right after BOS; dropping it keeps the byte count equal to the text's length.
     """
-    docs = embedded_documents(min_chars) if source == "embedded" else jsonl_documents(jsonl_path)
-    docs = [d for d in (d.lstrip() for d in docs) if d]
-    return docs[:max_documents] if max_documents else docs
+    docs = embedded_documents(min_chars) if source == "embedded" else iter_jsonl_documents(jsonl_path)
+    stripped = (d for d in (d.lstrip() for d in docs) if d)
+    return itertools.islice(stripped, max_documents or None)
+
+
+def load_documents(source: str, jsonl_path: str = "", min_chars: int = 200, max_documents: int = 0) -> list[str]:
+    """`iter_documents` as a list (small corpora and tests)."""
+    return list(iter_documents(source, jsonl_path, min_chars, max_documents))

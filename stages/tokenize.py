@@ -1,47 +1,46 @@
 """Stage `tokenize`: documents -> SentencePiece tokenizer + train/val shards."""
 
 import argparse
+import dataclasses
+import itertools
 import platform
 import time
 from pathlib import Path
 
-from pgolf_core import config, corpus, data, io, tokenizer
+from pgolf_core import config, corpus, export, io, tokenizer
 
 
 def tokenize(cfg: config.TokenizeConfig, tokenizer_dir: Path, shards_dir: Path) -> dict:
-    """Split the documents (first `val_documents` = validation), learn the tokenizer on
-    the training documents only, write both splits as shards; returns the metrics."""
+    """Learn the tokenizer on training documents only (the first `val_documents` are
+    validation), then stream every document into shards; returns the metrics."""
     start = time.perf_counter()
-    docs = corpus.load_documents(cfg.source, cfg.jsonl_path, cfg.min_doc_chars, cfg.max_documents)
-    if len(docs) <= cfg.val_documents:
-        raise ValueError(f"{len(docs)} documents: none left for training after {cfg.val_documents} validation ones")
-    val_docs, train_docs = docs[: cfg.val_documents], docs[cfg.val_documents :]
-    print(f"tokenize: {len(docs)} documents from {cfg.source} ({len(val_docs)} val), "
-          f"learning a {cfg.vocab_size}-piece BPE on the train split")
-    model = tokenizer.train_tokenizer(train_docs, cfg.vocab_size, cfg.num_threads)
+
+    def documents():
+        return corpus.iter_documents(cfg.source, cfg.jsonl_path, cfg.min_doc_chars, cfg.max_documents)
+
+    end = cfg.val_documents + cfg.tokenizer_train_documents if cfg.tokenizer_train_documents else None
+    sample = list(itertools.islice(documents(), cfg.val_documents, end))
+    if not sample:
+        raise ValueError(f"tokenize: no training documents in {cfg.source} after {cfg.val_documents} validation ones")
+    print(f"tokenize: learning a {cfg.vocab_size}-piece BPE on {len(sample):,} {cfg.source} training documents")
+    model = tokenizer.train_tokenizer(sample, cfg.vocab_size, cfg.num_threads)
+    del sample
     with io.atomic_path(tokenizer_dir) as tmp:
         tmp.mkdir()
         (tmp / tokenizer.MODEL_FILE).write_bytes(model)
-    sp = tokenizer.load_tokenizer(tokenizer_dir)
-    metrics = {}
     with io.atomic_path(shards_dir) as tmp:
-        for split, split_docs in (("train", train_docs), ("val", val_docs)):
-            stream = tokenizer.encode_documents(sp, split_docs, cfg.num_threads)
-            shard_tokens = cfg.shard_tokens if split == "train" else len(stream)
-            data.write_split(tmp, split, stream, shard_tokens)
-            metrics[split] = {
-                "documents": len(split_docs),
-                "bytes": sum(len(d.encode("utf-8")) for d in split_docs),
-                "tokens": int(len(stream)),
-            }
-    metrics.update(
-        vocab_size=sp.vocab_size(),
-        corpus_sha256=corpus.corpus_sha256(docs),
-        python_version=platform.python_version(),
-        tokenize_seconds=round(time.perf_counter() - start, 3),
-    )
-    print(f"tokenize: {metrics['train']['tokens']:,} train / {metrics['val']['tokens']:,} val tokens "
-          f"in {metrics['tokenize_seconds']:.1f} s")
+        stats = export.export_shards(documents(), model, tmp, val_documents=cfg.val_documents,
+                                     shard_tokens=cfg.shard_tokens, num_workers=cfg.num_workers)
+    metrics = {
+        "train": dataclasses.asdict(stats.train),
+        "val": dataclasses.asdict(stats.val),
+        "vocab_size": cfg.vocab_size,
+        "corpus_sha256": stats.corpus_sha256,
+        "python_version": platform.python_version(),
+        "tokenize_seconds": round(time.perf_counter() - start, 3),
+    }
+    print(f"tokenize: {stats.train.documents:,} train docs / {stats.train.tokens:,} tokens, "
+          f"{stats.val.documents:,} val docs / {stats.val.tokens:,} tokens in {metrics['tokenize_seconds']:.1f} s")
     return metrics
 
 

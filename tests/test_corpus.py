@@ -38,12 +38,13 @@ def test_jsonl_source(tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"txt": "a"}\n', "line 1|:1:"), ('not json\n', ":1:"), ('{"text": 5}\n', "'text' is int"), ("", "no documents"),
+    ('{"text": "ok"}\n{"txt": "a"}\n', "docs.jsonl:2: expected a JSON object with a 'text' field"),
+    ('not json\n', "docs.jsonl:1:"), ('{"text": 5}\n', "'text' is int"),
 ])
 def test_bad_jsonl_is_named(tmp_path, content, message):
     path = tmp_path / "docs.jsonl"
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
-        corpus.jsonl_documents(path)
+        corpus.load_documents("jsonl", str(path))
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        corpus.jsonl_documents(tmp_path / "missing.jsonl")
+        corpus.load_documents("jsonl", str(tmp_path / "missing.jsonl"))
