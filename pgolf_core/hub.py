@@ -130,10 +130,12 @@ def read_manifest(manifest: dict, dataset: str, where: str = MANIFEST_FILE) -> D
         spec = [spec[k] for k in _TOKENIZER_KEYS if spec.get(k)]
     items = [spec] if isinstance(spec, str) else spec
     if not isinstance(items, list) or not items:
-        raise ValueError(f"{where}: tokenizer lists no files (expected a path, a list, or {', '.join(_TOKENIZER_KEYS)})")
+        keys = ", ".join(_TOKENIZER_KEYS)
+        raise ValueError(f"{where}: tokenizer lists no files (expected a path, a list, or {keys})")
     tokenizer = tuple(_remote_file(item, "tokenizer", "tokenizers", where) for item in items)
     vocab_size = entry.get("vocab_size")
-    return DatasetSpec(dataset, train, val, tokenizer, vocab_size if isinstance(vocab_size, int) else None)
+    vocab_size = vocab_size if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) else None
+    return DatasetSpec(dataset, train, val, tokenizer, vocab_size)
 
 
 def download_published(
@@ -250,20 +252,22 @@ class _Repo:
             if self._problem(final, f) is None:
                 return final
             final.unlink()  # partial or stale: fetch it again
-        problem = ""
+        problems: list[str] = []
         for attempt in range(2):
+            # huggingface_hub < 1.0 caches the folders it made; finish() may have removed them
+            (self.staging / self.repo_path(f.path)).parent.mkdir(parents=True, exist_ok=True)
             try:
                 staged = Path(hf_hub_download(
                     self.repo_id, self.repo_path(f.path), repo_type="dataset", revision=self.commit,
                     local_dir=self.staging, force_download=attempt > 0,
                 ))
             except LocalEntryNotFoundError as e:  # the hub could not be reached
-                problem = f"download failed (hub unreachable at {constants.ENDPOINT}: {e})"
+                problems.append(f"download failed (hub unreachable at {constants.ENDPOINT}: {e})")
                 continue
             except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as e:
                 raise FileNotFoundError(f"{self.repo_path(f.path)} not found in {self.label}") from e
             except Exception as e:  # truncated transfers, size mismatches, hub errors: retried once
-                problem = f"download failed ({type(e).__name__}: {e})"
+                problems.append(f"download failed ({type(e).__name__}: {e})")
                 continue
             problem = self._problem(staged, f)
             if problem is None:
@@ -271,10 +275,11 @@ class _Repo:
                 os.replace(staged, final)
                 self.downloaded.append(f.path)
                 return final
+            problems.append(problem)
             staged.unlink(missing_ok=True)
         raise ValueError(
-            f"{self.repo_path(f.path)} from {self.label}: {problem}; tried twice, nothing kept "
-            "(a rerun resumes from the files already verified)"
+            f"{self.repo_path(f.path)} from {self.label}: {'; then '.join(dict.fromkeys(problems))}; "
+            "tried twice, nothing kept (a rerun resumes from the files already verified)"
         )
 
     def _problem(self, path: Path, f: RemoteFile) -> str | None:
@@ -333,7 +338,8 @@ def _named_entry(manifest: dict, key: str, name, where: str) -> dict:
     else:
         raise ValueError(f"{where}: no '{key}' list or mapping (found {type(table).__name__})")
     if entry is None:
-        raise ValueError(f"{where}: '{key}' has no entry named {name!r} (found: {', '.join(map(str, names)) or 'none'})")
+        found = ", ".join(map(str, names)) or "none"
+        raise ValueError(f"{where}: '{key}' has no entry named {name!r} (found: {found})")
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: '{key}' entry {name!r} is {type(entry).__name__}, expected an object")
     return entry

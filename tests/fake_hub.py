@@ -48,7 +48,7 @@ class FakeHub:
     def start(self) -> FakeHub:
         for server in self._servers:
             server.block_on_close = False
-            threading.Thread(target=server.serve_forever, daemon=True).start()
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
         return self
 
     def stop(self) -> None:
