@@ -17,13 +17,18 @@ from pathlib import Path
 import yaml
 
 EVAL_MODES = ("nonoverlap", "sliding")
+TOKENIZE_SOURCES = ("embedded", "jsonl", "docs_cache", "published")
 COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")
 
 
 @dataclass(frozen=True, kw_only=True)
 class TokenizeConfig:
-    source: str = "embedded"  # "embedded" (stdlib text, no network) or "jsonl"
+    source: str = "embedded"  # "embedded" (stdlib text), "jsonl", "docs_cache" or "published" (hub)
     jsonl_path: str = ""  # a JSONL of {"text": ...} documents when source == "jsonl"
+    hub_repo: str = ""  # HF dataset repo for the hub sources ("" = the challenge's, per source)
+    hub_dataset: str = "fineweb10B_sp8192"  # source "published": the manifest's dataset name
+    hub_revision: str = "main"  # branch, tag or commit; pin a commit for reproducible runs
+    train_shards: int = 80  # source "published": how many train shards to fetch
     val_documents: int = 250  # the first N documents are the validation split
     max_documents: int = 0  # keep only the first N documents (0 = all); for quick profiles
     min_doc_chars: int = 200  # embedded corpus: shorter docstrings are dropped
@@ -34,10 +39,12 @@ class TokenizeConfig:
     num_workers: int = 2  # processes encoding documents into shards
 
     def __post_init__(self):
-        _choice("tokenize.source", self.source, ("embedded", "jsonl"))
+        _choice("tokenize.source", self.source, TOKENIZE_SOURCES)
         if self.source == "jsonl" and not self.jsonl_path:
             raise ValueError("tokenize.jsonl_path is empty but tokenize.source is 'jsonl'")
         _positive("tokenize.val_documents", self.val_documents)
+        if self.train_shards < 0:
+            raise ValueError(f"tokenize.train_shards={self.train_shards}: must be >= 0")
         _positive("tokenize.shard_tokens", self.shard_tokens)
         _positive("tokenize.num_threads", self.num_threads)
         _positive("tokenize.num_workers", self.num_workers)
@@ -57,10 +64,27 @@ class TokenizeConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class NgramConfig:
-    trigram_buckets: int = 1 << 16  # hashed (t-2, t-1) context buckets of the trigram table
+    max_order: int = 3  # highest n-gram order counted and scored: 3, 4 or 5
+    order3_buckets: int = 64  # hashed (t-2) buckets per previous token (order-3 contexts = vocab * this); power of two
+    order4_buckets: int = 4  # hashed (t-3) buckets per order-3 context; power of two; read when max_order >= 4
+    order5_buckets: int = 2  # hashed (t-4) buckets per order-4 context; power of two; read when max_order == 5
+    max_memory_mib: int = 2048  # MiB cap on the count tables of all workers; hashed buckets fold to fit
+    num_workers: int = 1  # counting processes, each a contiguous group of train shards (counts do not depend on it)
 
     def __post_init__(self):
-        _positive("ngrams.trigram_buckets", self.trigram_buckets)
+        if self.max_order not in (3, 4, 5):
+            raise ValueError(f"ngrams.max_order={self.max_order}: must be 3, 4 or 5")
+        for name in ("order3_buckets", "order4_buckets", "order5_buckets"):
+            value = getattr(self, name)
+            if value <= 0 or value & (value - 1):
+                raise ValueError(f"ngrams.{name}={value}: must be a power of two (1, 2, 4, ...)")
+        _positive("ngrams.max_memory_mib", self.max_memory_mib)
+        _positive("ngrams.num_workers", self.num_workers)
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Hashed buckets per context of orders 3..max_order."""
+        return (self.order3_buckets, self.order4_buckets, self.order5_buckets)[: self.max_order - 2]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -376,3 +376,28 @@ def _remote_file(item, kind: str, folder: str, where: str) -> RemoteFile:
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         raise ValueError(f"{where}: {name}: size={size!r} is not a byte count")
     return RemoteFile(str(path), kind, sha256.lower() if sha256 else None, size)
+
+
+DEFAULT_REPOS = {"published": "kevclark/parameter-golf", "docs_cache": "willdepueoai/parameter-golf"}
+
+
+def install_published(published: PublishedData, tokenizer_dir: Path, shards_dir: Path) -> None:
+    """Place downloaded shards and the SentencePiece model where the pipeline reads them,
+    as hard links to the downloads (a copy only across file systems): with DVC's cache
+    type `hardlink` the bytes then exist once on disk."""
+    models = [p for p in published.tokenizer_files if p.suffix == ".model"]
+    if len(models) != 1:
+        raise ValueError(f"expected one SentencePiece .model among the tokenizer files, found {models}")
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    _link(models[0], tokenizer_dir / "tokenizer.model")
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    for split, files in (("train", published.train_files), ("val", published.val_files)):
+        for index, path in enumerate(files):
+            _link(path, shards_dir / f"fineweb_{split}_{index:06d}.bin")
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

@@ -1,32 +1,43 @@
-"""Classical n-gram baselines (orders 1-3): the numbers every neural val_bpb is read against.
+"""Classical n-gram baselines (orders 1-5): the numbers every neural val_bpb is read against.
 
-A neural model that cannot beat a counted trigram has learnt nothing worth its bytes,
-so the `ngrams` stage counts unigram, bigram and hashed-trigram tables from the train
-shards and scores the validation stream with an interpolated Witten-Bell model.
+A neural model that cannot beat a counted n-gram has learnt nothing worth its bytes, so
+the `ngrams` stage counts the train shards and scores the validation stream with an
+interpolated Witten-Bell model of orders 1 to `max_order` (3, 4 or 5).
 
 Stream conventions (shared by counting and scoring, so the two cannot disagree):
 - The train (or val) split is one token stream cut into shards; counting carries the
-  last two tokens of one piece into the next, so shard boundaries are invisible.
-- Targets are every position but the first (the first token has no predecessor), the
-  same target set as `bpb.stream_bytes`.
-- Trigram context of target t is (t-2, t-1). At t = 1 there is no t-2 and BOS stands
-  in (the stream starts a document). When t-1 is BOS, t-2 is replaced by BOS too, so
-  no context leaks across a document boundary.
-- The trigram context is hashed into `buckets` buckets (see `context_buckets`); the
-  continuation is exact. Tables are sparse: sorted unique int64 keys with int64 counts,
-  bigram key = prev * V + cur, trigram key = bucket * V + cur.
+  last `max_order - 1` tokens of one piece into the next, so shard boundaries are
+  invisible. Targets are every position but the first (as `bpb.stream_bytes`).
+- Positions before the stream start read as BOS, and so does every context token older
+  than the latest BOS in the context: no context leaks across a document boundary.
 
-Smoothing: interpolated Witten-Bell. For a context h with c(h) tokens seen after it
-and N1+(h.) distinct continuations,
-    P_WB(w | h) = (c(h, w) + N1+(h.) * P_lower(w)) / (c(h) + N1+(h.)),
-with P_lower the next shorter order (trigram -> bigram -> unigram -> uniform 1/V).
-Where c(h) = 0 the lower order is used unchanged. Each order is a proper distribution
-over the vocabulary because sum_w c(h, w) = c(h) and P_lower sums to 1.
+Contexts (nested hashing; the continuation is always exact):
+- Order 2: the context id is the previous token, one of V.
+- Order n >= 3: id_n = id_{n-1} * S_n + sub_n, where S_n (`buckets[n - 3]`, a power of
+  two) splits each order-(n-1) context into hashed sub-buckets and sub_n is the top
+  log2(S_n) bits of (k * HASH_MULTIPLIER mod 2**64), k = sum_j c_j * V**(n-1-j) being the
+  exact context c_1..c_{n-1} (oldest first, prev = c_{n-1}). So order n has
+  V * S_3 * ... * S_n contexts and its table refines order n-1's: only the top order is
+  counted, every lower order (and the unigram) is its exact sum over sub-buckets.
+- Table of order n: num_contexts * V cells, key = id * V + w. Dense (an array of all
+  cells) when it fits the memory cap, sparse (sorted unique keys + counts) when only the
+  observed keys do; when neither can be guaranteed, the plan halves the largest S_n until
+  the dense table fits (`hash_fallback`): a fixed-size hashed table, never out of memory.
+
+Smoothing: interpolated Witten-Bell, recursive. For a context h with c(h) tokens seen
+after it and N1+(h.) distinct continuations,
+    P_n(w | h) = (c(h, w) + N1+(h.) * P_{n-1}(w | h')) / (c(h) + N1+(h.)),
+with h' the order-(n-1) context and P_1 interpolating the unigram with 1/V. Where
+c(h) = 0 the lower order is used unchanged. Each order is a proper distribution over the
+vocabulary because sum_w c(h, w) = c(h) and P_{n-1} sums to 1.
 """
 
 from __future__ import annotations
 
-import io
+import math
+import multiprocessing
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,34 +46,160 @@ import numpy as np
 from tqdm import tqdm
 
 from pgolf_core import bpb
-from pgolf_core.data import read_shard
+from pgolf_core.data import read_header, read_shard
 
 TABLES_FILE = "tables.npz"
-FORMAT_VERSION = 1
-ORDERS = (1, 2, 3)
+FORMAT_VERSION = 2
+MAX_ORDERS = (3, 4, 5)  # highest orders supported (the metrics need the trigram)
 HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio (Knuth, Fibonacci hashing)
-MAX_BUCKETS = 1 << 32  # the hash keeps 32 high bits of the product
-CHUNK_TOKENS = 1 << 25  # tokens counted (or val targets scored) at once; bounds memory on 100M-token shards
+MAX_KEY = 1 << 62  # table keys stay int64
+CHUNK_TOKENS = 1 << 16  # tokens hashed at once: temporaries stay in L2 (512 KiB per int64 array)
+DENSE_DTYPE = np.uint32  # a cell holds < 2**32 counts; `_check_total` proves none wrapped
+SPARSE_BYTES_PER_KEY = 64  # sparse counting: keys, counts and merge temporaries, per distinct key
+STATS_BLOCK_CELLS = 1 << 24  # dense context statistics are computed this many cells at a time
+
+
+# ---------------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True, eq=False)
+class CountTable:
+    """Counts c(h, w) of one order over num_contexts * vocab_size cells, key = h * V + w.
+
+    Dense: `counts` holds every cell (uint32) and `keys` is None. Sparse:
+    `keys` are sorted unique int64 and `counts` their int64 counts.
+    """
+
+    num_contexts: int
+    vocab_size: int
+    counts: np.ndarray
+    keys: np.ndarray | None = None
+
+    @property
+    def is_dense(self) -> bool:
+        return self.keys is None
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Counts of int64 `keys` (0 where never seen), int64 of the keys' shape."""
+        if self.is_dense:
+            return self.counts[keys].astype(np.int64)
+        if len(self.keys) == 0:
+            return np.zeros(keys.shape, dtype=np.int64)
+        index = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[index] == keys, self.counts[index], 0)
+
+    def to_sparse(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sorted unique int64 keys, int64 counts) of the nonzero cells."""
+        if not self.is_dense:
+            return self.keys, self.counts
+        keys = np.flatnonzero(self.counts)
+        return keys, self.counts[keys].astype(np.int64)
+
+    def coarsen(self, ways: int) -> "CountTable":
+        """The table over num_contexts // ways contexts, summing each run of `ways` contexts."""
+        contexts, vocab = self.num_contexts // ways, self.vocab_size
+        if self.is_dense:
+            counts = self.counts.reshape(contexts, ways, vocab).sum(axis=1, dtype=self.counts.dtype)
+            return CountTable(contexts, vocab, counts.reshape(-1))
+        keys, counts = _aggregate(self.keys // (ways * vocab) * vocab + self.keys % vocab, self.counts)
+        return CountTable(contexts, vocab, counts, keys)
+
+    def context_stats(self) -> "ContextStats":
+        """c(h) and N1+(h.) of every context seen (dense: of every context)."""
+        if not self.is_dense:
+            contexts, starts = np.unique(self.keys // self.vocab_size, return_index=True)
+            total = np.add.reduceat(self.counts, starts) if len(starts) else np.zeros(0, np.int64)
+            return ContextStats(total, np.diff(starts, append=len(self.keys)), contexts)
+        rows = self.counts.reshape(self.num_contexts, self.vocab_size)
+        total = rows.sum(axis=1, dtype=np.int64)
+        distinct = np.empty(self.num_contexts, dtype=np.int64)
+        step = max(1, STATS_BLOCK_CELLS // self.vocab_size)
+        for start in range(0, self.num_contexts, step):
+            distinct[start : start + step] = np.count_nonzero(rows[start : start + step], axis=1)
+        return ContextStats(total, distinct)
+
+
+@dataclass(frozen=True, eq=False)
+class ContextStats:
+    """Per context h: total c(h) and distinct continuations N1+(h.), int64. Indexed by h
+    when `contexts` is None, else by position in the sorted `contexts`."""
+
+    total: np.ndarray
+    distinct: np.ndarray
+    contexts: np.ndarray | None = None
+
+    def __call__(self, context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(c(h), N1+(h.)) of int64 context ids (0, 0 for a context never seen)."""
+        if self.contexts is None:
+            return self.total[context], self.distinct[context]
+        if len(self.contexts) == 0:
+            return np.zeros(context.shape, np.int64), np.zeros(context.shape, np.int64)
+        index = np.minimum(np.searchsorted(self.contexts, context), len(self.contexts) - 1)
+        found = self.contexts[index] == context
+        return np.where(found, self.total[index], 0), np.where(found, self.distinct[index], 0)
 
 
 @dataclass(frozen=True, eq=False)
 class NgramTables:
-    """Counts of orders 1-3 over the targets of a train stream (see the module docstring)."""
+    """Counts of orders 1..max_order over the targets of a train stream (module docstring)."""
 
-    unigram: np.ndarray  # int64 [vocab_size]: target counts
-    bigram_keys: np.ndarray  # int64 [n2], sorted unique: prev * vocab_size + cur
-    bigram_counts: np.ndarray  # int64 [n2]
-    trigram_keys: np.ndarray  # int64 [n3], sorted unique: bucket * vocab_size + cur
-    trigram_counts: np.ndarray  # int64 [n3]
+    top: CountTable  # counts of order max_order; every lower order is derived from it
+    num_targets: int  # targets counted: every order's counts sum to it
     vocab_size: int
-    buckets: int  # hashed trigram contexts
     bos_id: int
+    buckets: tuple[int, ...]  # S_3..S_max_order as counted (after any fallback folding)
+    requested_buckets: tuple[int, ...]  # S_3..S_max_order as asked for
+
+    @property
+    def max_order(self) -> int:
+        return len(self.buckets) + 2
+
+    @property
+    def hash_fallback(self) -> bool:
+        """True when the memory cap folded the hashed buckets below what was asked for."""
+        return self.buckets != self.requested_buckets
+
+    @cached_property
+    def orders(self) -> dict[int, CountTable]:
+        """{order: table} for orders 2..max_order, each derived exactly from the one above."""
+        tables = {self.max_order: self.top}
+        for order in range(self.max_order, 2, -1):
+            tables[order - 1] = tables[order].coarsen(self.buckets[order - 3])
+            _check_total(tables[order - 1], self.num_targets, order - 1)
+        return tables
+
+    @cached_property
+    def unigram(self) -> np.ndarray:
+        """int64 [vocab_size]: target counts (column sums of the bigram table)."""
+        bigram = self.orders[2]
+        if bigram.is_dense:
+            return bigram.counts.reshape(self.vocab_size, self.vocab_size).sum(axis=0, dtype=np.int64)
+        weights = bigram.counts.astype(np.float64)  # exact below 2**53 tokens
+        return np.bincount(bigram.keys % self.vocab_size, weights, self.vocab_size).round().astype(np.int64)
+
+    @cached_property
+    def stats(self) -> dict[int, ContextStats]:
+        """{order: (c(h), N1+(h.))} for orders 2..max_order."""
+        return {order: table.context_stats() for order, table in self.orders.items()}
+
+    @property
+    def train_targets(self) -> int:
+        return self.num_targets
 
     def save(self, directory: str | Path) -> Path:
-        """Write `<directory>/tables.npz` (uncompressed, no pickle); returns the path."""
+        """Write `<directory>/tables.npz` (no pickle): the top-order table as delta-coded
+        sorted keys and counts, each in the smallest unsigned dtype that holds it."""
         path = Path(directory) / TABLES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self._serialise())
+        keys, counts = self.top.to_sparse()
+        deltas = np.diff(keys, prepend=0)
+        meta = np.array([FORMAT_VERSION, self.vocab_size, self.bos_id, self.max_order, self.num_targets], dtype=np.int64)
+        with open(path, "wb") as f:
+            np.savez_compressed(
+                f, meta=meta, buckets=np.array(self.buckets, dtype=np.int64),
+                requested_buckets=np.array(self.requested_buckets, dtype=np.int64),
+                key_deltas=deltas.astype(_smallest_uint(deltas)), counts=counts.astype(_smallest_uint(counts)),
+            )
         return path
 
     @classmethod
@@ -75,122 +212,282 @@ class NgramTables:
             arrays = {name: npz[name] for name in npz.files}
         return _tables_from_arrays(arrays, path)
 
-    @property
-    def table_bytes(self) -> int:
-        """Bytes of the saved file (exactly what `save` writes)."""
-        return len(self._serialise())
-
-    @property
-    def train_targets(self) -> int:
-        return int(self.unigram.sum())
-
-    @cached_property
-    def bigram_context_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """(c(prev), N1+(prev.)), int64 [vocab_size] each."""
-        return _context_stats(self.bigram_keys, self.bigram_counts, self.vocab_size, self.vocab_size)
-
-    @cached_property
-    def trigram_context_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """(c(bucket), N1+(bucket.)), int64 [buckets] each."""
-        return _context_stats(self.trigram_keys, self.trigram_counts, self.vocab_size, self.buckets)
-
-    def _serialise(self) -> bytes:
-        meta = np.array([FORMAT_VERSION, self.vocab_size, self.buckets, self.bos_id], dtype=np.int64)
-        buffer = io.BytesIO()
-        np.savez(
-            buffer, meta=meta, unigram=self.unigram,
-            bigram_keys=self.bigram_keys, bigram_counts=self.bigram_counts,
-            trigram_keys=self.trigram_keys, trigram_counts=self.trigram_counts,
-        )
-        return buffer.getvalue()
-
 
 # ---------------------------------------------------------------------------- contexts
 
 
-def context_buckets(older, prev, vocab_size: int, buckets: int, bos_id: int) -> np.ndarray:
-    """Hashed trigram context of (t-2, t-1) arrays -> int64 bucket ids in [0, buckets).
+def context_ids(x: np.ndarray, vocab_size: int, bos_id: int, buckets: tuple[int, ...]) -> list[np.ndarray]:
+    """[id_2, ..., id_N] (N = len(buckets) + 2), int64 context ids of the targets x[N-1:].
 
-    BOS rule first: where prev is BOS, older becomes BOS. Hash: k = older * V + prev as
-    uint64, times HASH_MULTIPLIER modulo 2**64 (multiplicative / Fibonacci hashing), keep
-    the high 32 bits (the well-mixed ones), then take them modulo `buckets`.
+    x holds the N - 1 tokens before the first target, then the targets (module docstring).
     """
-    older = np.asarray(older, dtype=np.int64)
-    prev = np.asarray(prev, dtype=np.int64)
-    older = np.where(prev == bos_id, bos_id, older)
-    key = (older * vocab_size + prev).astype(np.uint64)
-    mixed = (key * HASH_MULTIPLIER) >> np.uint64(32)
-    return (mixed % np.uint64(buckets)).astype(np.int64)
+    span = len(buckets) + 1  # context length of the top order
+    num = len(x) - span
+    prev = x[span - 1 : span - 1 + num]
+    ids = [prev.astype(np.int64)]
+    cut = prev == bos_id  # from here back, every context token reads as BOS
+    key = prev.astype(np.uint64)
+    scale = np.uint64(1)
+    for distance, ways in enumerate(buckets, start=2):
+        scale *= np.uint64(vocab_size)
+        token = np.where(cut, bos_id, x[span - distance : span - distance + num])
+        if distance <= len(buckets):
+            cut |= token == bos_id
+        key += token.astype(np.uint64) * scale
+        bits = ways.bit_length() - 1
+        context = ids[-1] * ways
+        if bits:
+            context += ((key * HASH_MULTIPLIER) >> np.uint64(64 - bits)).astype(np.int64)
+        ids.append(context)
+    return ids
 
 
-def stream_contexts(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(older, prev, target) int64 arrays for targets tokens[1:], each of length N - 1.
+def stream_windows(pieces, span: int, bos_id: int, chunk_tokens: int, carry: np.ndarray | None = None):
+    """Yield int arrays x = (span tokens before the first target) + (next targets).
 
-    older at the first target is BOS (no t-2 exists); the BOS rule is applied later,
-    in `context_buckets`.
+    Pieces are consecutive parts of one stream; `carry` is the `span` stream tokens before
+    the first piece (None: the pieces start the stream, so the first token is no target).
     """
-    tokens = np.asarray(tokens, dtype=np.int64)
-    if len(tokens) < 2:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, empty
-    older = np.concatenate([[bos_id], tokens[:-2]])
-    return older, tokens[:-1], tokens[1:]
+    for piece in pieces:
+        for start in range(0, len(piece), chunk_tokens):
+            chunk = np.asarray(piece[start : start + chunk_tokens])
+            if carry is None:
+                carry = np.concatenate([np.full(span - 1, bos_id, dtype=chunk.dtype), chunk[:1]])
+                chunk = chunk[1:]
+            x = np.concatenate([carry.astype(chunk.dtype, copy=False), chunk])
+            carry = x[len(x) - span :]
+            if len(chunk):
+                yield x
+
+
+# ---------------------------------------------------------------------------- counting plan
+
+
+@dataclass(frozen=True)
+class CountPlan:
+    """How a stream is counted: decided before counting from the sizes and the memory cap
+    alone, so the counts never depend on the number of workers."""
+
+    vocab_size: int
+    bos_id: int
+    buckets: tuple[int, ...]  # S_3..S_N as counted
+    requested_buckets: tuple[int, ...]
+    dense: bool  # dense top table (else sparse)
+    num_workers: int  # processes counting at once (fewer than asked when tables would pass the cap)
+
+    @property
+    def num_contexts(self) -> int:
+        return self.vocab_size * math.prod(self.buckets)
+
+    @property
+    def span(self) -> int:
+        return len(self.buckets) + 1
+
+    @property
+    def hash_fallback(self) -> bool:
+        return self.buckets != self.requested_buckets
+
+
+def plan_counts(vocab_size: int, bos_id: int, buckets, num_targets: int, max_memory_bytes: int,
+                num_workers: int = 1) -> CountPlan:
+    """Dense if the top table and its derived lower orders fit the cap; else sparse if
+    every target being a distinct key would fit; else fold the buckets (halving the
+    largest S_n, the highest order on ties) until the dense tables fit."""
+    buckets = tuple(int(b) for b in buckets)
+    _check_shape(vocab_size, bos_id, buckets)
+    itemsize = np.dtype(DENSE_DTYPE).itemsize
+
+    def dense_bytes(ways) -> int:
+        return sum(vocab_size * vocab_size * math.prod(ways[:k]) for k in range(len(ways) + 1)) * itemsize
+
+    counted = buckets
+    dense = dense_bytes(buckets) <= max_memory_bytes
+    sparse_bytes = num_targets * SPARSE_BYTES_PER_KEY * (len(buckets) + 1)  # distinct keys <= targets
+    if not dense and sparse_bytes > max_memory_bytes:  # the hashed fixed-size fallback
+        dense = True
+        while dense_bytes(counted) > max_memory_bytes:
+            if max(counted, default=1) == 1:
+                raise ValueError(
+                    f"ngrams.max_memory_mib={max_memory_bytes / 2**20:.1f}: too small for a dense bigram "
+                    f"table of vocab {vocab_size} ({dense_bytes(counted) / 2**20:.1f} MiB) or sparse "
+                    f"tables of {num_targets:,} targets"
+                )
+            largest = max(range(len(counted)), key=lambda i: (counted[i], i))
+            counted = counted[:largest] + (counted[largest] // 2,) + counted[largest + 1 :]
+    workers = max(1, num_workers)
+    if dense:
+        per_worker = vocab_size * vocab_size * math.prod(counted) * itemsize
+        workers = max(1, min(workers, max_memory_bytes // per_worker))
+    return CountPlan(vocab_size, bos_id, counted, buckets, dense, workers)
 
 
 # ---------------------------------------------------------------------------- counting
 
 
-def count_ngrams(pieces, vocab_size: int, buckets: int, bos_id: int) -> NgramTables:
-    """Count orders 1-3 over consecutive pieces of one stream (uint16/int arrays).
+class StreamCounter:
+    """Counts the top-order table of a plan over consecutive pieces of one stream.
 
-    Pieces are read one at a time; the last two tokens of each are carried into the
-    next, so the counts equal those of the concatenated stream.
+    Dense: one in-place scatter-add per target (`np.add.at` takes its fast path when the
+    increment has the table's dtype). Sparse: per-chunk unique keys merged into a run.
     """
-    _check_shape(vocab_size, buckets, bos_id)
-    unigram = np.zeros(vocab_size, dtype=np.int64)
-    empty = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
-    bigram, trigram = empty, empty
-    carry = np.zeros(0, dtype=np.int64)
+
+    def __init__(self, plan: CountPlan, carry: np.ndarray | None = None, chunk_tokens: int = CHUNK_TOKENS):
+        self.plan, self.carry, self.chunk_tokens = plan, carry, chunk_tokens
+        cells = plan.num_contexts * plan.vocab_size
+        if cells >= MAX_KEY:
+            raise ValueError(f"n-gram key space {cells:,} does not fit int64 keys: lower the buckets")
+        self.counts = np.zeros(cells, dtype=DENSE_DTYPE) if plan.dense else np.zeros(0, np.int64)
+        self.keys = None if plan.dense else np.zeros(0, dtype=np.int64)
+        self.one = np.ones(1, dtype=self.counts.dtype)[0]
+        self.pending = []  # sparse: per-chunk (keys, counts) not yet merged into the run
+        self.num_targets = 0
+
+    def update(self, piece: np.ndarray) -> None:
+        """Count the targets of the next piece of the stream (uint16 or int tokens)."""
+        plan = self.plan
+        windows = stream_windows([piece], plan.span, plan.bos_id, self.chunk_tokens, self.carry)
+        for x in windows:
+            _check_ids(x, plan.vocab_size)
+            keys = context_ids(x, plan.vocab_size, plan.bos_id, plan.buckets)[-1]
+            keys *= plan.vocab_size
+            keys += x[plan.span :]
+            if plan.dense:
+                np.add.at(self.counts, keys, self.one)
+            else:
+                self.pending.append(_aggregate(keys))
+                if sum(len(k) for k, _ in self.pending) >= len(self.keys):
+                    self._merge_pending()  # merges cost O(run) each, so runs double: O(n log n)
+            self.carry = x[len(x) - plan.span :]
+            self.num_targets += len(x) - plan.span
+        if self.carry is None and len(piece):  # a 1-token stream start: no target, but a carry
+            self.carry = np.concatenate([np.full(plan.span - 1, plan.bos_id), np.asarray(piece[:1])])
+
+    def table(self) -> CountTable:
+        self._merge_pending()
+        return CountTable(self.plan.num_contexts, self.plan.vocab_size, self.counts, self.keys)
+
+    def _merge_pending(self) -> None:
+        if self.pending:
+            keys, counts = (np.concatenate(a) for a in zip(*self.pending))
+            self.keys, self.counts = _merge((self.keys, self.counts), _aggregate(keys, counts))
+            self.pending = []
+
+
+def count_ngrams(pieces, vocab_size: int, buckets, bos_id: int, max_memory_bytes: int = 1 << 30,
+                 chunk_tokens: int = CHUNK_TOKENS) -> NgramTables:
+    """Count orders 1..len(buckets)+2 over consecutive in-memory pieces of one stream."""
+    pieces = [np.asarray(p) for p in pieces]
+    num_targets = max(sum(len(p) for p in pieces) - 1, 0)
+    plan = plan_counts(vocab_size, bos_id, buckets, num_targets, max_memory_bytes)
+    counter = StreamCounter(plan, chunk_tokens=chunk_tokens)
     for piece in pieces:
-        piece = np.asarray(piece)
-        for start in range(0, len(piece), CHUNK_TOKENS):
-            chunk = np.concatenate([carry, piece[start : start + CHUNK_TOKENS].astype(np.int64)])
-            older, prev, target = stream_contexts(chunk, bos_id)
-            skip = max(len(carry) - 1, 0)  # targets already counted with the previous chunk
-            older, prev, target = older[skip:], prev[skip:], target[skip:]
-            _check_ids(target, vocab_size)
-            unigram += np.bincount(target, minlength=vocab_size)
-            bigram = _merge_counts(bigram, _unique_counts(prev * vocab_size + target))
-            bucket = context_buckets(older, prev, vocab_size, buckets, bos_id)
-            trigram = _merge_counts(trigram, _unique_counts(bucket * vocab_size + target))
-            carry = chunk[-2:]
-    return NgramTables(
-        unigram=unigram, bigram_keys=bigram[0], bigram_counts=bigram[1],
-        trigram_keys=trigram[0], trigram_counts=trigram[1],
-        vocab_size=vocab_size, buckets=buckets, bos_id=bos_id,
-    )
+        counter.update(piece)
+    return tables_from_counts(plan, counter.table(), counter.num_targets)
 
 
-def count_shards(paths, vocab_size: int, buckets: int, bos_id: int, progress: bool = True) -> NgramTables:
-    """Count orders 1-3 over train shard files in order, one shard in memory at a time."""
-    paths = list(paths)
-    shards = (read_shard(p, vocab_size) for p in tqdm(paths, desc="ngrams: count", unit="shard", disable=not progress))
-    return count_ngrams(shards, vocab_size, buckets, bos_id)
+def count_shards(paths, vocab_size: int, buckets, bos_id: int, max_memory_bytes: int = 1 << 30,
+                 num_workers: int = 1, progress: bool = True, chunk_tokens: int = CHUNK_TOKENS) -> NgramTables:
+    """Count train shard files (in stream order) in bounded memory, over `num_workers`
+    processes that each count a contiguous group of shards; the groups' tables are summed,
+    so the counts equal a single process's."""
+    paths = [Path(p) for p in paths]
+    sizes = [read_header(p) for p in paths]
+    num_targets = max(sum(sizes) - 1, 0)
+    plan = plan_counts(vocab_size, bos_id, buckets, num_targets, max_memory_bytes, num_workers)
+    carries = _shard_carries(paths, sizes, plan)
+    groups = _split_groups(sizes, plan.num_workers)
+    if len(groups) == 1:
+        table = _count_group(plan, paths, carries, chunk_tokens, progress)
+        return tables_from_counts(plan, table, num_targets)
+    with tempfile.TemporaryDirectory(prefix="ngrams-") as scratch:
+        outs = [Path(scratch) / f"group{i}" for i in range(len(groups))]
+        jobs = [(plan, [paths[i] for i in g], [carries[i] for i in g], chunk_tokens, False, out)
+                for g, out in zip(groups, outs)]
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
+            for _ in tqdm(pool.map(_count_group_to_file, *zip(*jobs)), total=len(jobs),
+                          desc="ngrams: count", unit="group", disable=not progress):
+                pass
+        table = _merge_files(plan, outs)
+    return tables_from_counts(plan, table, num_targets)
 
 
-def _unique_counts(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    unique, counts = np.unique(keys, return_counts=True)
-    return unique.astype(np.int64), counts.astype(np.int64)
+def tables_from_counts(plan: CountPlan, top: CountTable, num_targets: int) -> NgramTables:
+    """The tables of a finished count; checks that no uint32 cell wrapped."""
+    _check_total(top, num_targets, plan.span + 1)
+    return NgramTables(top=top, num_targets=num_targets, vocab_size=plan.vocab_size, bos_id=plan.bos_id,
+                       buckets=plan.buckets, requested_buckets=plan.requested_buckets)
 
 
-def _merge_counts(a, b) -> tuple[np.ndarray, np.ndarray]:
-    """Merge two sparse (sorted unique keys, counts) tables, adding counts of shared keys.
+def _count_group(plan, paths, carries, chunk_tokens, progress) -> CountTable:
+    counter = None
+    for path, carry in tqdm(list(zip(paths, carries)), desc="ngrams: count", unit="shard", disable=not progress):
+        counter = counter or StreamCounter(plan, carry, chunk_tokens)
+        counter.update(read_shard(path, mmap=True))
+    return (counter or StreamCounter(plan)).table()
+
+
+def _count_group_to_file(plan, paths, carries, chunk_tokens, progress, out: Path) -> None:
+    table = _count_group(plan, paths, carries, chunk_tokens, progress)
+    np.save(out.with_suffix(".counts.npy"), table.counts)
+    np.save(out.with_suffix(".keys.npy"), table.keys if table.keys is not None else np.zeros(0, np.int64))
+
+
+def _merge_files(plan: CountPlan, outs) -> CountTable:
+    """Sum the groups' tables, reading one memory-mapped file at a time."""
+    total = None
+    for out in outs:
+        counts = np.load(out.with_suffix(".counts.npy"), mmap_mode="r")
+        keys = np.load(out.with_suffix(".keys.npy"), mmap_mode="r")
+        if plan.dense:
+            total = np.array(counts) if total is None else np.add(total, counts, out=total)
+        else:
+            total = _merge(total or (keys[:0], counts[:0]), (keys, counts))
+    if plan.dense:
+        return CountTable(plan.num_contexts, plan.vocab_size, total)
+    return CountTable(plan.num_contexts, plan.vocab_size, total[1], total[0])
+
+
+def _shard_carries(paths, sizes, plan: CountPlan) -> list[np.ndarray | None]:
+    """The `span` stream tokens before each shard (BOS-padded near the start; None before
+    the first token), read from the previous shards' tails."""
+    carries, tail, seen = [], np.zeros(0, dtype=np.int64), 0
+    for path, size in zip(paths, sizes):
+        if seen == 0:
+            carries.append(None)
+        else:
+            carries.append(np.concatenate([np.full(plan.span, plan.bos_id), tail])[-plan.span :])
+        if size:
+            end = read_shard(path, mmap=True)[max(size - plan.span, 0) :].astype(np.int64)
+            tail = np.concatenate([tail, end])[-plan.span :]
+        seen += size
+    return carries
+
+
+def _split_groups(sizes, num_groups: int) -> list[list[int]]:
+    """Contiguous shard index groups of about equal token counts (empty groups dropped)."""
+    bounds = np.cumsum([0, *sizes])
+    cuts = np.searchsorted(bounds, np.linspace(0, bounds[-1], num_groups + 1)[1:-1], side="right") - 1
+    groups = np.split(np.arange(len(sizes)), cuts)
+    return [g.tolist() for g in groups if len(g)] or [[]]
+
+
+def _aggregate(keys: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(sorted unique keys, summed counts) of possibly repeated keys (counts default 1)."""
+    if counts is None:
+        unique, summed = np.unique(keys, return_counts=True)
+        return unique.astype(np.int64), summed.astype(np.int64)
+    return _merge((keys[:0], counts[:0]), (keys, counts), presorted=False)
+
+
+def _merge(a, b, presorted: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Merge two (keys, counts) tables, adding counts of shared keys; sorted unique out.
 
     A stable sort of two concatenated sorted runs is a linear merge (timsort finds runs).
     """
-    keys = np.concatenate([a[0], b[0]])
-    counts = np.concatenate([a[1], b[1]])
-    order = np.argsort(keys, kind="stable")
+    keys = np.concatenate([a[0], b[0]]).astype(np.int64, copy=False)
+    counts = np.concatenate([a[1], b[1]]).astype(np.int64, copy=False)
+    order = np.argsort(keys, kind="stable" if presorted else None)
     keys, counts = keys[order], counts[order]
     if len(keys) == 0:
         return keys, counts
@@ -198,153 +495,132 @@ def _merge_counts(a, b) -> tuple[np.ndarray, np.ndarray]:
     return keys[starts], np.add.reduceat(counts, starts)
 
 
-def _context_stats(keys, counts, vocab_size: int, num_contexts: int) -> tuple[np.ndarray, np.ndarray]:
-    context = keys // vocab_size
-    # float64 sums are exact below 2**53 tokens
-    total = np.bincount(context, weights=counts, minlength=num_contexts).round().astype(np.int64)
-    distinct = np.bincount(context, minlength=num_contexts).astype(np.int64)
-    return total, distinct
-
-
 # ---------------------------------------------------------------------------- scoring
 
 
-def next_token_probs(tables: NgramTables, older, prev, target, order: int) -> np.ndarray:
-    """Interpolated Witten-Bell P(target | context) of `order` (1, 2, 3), float64.
-
-    older, prev, target: int arrays of one shape (older and prev unused below order 3/2).
-    """
-    return probs_by_order(tables, older, prev, target, order)[-1]
-
-
-def probs_by_order(tables: NgramTables, older, prev, target, max_order: int = 3) -> list[np.ndarray]:
-    """[P_1, ..., P_max_order] of the targets, each float64 of target's shape.
-
-    Computes each order once; order k interpolates with order k - 1 (module docstring).
-    """
-    if max_order not in ORDERS:
-        raise ValueError(f"n-gram order {max_order}: expected one of {ORDERS}")
+def probs_by_order(tables: NgramTables, ids: list[np.ndarray], target: np.ndarray) -> list[np.ndarray]:
+    """[P_1, ..., P_max_order] of the targets given their context ids, float64 each."""
     target = np.asarray(target, dtype=np.int64)
-    probs = [_unigram_probs(tables, target)]
-    if max_order >= 2:
-        context = np.asarray(prev, dtype=np.int64)
-        probs.append(_witten_bell(
-            tables.bigram_keys, tables.bigram_counts, tables.bigram_context_stats,
-            context, target, tables.vocab_size, probs[-1],
-        ))
-    if max_order >= 3:
-        context = context_buckets(older, prev, tables.vocab_size, tables.buckets, tables.bos_id)
-        probs.append(_witten_bell(
-            tables.trigram_keys, tables.trigram_counts, tables.trigram_context_stats,
-            context, target, tables.vocab_size, probs[-1],
-        ))
+    probs = [_unigram_probs(tables.unigram, target)]
+    for order, context in enumerate(ids, start=2):
+        seen = tables.orders[order].lookup(context * tables.vocab_size + target)
+        c_h, n_h = tables.stats[order](context)
+        lower = probs[-1]
+        probs.append(np.where(c_h > 0, (seen + n_h * lower) / np.maximum(c_h + n_h, 1), lower))
     return probs
 
 
-def _unigram_probs(tables: NgramTables, target: np.ndarray) -> np.ndarray:
+def _unigram_probs(unigram: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Witten-Bell unigram: interpolated with the uniform 1/V (uniform when nothing was counted)."""
-    seen = tables.unigram
-    distinct = np.count_nonzero(seen)
-    uniform = 1.0 / tables.vocab_size
+    distinct = np.count_nonzero(unigram)
+    uniform = 1.0 / len(unigram)
     if distinct == 0:
         return np.full(target.shape, uniform)
-    return (seen[target] + distinct * uniform) / (seen.sum() + distinct)
+    return (unigram[target] + distinct * uniform) / (unigram.sum() + distinct)
 
 
-def _witten_bell(keys, counts, context_stats, context, target, vocab_size: int, lower) -> np.ndarray:
-    """(c(h,w) + N1+(h.) * lower) / (c(h) + N1+(h.)); `lower` unchanged where c(h) = 0."""
-    total, distinct = context_stats
-    seen = _lookup(keys, counts, context * vocab_size + target)
-    c_h, n_h = total[context], distinct[context]
-    return np.where(c_h > 0, (seen + n_h * lower) / np.maximum(c_h + n_h, 1), lower)
-
-
-def distribution(tables: NgramTables, older: int, prev: int, order: int) -> np.ndarray:
-    """P(w | older, prev) for every w in the vocabulary: float64 [vocab_size]."""
+def distribution(tables: NgramTables, context, order: int) -> np.ndarray:
+    """P(w | context) for every w, float64 [vocab_size]; context = tokens, oldest first
+    (BOS-padded on the left to max_order - 1 tokens, as at a stream start)."""
+    if not 1 <= order <= tables.max_order:
+        raise ValueError(f"n-gram order {order}: expected 1..{tables.max_order}")
+    span = tables.max_order - 1
+    context = [tables.bos_id] * span + [int(t) for t in context]
+    x = np.array(context[len(context) - span :] + [0], dtype=np.int64)
+    ids = context_ids(x, tables.vocab_size, tables.bos_id, tables.buckets)
     vocab = np.arange(tables.vocab_size, dtype=np.int64)
-    return next_token_probs(tables, np.full_like(vocab, older), np.full_like(vocab, prev), vocab, order)
+    ids = [np.broadcast_to(i, vocab.shape) for i in ids]
+    return probs_by_order(tables, ids, vocab)[order - 1]
 
 
 def score_nll(tables: NgramTables, tokens: np.ndarray, order: int) -> np.ndarray:
     """Per-target NLL in nats, float64 [N - 1], for targets tokens[1:] of a val stream."""
-    tokens = np.asarray(tokens, dtype=np.int64)
-    _check_ids(tokens, tables.vocab_size)
-    older, prev, target = stream_contexts(tokens, tables.bos_id)
-    return -np.log(next_token_probs(tables, older, prev, target, order))
+    nll = [np.concatenate(parts) for parts in zip(*_chunk_nll(tables, tokens))]
+    return nll[order - 1] if nll else np.zeros(0)
 
 
 def val_bpb(tables: NgramTables, byte_tables: bpb.ByteTables, tokens: np.ndarray) -> dict[int, float]:
-    """{order: bits per byte} over every target of a val stream (all positions but the first).
-
-    NLL is summed in chunks of CHUNK_TOKENS targets; the denominator is `bpb.stream_bytes`.
-    """
+    """{order: bits per byte} for orders 1..max_order over every target of a val stream
+    (all positions but the first). NLL is summed in chunks; the bytes are `bpb.stream_bytes`."""
     if byte_tables.vocab_size != tables.vocab_size:
         raise ValueError(
             f"byte tables cover {byte_tables.vocab_size} tokens, n-gram tables {tables.vocab_size}"
         )
-    tokens = np.asarray(tokens, dtype=np.int64)
-    _check_ids(tokens, tables.vocab_size)
-    older, prev, target = stream_contexts(tokens, tables.bos_id)
-    nll_nats = dict.fromkeys(ORDERS, 0.0)
-    for start in range(0, len(target), CHUNK_TOKENS):
-        span = slice(start, start + CHUNK_TOKENS)
-        for order, probs in zip(ORDERS, probs_by_order(tables, older[span], prev[span], target[span])):
-            nll_nats[order] += float(-np.log(probs).sum())
+    nll_nats = [0.0] * tables.max_order
+    for parts in _chunk_nll(tables, tokens):
+        nll_nats = [total + float(part.sum()) for total, part in zip(nll_nats, parts)]
     num_bytes = bpb.stream_bytes(byte_tables, tokens)
-    return {order: bpb.bits_per_byte(nll, num_bytes) for order, nll in nll_nats.items()}
+    return {order: bpb.bits_per_byte(nll, num_bytes) for order, nll in enumerate(nll_nats, start=1)}
 
 
-def _lookup(keys: np.ndarray, counts: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Counts of `queries` in a sparse table (0 where absent), int64 of the queries' shape."""
-    if len(keys) == 0:
-        return np.zeros(queries.shape, dtype=np.int64)
-    index = np.minimum(np.searchsorted(keys, queries), len(keys) - 1)
-    return np.where(keys[index] == queries, counts[index], 0)
+def _chunk_nll(tables: NgramTables, tokens: np.ndarray):
+    """Yield, per chunk of targets, [NLL of order 1, ..., NLL of order max_order]."""
+    span = tables.max_order - 1
+    for x in stream_windows([np.asarray(tokens)], span, tables.bos_id, CHUNK_TOKENS):
+        _check_ids(x, tables.vocab_size)
+        ids = context_ids(x, tables.vocab_size, tables.bos_id, tables.buckets)
+        yield [-np.log(p) for p in probs_by_order(tables, ids, x[span:])]
 
 
 # ---------------------------------------------------------------------------- checks
 
 
-def _check_shape(vocab_size: int, buckets: int, bos_id: int) -> None:
+def _check_shape(vocab_size: int, bos_id: int, buckets: tuple[int, ...]) -> None:
     if vocab_size <= 0 or vocab_size > 1 << 16:
         raise ValueError(f"n-gram vocab_size={vocab_size}: expected 1..65536 (uint16 shards)")
-    if not 0 < buckets <= MAX_BUCKETS:
-        raise ValueError(f"n-gram buckets={buckets}: expected 1..{MAX_BUCKETS} (32-bit hash)")
     if not 0 <= bos_id < vocab_size:
         raise ValueError(f"n-gram bos_id={bos_id}: expected an id in [0, {vocab_size})")
+    if len(buckets) + 2 not in MAX_ORDERS:
+        raise ValueError(f"n-gram buckets {buckets}: expected one per order 3..max_order, max_order in {MAX_ORDERS}")
+    if any(b <= 0 or b & (b - 1) for b in buckets):
+        raise ValueError(f"n-gram buckets {buckets}: each must be a power of two (1, 2, 4, ...)")
 
 
 def _check_ids(tokens: np.ndarray, vocab_size: int) -> None:
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    if tokens.size and int(tokens.max()) >= vocab_size:
         raise ValueError(
-            f"token ids span [{tokens.min()}, {tokens.max()}], expected [0, {vocab_size}) "
+            f"token ids reach {int(tokens.max())}, expected [0, {vocab_size}) "
             "(tokenizer and n-gram tables do not match)"
         )
 
 
+def _check_total(table: CountTable, num_targets: int, order: int, where: Path | None = None) -> None:
+    total = int(table.counts.sum(dtype=np.int64))
+    if total != num_targets:
+        raise ValueError(
+            f"{where or 'n-gram tables'}: order-{order} counts sum to {total:,}, expected {num_targets:,} "
+            f"targets (a {DENSE_DTYPE.__name__} cell passed its limit, or the file is corrupt)"
+        )
+
+
+def _smallest_uint(values: np.ndarray):
+    top = int(values.max()) if values.size else 0
+    return next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if top <= np.iinfo(t).max)
+
+
 def _tables_from_arrays(arrays: dict, path: Path) -> NgramTables:
-    expected = {"meta", "unigram", "bigram_keys", "bigram_counts", "trigram_keys", "trigram_counts"}
+    expected = {"meta", "buckets", "requested_buckets", "key_deltas", "counts"}
     if set(arrays) != expected:
         raise ValueError(f"{path}: arrays {sorted(arrays)}, expected {sorted(expected)}")
-    version, vocab_size, buckets, bos_id = (int(x) for x in arrays["meta"])
+    version, vocab_size, bos_id, max_order, num_targets = (int(v) for v in arrays["meta"])
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {version}, expected {FORMAT_VERSION}")
-    _check_shape(vocab_size, buckets, bos_id)
-    if arrays["unigram"].shape != (vocab_size,):
-        raise ValueError(f"{path}: unigram shape {arrays['unigram'].shape}, expected ({vocab_size},)")
-    for name, num_contexts in (("bigram", vocab_size), ("trigram", buckets)):
-        _check_sparse(path, name, arrays[f"{name}_keys"], arrays[f"{name}_counts"], num_contexts * vocab_size)
-    return NgramTables(
-        **{name: arrays[name].astype(np.int64, copy=False) for name in expected - {"meta"}},
-        vocab_size=vocab_size, buckets=buckets, bos_id=bos_id,
-    )
-
-
-def _check_sparse(path: Path, name: str, keys: np.ndarray, counts: np.ndarray, key_limit: int) -> None:
-    if keys.shape != counts.shape or keys.ndim != 1:
-        raise ValueError(f"{path}: {name} keys {keys.shape} and counts {counts.shape} differ")
-    if keys.size and (keys[0] < 0 or keys[-1] >= key_limit or np.any(np.diff(keys) <= 0)):
+    buckets = tuple(int(b) for b in arrays["buckets"])
+    _check_shape(vocab_size, bos_id, buckets)
+    if len(buckets) + 2 != max_order:
+        raise ValueError(f"{path}: {len(buckets)} bucket counts for max_order {max_order}")
+    deltas, counts = arrays["key_deltas"], arrays["counts"]
+    keys = np.cumsum(deltas, dtype=np.int64)
+    limit = vocab_size * vocab_size * math.prod(buckets)
+    if deltas.shape != counts.shape or deltas.ndim != 1:
+        raise ValueError(f"{path}: key_deltas {deltas.shape} and counts {counts.shape} differ")
+    if keys.size and (np.any(deltas[1:] == 0) or keys[-1] >= limit or counts.min() == 0):
         raise ValueError(
-            f"{path}: {name} keys must be strictly increasing in [0, {key_limit}), found "
-            f"[{keys[0]}, {keys[-1]}] (or out of order)"
+            f"{path}: keys must be strictly increasing in [0, {limit}) with positive counts, "
+            f"found last key {keys[-1]} (or repeated keys / zero counts)"
         )
+    top = CountTable(vocab_size * math.prod(buckets), vocab_size, counts.astype(np.int64), keys)
+    _check_total(top, num_targets, max_order, path)
+    requested = tuple(int(b) for b in arrays["requested_buckets"])
+    return NgramTables(top=top, num_targets=num_targets, vocab_size=vocab_size, bos_id=bos_id,
+                       buckets=buckets, requested_buckets=requested)

@@ -1,4 +1,4 @@
-"""Stage `ngrams`: count unigram/bigram/hashed-trigram tables on train, score val_bpb on val.
+"""Stage `ngrams`: count n-gram tables (orders 1..max_order) on train, score val_bpb on val.
 
 These are the classical baselines every neural val_bpb is read against.
 """
@@ -15,6 +15,8 @@ from pgolf_core.data import list_shards, load_split, read_header
 from pgolf_core.io import atomic_path, provenance, sha256_tree, write_json_atomic
 from pgolf_core.tokenizer import load_tokenizer
 
+ORDER_NAMES = {1: "unigram", 2: "bigram", 3: "trigram", 4: "order4", 5: "order5"}
+
 
 def run_ngrams(params: Path, shards: Path, tokenizer: Path, out: Path, metrics: Path) -> dict:
     """Count the train shards, save the tables to `out`, score val, write `metrics`."""
@@ -23,33 +25,36 @@ def run_ngrams(params: Path, shards: Path, tokenizer: Path, out: Path, metrics: 
     vocab_size, bos_id = sp.vocab_size(), sp.bos_id()
     train_files = list_shards(shards, "train")
     train_tokens = sum(read_header(p) for p in train_files)
-    print(f"ngrams: counting {len(train_files)} train shards ({train_tokens:,} tokens) in {shards}, "
-          f"vocab {vocab_size}, {cfg.trigram_buckets} trigram buckets")
+    print(f"ngrams: counting {len(train_files)} train shards ({train_tokens:,} tokens) in {shards}, vocab "
+          f"{vocab_size}, orders 1-{cfg.max_order}, buckets {cfg.buckets}, {cfg.num_workers} workers")
 
     start = time.perf_counter()
-    tables = ngrams.count_shards(train_files, vocab_size, cfg.trigram_buckets, bos_id)
+    tables = ngrams.count_shards(train_files, vocab_size, cfg.buckets, bos_id, cfg.max_memory_mib << 20,
+                                 cfg.num_workers)
     count_seconds = time.perf_counter() - start
     with atomic_path(out) as tmp:
         tables.save(tmp)
     table_bytes = (out / ngrams.TABLES_FILE).stat().st_size
-    print(f"ngrams: counted in {count_seconds:.1f} s; {len(tables.bigram_keys):,} bigrams, "
-          f"{len(tables.trigram_keys):,} trigrams, {table_bytes:,} bytes -> {out}")
+    layout = "dense" if tables.top.is_dense else "sparse"
+    print(f"ngrams: counted in {count_seconds:.1f} s ({layout}, buckets {tables.buckets}"
+          f"{', hashed fallback' if tables.hash_fallback else ''}); {table_bytes:,} bytes -> {out}")
 
     val_tokens = load_split(shards, "val", vocab_size)
-    byte_tables = bpb.byte_tables(sp)
     start = time.perf_counter()
-    scores = ngrams.val_bpb(tables, byte_tables, val_tokens)
+    scores = ngrams.val_bpb(tables, bpb.byte_tables(sp), val_tokens)
     score_seconds = time.perf_counter() - start
     result = {
-        "val_bpb_unigram": scores[1],
-        "val_bpb_bigram": scores[2],
-        "val_bpb_trigram": scores[3],
+        **{f"val_bpb_{ORDER_NAMES[order]}": value for order, value in scores.items()},
         "table_bytes": table_bytes,
         "train_tokens": train_tokens,
         "val_tokens": int(len(val_tokens)),
-        "val_bytes": bpb.stream_bytes(byte_tables, val_tokens),
+        "val_bytes": bpb.stream_bytes(bpb.byte_tables(sp), val_tokens),
         "count_seconds": count_seconds,
         "score_seconds": score_seconds,
+        "count_layout": layout,
+        "hash_fallback": tables.hash_fallback,
+        "buckets_counted": list(tables.buckets),
+        "top_order_keys": int(len(tables.top.to_sparse()[0])),
         "provenance": provenance({"shards": sha256_tree(shards)}),
     }
     write_json_atomic(metrics, result)

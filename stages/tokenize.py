@@ -1,4 +1,5 @@
-"""Stage `tokenize`: documents -> SentencePiece tokenizer + train/val shards."""
+"""Stage `tokenize`: documents -> SentencePiece tokenizer + train/val shards, or the
+challenge's published shards and tokenizer fetched from the hub."""
 
 import argparse
 import dataclasses
@@ -7,16 +8,28 @@ import platform
 import time
 from pathlib import Path
 
-from pgolf_core import config, corpus, export, io, tokenizer
+from pgolf_core import config, corpus, data, export, io, tokenizer
+from pgolf_core.bpb import stream_bytes, byte_tables
 
 
-def tokenize(cfg: config.TokenizeConfig, tokenizer_dir: Path, shards_dir: Path) -> dict:
+def tokenize(cfg: config.TokenizeConfig, tokenizer_dir: Path, shards_dir: Path, downloads: Path) -> dict:
     """Learn the tokenizer on training documents only (the first `val_documents` are
     validation), then stream every document into shards; returns the metrics."""
-    start = time.perf_counter()
+    jsonl_path = cfg.jsonl_path
+    if cfg.source in ("docs_cache", "published"):
+        from pgolf_core import hub  # needs huggingface_hub, which GPU benchmark machines lack
+
+        repo = cfg.hub_repo or hub.DEFAULT_REPOS[cfg.source]
+        if cfg.source == "published":
+            published = hub.download_published(repo, cfg.hub_dataset, cfg.train_shards, downloads, cfg.hub_revision)
+            with io.atomic_path(tokenizer_dir) as tok_tmp, io.atomic_path(shards_dir) as shard_tmp:
+                hub.install_published(published, tok_tmp, shard_tmp)
+            return published_metrics(tokenizer_dir, shards_dir, published.commit)
+        jsonl_path = str(hub.download_docs_cache(repo, downloads, cfg.hub_revision).docs)
 
     def documents():
-        return corpus.iter_documents(cfg.source, cfg.jsonl_path, cfg.min_doc_chars, cfg.max_documents)
+        return corpus.iter_documents("embedded" if cfg.source == "embedded" else "jsonl", jsonl_path,
+                                     cfg.min_doc_chars, cfg.max_documents)
 
     end = cfg.val_documents + cfg.tokenizer_train_documents if cfg.tokenizer_train_documents else None
     sample = list(itertools.islice(documents(), cfg.val_documents, end))
@@ -31,17 +44,19 @@ def tokenize(cfg: config.TokenizeConfig, tokenizer_dir: Path, shards_dir: Path) 
     with io.atomic_path(shards_dir) as tmp:
         stats = export.export_shards(documents(), model, tmp, val_documents=cfg.val_documents,
                                      shard_tokens=cfg.shard_tokens, num_workers=cfg.num_workers)
-    metrics = {
-        "train": dataclasses.asdict(stats.train),
-        "val": dataclasses.asdict(stats.val),
-        "vocab_size": cfg.vocab_size,
-        "corpus_sha256": stats.corpus_sha256,
-        "python_version": platform.python_version(),
-        "tokenize_seconds": round(time.perf_counter() - start, 3),
-    }
-    print(f"tokenize: {stats.train.documents:,} train docs / {stats.train.tokens:,} tokens, "
-          f"{stats.val.documents:,} val docs / {stats.val.tokens:,} tokens in {metrics['tokenize_seconds']:.1f} s")
-    return metrics
+    return {"train": dataclasses.asdict(stats.train), "val": dataclasses.asdict(stats.val),
+            "vocab_size": cfg.vocab_size, "corpus_sha256": stats.corpus_sha256}
+
+
+def published_metrics(tokenizer_dir: Path, shards_dir: Path, commit: str) -> dict:
+    """Sizes of published shards: tokens from the headers, documents = BOS count (val)."""
+    sp = tokenizer.load_tokenizer(tokenizer_dir)
+    val = data.load_split(shards_dir, "val", sp.vocab_size())
+    train_files = data.list_shards(shards_dir, "train")
+    return {"train": {"tokens": sum(data.read_header(p) for p in train_files), "shards": len(train_files)},
+            "val": {"documents": int((val == tokenizer.BOS_ID).sum()), "tokens": len(val),
+                    "bytes": stream_bytes(byte_tables(sp), val), "shards": len(data.list_shards(shards_dir, "val"))},
+            "vocab_size": sp.vocab_size(), "corpus_sha256": io.sha256_tree(shards_dir), "hub_commit": commit}
 
 
 def main() -> None:
@@ -49,12 +64,16 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--tokenizer", type=Path, required=True, help="output folder of the tokenizer")
     parser.add_argument("--shards", type=Path, required=True, help="output folder of the shards")
+    parser.add_argument("--downloads", type=Path, required=True, help="hub downloads (kept across runs: resumable)")
     parser.add_argument("--metrics", type=Path, required=True)
     args = parser.parse_args()
     cfg = config.load_section(args.params, "tokenize")
-    metrics = tokenize(cfg, args.tokenizer, args.shards)
-    inputs = {"corpus": metrics["corpus_sha256"]}
-    io.write_json_atomic(args.metrics, {**metrics, "provenance": io.provenance(inputs)})
+    start = time.perf_counter()
+    metrics = tokenize(cfg, args.tokenizer, args.shards, args.downloads)
+    metrics.update(python_version=platform.python_version(), tokenize_seconds=round(time.perf_counter() - start, 3))
+    print(f"tokenize: {metrics['train']['tokens']:,} train / {metrics['val']['tokens']:,} val tokens "
+          f"in {metrics['tokenize_seconds']:.1f} s")
+    io.write_json_atomic(args.metrics, {**metrics, "provenance": io.provenance({"corpus": metrics["corpus_sha256"]})})
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fake_hub import FakeHub
+
 from pgolf_core import corpus, tokenizer
 from pgolf_core.model import ModelConfig
 
@@ -38,3 +40,22 @@ def tiny_model_config() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """A loopback fake of the Hugging Face hub, reached through HF_ENDPOINT like a mirror."""
+    from huggingface_hub import constants, file_download
+
+    server = FakeHub().start()
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    # huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)  # copied there before 1.0
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "harnesses.json"), raising=False)
+    yield server
+    server.stop()

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from huggingface_hub import constants, file_download
+from huggingface_hub import constants
 
 from fake_hub import FakeHub
 from pgolf_core import corpus, data, hub
@@ -17,22 +17,6 @@ REPO = "kevclark/parameter-golf"
 DATASET = "fineweb10B_sp8192"
 ROOT = "datasets"
 SHARDS = f"datasets/{DATASET}"
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    server = FakeHub().start()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    # huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE once, at import
-    monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    template = server.url + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template, raising=False)  # copied there before 1.0
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "AGENT_HARNESSES_PATH", str(tmp_path / "harnesses.json"), raising=False)
-    yield server
-    server.stop()
 
 
 def shard_bytes(num_tokens: int, seed: int) -> bytes:

@@ -1,0 +1,72 @@
+"""The tokenize stage on each source: embedded, local JSONL, the docs cache and the
+published shards (the last two from the loopback fake hub)."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pgolf_core import config, data, hub, tokenizer
+from stages.tokenize import tokenize
+
+DOCS = [f"Document number {i} talks about {'shards' if i % 2 else 'tokens'} and the Python standard "
+        f"library, version {i % 7}.{i % 5}, with some more words to learn from." for i in range(300)]
+
+
+def cfg(**values):
+    return config.build_section("tokenize", {"vocab_size": 300, "val_documents": 20, "num_workers": 1, **values})
+
+
+def test_local_jsonl_source_splits_first_documents_into_val(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    metrics = tokenize(cfg(source="jsonl", jsonl_path=str(path)), tmp_path / "tok", tmp_path / "shards", tmp_path / "dl")
+    assert metrics["val"]["documents"] == 20 and metrics["train"]["documents"] == 280
+    sp = tokenizer.load_tokenizer(tmp_path / "tok")
+    val = data.load_split(tmp_path / "shards", "val")
+    assert sp.decode(val[1:].tolist()).startswith(DOCS[0])
+    assert metrics["val"]["bytes"] == sum(len(d.encode()) for d in DOCS[:20])
+
+
+def test_retokenizing_twice_gives_identical_shards(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    for run in ("a", "b"):
+        tokenize(cfg(source="jsonl", jsonl_path=str(path), num_workers=2), tmp_path / run / "tok",
+                 tmp_path / run / "shards", tmp_path / "dl")
+    for name in ("tok/tokenizer.model", "shards/fineweb_train_000000.bin", "shards/fineweb_val_000000.bin"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_docs_cache_source_downloads_then_retokenizes(fake_hub, tmp_path):
+    content = "".join(json.dumps({"text": d}) + "\n" for d in DOCS).encode()
+    fake_hub.repos["willdepueoai/parameter-golf"] = {
+        f"datasets/{hub.DOCS_FILE}": content,
+        f"datasets/{hub.DOCS_MANIFEST_FILE}": json.dumps({"docs_sha256": hashlib.sha256(content).hexdigest()}).encode()}
+    metrics = tokenize(cfg(source="docs_cache"), tmp_path / "tok", tmp_path / "shards", tmp_path / "dl")
+    assert metrics["val"]["documents"] == 20 and (tmp_path / "dl" / hub.DOCS_FILE).read_bytes() == content
+
+
+def test_published_source_links_shards_and_tokenizer(fake_hub, tmp_path, tiny_tokenizer_dir, tiny_sp, embedded_docs):
+    model = (tiny_tokenizer_dir / tokenizer.MODEL_FILE).read_bytes()
+    def shard(docs):
+        stream = tokenizer.encode_documents(tiny_sp, docs)
+        header = np.zeros(data.HEADER_INTS, dtype="<i4")
+        header[:3] = (data.SHARD_MAGIC, data.SHARD_VERSION, len(stream))
+        return header.tobytes() + stream.astype("<u2").tobytes()
+    manifest = {"datasets": [{"name": "tiny", "tokenizer": "tokenizers/tiny.model", "files_train": 2, "files_val": 1}]}
+    fake_hub.repos["someone/golf"] = {
+        "datasets/manifest.json": json.dumps(manifest).encode(), "datasets/tokenizers/tiny.model": model,
+        "datasets/datasets/tiny/fineweb_val_000000.bin": shard(embedded_docs[:5]),
+        "datasets/datasets/tiny/fineweb_train_000000.bin": shard(embedded_docs[5:20]),
+        "datasets/datasets/tiny/fineweb_train_000001.bin": shard(embedded_docs[20:40])}
+    metrics = tokenize(cfg(source="published", hub_repo="someone/golf", hub_dataset="tiny", train_shards=1),
+                       tmp_path / "tok", tmp_path / "shards", tmp_path / "dl")
+    assert metrics["val"]["documents"] == 5 and metrics["train"]["shards"] == 1
+    assert metrics["val"]["bytes"] == sum(len(d.encode()) for d in embedded_docs[:5])
+    linked = tmp_path / "shards" / "fineweb_train_000000.bin"
+    downloaded = tmp_path / "dl" / "datasets" / "tiny" / "fineweb_train_000000.bin"
+    assert os.path.samefile(linked, downloaded)  # a hard link: the bytes exist once
+    assert (tmp_path / "tok" / tokenizer.MODEL_FILE).read_bytes() == model
