@@ -3,7 +3,7 @@
 Why: "The", "the" and "THE" are three pieces to a plain tokenizer, so the model spends
 capacity learning the same word three times. Factoring case out into operator
 characters lets the vocabulary and the model share one spelling; the records measured
-about 0.002-0.004 val_bpb from it (TECHNIQUES.md §1.5). val_bpb stays honest because
+about 0.002-0.004 val_bpb from it (-0.0041 in the 04-18 record; TECHNIQUES.md §1.5). val_bpb stays honest because
 bytes are always counted on the ORIGINAL text (`original_byte_counts`), never on the
 encoded text: operators cost 0 bytes.
 
@@ -20,7 +20,9 @@ Operators (private use): TITLE U+E001, ALLCAPS U+E002, CAPNEXT U+E003, ESC U+E00
                                         "McDonald" -> TITLE mc CAPNEXT donald
 - literal operator                      "\\ue001" -> ESC \\ue001
 An escaped operator is a non-letter, so a word after it starts afresh:
-"\\ue001Abc" -> ESC \\ue001 TITLE abc. Encoded text never contains an ASCII uppercase letter.
+"\\ue001Abc" -> ESC \\ue001 TITLE abc. Non-ASCII letters are not word characters and
+keep their case: "naïVE" -> na ï ALLCAPS ve, "Été" -> Été. Encoded text never contains
+an ASCII uppercase letter.
 
 Guarantees. `decode(encode(x)) == x` for every str x. `decode` accepts exactly the
 strings `encode` can produce and raises ValueError (naming the position and the

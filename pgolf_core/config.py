@@ -33,6 +33,7 @@ class TokenizeConfig:
     max_documents: int = 0  # keep only the first N documents (0 = all); for quick profiles
     min_doc_chars: int = 200  # embedded corpus: shorter docstrings are dropped
     vocab_size: int = 1024  # SentencePiece BPE vocabulary (8192 in the GPU profiles)
+    case_transform: str = "none"  # "caseops": factor letter case into operators (lossless)
     shard_tokens: int = 10_000_000  # tokens per train shard file
     tokenizer_train_documents: int = 0  # train documents the tokenizer learns from (0 = all)
     num_threads: int = 2  # SentencePiece training threads
@@ -40,6 +41,10 @@ class TokenizeConfig:
 
     def __post_init__(self):
         _choice("tokenize.source", self.source, TOKENIZE_SOURCES)
+        _choice("tokenize.case_transform", self.case_transform, ("none", "caseops"))
+        if self.case_transform == "caseops" and self.source == "published":
+            raise ValueError("tokenize.case_transform 'caseops' needs text: it cannot apply to the "
+                             "published (already tokenized) shards; use source 'docs_cache'")
         if self.source == "jsonl" and not self.jsonl_path:
             raise ValueError("tokenize.jsonl_path is empty but tokenize.source is 'jsonl'")
         _positive("tokenize.val_documents", self.val_documents)

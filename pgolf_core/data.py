@@ -18,6 +18,7 @@ HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 TRAIN_PATTERN = "fineweb_train_*.bin"
 VAL_PATTERN = "fineweb_val_[0-9]*.bin"  # excludes the CaseOps byte sidecars (fineweb_val_bytes_*)
+VAL_BYTES_PATTERN = "fineweb_val_bytes_[0-9]*.bin"  # per-token original byte counts (CaseOps)
 
 
 def shard_name(split: str, index: int) -> str:

@@ -14,7 +14,7 @@ import itertools
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -70,21 +70,30 @@ class _ShardWriter:
 _worker_sp: spm.SentencePieceProcessor | None = None  # each worker process loads the model once
 
 
-def _init_worker(model_proto: bytes) -> None:
-    global _worker_sp
+_worker_transform: Callable[[str], str] | None = None
+
+
+def _init_worker(model_proto: bytes, transform: Callable[[str], str] | None) -> None:
+    global _worker_sp, _worker_transform
     _worker_sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    _worker_transform = transform
 
 
 def _encode_batch(docs: list[str]) -> tuple[np.ndarray, int]:
-    """([BOS] + tokens of each document, as one uint16 stream; UTF-8 bytes of the batch)."""
-    return encode_documents(_worker_sp, docs), sum(len(d.encode("utf-8")) for d in docs)
+    """([BOS] + tokens of each (transformed) document as one uint16 stream; UTF-8 bytes
+    of the original documents)."""
+    texts = [_worker_transform(d) for d in docs] if _worker_transform else docs
+    return encode_documents(_worker_sp, texts), sum(len(d.encode("utf-8")) for d in docs)
 
 
 def export_shards(docs: Iterable[str], model_proto: bytes, directory: str | Path, *, val_documents: int,
-                  shard_tokens: int, num_workers: int = 1, progress: bool = True) -> ExportStats:
+                  shard_tokens: int, num_workers: int = 1, transform: Callable[[str], str] | None = None,
+                  progress: bool = True) -> ExportStats:
     """Encode `docs` (the first `val_documents` are validation) into shards in `directory`.
 
     Validation goes into as many `fineweb_val_*` shards as needed too (same size cap).
+    `transform` (a module-level function, e.g. `caseops.encode`) is applied to each
+    document before encoding; sizes and the corpus hash are of the original text.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -117,11 +126,11 @@ def export_shards(docs: Iterable[str], model_proto: bytes, directory: str | Path
         bar.update(docs_in_batch)
 
     if num_workers <= 1:
-        _init_worker(model_proto)
+        _init_worker(model_proto, transform)
         for split, batch in batches():
             consume(split, len(batch), _encode_batch(batch))
     else:
-        with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(model_proto,)) as pool:
+        with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(model_proto, transform)) as pool:
             pending: list[tuple[str, int, Future]] = []
             for split, batch in batches():
                 pending.append((split, len(batch), pool.submit(_encode_batch, batch)))

@@ -20,11 +20,14 @@ MODEL_FILE = "tokenizer.model"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 
 
-def train_tokenizer(docs: list[str], vocab_size: int, num_threads: int = 1) -> bytes:
-    """Train a BPE model on `docs`; returns the serialized model proto."""
+def train_tokenizer(docs: list[str], vocab_size: int, num_threads: int = 1,
+                    reserved: tuple[str, ...] = ()) -> bytes:
+    """Train a BPE model on `docs`; returns the serialized model proto. `reserved`
+    strings become user-defined pieces (ids 4, 5, ...) that never merge with others:
+    the CaseOps operators."""
     model = io.BytesIO()
     try:
-        _train(docs, vocab_size, num_threads, model)
+        _train(docs, vocab_size, num_threads, model, reserved)
     except RuntimeError as e:  # SentencePiece reports bad settings as RuntimeError
         raise ValueError(f"tokenizer training failed for vocab_size={vocab_size}: {e}") from e
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
@@ -67,8 +70,9 @@ def encode_documents(sp: spm.SentencePieceProcessor, docs: list[str], num_thread
     return stream
 
 
-def _train(docs: list[str], vocab_size: int, num_threads: int, writer) -> None:
+def _train(docs: list[str], vocab_size: int, num_threads: int, writer, reserved: tuple[str, ...]) -> None:
     spm.SentencePieceTrainer.train(
+        user_defined_symbols=list(reserved),
         sentence_iterator=iter(docs),
         model_writer=writer,
         model_type="bpe",

@@ -8,8 +8,8 @@ import platform
 import time
 from pathlib import Path
 
-from pgolf_core import config, corpus, data, export, io, tokenizer
-from pgolf_core.bpb import stream_bytes, byte_tables
+from pgolf_core import caseops, config, corpus, data, export, io, tokenizer
+from pgolf_core.bpb import byte_tables, stream_bytes, write_byte_sidecars
 
 
 def tokenize(cfg: config.TokenizeConfig, tokenizer_dir: Path, shards_dir: Path, downloads: Path) -> dict:
@@ -31,21 +31,25 @@ def tokenize(cfg: config.TokenizeConfig, tokenizer_dir: Path, shards_dir: Path, 
         return corpus.iter_documents("embedded" if cfg.source == "embedded" else "jsonl", jsonl_path,
                                      cfg.min_doc_chars, cfg.max_documents)
 
+    transform = caseops.encode if cfg.case_transform == "caseops" else None
     end = cfg.val_documents + cfg.tokenizer_train_documents if cfg.tokenizer_train_documents else None
-    sample = list(itertools.islice(documents(), cfg.val_documents, end))
+    sample = [transform(d) if transform else d for d in itertools.islice(documents(), cfg.val_documents, end)]
     if not sample:
         raise ValueError(f"tokenize: no training documents in {cfg.source} after {cfg.val_documents} validation ones")
     print(f"tokenize: learning a {cfg.vocab_size}-piece BPE on {len(sample):,} {cfg.source} training documents")
-    model = tokenizer.train_tokenizer(sample, cfg.vocab_size, cfg.num_threads)
+    model = tokenizer.train_tokenizer(sample, cfg.vocab_size, cfg.num_threads,
+                                      reserved=caseops.OPERATORS if transform else ())
     del sample
     with io.atomic_path(tokenizer_dir) as tmp:
         tmp.mkdir()
         (tmp / tokenizer.MODEL_FILE).write_bytes(model)
     with io.atomic_path(shards_dir) as tmp:
         stats = export.export_shards(documents(), model, tmp, val_documents=cfg.val_documents,
-                                     shard_tokens=cfg.shard_tokens, num_workers=cfg.num_workers)
+                                     shard_tokens=cfg.shard_tokens, num_workers=cfg.num_workers, transform=transform)
+        if transform and write_byte_sidecars(tokenizer.load_tokenizer(tokenizer_dir), tmp) != stats.val.bytes:
+            raise ValueError("CaseOps byte sidecars do not add up to the validation text's UTF-8 length")
     return {"train": dataclasses.asdict(stats.train), "val": dataclasses.asdict(stats.val),
-            "vocab_size": cfg.vocab_size, "corpus_sha256": stats.corpus_sha256}
+            "vocab_size": cfg.vocab_size, "case_transform": cfg.case_transform, "corpus_sha256": stats.corpus_sha256}
 
 
 def published_metrics(tokenizer_dir: Path, shards_dir: Path, commit: str) -> dict:

@@ -18,8 +18,21 @@ _other = st.sampled_from([*OPERATORS, " ", "  ", "\n", "\t", "0", "42", "-", "é
 _any_char = st.characters(exclude_categories=("Cs",))
 originals = st.lists(st.one_of(_words, _known, _other, _any_char), max_size=30).map("".join)
 
-# Candidate encoded text: the alphabet encode writes, plus uppercase letters.
-candidates = st.text(alphabet=[*OPERATORS, "a", "b", "A", " ", "é", "1"], max_size=12)
+# Candidate encoded text: random strings over the alphabet encode writes (plus an
+# uppercase letter), and near misses: valid encodings with one character inserted,
+# deleted or replaced.
+_encoded_alphabet = [*OPERATORS, "a", "b", "A", " ", "é", "1"]
+
+
+@st.composite
+def _near_misses(draw):
+    encoded = caseops.encode(draw(st.lists(st.one_of(_words, _other), max_size=6).map("".join)))
+    i = draw(st.integers(0, len(encoded)))
+    c = draw(st.sampled_from([*OPERATORS, *_encoded_alphabet]))  # operators twice as likely
+    return draw(st.sampled_from([encoded[:i] + c + encoded[i:], encoded[:i] + encoded[i + 1 :], encoded[:i] + c + encoded[i + 1 :]]))
+
+
+candidates = st.one_of(st.text(alphabet=_encoded_alphabet, max_size=12), _near_misses())
 
 
 @PROPERTY
@@ -58,6 +71,7 @@ def test_decode_accepts_exactly_what_encode_produces(encoded):
         ("A I a", f"{TITLE}a {TITLE}i a"),
         ("OK2GO", f"{ALLCAPS}ok2{ALLCAPS}go"),
         ("café Été", "café Été"),  # non-ASCII letters are not part of words: "t" is a word
+        ("naïVE", f"naï{ALLCAPS}ve"),
         (f"x{TITLE}Abc", f"x{ESC}{TITLE}{TITLE}abc"),
         (f"{ESC}{ESC}", f"{ESC}{ESC}{ESC}{ESC}"),
         ("", ""),
