@@ -102,6 +102,26 @@ class TrainConfig:
     mlp_mult: int = 4  # MLP hidden = mlp_mult * model_dim
     rope_base: float = 10000.0
     logit_softcap: float = 30.0  # logits = c * tanh(logits / c)
+    # model features of the records (TECHNIQUES.md §2), all off in the CPU default
+    rope_dims: int = 0  # rotary channels per head (0 = all; 16 of 64 in the record)
+    mlp_activation: str = "relu2"  # "relu2" or "leaky_relu2" (slope 0.5, squared)
+    qk_gain_init: float = 0.0  # learned per-head query gain, initial value (0 = none; 5.0 record)
+    ln_scale: bool = False  # block inputs scaled by 1/sqrt(layer + 1)
+    resid_mix: bool = False  # block input = m0 * x + m1 * x0
+    unet_skips: bool = False  # encoder -> decoder skips with learned gates
+    xsa_last_n: int = 0  # exclusive self-attention in the last N layers
+    smear_gate: bool = False  # previous-token smear on embeddings, masked at BOS
+    attn_gate: bool = False  # sparse sigmoid gate per head on the attention output
+    attn_gate_scale: float = 1.0
+    value_embed_layers: list = field(default_factory=list)  # layers given value embeddings
+    value_embed_dim: int = 128
+    value_residual: bool = False  # later layers mix layer 0's v into theirs
+    num_loops: int = 0  # depth recurrence: extra passes over layers loop_start..loop_end (0 = off)
+    loop_start: int = 0
+    loop_end: int = 0
+    loop_start_frac: float = 0.35  # fraction of training after which the loop switches on
+    parallel_mode: str = "none"  # "none", "merge" (two lanes, learned merge) or "routed"
+    parallel_start: int = 0  # first physical decoder layer run in parallel lanes
     # data
     seq_len: int = 256  # tokens per training sequence
     batch_tokens: int = 8192  # global tokens per optimizer step, whatever the world size
@@ -110,6 +130,7 @@ class TrainConfig:
     iterations: int = 250  # optimizer steps (schedule: steps)
     schedule: str = "steps"  # "steps" (comparable across machines) or "wallclock" (fills the cap)
     max_wallclock_seconds: float = 200.0  # hard cap on timed training (0 = none)
+    calib_reserve_seconds: float = 0.0  # of the cap, kept for GPTQ calibration (counts in the budget)
     warmup_steps: int = 0  # linear LR warm-up
     warmdown_frac: float = 0.4  # final fraction of the run with LR decaying linearly
     min_lr_frac: float = 0.0  # LR floor as a fraction of the peak
@@ -121,7 +142,11 @@ class TrainConfig:
     muon_momentum_warmup_start: float = 0.85  # momentum ramps linearly from this value
     muon_momentum_warmup_steps: int = 100
     ns_steps: int = 5  # Newton-Schulz iterations
-    weight_decay: float = 0.0  # decoupled, Muon matrices only
+    ns_coefficients: str = "quintic"  # "quintic" or "polar_express" (per-iteration tuples)
+    muon_row_normalize: bool = False  # MuonEq-R: unit rows before Newton-Schulz
+    weight_decay: float = 0.0  # decoupled, Muon matrices
+    embed_weight_decay: float = 0.0  # decoupled (AdamW), the embedding
+    scalar_weight_decay: float = 0.0  # decoupled (AdamW), the vectors and gates
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
@@ -153,6 +178,14 @@ class TrainConfig:
                 f"train.seq_len={self.seq_len}"
             )
         _choice("train.schedule", self.schedule, ("steps", "wallclock"))
+        _choice("train.mlp_activation", self.mlp_activation, ("relu2", "leaky_relu2"))
+        _choice("train.parallel_mode", self.parallel_mode, ("none", "merge", "routed"))
+        _choice("train.ns_coefficients", self.ns_coefficients, ("quintic", "polar_express"))
+        if not 0.0 <= self.loop_start_frac <= 1.0:
+            raise ValueError(f"train.loop_start_frac={self.loop_start_frac}: must lie in [0, 1]")
+        if self.max_wallclock_seconds and self.calib_reserve_seconds >= self.max_wallclock_seconds:
+            raise ValueError(f"train.calib_reserve_seconds={self.calib_reserve_seconds} leaves no training time "
+                             f"in train.max_wallclock_seconds={self.max_wallclock_seconds}")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         if self.schedule == "wallclock" and self.max_wallclock_seconds <= 0:
             raise ValueError("train.schedule 'wallclock' needs train.max_wallclock_seconds > 0")
@@ -165,6 +198,11 @@ class TrainConfig:
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
+
+    @property
+    def train_seconds_cap(self) -> float:
+        """Seconds of timed training: the wall-clock cap minus the calibration reserve."""
+        return self.max_wallclock_seconds - self.calib_reserve_seconds
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,21 +1,32 @@
-"""The baseline GPT: pre-norm blocks, rotary positions, grouped-query attention,
-squared-ReLU MLP, tied embeddings and a soft-capped output.
+"""The GPT: pre-norm blocks, rotary positions, grouped-query attention, squared-ReLU
+MLP, tied embeddings and a soft-capped output; plus the challenge records' features
+(TECHNIQUES.md §2), each a `ModelConfig` switch that is off by default, so the plain
+model is exactly the baseline.
 
-Shapes: B batch, T time, D model_dim, H query heads, K kv heads, E head_dim, V vocab.
-RMSNorm has no weight anywhere (as in the challenge's records); learned per-channel
-`attn_scale` / `mlp_scale` gains on each residual branch are the model's vectors.
+Shapes: B batch, T time, D model_dim, V vocab. RMSNorm has no weight anywhere; the
+learned per-channel `attn_scale` / `mlp_scale` gains weight each residual branch.
 Output and down projections start at zero, so every block starts as the identity.
+Features: U-Net skips with learned gates, depth recurrence (a span of layers re-run
+once `looping` is switched on), two forms of parallel residual lanes, layer-wise norm
+scale 1/sqrt(layer+1), a residual mix with the embedding x0, SmearGate (never across
+a BOS), LeakyReLU(0.5)^2, and the attention options of `attention.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pgolf_core.attention import GATE_INPUT_DIMS, Attention, rms_norm
+
+MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
+PARALLEL_MODES = ("none", "merge", "routed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,8 +38,42 @@ class ModelConfig:
     num_kv_heads: int
     mlp_mult: int
     rope_base: float = 10000.0
+    rope_dims: int = 0  # rotary channels per head (0 = all)
     logit_softcap: float = 30.0
     embed_init_std: float = 0.005
+    mlp_activation: str = "relu2"  # or "leaky_relu2": leaky_relu(x, 0.5)^2
+    qk_gain_init: float = 0.0  # learned per-head query gain, initial value (0 = none)
+    ln_scale: bool = False  # normed block inputs scaled by 1/sqrt(layer + 1)
+    resid_mix: bool = False  # block input = m0 * x + m1 * x0 (per channel; m0=1, m1=0 at init)
+    unet_skips: bool = False  # encoder outputs feed the decoder through learned gates
+    xsa_last_n: int = 0  # exclusive self-attention in the last N layers
+    smear_gate: bool = False  # x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1}, not across BOS
+    attn_gate: bool = False  # sparse sigmoid gate per head on the attention output
+    attn_gate_scale: float = 1.0
+    value_embed_layers: tuple = ()  # layers whose v gets a shared value embedding
+    value_embed_dim: int = 128
+    value_residual: bool = False  # later layers mix layer 0's v into theirs
+    loop_start: int = 0  # depth recurrence: layers loop_start..loop_end re-run num_loops times
+    loop_end: int = 0
+    num_loops: int = 0  # 0 = no recurrence
+    parallel_mode: str = "none"  # "merge" (two lanes, learned merge) or "routed" (learned routing)
+    parallel_start: int = 0  # first physical layer (in the decoder) that runs in parallel lanes
+    bos_id: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "value_embed_layers", tuple(self.value_embed_layers))
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"mlp_activation={self.mlp_activation!r}: must be one of {MLP_ACTIVATIONS}")
+        if self.parallel_mode not in PARALLEL_MODES:
+            raise ValueError(f"parallel_mode={self.parallel_mode!r}: must be one of {PARALLEL_MODES}")
+        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
+            raise ValueError(f"rope_dims={self.rope_dims}: must be even and at most head_dim={self.head_dim}")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            raise ValueError(f"loop span {self.loop_start}..{self.loop_end} is not inside 0..{self.num_layers - 1}")
+        if (self.smear_gate or self.attn_gate) and self.model_dim < GATE_INPUT_DIMS:
+            raise ValueError(f"gates read {GATE_INPUT_DIMS} channels; model_dim={self.model_dim} is smaller")
+        if any(not 0 <= i < self.num_layers for i in self.value_embed_layers):
+            raise ValueError(f"value_embed_layers={self.value_embed_layers} outside 0..{self.num_layers - 1}")
 
     @property
     def head_dim(self) -> int:
@@ -47,45 +92,18 @@ class ModelConfig:
         return cls(**values)
 
 
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
-
-
-class Rotary(nn.Module):
-    """Rotary position embedding over the head dim (pairs i <-> i + E/2)."""
-
-    def __init__(self, head_dim: int, base: float):
-        super().__init__()
-        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, heads, T, E)
-        t = torch.arange(x.size(-2), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)  # (T, E/2)
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        kv_dim = cfg.num_kv_heads * cfg.head_dim
-        self.q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
-        self.k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.out = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm, then positions
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # (B, H, T, E)
-        return self.out(y.transpose(1, 2).reshape(B, T, D))
+def layer_sequence(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int]]:
+    """(encoder, decoder) physical layer indices. With recurrence on the span repeats:
+    [0..s-1] + [s..e] * (num_loops + 1) + [e+1..L-1]; with U-Net skips the first half is
+    the encoder. Without skips everything is "decoder"."""
+    seq = list(range(cfg.num_layers))
+    if looping and cfg.num_loops:
+        span = list(range(cfg.loop_start, cfg.loop_end + 1))
+        seq = seq[: cfg.loop_start] + span * (cfg.num_loops + 1) + seq[cfg.loop_end + 1 :]
+    if not cfg.unet_skips:
+        return [], seq
+    half = len(seq) // 2
+    return seq[:half], seq[half:]
 
 
 class MLP(nn.Module):
@@ -93,50 +111,136 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim, bias=False)
         self.down = nn.Linear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, bias=False)
+        self.slope = 0.5 if cfg.mlp_activation == "leaky_relu2" else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.relu(self.up(x)).square())
+        h = self.up(x)
+        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
+        return self.down(h.square())
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
+        self.mix = nn.Parameter(torch.stack([torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim)])) \
+            if cfg.resid_mix else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn_scale * self.attn(rms_norm(x))
-        return x + self.mlp_scale * self.mlp(rms_norm(x))
+    def mixed(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        return self.mix[0] * x + self.mix[1] * x0 if self.mix is not None else x
+
+    def attn_branch(self, x: torch.Tensor, v0, value_embed) -> tuple[torch.Tensor, torch.Tensor]:
+        y, v = self.attn(rms_norm(x) * self.norm_scale, v0, value_embed)
+        return self.attn_scale * y, v
+
+    def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def forward(self, x, x0, v0=None, value_embed=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.mixed(x, x0)
+        a, v = self.attn_branch(x, v0, value_embed)
+        x = x + a
+        return x + self.mlp_branch(x), v
 
 
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.looping = cfg.num_loops > 0  # the trainer switches it on part-way; evaluation runs looped
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        num_skips = max(min(len(e), len(d)) for e, d in (layer_sequence(cfg, False), layer_sequence(cfg, True)))
+        if cfg.unet_skips:
+            self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
+            self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
+        if cfg.smear_gate:
+            self.smear_w = nn.Parameter(torch.zeros(GATE_INPUT_DIMS))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if cfg.value_embed_layers:
+            self.value_embed = nn.Embedding(cfg.vocab_size, cfg.value_embed_dim)
+            self.value_proj = nn.Linear(cfg.value_embed_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        if cfg.parallel_mode == "merge":
+            self.lane_merge = nn.Parameter(torch.full((1,), 0.5))
+        elif cfg.parallel_mode == "routed":
+            self.lane_keep = nn.Parameter(torch.full((cfg.num_layers, 2), 1.1))
+            self.lane_route = nn.Parameter(torch.ones(cfg.num_layers, 2, 2))
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Embedding N(0, embed_init_std); Q, K, V, up orthogonal; out and down zero."""
+        """Embedding N(0, embed_init_std); Q, K, V, up orthogonal; out and down zero;
+        value embeddings N(0, 0.01) with a zero projection."""
         nn.init.normal_(self.tok_emb.weight, std=self.cfg.embed_init_std)
         for block in self.blocks:
             for linear in (block.attn.q, block.attn.k, block.attn.v, block.mlp.up):
                 nn.init.orthogonal_(linear.weight)
             nn.init.zeros_(block.attn.out.weight)
             nn.init.zeros_(block.mlp.down.weight)
+        if self.cfg.value_embed_layers:
+            nn.init.normal_(self.value_embed.weight, std=0.01)
+            nn.init.zeros_(self.value_proj.weight)
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, D) normalized embeddings x0, smeared with the previous token."""
+        x = self.tok_emb(idx)
+        if self.cfg.smear_gate:
+            gate = self.smear_lambda * torch.sigmoid(x[..., :GATE_INPUT_DIMS] @ self.smear_w.to(x.dtype))  # (B, T)
+            gate = gate * (idx != self.cfg.bos_id)  # a document's BOS never sees the previous document
+            x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:, None] * x[:, :-1]], dim=1)
+        return rms_norm(x)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> soft-capped logits (B, T, V) in float32."""
-        x = rms_norm(self.tok_emb(idx))
-        for block in self.blocks:
-            x = block(x)
+        x = x0 = self.embed(idx)
+        value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
+        encoder, decoder = layer_sequence(self.cfg, self.looping)
+        skips, v0, lanes = [], None, None
+        for i in encoder:
+            x, v = self.blocks[i](x, x0, v0, value_embed)
+            v0 = v if v0 is None else v0
+            skips.append(x)
+        for j, i in enumerate(decoder):
+            if j < len(encoder):  # U-Net: decoder step j takes the most recent encoder output
+                skip, gate = self.skip_weights[j] * skips.pop(), torch.sigmoid(self.skip_gates[j])
+                if lanes is None:
+                    x = torch.lerp(skip, x, gate)
+                else:
+                    lanes[0] = torch.lerp(skip, lanes[0], gate)
+            if lanes is not None or (self.cfg.parallel_mode != "none" and i >= self.cfg.parallel_start):
+                lanes = lanes or [x, x]
+                lanes, v = self._parallel_block(i, lanes, x0, v0, value_embed)
+            else:
+                x, v = self.blocks[i](x, x0, v0, value_embed)
+            v0 = v if v0 is None else v0
+        if lanes is not None:
+            x = self._merge_lanes(lanes)
         logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    def _parallel_block(self, i: int, lanes: list, x0, v0, value_embed) -> tuple[list, torch.Tensor]:
+        """One layer on two lanes: attention reads (mixed) lane 0, the MLP reads lane 1.
+        "merge" (#1477) adds each branch to its own lane; "routed" (the record) routes
+        both branch outputs into both lanes with learned weights."""
+        block = self.blocks[i]
+        attn_in = block.mixed(lanes[0], x0)
+        a, v = block.attn_branch(attn_in, v0, value_embed)
+        m = block.mlp_branch(lanes[1])
+        if self.cfg.parallel_mode == "merge":
+            return [attn_in + a, lanes[1] + m], v
+        keep, route = self.lane_keep[i], self.lane_route[i]  # (2,), (branch, lane)
+        return [keep[0] * lanes[0] + route[0, 0] * a + route[1, 0] * m,
+                keep[1] * lanes[1] + route[0, 1] * a + route[1, 1] * m], v
+
+    def _merge_lanes(self, lanes: list) -> torch.Tensor:
+        if self.cfg.parallel_mode == "merge":
+            return self.lane_merge * lanes[0] + (1 - self.lane_merge) * lanes[1]
+        return 0.5 * (lanes[0] + lanes[1])
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

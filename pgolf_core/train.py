@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pgolf_core import dist
 from pgolf_core.config import TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
-from pgolf_core.model import GPT, token_nll
+from pgolf_core.model import GPT, ModelConfig, token_nll
 from pgolf_core.optim import apply_schedule, build_optimizers, lr_multiplier, muon_momentum
 
 COMPILE_WARMUP_STEPS = 3
@@ -44,6 +45,12 @@ class TrainResult:
     world_size: int
     seed: int
     stopped_by: str  # "iterations" or "wallclock"
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The model part of the train section (every TrainConfig field ModelConfig has)."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(cfg)}
+    return ModelConfig(vocab_size=vocab_size, **{name: getattr(cfg, name) for name in fields})
 
 
 def set_seed(seed: int) -> None:
@@ -70,6 +77,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
 
     def one_step(step: int, progress: float) -> torch.Tensor:
         apply_schedule(optimizers, lr_multiplier(step, progress, cfg), muon_momentum(step, cfg))
+        model.looping = model.cfg.num_loops > 0 and progress >= cfg.loop_start_frac
         span = torch.as_tensor(stream.next_batch(cfg.batch_tokens))
         x = span[:-1].view(seqs_per_step, cfg.seq_len)[rank * rank_seqs : (rank + 1) * rank_seqs]
         y = span[1:].view(seqs_per_step, cfg.seq_len)[rank * rank_seqs : (rank + 1) * rank_seqs]
@@ -83,7 +91,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     bar = tqdm(total=cfg.iterations, desc="train", unit="step", disable=not dist.is_main())
     while True:
         elapsed = float(dist.all_reduce_max(torch.tensor([elapsed], dtype=torch.float64)).item())
-        out_of_time = cfg.max_wallclock_seconds > 0 and elapsed >= cfg.max_wallclock_seconds
+        out_of_time = cfg.max_wallclock_seconds > 0 and elapsed >= cfg.train_seconds_cap
         done = step >= cfg.iterations or out_of_time
         if log and (done or (cfg.val_every and step % cfg.val_every == 0 and step > 0)):
             bpb, _ = val_bpb(model, val_tokens[:val_end], val_bytes[:val_end], window=cfg.seq_len, stride=cfg.seq_len,
@@ -91,7 +99,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
             log(step, {"val_bpb": bpb})
         if done:
             break
-        progress = step / cfg.iterations if cfg.schedule == "steps" else elapsed / cfg.max_wallclock_seconds
+        progress = step / cfg.iterations if cfg.schedule == "steps" else elapsed / cfg.train_seconds_cap
         _sync(device)
         t0 = time.perf_counter()
         loss_t = one_step(step, progress)
@@ -108,10 +116,11 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
         if log:
             log(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, cfg),
-                       "tokens_per_second": tok_s})
+                       "tokens_per_second": tok_s, "looping": float(model.looping)})
     bar.close()
     if ema is not None:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
+    model.looping = model.cfg.num_loops > 0  # evaluation runs the model as it ended training
     final_bpb, _ = val_bpb(model, val_tokens, val_bytes, window=cfg.seq_len, stride=cfg.seq_len,
                            batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype,
                            progress=dist.is_main())
@@ -147,12 +156,14 @@ def _accumulate_and_step(step_model, optimizers, x, y, cfg: TrainConfig, autocas
 
 
 def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> None:
-    """Run a few steps so torch.compile builds its graphs, then restore the initial state."""
+    """Run a few steps in each loop state so torch.compile builds every graph, then
+    restore the initial model, optimizer and data state."""
     model_state = copy.deepcopy(model.state_dict())
     opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     position = stream.state()
-    for step in range(COMPILE_WARMUP_STEPS):
-        one_step(step, 0.0)
+    for progress in (0.0, 1.0):  # both loop states, so the switch never recompiles mid-run
+        for step in range(COMPILE_WARMUP_STEPS):
+            one_step(step, progress)
     model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)

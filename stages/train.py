@@ -12,14 +12,8 @@ from dvclive import Live
 
 from pgolf_core import checkpoint, config, data, dist, io, tokenizer
 from pgolf_core.bpb import val_byte_counts
-from pgolf_core.model import GPT, ModelConfig
-from pgolf_core.train import set_seed, train
-
-
-def model_config(cfg: config.TrainConfig, vocab_size: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, num_layers=cfg.num_layers, model_dim=cfg.model_dim,
-                       num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult,
-                       rope_base=cfg.rope_base, logit_softcap=cfg.logit_softcap)
+from pgolf_core.model import GPT
+from pgolf_core.train import model_config, set_seed, train
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PROFILE = {
-    "tokenize": {"max_documents": 400, "val_documents": 40, "vocab_size": 512, "num_threads": 2},
+    "tokenize": {"max_documents": 400, "val_documents": 40, "vocab_size": 480, "num_threads": 2},
     "ngrams": {},
     "train": {"num_layers": 1, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1, "mlp_mult": 2, "seq_len": 64,
               "batch_tokens": 1024, "micro_batch_seqs": 16, "iterations": 4, "val_every": 0, "val_tokens": 1024},
@@ -170,3 +170,11 @@ def test_verify_rejects_an_oversized_artifact_and_a_blown_time_budget(repo, tmp_
     assert out.returncode != 0 and "> 1,000" in out.stderr and "train + calibration took" in out.stderr
     written = json.loads((artifact_dir / "verify.json").read_text())
     assert written["fits_16mb"] is False and len(written["broken_rules"]) == 2
+
+
+def test_evaluate_refuses_a_tokenizer_of_another_vocab(repo, tmp_path, tiny_tokenizer_dir):
+    out = run(repo, sys.executable, "-m", "stages.evaluate", "--params", "params.yaml", "--artifact", "data/artifact",
+              "--shards", "data/shards", "--tokenizer", str(tiny_tokenizer_dir), "--metrics", str(tmp_path / "e.json"),
+              check=False)
+    assert out.returncode != 0 and "model vocab 480 != tokenizer vocab 512" in out.stderr
+    assert not (tmp_path / "e.json").exists()

@@ -10,8 +10,8 @@ import yaml
 
 from pgolf_core import config, data, tokenizer
 from pgolf_core.bpb import val_byte_counts
-from pgolf_core.model import GPT, ModelConfig
-from pgolf_core.train import train
+from pgolf_core.model import GPT
+from pgolf_core.train import model_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = dict(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, seq_len=32,
@@ -29,8 +29,7 @@ def shards(tmp_path_factory, tiny_sp, embedded_docs):
 def run_train(shards, tiny_sp, **overrides):
     cfg = config.build_section("train", {**TINY_TRAIN, **overrides})
     torch.manual_seed(cfg.seed)
-    model = GPT(ModelConfig(vocab_size=tiny_sp.vocab_size(), num_layers=cfg.num_layers, model_dim=cfg.model_dim,
-                            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult))
+    model = GPT(model_config(cfg, tiny_sp.vocab_size()))
     stream = data.TokenStream(data.list_shards(shards, "train"), tiny_sp.vocab_size())
     logged = []
     val = data.load_split(shards, "val")
@@ -47,6 +46,19 @@ def test_training_lowers_the_loss_and_reports(shards, tiny_sp):
     assert len(vals) == 3 and vals[-1] < vals[0]  # at steps 10, 20 and the end
     assert result.steps == 30 and result.stopped_by == "iterations" and np.isfinite(result.val_bpb_prequant)
     assert result.tokens_per_second > 0 and result.world_size == 1
+
+
+def test_recurrence_switches_on_at_its_fraction_of_training(shards, tiny_sp):
+    _, logged, model = run_train(shards, tiny_sp, num_layers=3, unet_skips=True, num_loops=1, loop_start=1,
+                                 loop_end=1, loop_start_frac=0.5, iterations=6, val_every=0)
+    looping = [v["looping"] for _, v in logged if "looping" in v]
+    assert looping == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0] and model.looping  # steps 3, 4, 5 of 0..5 run looped
+
+
+def test_calibration_reserve_comes_out_of_the_wallclock_cap(shards, tiny_sp):
+    result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=1.0,
+                             calib_reserve_seconds=0.6, schedule="wallclock")
+    assert result.stopped_by == "wallclock" and 0.4 <= result.train_seconds < 0.9
 
 
 def test_wallclock_cap_stops_training(shards, tiny_sp):

@@ -1,0 +1,55 @@
+"""The one dispatch for GPU-only kernels: flash attention when present, PyTorch SDPA
+otherwise (same signature, always works, the path CPU tests exercise).
+
+Probed once at import inside try/except; nothing else in pgolf_core imports
+flash-attention or triton. `use_flash_attn(False)` forces the fallback (tests).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+try:  # FlashAttention 4 (module flash_attn.cute), Hopper/Blackwell only
+    from flash_attn.cute import flash_attn_func as _flash_attn_func
+
+    HAS_FLASH_ATTN = True
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _flash_attn_func = None
+    HAS_FLASH_ATTN = False
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # noqa: BLE001
+    HAS_TRITON = False
+
+_flash_enabled = HAS_FLASH_ATTN
+
+
+def use_flash_attn(enabled: bool) -> None:
+    """Turn the flash-attention path on or off; warns when asked for but not installed."""
+    global _flash_enabled
+    if enabled and not HAS_FLASH_ATTN:
+        warnings.warn("flash attention requested but flash_attn.cute is not installed: using SDPA", stacklevel=2)
+    _flash_enabled = enabled and HAS_FLASH_ATTN
+
+
+def attention_path(device: torch.device) -> str:
+    """Which kernel `causal_attention` runs on `device`: "flash_attn_4" or "sdpa"."""
+    return "flash_attn_4" if _flash_enabled and device.type == "cuda" else "sdpa"
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention with grouped KV heads.
+
+    q: (B, H, T, E); k, v: (B, K, T, E) with H % K == 0. Returns (B, H, T, E).
+    """
+    if _flash_enabled and q.is_cuda:
+        out = _flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.size(1) != k.size(1))

@@ -1,0 +1,123 @@
+"""The records' model features on a tiny configuration: index lists, shapes, causality,
+gradients everywhere, SmearGate at BOS, and features that start as the identity."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from pgolf_core.attention import Attention, Rotary
+from pgolf_core.model import GPT, ModelConfig, layer_sequence, token_nll
+from pgolf_core.optim import orthogonalize, param_groups
+
+BASE = dict(vocab_size=64, num_layers=6, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
+ALL_ON = dict(rope_dims=4, mlp_activation="leaky_relu2", qk_gain_init=5.0, ln_scale=True, resid_mix=True,
+              unet_skips=True, xsa_last_n=6, smear_gate=True, attn_gate=True, attn_gate_scale=0.5,
+              value_embed_layers=(4, 5), value_embed_dim=8, value_residual=True, loop_start=1, loop_end=2,
+              num_loops=2, parallel_start=4)
+
+
+def perturbed(model: GPT) -> GPT:
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_recurrence_index_lists_match_the_records():
+    record = ModelConfig(**{**BASE, "num_layers": 11}, unet_skips=True, loop_start=4, loop_end=5, num_loops=2)
+    assert layer_sequence(record, True) == ([0, 1, 2, 3, 4, 5, 4], [5, 4, 5, 6, 7, 8, 9, 10])
+    assert layer_sequence(record, False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    wider = dataclasses.replace(record, loop_start=3)
+    assert layer_sequence(wider, True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert GPT(wider).skip_weights.shape == (8, 32)  # sized for the looped encoder
+    assert layer_sequence(ModelConfig(**BASE), True) == ([], list(range(6)))
+
+
+@pytest.mark.parametrize("mode", ["merge", "routed"])
+@pytest.mark.parametrize("looping", [False, True])
+def test_all_features_causal_and_every_parameter_learns(mode, looping):
+    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode=mode)))
+    model.looping = looping
+    idx = torch.randint(2, 64, (2, 20))
+    idx[:, 7] = 1  # a BOS inside the sequence
+    logits = model(idx)
+    assert logits.shape == (2, 20, 64)
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 64
+    torch.testing.assert_close(model(changed)[:, :12], logits[:, :12], rtol=0, atol=0)
+    token_nll(logits[:, :-1], idx[:, 1:]).mean().backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert dead == []
+    num_skips = len(layer_sequence(model.cfg, looping)[0])  # 3 without the loop, 5 with it
+    assert model.skip_gates.grad[:num_skips].abs().min() > 0
+    assert not model.skip_gates.grad[num_skips:].abs().sum()  # rows only the looped encoder uses
+
+
+@pytest.mark.parametrize("mode, lane_params", [("merge", ["lane_merge"]), ("routed", ["lane_keep", "lane_route"])])
+def test_both_residual_lanes_receive_gradient(mode, lane_params):
+    model = perturbed(GPT(ModelConfig(**BASE, parallel_mode=mode, parallel_start=3)))
+    token_nll(model(torch.randint(0, 64, (2, 16))), torch.randint(0, 64, (2, 16))).mean().backward()
+    for name in lane_params:
+        grad = getattr(model, name).grad
+        assert grad is not None and (grad[3:] if name != "lane_merge" else grad).abs().min() > 0
+    for i in range(3, 6):  # attention feeds lane 0, the MLP lane 1: both branches learn
+        assert model.blocks[i].attn.q.weight.grad.abs().sum() > 0
+        assert model.blocks[i].mlp.up.weight.grad.abs().sum() > 0
+
+
+def test_smear_gate_never_mixes_across_bos():
+    model = perturbed(GPT(ModelConfig(**BASE, smear_gate=True)))
+    with torch.no_grad():
+        model.smear_lambda.fill_(1.0)
+    idx = torch.randint(2, 64, (1, 10))
+    idx[0, 5] = 1
+    other = idx.clone()
+    other[0, 4] = (other[0, 4] + 1) % 64 or 2  # change the token before the BOS
+    a, b = model.embed(idx), model.embed(other)
+    torch.testing.assert_close(a[0, 5], b[0, 5], rtol=0, atol=0)  # BOS does not see the previous doc
+    assert not torch.allclose(a[0, 4], b[0, 4])
+    assert not torch.allclose(model.embed(idx)[0, 7], model.embed(idx.roll(1, 1))[0, 7])  # smear is live elsewhere
+
+
+@pytest.mark.parametrize("feature", [dict(resid_mix=True), dict(smear_gate=True), dict(value_embed_layers=(2, 5))])
+def test_identity_initialised_features_restore_the_plain_model_exactly(feature):
+    torch.manual_seed(0)
+    plain = perturbed(GPT(ModelConfig(**BASE)))
+    with_feature = GPT(ModelConfig(**BASE, **feature))
+    missing = with_feature.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all("mix" in k or "smear" in k or "value" in k for k in missing)
+    idx = torch.randint(0, 64, (2, 12))
+    torch.testing.assert_close(with_feature(idx), plain(idx), rtol=0, atol=0)
+
+
+def test_xsa_output_is_orthogonal_to_the_tokens_own_value():
+    attn = Attention(ModelConfig(**BASE, xsa_last_n=1), layer=5)
+    y, v = torch.randn(2, 4, 7, 8), torch.randn(2, 2, 7, 8)
+    out = attn._exclude_self_value(y, v).view(2, 2, 2, 7, 8)
+    dots = (out * torch.nn.functional.normalize(v, dim=-1)[:, :, None]).sum(-1)
+    assert dots.abs().max() < 1e-5
+
+
+def test_partial_rotary_leaves_the_other_channels_alone():
+    x = torch.randn(1, 2, 9, 16)
+    out = Rotary(4, 10000.0)(x)
+    torch.testing.assert_close(out[..., 4:], x[..., 4:], rtol=0, atol=0)
+    assert torch.allclose(out[:, :, 0], x[:, :, 0]) and not torch.allclose(out[..., :4], x[..., :4])
+
+
+def test_optimizer_roles_follow_module_types():
+    model = GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed"))
+    roles = param_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in roles["embedding"]} == {"tok_emb.weight", "value_embed.weight"}
+    matrices = {names[id(p)] for p in roles["matrices"]}
+    assert "value_proj.weight" in matrices and not any("gate" in n or "mix" in n or "skip" in n for n in matrices)
+
+
+def test_polar_express_lands_closer_to_the_polar_factor_than_the_quintic():
+    G = torch.randn(64, 128, dtype=torch.float64) + 0.1
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    errors = {c: torch.diagonal(U.mT @ orthogonalize(G, 5, torch.float64, c) @ Vh.mT).sub(1).abs().max()
+              for c in ("quintic", "polar_express")}
+    assert errors["polar_express"] < errors["quintic"]
