@@ -334,3 +334,38 @@ def _choice(key: str, value, allowed) -> None:
 def _positive(key: str, value) -> None:
     if value <= 0:
         raise ValueError(f"{key}={value}: must be positive")
+
+
+PARAMS_HEADER = """\
+# Every hyperparameter of the pipeline, grouped by stage; each key is documented (with
+# its unit) in pgolf_core/config.py. Written by `python -m pgolf_core.profile {profile}`:
+# the defaults with that profile's overrides. No YAML anchors: `dvc exp run -S key=value`
+# rewrites only the key it names.
+"""
+
+
+def read_profile(path: str | Path) -> dict:
+    """A profile's overrides by section, its `base:` profile (a path relative to it) first."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"profile not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    merged = read_profile(path.parent / values.pop("base")) if "base" in values else {}
+    for section, overrides in values.items():
+        if section not in SECTIONS:
+            raise ValueError(f"{path}: unknown section {section!r}{_nearest(section, SECTIONS)}")
+        merged[section] = {**merged.get(section, {}), **(overrides or {})}
+    return merged
+
+
+def apply_profile(profile: str | Path, params_path: str | Path) -> dict:
+    """Write params.yaml = every section's defaults overridden by the profile, all keys
+    spelt out (so DVC tracks each one); returns the typed configs by section."""
+    overrides = read_profile(profile)
+    configs = {name: build_section(name, overrides.get(name) or {}) for name in SECTIONS}
+    text = yaml.safe_dump({name: to_dict(cfg) for name, cfg in configs.items()}, sort_keys=False,
+                          default_flow_style=False)
+    with open(params_path, "w", encoding="utf-8") as f:
+        f.write(PARAMS_HEADER.format(profile=profile) + text)
+    return configs

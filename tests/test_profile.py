@@ -1,0 +1,43 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgolf_core import config
+from pgolf_core.model import GPT
+from pgolf_core.train import model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILES = sorted((ROOT / "profiles").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("profile", PROFILES, ids=lambda p: p.stem)
+def test_every_profile_writes_a_complete_valid_params_file(profile, tmp_path):
+    configs = config.apply_profile(profile, tmp_path / "params.yaml")
+    written = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    for section in config.SECTIONS:
+        assert sorted(f"{section}.{k}" for k in written[section]) == sorted(config.section_keys(section))
+        assert config.load_section(tmp_path / "params.yaml", section) == configs[section]
+
+
+def test_the_committed_params_are_the_cpu_profile(tmp_path):
+    config.apply_profile(ROOT / "profiles" / "cpu.yaml", tmp_path / "params.yaml")
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text()) == yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_record_profile_builds_the_records_model():
+    configs = config.apply_profile(ROOT / "profiles" / "record_1xh100.yaml", "/dev/null")
+    train = configs["train"]
+    assert (train.schedule, train.iterations, train.batch_tokens) == ("steps", 4950, 786432)  # base + override
+    model = GPT(model_config(train, configs["tokenize"].vocab_size))
+    assert sum(p.numel() for p in model.parameters()) == 35_945_671  # TECHNIQUES.md §2.1, the 04-27 stack
+
+
+def test_profile_typos_are_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {num_layer: 3}\n")
+    with pytest.raises(ValueError, match="train.num_layer.*'num_layers'"):
+        config.apply_profile(bad, tmp_path / "params.yaml")
+    bad.write_text("trainn: {}\n")
+    with pytest.raises(ValueError, match="unknown section 'trainn'"):
+        config.apply_profile(bad, tmp_path / "params.yaml")
