@@ -152,6 +152,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
     ema_decay: float = 0.99  # EMA of weights; the EMA weights are what is saved (0 = off)
     # bookkeeping
+    log_every: int = 1  # steps between loss logs and wall-clock checks (each is a host sync)
     val_every: int = 50  # steps between validations (0 = only at the end)
     val_tokens: int = 65536  # validation tokens scored at periodic checks (0 = all)
     seed: int = 1337
@@ -160,7 +161,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                     "seq_len", "batch_tokens", "micro_batch_seqs", "iterations"):
+                     "seq_len", "batch_tokens", "micro_batch_seqs", "iterations", "log_every"):
             _positive(f"train.{name}", getattr(self, name))
         if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
             raise ValueError(

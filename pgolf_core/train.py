@@ -58,17 +58,35 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
 
 
+class Stopwatch:
+    """Seconds of timed training: runs only between `resume()` and `pause()`."""
+
+    def __init__(self):
+        self.total, self.started = 0.0, None
+
+    def resume(self) -> None:
+        self.started = time.perf_counter()
+
+    def pause(self) -> None:
+        self.total, self.started = self.read(), None
+
+    def read(self) -> float:
+        return self.total + (time.perf_counter() - self.started if self.started is not None else 0.0)
+
+
 def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndarray, val_bytes: np.ndarray,
           device: torch.device, log: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train `model` in place, leave the EMA weights in it, and report. `val_bytes` are the
-    byte counts per val position (`bpb.val_byte_counts`). `log(step, metrics)` receives
-    train loss, lr and throughput every step and val_bpb at each validation."""
+    byte counts per val position (`bpb.val_byte_counts`). Every `log_every` steps (and
+    only then: it is the loop's one host sync) the ranks agree on the elapsed time, the
+    cap is checked and `log(step, metrics)` receives loss, lr, throughput and the loop
+    state; it also receives val_bpb every `val_every` steps (clock paused)."""
     world, rank = dist.world_size(), dist.rank()
     seqs_per_step = cfg.batch_tokens // cfg.seq_len
     if seqs_per_step % world:
         raise ValueError(f"train.batch_tokens={cfg.batch_tokens} gives {seqs_per_step} sequences per step, "
                          f"not divisible by {world} processes")
-    rank_seqs = seqs_per_step // world
+    rows = slice(rank * seqs_per_step // world, (rank + 1) * seqs_per_step // world)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     step_model = DistributedDataParallel(model) if world > 1 else model
     if cfg.compile:
@@ -79,47 +97,52 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         apply_schedule(optimizers, lr_multiplier(step, progress, cfg), muon_momentum(step, cfg))
         model.looping = model.cfg.num_loops > 0 and progress >= cfg.loop_start_frac
         span = torch.as_tensor(stream.next_batch(cfg.batch_tokens))
-        x = span[:-1].view(seqs_per_step, cfg.seq_len)[rank * rank_seqs : (rank + 1) * rank_seqs]
-        y = span[1:].view(seqs_per_step, cfg.seq_len)[rank * rank_seqs : (rank + 1) * rank_seqs]
-        return _accumulate_and_step(step_model, optimizers, x.to(device), y.to(device), cfg, autocast_dtype)
+        if device.type == "cuda":
+            span = span.pin_memory()
+        span = span.to(device, non_blocking=True)
+        x, y = span[:-1].view(seqs_per_step, cfg.seq_len)[rows], span[1:].view(seqs_per_step, cfg.seq_len)[rows]
+        return train_step(step_model, optimizers, x, y, cfg, autocast_dtype)
 
     if cfg.compile:
         _warm_up_and_restore(model, optimizers, stream, one_step)
-    ema = {k: v.detach().float().clone() for k, v in model.state_dict().items()} if cfg.ema_decay else None
+    ema = [v.detach().float().clone() for v in model.state_dict().values()] if cfg.ema_decay else None
     val_end = cfg.val_tokens + 1 if cfg.val_tokens else len(val_tokens)
-    step, elapsed, loss = 0, 0.0, float("nan")
+    step, elapsed, loss, window_losses, clock = 0, 0.0, float("nan"), [], Stopwatch()
     bar = tqdm(total=cfg.iterations, desc="train", unit="step", disable=not dist.is_main())
+    clock.resume()
     while True:
-        elapsed = float(dist.all_reduce_max(torch.tensor([elapsed], dtype=torch.float64)).item())
-        out_of_time = cfg.max_wallclock_seconds > 0 and elapsed >= cfg.train_seconds_cap
-        done = step >= cfg.iterations or out_of_time
-        if log and (done or (cfg.val_every and step % cfg.val_every == 0 and step > 0)):
+        at_val = bool(cfg.val_every) and step % cfg.val_every == 0 and step > 0
+        if step % cfg.log_every == 0 or at_val or step >= cfg.iterations:
+            _sync(device)
+            elapsed = float(dist.all_reduce_max(torch.tensor([clock.read()], dtype=torch.float64)).item())
+            if window_losses:
+                loss = float(dist.all_reduce_sum(torch.stack(window_losses).double().mean().cpu())) / world
+                window_losses = []
+                if not np.isfinite(loss):
+                    raise FloatingPointError(f"train loss became {loss} by step {step}: lower the learning rates")
+                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{step * cfg.batch_tokens / elapsed:,.0f}")
+                if log:
+                    log(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, cfg),
+                               "tokens_per_second": step * cfg.batch_tokens / elapsed, "looping": float(model.looping)})
+        done = step >= cfg.iterations or (cfg.max_wallclock_seconds > 0 and elapsed >= cfg.train_seconds_cap)
+        if log and (done or at_val):
+            clock.pause()
             bpb, _ = val_bpb(model, val_tokens[:val_end], val_bytes[:val_end], window=cfg.seq_len, stride=cfg.seq_len,
                              batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype)
             log(step, {"val_bpb": bpb})
+            clock.resume()
         if done:
             break
-        progress = step / cfg.iterations if cfg.schedule == "steps" else elapsed / cfg.train_seconds_cap
-        _sync(device)
-        t0 = time.perf_counter()
-        loss_t = one_step(step, progress)
-        _sync(device)
-        elapsed += time.perf_counter() - t0
+        progress = step / cfg.iterations if cfg.schedule == "steps" else clock.read() / cfg.train_seconds_cap
+        window_losses.append(one_step(step, progress).detach())
         if ema is not None:
-            _update_ema(ema, model, cfg.ema_decay)
-        loss = float(dist.all_reduce_sum(loss_t.detach().double().cpu()).item()) / world
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"train loss became {loss} at step {step}: lower the learning rates")
+            torch._foreach_lerp_(ema, [v.float() for v in model.state_dict().values()], 1.0 - cfg.ema_decay)
         step += 1
-        tok_s = step * cfg.batch_tokens / max(elapsed, 1e-9)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:,.0f}")
-        if log:
-            log(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, cfg),
-                       "tokens_per_second": tok_s, "looping": float(model.looping)})
+    clock.pause()
     bar.close()
     if ema is not None:
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in ema.items()})
+        model.load_state_dict(dict(zip(model.state_dict().keys(), ema)))
     model.looping = model.cfg.num_loops > 0  # evaluation runs the model as it ended training
     final_bpb, _ = val_bpb(model, val_tokens, val_bytes, window=cfg.seq_len, stride=cfg.seq_len,
                            batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype,
@@ -132,9 +155,10 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     )
 
 
-def _accumulate_and_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -> torch.Tensor:
-    """Forward/backward this rank's rows in micro-batches, then one optimizer step.
-    Each micro loss is weighted by its share of the rows, so the sum is the rank mean."""
+def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -> torch.Tensor:
+    """Forward/backward this rank's rows (x, y: (rows, seq_len) on the device) in
+    micro-batches, then one optimizer step. Each micro loss is weighted by its share of
+    the rows, so the returned sum is the rank's mean loss (a tensor: no host sync)."""
     rows = x.size(0)
     starts = list(range(0, rows, cfg.micro_batch_seqs))
     total = torch.zeros((), device=x.device)
@@ -168,12 +192,6 @@ def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> No
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
     stream.restore(position)
-
-
-@torch.no_grad()
-def _update_ema(ema: dict, model, decay: float) -> None:
-    for name, value in model.state_dict().items():
-        ema[name].lerp_(value.float(), 1.0 - decay)
 
 
 def _sync(device: torch.device) -> None:

@@ -1,0 +1,95 @@
+"""A short real training run of a profile's model on the dev corpus (one GPU, minutes).
+
+Tokenizes `data/dev_corpus/docs.jsonl` (../shared/data/build_dev_corpus.py; its first 250
+documents are validation) with a fresh tokenizer of the profile's vocabulary, then trains
+with `pgolf_core.train.train` at a small batch for about one epoch (the corpus is ~10 M
+tokens at vocab 8192, so the record's 786,432-token batch would see it all in ~13 steps),
+logging val_bpb as it goes. Reports the curve, the step at which the recurrence switched
+on, and how many graphs torch.compile built after the timed run began (0 = no recompile).
+Writes bench/results/train_dev_run.json (GPU runs).
+
+    python bench/train_dev_run.py --profile profiles/record_8xh100.yaml --batch-tokens 131072 --steps 75
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pgolf_core import config, corpus, data, dist, export, tokenizer  # noqa: E402
+from pgolf_core.bpb import val_byte_counts  # noqa: E402
+from pgolf_core.model import GPT  # noqa: E402
+from pgolf_core.train import model_config, set_seed, train  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
+    parser.add_argument("--corpus", default="data/dev_corpus/docs.jsonl")
+    parser.add_argument("--workdir", default=None, help="keeps tokenizer and shards between runs")
+    parser.add_argument("--batch-tokens", type=int, default=131072)
+    parser.add_argument("--steps", type=int, default=75)
+    parser.add_argument("--val-every", type=int, default=5)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    overrides = config.read_profile(args.profile)
+    tok_cfg = config.build_section("tokenize", overrides.get("tokenize", {}))
+    train_overrides = {**overrides.get("train", {}), "batch_tokens": args.batch_tokens, "iterations": args.steps,
+                       "schedule": "steps", "max_wallclock_seconds": 0.0, "calib_reserve_seconds": 0.0,
+                       "val_every": args.val_every, "val_tokens": 0, "log_every": 1, "device": args.device}
+    cfg = config.build_section("train", train_overrides)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="pgolf-dev-run-"))
+    shards, tok_dir = work / f"shards_{tok_cfg.vocab_size}", work / f"tokenizer_{tok_cfg.vocab_size}"
+    if not (tok_dir / tokenizer.MODEL_FILE).is_file():
+        docs = list(corpus.iter_documents("jsonl", args.corpus))
+        model = tokenizer.train_tokenizer(docs[250:], tok_cfg.vocab_size, num_threads=16)
+        export.export_shards(iter(docs), model, shards, val_documents=250, shard_tokens=10_000_000, num_workers=8)
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        (tok_dir / tokenizer.MODEL_FILE).write_bytes(model)
+    sp = tokenizer.load_tokenizer(tok_dir)
+    device = dist.select_device(cfg.device)
+    set_seed(cfg.seed)
+    model = GPT(model_config(cfg, sp.vocab_size())).to(device)
+    stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
+    val = data.load_split(shards, "val", sp.vocab_size())
+    curve, switch_step, graphs_at_start = [], None, {}
+
+    def log(step: int, values: dict) -> None:
+        nonlocal switch_step
+        if values.get("looping") and switch_step is None:
+            switch_step = step - 1  # 0-based index of the first step that ran looped
+        if "val_bpb" in values or "train_loss" in values:
+            curve.append({"step": step, **values})
+        if not graphs_at_start:  # first call: warm-up (and its compiles) are over
+            graphs_at_start.update(torch._dynamo.utils.counters["stats"])
+
+    result = train(cfg, model, stream, val, val_byte_counts(sp, shards, val), device, log)
+    graphs_after = torch._dynamo.utils.counters["stats"]
+    record = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "corpus": args.corpus, "train_tokens": int(len(stream.tokens)), "val_tokens": int(len(val)),
+        "steps": result.steps, "tokens_per_second": round(result.tokens_per_second),
+        "val_bpb_prequant": result.val_bpb_prequant,
+        "loop_switch_step": switch_step, "loop_start_frac": cfg.loop_start_frac,
+        "graphs_compiled_after_start": graphs_after.get("unique_graphs", 0) - graphs_at_start.get("unique_graphs", 0),
+        "curve": curve,
+    }
+    print(json.dumps({k: v for k, v in record.items() if k != "curve"}))
+    if device.type == "cuda":
+        (ROOT / "bench" / "results" / "train_dev_run.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

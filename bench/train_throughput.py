@@ -1,0 +1,130 @@
+"""Benchmark: training throughput of a profile's model on this GPU, synthetic tokens.
+
+Builds the model and optimizers exactly as the train stage does (`pgolf_core.train`),
+compiles it, warms up both loop states (so neither recompiles while timed), then times
+full optimizer steps of the profile's global batch with the recurrence off and on.
+
+FLOPs per token (stated, for MFU): 6 * (matmul weights on the token's path, counting a
+looped layer once per pass, plus the d x V output head) + 6 * L_virtual * T * d for
+causal attention (QK^T and AV, forward + backward, half the square). MFU = that x
+tokens/s / peak dense bf16 (989e12 on H100 SXM and H200).
+
+    python bench/train_throughput.py --profile profiles/record_8xh100.yaml
+    python bench/train_throughput.py --profile profiles/cpu.yaml --device cpu --steps 2   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pgolf_core import config, kernels  # noqa: E402
+from pgolf_core.model import GPT, layer_sequence  # noqa: E402
+from pgolf_core.optim import build_optimizers  # noqa: E402
+from pgolf_core.train import model_config, train_step  # noqa: E402
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+def flops_per_token(model: GPT, looping: bool, seq_len: int) -> float:
+    cfg = model.cfg
+    encoder, decoder = layer_sequence(cfg, looping)
+    per_layer = [sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in model.blocks]
+    path = sum(per_layer[i] for i in encoder + decoder) + cfg.model_dim * cfg.vocab_size
+    attention = (len(encoder) + len(decoder)) * seq_len * cfg.model_dim
+    return 6.0 * path + 6.0 * attention
+
+
+def time_steps(step, steps: int, device) -> float:
+    """Seconds per step over `steps` steps (synchronised before and after)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per loop state")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop state (compilation)")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--no-flash", action="store_true", help="force PyTorch SDPA")
+    args = parser.parse_args()
+
+    overrides = config.read_profile(args.profile)
+    cfg = config.build_section("train", overrides.get("train", {}))
+    vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
+    device = torch.device(args.device)
+    kernels.use_flash_attn(not args.no_flash and kernels.HAS_FLASH_ATTN)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    model = GPT(model_config(cfg, vocab)).to(device)
+    step_model = model if args.no_compile or not cfg.compile else torch.compile(model)
+    optimizers = build_optimizers(model, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+    rows = cfg.batch_tokens // cfg.seq_len
+    x = torch.randint(0, vocab, (rows, cfg.seq_len), device=device)
+    y = torch.randint(0, vocab, (rows, cfg.seq_len), device=device)
+
+    def step():
+        train_step(step_model, optimizers, x, y, cfg, autocast)
+
+    figures = {}
+    for looping in ([False, True] if cfg.num_loops else [False]):
+        model.looping = looping
+        for _ in range(args.warmup):
+            step()
+    for looping in ([False, True] if cfg.num_loops else [False]):
+        model.looping = looping
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        seconds = time_steps(step, args.steps, device)
+        figures[looping] = {"seconds": seconds, "tokens_per_second": cfg.batch_tokens / seconds,
+                            "flops_per_token": flops_per_token(model, looping, cfg.seq_len)}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    plain, looped = figures[False], figures.get(True, figures[False])
+    result = {
+        "device": name,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "tokens_per_second": round(plain["tokens_per_second"]),
+        "tokens_per_second_looped": round(looped["tokens_per_second"]),
+        "ms_per_step": round(1000 * plain["seconds"], 2),
+        "ms_per_step_looped": round(1000 * looped["seconds"], 2),
+        "mfu": round(plain["flops_per_token"] * plain["tokens_per_second"] / peak, 4) if peak else None,
+        "mfu_looped": round(looped["flops_per_token"] * looped["tokens_per_second"] / peak, 4) if peak else None,
+        "flops_per_token": plain["flops_per_token"],
+        "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
+        "attention_path": kernels.attention_path(device),
+        "compiled": step_model is not model,
+        "config": {"profile": args.profile, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
+                   "micro_batch_seqs": cfg.micro_batch_seqs, "num_params": sum(p.numel() for p in model.parameters()),
+                   "torch": torch.__version__},
+    }
+    print(json.dumps(result))
+    if device.type == "cuda":
+        out = ROOT / "bench" / "results" / "train_throughput.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
