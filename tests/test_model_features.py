@@ -121,3 +121,13 @@ def test_polar_express_lands_closer_to_the_polar_factor_than_the_quintic():
     errors = {c: torch.diagonal(U.mT @ orthogonalize(G, 5, torch.float64, c) @ Vh.mT).sub(1).abs().max()
               for c in ("quintic", "polar_express")}
     assert errors["polar_express"] < errors["quintic"]
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_the_full_model_traces_without_graph_breaks(looping):
+    """torch.compile's fast path needs one graph per loop state (no breaks, no Python fallbacks)."""
+    torch._dynamo.reset()
+    model = GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed"))
+    model.looping = looping
+    explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
