@@ -7,7 +7,7 @@ interpolated Witten-Bell model of orders 1 to `max_order` (3, 4 or 5).
 Stream conventions (shared by counting and scoring, so the two cannot disagree):
 - The train (or val) split is one token stream cut into shards; counting carries the
   last `max_order - 1` tokens of one piece into the next, so shard boundaries are
-  invisible. Targets are every position but the first (as `bpb.stream_bytes`).
+  invisible. Targets are every position but the first (as `bpb.position_bytes`).
 - Positions before the stream start read as BOS, and so does every context token older
   than the latest BOS in the context: no context leaks across a document boundary.
 
@@ -19,10 +19,12 @@ Contexts (nested hashing; the continuation is always exact):
   exact context c_1..c_{n-1} (oldest first, prev = c_{n-1}). So order n has
   V * S_3 * ... * S_n contexts and its table refines order n-1's: only the top order is
   counted, every lower order (and the unigram) is its exact sum over sub-buckets.
-- Table of order n: num_contexts * V cells, key = id * V + w. Dense (an array of all
-  cells) when it fits the memory cap, sparse (sorted unique keys + counts) when only the
-  observed keys do; when neither can be guaranteed, the plan halves the largest S_n until
-  the dense table fits (`hash_fallback`): a fixed-size hashed table, never out of memory.
+- Table of order n: num_contexts * V cells, key = id * V + w. Dense (uint32, every
+  cell) when it fits the memory cap, sparse (sorted unique keys + counts) when the
+  cells far outnumber the targets or only the observed keys fit (there are at most as
+  many as targets); when neither fits, the plan halves the largest S_n until the dense
+  table does (`hash_fallback`): a fixed-size hashed table, never out of memory. The
+  plan depends on sizes and the cap only, so the counts never depend on the workers.
 
 Smoothing: interpolated Witten-Bell, recursive. For a context h with c(h) tokens seen
 after it and N1+(h.) distinct continuations,
@@ -37,6 +39,8 @@ from __future__ import annotations
 import math
 import multiprocessing
 import tempfile
+import warnings
+import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -55,8 +59,10 @@ HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio (Knuth, 
 MAX_KEY = 1 << 62  # table keys stay int64
 CHUNK_TOKENS = 1 << 16  # tokens hashed at once: temporaries stay in L2 (512 KiB per int64 array)
 DENSE_DTYPE = np.uint32  # a cell holds < 2**32 counts; `_check_total` proves none wrapped
+DENSE_CELLS_PER_TARGET = 64  # sparser than this, sorting the keys beats zeroing and summing every cell
 SPARSE_BYTES_PER_KEY = 64  # sparse counting: keys, counts and merge temporaries, per distinct key
-STATS_BLOCK_CELLS = 1 << 24  # dense context statistics are computed this many cells at a time
+BLOCK_CELLS = 1 << 24  # dense tables are summarised and saved this many cells at a time
+SAVE_COMPRESSLEVEL = 1  # deflate level of tables.npz: level 6 is ~6x slower for ~10% fewer bytes
 
 
 # ---------------------------------------------------------------------------- tables
@@ -88,16 +94,33 @@ class CountTable:
         index = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         return np.where(self.keys[index] == keys, self.counts[index], 0)
 
+    @property
+    def num_keys(self) -> int:
+        """Cells with a nonzero count."""
+        return int(np.count_nonzero(self.counts)) if self.is_dense else len(self.keys)
+
     def to_sparse(self) -> tuple[np.ndarray, np.ndarray]:
         """(sorted unique int64 keys, int64 counts) of the nonzero cells."""
+        keys = np.flatnonzero(self.counts != 0) if self.is_dense else self.keys
+        return keys, (self.counts[keys] if self.is_dense else self.counts).astype(np.int64)
+
+    def nonzero_blocks(self):
+        """Yield (int64 keys, counts) of the nonzero cells in key order, a block at a time."""
         if not self.is_dense:
-            return self.keys, self.counts
-        keys = np.flatnonzero(self.counts)
-        return keys, self.counts[keys].astype(np.int64)
+            for start in range(0, len(self.keys), BLOCK_CELLS):
+                yield self.keys[start : start + BLOCK_CELLS], self.counts[start : start + BLOCK_CELLS]
+            return
+        for start in range(0, len(self.counts), BLOCK_CELLS):
+            block = self.counts[start : start + BLOCK_CELLS]
+            index = np.flatnonzero(block != 0)  # 3x faster than on the counts themselves
+            if len(index):
+                yield index + start, block[index]
 
     def coarsen(self, ways: int) -> "CountTable":
         """The table over num_contexts // ways contexts, summing each run of `ways` contexts."""
         contexts, vocab = self.num_contexts // ways, self.vocab_size
+        if ways == 1:
+            return self
         if self.is_dense:
             counts = self.counts.reshape(contexts, ways, vocab).sum(axis=1, dtype=self.counts.dtype)
             return CountTable(contexts, vocab, counts.reshape(-1))
@@ -113,7 +136,7 @@ class CountTable:
         rows = self.counts.reshape(self.num_contexts, self.vocab_size)
         total = rows.sum(axis=1, dtype=np.int64)
         distinct = np.empty(self.num_contexts, dtype=np.int64)
-        step = max(1, STATS_BLOCK_CELLS // self.vocab_size)
+        step = max(1, BLOCK_CELLS // self.vocab_size)
         for start in range(0, self.num_contexts, step):
             distinct[start : start + step] = np.count_nonzero(rows[start : start + step], axis=1)
         return ContextStats(total, distinct)
@@ -161,11 +184,15 @@ class NgramTables:
 
     @cached_property
     def orders(self) -> dict[int, CountTable]:
-        """{order: table} for orders 2..max_order, each derived exactly from the one above."""
+        """{order: table} for orders 2..max_order, each derived exactly from the one above.
+
+        Checks that the bigram counts sum to the targets: every cell of every order is at
+        most its bigram cell, so this proves that no uint32 cell wrapped anywhere.
+        """
         tables = {self.max_order: self.top}
         for order in range(self.max_order, 2, -1):
             tables[order - 1] = tables[order].coarsen(self.buckets[order - 3])
-            _check_total(tables[order - 1], self.num_targets, order - 1)
+        _check_total(tables[2], self.num_targets, 2)
         return tables
 
     @cached_property
@@ -187,19 +214,24 @@ class NgramTables:
         return self.num_targets
 
     def save(self, directory: str | Path) -> Path:
-        """Write `<directory>/tables.npz` (no pickle): the top-order table as delta-coded
-        sorted keys and counts, each in the smallest unsigned dtype that holds it."""
+        """Write `<directory>/tables.npz` (no pickle): the top-order table's nonzero cells as
+        delta-coded sorted keys and counts, each in the smallest unsigned dtype that holds
+        it, deflated. Streamed a block at a time: memory stays bounded by the table."""
         path = Path(directory) / TABLES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        keys, counts = self.top.to_sparse()
-        deltas = np.diff(keys, prepend=0)
-        meta = np.array([FORMAT_VERSION, self.vocab_size, self.bos_id, self.max_order, self.num_targets], dtype=np.int64)
-        with open(path, "wb") as f:
-            np.savez_compressed(
-                f, meta=meta, buckets=np.array(self.buckets, dtype=np.int64),
-                requested_buckets=np.array(self.requested_buckets, dtype=np.int64),
-                key_deltas=deltas.astype(_smallest_uint(deltas)), counts=counts.astype(_smallest_uint(counts)),
-            )
+        num_keys, max_delta, max_count = 0, 0, 0
+        for deltas, counts in _delta_blocks(self.top):
+            num_keys += len(deltas)
+            max_delta, max_count = max(max_delta, int(deltas.max())), max(max_count, int(counts.max()))
+        meta = [FORMAT_VERSION, self.vocab_size, self.bos_id, self.max_order, self.num_targets]
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=SAVE_COMPRESSLEVEL) as zf:
+            small = {"meta": meta, "buckets": self.buckets, "requested_buckets": self.requested_buckets}
+            for name, values in small.items():
+                with zf.open(f"{name}.npy", "w") as f:
+                    np.lib.format.write_array(f, np.array(values, dtype=np.int64), allow_pickle=False)
+            for index, name, top in ((0, "key_deltas", max_delta), (1, "counts", max_count)):
+                blocks = (pair[index] for pair in _delta_blocks(self.top))
+                _write_streamed(zf, name, _smallest_uint(top), num_keys, blocks)
         return path
 
     @classmethod
@@ -290,20 +322,26 @@ class CountPlan:
 
 def plan_counts(vocab_size: int, bos_id: int, buckets, num_targets: int, max_memory_bytes: int,
                 num_workers: int = 1) -> CountPlan:
-    """Dense if the top table and its derived lower orders fit the cap; else sparse if
-    every target being a distinct key would fit; else fold the buckets (halving the
-    largest S_n, the highest order on ties) until the dense tables fit."""
+    """Dense if the top table and its derived lower orders fit the cap (unless sparse fits
+    and the cells far outnumber the targets); else sparse if every target being a distinct
+    key would fit; else fold the buckets (halving the largest S_n, the highest order on
+    ties) until the dense tables fit."""
     buckets = tuple(int(b) for b in buckets)
     _check_shape(vocab_size, bos_id, buckets)
     itemsize = np.dtype(DENSE_DTYPE).itemsize
 
-    def dense_bytes(ways) -> int:
-        return sum(vocab_size * vocab_size * math.prod(ways[:k]) for k in range(len(ways) + 1)) * itemsize
+    def dense_bytes(ways) -> int:  # the top table and each distinct derived table
+        cells = total = vocab_size * vocab_size * math.prod(ways)
+        for split in reversed(ways):
+            cells //= split
+            total += cells if split > 1 else 0
+        return total * itemsize
 
     counted = buckets
-    dense = dense_bytes(buckets) <= max_memory_bytes
-    sparse_bytes = num_targets * SPARSE_BYTES_PER_KEY * (len(buckets) + 1)  # distinct keys <= targets
-    if not dense and sparse_bytes > max_memory_bytes:  # the hashed fixed-size fallback
+    sparse_fits = num_targets * SPARSE_BYTES_PER_KEY * (len(buckets) + 1) <= max_memory_bytes  # keys <= targets
+    few_targets = dense_bytes(buckets) // itemsize > DENSE_CELLS_PER_TARGET * num_targets
+    dense = dense_bytes(buckets) <= max_memory_bytes and not (sparse_fits and few_targets)
+    if not dense and not sparse_fits:  # the hashed fixed-size fallback
         dense = True
         while dense_bytes(counted) > max_memory_bytes:
             if max(counted, default=1) == 1:
@@ -314,6 +352,8 @@ def plan_counts(vocab_size: int, bos_id: int, buckets, num_targets: int, max_mem
                 )
             largest = max(range(len(counted)), key=lambda i: (counted[i], i))
             counted = counted[:largest] + (counted[largest] // 2,) + counted[largest + 1 :]
+    if vocab_size * vocab_size * math.prod(counted) >= MAX_KEY:
+        raise ValueError(f"n-gram buckets {counted} with vocab {vocab_size}: keys pass 2**62, lower the buckets")
     workers = max(1, num_workers)
     if dense:
         per_worker = vocab_size * vocab_size * math.prod(counted) * itemsize
@@ -333,10 +373,9 @@ class StreamCounter:
 
     def __init__(self, plan: CountPlan, carry: np.ndarray | None = None, chunk_tokens: int = CHUNK_TOKENS):
         self.plan, self.carry, self.chunk_tokens = plan, carry, chunk_tokens
-        cells = plan.num_contexts * plan.vocab_size
-        if cells >= MAX_KEY:
-            raise ValueError(f"n-gram key space {cells:,} does not fit int64 keys: lower the buckets")
-        self.counts = np.zeros(cells, dtype=DENSE_DTYPE) if plan.dense else np.zeros(0, np.int64)
+        cells = plan.num_contexts * plan.vocab_size if plan.dense else 0
+        self.counts = np.empty(cells, dtype=DENSE_DTYPE if plan.dense else np.int64)
+        self.counts.fill(0)  # touch every page now, in order: random first touches cost ~3x more
         self.keys = None if plan.dense else np.zeros(0, dtype=np.int64)
         self.one = np.ones(1, dtype=self.counts.dtype)[0]
         self.pending = []  # sparse: per-chunk (keys, counts) not yet merged into the run
@@ -394,6 +433,9 @@ def count_shards(paths, vocab_size: int, buckets, bos_id: int, max_memory_bytes:
     sizes = [read_header(p) for p in paths]
     num_targets = max(sum(sizes) - 1, 0)
     plan = plan_counts(vocab_size, bos_id, buckets, num_targets, max_memory_bytes, num_workers)
+    if plan.num_workers < num_workers:
+        warnings.warn(f"ngrams: {num_workers} workers' tables would pass the memory cap "
+                      f"({max_memory_bytes / 2**20:.0f} MiB); counting with {plan.num_workers}")
     carries = _shard_carries(paths, sizes, plan)
     groups = _split_groups(sizes, plan.num_workers)
     if len(groups) == 1:
@@ -405,7 +447,7 @@ def count_shards(paths, vocab_size: int, buckets, bos_id: int, max_memory_bytes:
                 for g, out in zip(groups, outs)]
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
-            for _ in tqdm(pool.map(_count_group_to_file, *zip(*jobs)), total=len(jobs),
+            for _ in tqdm(pool.map(_count_group, *zip(*jobs)), total=len(jobs),
                           desc="ngrams: count", unit="group", disable=not progress):
                 pass
         table = _merge_files(plan, outs)
@@ -413,24 +455,25 @@ def count_shards(paths, vocab_size: int, buckets, bos_id: int, max_memory_bytes:
 
 
 def tables_from_counts(plan: CountPlan, top: CountTable, num_targets: int) -> NgramTables:
-    """The tables of a finished count; checks that no uint32 cell wrapped."""
-    _check_total(top, num_targets, plan.span + 1)
-    return NgramTables(top=top, num_targets=num_targets, vocab_size=plan.vocab_size, bos_id=plan.bos_id,
-                       buckets=plan.buckets, requested_buckets=plan.requested_buckets)
+    """The tables of a finished count, lower orders derived (and checked: `orders`)."""
+    tables = NgramTables(top=top, num_targets=num_targets, vocab_size=plan.vocab_size, bos_id=plan.bos_id,
+                         buckets=plan.buckets, requested_buckets=plan.requested_buckets)
+    tables.orders  # derive (and check) the lower orders now: a wrapped count fails here, not in scoring
+    return tables
 
 
-def _count_group(plan, paths, carries, chunk_tokens, progress) -> CountTable:
-    counter = None
-    for path, carry in tqdm(list(zip(paths, carries)), desc="ngrams: count", unit="shard", disable=not progress):
-        counter = counter or StreamCounter(plan, carry, chunk_tokens)
+def _count_group(plan, paths, carries, chunk_tokens, progress, out: Path | None = None) -> CountTable | None:
+    """Count consecutive shards (the first one's carry given) into one table; a worker
+    process saves it to `out` (.counts.npy, .keys.npy) instead of returning it."""
+    counter = StreamCounter(plan, carries[0] if carries else None, chunk_tokens)
+    for path in tqdm(paths, desc="ngrams: count", unit="shard", disable=not progress):
         counter.update(read_shard(path, mmap=True))
-    return (counter or StreamCounter(plan)).table()
-
-
-def _count_group_to_file(plan, paths, carries, chunk_tokens, progress, out: Path) -> None:
-    table = _count_group(plan, paths, carries, chunk_tokens, progress)
+    table = counter.table()
+    if out is None:
+        return table
     np.save(out.with_suffix(".counts.npy"), table.counts)
     np.save(out.with_suffix(".keys.npy"), table.keys if table.keys is not None else np.zeros(0, np.int64))
+    return None
 
 
 def _merge_files(plan: CountPlan, outs) -> CountTable:
@@ -539,17 +582,16 @@ def score_nll(tables: NgramTables, tokens: np.ndarray, order: int) -> np.ndarray
     return nll[order - 1] if nll else np.zeros(0)
 
 
-def val_bpb(tables: NgramTables, byte_tables: bpb.ByteTables, tokens: np.ndarray) -> dict[int, float]:
+def val_bpb(tables: NgramTables, byte_counts: np.ndarray, tokens: np.ndarray) -> dict[int, float]:
     """{order: bits per byte} for orders 1..max_order over every target of a val stream
-    (all positions but the first). NLL is summed in chunks; the bytes are `bpb.stream_bytes`."""
-    if byte_tables.vocab_size != tables.vocab_size:
-        raise ValueError(
-            f"byte tables cover {byte_tables.vocab_size} tokens, n-gram tables {tables.vocab_size}"
-        )
+    (all positions but the first); `byte_counts` are the bytes of each position's target
+    (`bpb.val_byte_counts`, 0 at position 0). NLL is summed in chunks."""
+    if len(byte_counts) != len(tokens):
+        raise ValueError(f"{len(byte_counts)} byte counts for {len(tokens)} val tokens")
     nll_nats = [0.0] * tables.max_order
     for parts in _chunk_nll(tables, tokens):
         nll_nats = [total + float(part.sum()) for total, part in zip(nll_nats, parts)]
-    num_bytes = bpb.stream_bytes(byte_tables, tokens)
+    num_bytes = int(np.sum(byte_counts[1:], dtype=np.int64))
     return {order: bpb.bits_per_byte(nll, num_bytes) for order, nll in enumerate(nll_nats, start=1)}
 
 
@@ -593,8 +635,24 @@ def _check_total(table: CountTable, num_targets: int, order: int, where: Path | 
         )
 
 
-def _smallest_uint(values: np.ndarray):
-    top = int(values.max()) if values.size else 0
+def _delta_blocks(table: CountTable):
+    """Yield (key gaps, counts) of the nonzero cells, block by block; the first gap is the first key."""
+    last = 0
+    for keys, counts in table.nonzero_blocks():
+        yield np.diff(keys, prepend=last), counts
+        last = int(keys[-1])
+
+
+def _write_streamed(zf: zipfile.ZipFile, name: str, dtype, length: int, blocks) -> None:
+    """Write a 1-D `.npy` member of `length` values from consecutive blocks."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (length,)}
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_2_0(f, header)
+        for block in blocks:
+            f.write(block.astype(dtype).tobytes())
+
+
+def _smallest_uint(top: int):
     return next(t for t in (np.uint8, np.uint16, np.uint32, np.uint64) if top <= np.iinfo(t).max)
 
 

@@ -9,7 +9,8 @@ import argparse
 import time
 from pathlib import Path
 
-from pgolf_core import bpb, ngrams
+from pgolf_core import ngrams
+from pgolf_core.bpb import val_byte_counts
 from pgolf_core.config import load_section
 from pgolf_core.data import list_shards, load_split, read_header
 from pgolf_core.io import atomic_path, provenance, sha256_tree, write_json_atomic
@@ -40,21 +41,22 @@ def run_ngrams(params: Path, shards: Path, tokenizer: Path, out: Path, metrics: 
           f"{', hashed fallback' if tables.hash_fallback else ''}); {table_bytes:,} bytes -> {out}")
 
     val_tokens = load_split(shards, "val", vocab_size)
+    val_bytes = val_byte_counts(sp, shards, val_tokens)
     start = time.perf_counter()
-    scores = ngrams.val_bpb(tables, bpb.byte_tables(sp), val_tokens)
+    scores = ngrams.val_bpb(tables, val_bytes, val_tokens)
     score_seconds = time.perf_counter() - start
     result = {
         **{f"val_bpb_{ORDER_NAMES[order]}": value for order, value in scores.items()},
         "table_bytes": table_bytes,
         "train_tokens": train_tokens,
         "val_tokens": int(len(val_tokens)),
-        "val_bytes": bpb.stream_bytes(bpb.byte_tables(sp), val_tokens),
+        "val_bytes": int(val_bytes.sum()),
         "count_seconds": count_seconds,
         "score_seconds": score_seconds,
         "count_layout": layout,
         "hash_fallback": tables.hash_fallback,
-        "buckets_counted": list(tables.buckets),
-        "top_order_keys": int(len(tables.top.to_sparse()[0])),
+        **{f"order{order}_buckets_counted": b for order, b in enumerate(tables.buckets, start=3)},
+        "top_order_keys": tables.top.num_keys,
         "provenance": provenance({"shards": sha256_tree(shards)}),
     }
     write_json_atomic(metrics, result)
