@@ -270,12 +270,7 @@ SECTIONS: dict[str, type] = {
 def load_params(path: str | Path) -> dict:
     """Read params.yaml; names the file when it is missing or not a mapping."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"params file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        params = yaml.safe_load(f) or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, found {type(params).__name__}")
+    params = _read_mapping(path, "params file")
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown section {unknown[0]!r}{_nearest(unknown[0], SECTIONS)}")
@@ -322,6 +317,16 @@ def _coerce(key: str, value, fld: dataclasses.Field, cls: type):
     return value
 
 
+def _read_mapping(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, found {type(values).__name__}")
+    return values
+
+
 def _nearest(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(choices))})"
@@ -348,10 +353,7 @@ PARAMS_HEADER = """\
 def read_profile(path: str | Path) -> dict:
     """A profile's overrides by section, its `base:` profile (a path relative to it) first."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"profile not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        values = yaml.safe_load(f) or {}
+    values = _read_mapping(path, "profile")
     merged = read_profile(path.parent / values.pop("base")) if "base" in values else {}
     for section, overrides in values.items():
         if section not in SECTIONS:
