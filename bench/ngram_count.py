@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf_core import ngrams
+from pgolf_core import ngram_count, ngrams
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ngram_count.json"
 BOS = 1
@@ -67,10 +67,10 @@ class MarkovishTokens:
 def count(num_tokens: int, vocab_size: int, buckets: int, chunk_tokens: int, seed: int, save: bool = False) -> dict:
     """Count `num_tokens` synthetic tokens in this process; returns its figures (and
     those of saving the tables, when asked)."""
-    plan = ngrams.plan_counts(vocab_size, BOS, (buckets,), num_tokens, 1 << 40)
+    plan = ngram_count.plan_counts(vocab_size, BOS, (buckets,), num_tokens, 1 << 40)
     source = MarkovishTokens(vocab_size, seed)
     t0, c0 = time.perf_counter(), time.process_time()
-    counter = ngrams.StreamCounter(plan)  # allocates (and touches) the dense table
+    counter = ngram_count.StreamCounter(plan)  # allocates (and touches) the dense table
     alloc_seconds = count_seconds = time.perf_counter() - t0
     count_cpu_seconds = time.process_time() - c0
     generate_seconds = 0.0
@@ -83,7 +83,7 @@ def count(num_tokens: int, vocab_size: int, buckets: int, chunk_tokens: int, see
         count_cpu_seconds += time.process_time() - c1
         generate_seconds += t1 - t0
     t0, c0 = time.perf_counter(), time.process_time()
-    tables = ngrams.tables_from_counts(plan, counter.table(), counter.num_targets)
+    tables = ngram_count.tables_from_counts(plan, counter.table(), counter.num_targets)
     bigram, unigram = tables.orders[2], tables.unigram
     derive_seconds = time.perf_counter() - t0
     count_cpu_seconds += time.process_time() - c0

@@ -1,8 +1,9 @@
 """Classical n-gram baselines (orders 1-5): the numbers every neural val_bpb is read against.
 
 A neural model that cannot beat a counted n-gram has learnt nothing worth its bytes, so
-the `ngrams` stage counts the train shards and scores the validation stream with an
-interpolated Witten-Bell model of orders 1 to `max_order` (3, 4 or 5).
+the `ngrams` stage counts the train shards (`pgolf_core.ngram_count`) and scores the
+validation stream here with an interpolated Witten-Bell model of orders 1 to `max_order`
+(3, 4 or 5). This module holds the tables, their file format and the scoring.
 
 Stream conventions (shared by counting and scoring, so the two cannot disagree):
 - The train (or val) split is one token stream cut into shards; counting carries the
@@ -19,12 +20,10 @@ Contexts (nested hashing; the continuation is always exact):
   exact context c_1..c_{n-1} (oldest first, prev = c_{n-1}). So order n has
   V * S_3 * ... * S_n contexts and its table refines order n-1's: only the top order is
   counted, every lower order (and the unigram) is its exact sum over sub-buckets.
-- Table of order n: num_contexts * V cells, key = id * V + w. Dense (uint32, every
-  cell) when it fits the memory cap, sparse (sorted unique keys + counts) when the
-  cells far outnumber the targets or only the observed keys fit (there are at most as
-  many as targets); when neither fits, the plan halves the largest S_n until the dense
-  table does (`hash_fallback`): a fixed-size hashed table, never out of memory. The
-  plan depends on sizes and the cap only, so the counts never depend on the workers.
+- Table of order n: num_contexts * V cells, key = id * V + w, either dense (uint32,
+  every cell) or sparse (sorted unique keys + counts). Which one, and whether the
+  memory cap folds the buckets (`hash_fallback`), is the counting plan's choice
+  (`ngram_count.plan_counts`).
 
 Smoothing: interpolated Witten-Bell, recursive. For a context h with c(h) tokens seen
 after it and N1+(h.) distinct continuations,
@@ -37,30 +36,21 @@ vocabulary because sum_w c(h, w) = c(h) and P_{n-1} sums to 1.
 from __future__ import annotations
 
 import math
-import multiprocessing
-import tempfile
-import warnings
 import zipfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from pgolf_core import bpb
-from pgolf_core.data import read_header, read_shard
 
 TABLES_FILE = "tables.npz"
 FORMAT_VERSION = 2
 MAX_ORDERS = (3, 4, 5)  # highest orders supported (the metrics need the trigram)
 HASH_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio (Knuth, Fibonacci hashing)
-MAX_KEY = 1 << 62  # table keys stay int64
 CHUNK_TOKENS = 1 << 16  # tokens hashed at once: temporaries stay in L2 (512 KiB per int64 array)
 DENSE_DTYPE = np.uint32  # a cell holds < 2**32 counts; `_check_total` proves none wrapped
-DENSE_CELLS_PER_TARGET = 64  # sparser than this, sorting the keys beats zeroing and summing every cell
-SPARSE_BYTES_PER_KEY = 64  # sparse counting: keys, counts and merge temporaries, per distinct key
 BLOCK_CELLS = 1 << 24  # dense tables are summarised and saved this many cells at a time
 SAVE_COMPRESSLEVEL = 1  # deflate level of tables.npz: level 6 is ~6x slower for ~10% fewer bytes
 
@@ -124,7 +114,7 @@ class CountTable:
         if self.is_dense:
             counts = self.counts.reshape(contexts, ways, vocab).sum(axis=1, dtype=self.counts.dtype)
             return CountTable(contexts, vocab, counts.reshape(-1))
-        keys, counts = _aggregate(self.keys // (ways * vocab) * vocab + self.keys % vocab, self.counts)
+        keys, counts = aggregate_keys(self.keys // (ways * vocab) * vocab + self.keys % vocab, self.counts)
         return CountTable(contexts, vocab, counts, keys)
 
     def context_stats(self) -> "ContextStats":
@@ -292,238 +282,18 @@ def stream_windows(pieces, span: int, bos_id: int, chunk_tokens: int, carry: np.
                 yield x
 
 
-# ---------------------------------------------------------------------------- counting plan
+# ---------------------------------------------------------------------------- sparse keys
 
 
-@dataclass(frozen=True)
-class CountPlan:
-    """How a stream is counted: decided before counting from the sizes and the memory cap
-    alone, so the counts never depend on the number of workers."""
-
-    vocab_size: int
-    bos_id: int
-    buckets: tuple[int, ...]  # S_3..S_N as counted
-    requested_buckets: tuple[int, ...]
-    dense: bool  # dense top table (else sparse)
-    num_workers: int  # processes counting at once (fewer than asked when tables would pass the cap)
-
-    @property
-    def num_contexts(self) -> int:
-        return self.vocab_size * math.prod(self.buckets)
-
-    @property
-    def span(self) -> int:
-        return len(self.buckets) + 1
-
-    @property
-    def hash_fallback(self) -> bool:
-        return self.buckets != self.requested_buckets
-
-
-def plan_counts(vocab_size: int, bos_id: int, buckets, num_targets: int, max_memory_bytes: int,
-                num_workers: int = 1) -> CountPlan:
-    """Dense if the top table and its derived lower orders fit the cap (unless sparse fits
-    and the cells far outnumber the targets); else sparse if every target being a distinct
-    key would fit; else fold the buckets (halving the largest S_n, the highest order on
-    ties) until the dense tables fit."""
-    buckets = tuple(int(b) for b in buckets)
-    _check_shape(vocab_size, bos_id, buckets)
-    itemsize = np.dtype(DENSE_DTYPE).itemsize
-
-    def dense_bytes(ways) -> int:  # the top table and each distinct derived table
-        cells = total = vocab_size * vocab_size * math.prod(ways)
-        for split in reversed(ways):
-            cells //= split
-            total += cells if split > 1 else 0
-        return total * itemsize
-
-    counted = buckets
-    sparse_fits = num_targets * SPARSE_BYTES_PER_KEY * (len(buckets) + 1) <= max_memory_bytes  # keys <= targets
-    few_targets = dense_bytes(buckets) // itemsize > DENSE_CELLS_PER_TARGET * num_targets
-    dense = dense_bytes(buckets) <= max_memory_bytes and not (sparse_fits and few_targets)
-    if not dense and not sparse_fits:  # the hashed fixed-size fallback
-        dense = True
-        while dense_bytes(counted) > max_memory_bytes:
-            if max(counted, default=1) == 1:
-                raise ValueError(
-                    f"ngrams.max_memory_mib={max_memory_bytes / 2**20:.1f}: too small for a dense bigram "
-                    f"table of vocab {vocab_size} ({dense_bytes(counted) / 2**20:.1f} MiB) or sparse "
-                    f"tables of {num_targets:,} targets"
-                )
-            largest = max(range(len(counted)), key=lambda i: (counted[i], i))
-            counted = counted[:largest] + (counted[largest] // 2,) + counted[largest + 1 :]
-    if vocab_size * vocab_size * math.prod(counted) >= MAX_KEY:
-        raise ValueError(f"n-gram buckets {counted} with vocab {vocab_size}: keys pass 2**62, lower the buckets")
-    workers = max(1, num_workers)
-    if dense:
-        per_worker = vocab_size * vocab_size * math.prod(counted) * itemsize
-        workers = max(1, min(workers, max_memory_bytes // per_worker))
-    return CountPlan(vocab_size, bos_id, counted, buckets, dense, workers)
-
-
-# ---------------------------------------------------------------------------- counting
-
-
-class StreamCounter:
-    """Counts the top-order table of a plan over consecutive pieces of one stream.
-
-    Dense: one in-place scatter-add per target (`np.add.at` takes its fast path when the
-    increment has the table's dtype). Sparse: per-chunk unique keys merged into a run.
-    """
-
-    def __init__(self, plan: CountPlan, carry: np.ndarray | None = None, chunk_tokens: int = CHUNK_TOKENS):
-        self.plan, self.carry, self.chunk_tokens = plan, carry, chunk_tokens
-        cells = plan.num_contexts * plan.vocab_size if plan.dense else 0
-        self.counts = np.empty(cells, dtype=DENSE_DTYPE if plan.dense else np.int64)
-        self.counts.fill(0)  # touch every page now, in order: random first touches cost ~3x more
-        self.keys = None if plan.dense else np.zeros(0, dtype=np.int64)
-        self.one = np.ones(1, dtype=self.counts.dtype)[0]
-        self.pending = []  # sparse: per-chunk (keys, counts) not yet merged into the run
-        self.num_targets = 0
-
-    def update(self, piece: np.ndarray) -> None:
-        """Count the targets of the next piece of the stream (uint16 or int tokens)."""
-        plan = self.plan
-        windows = stream_windows([piece], plan.span, plan.bos_id, self.chunk_tokens, self.carry)
-        for x in windows:
-            _check_ids(x, plan.vocab_size)
-            keys = context_ids(x, plan.vocab_size, plan.bos_id, plan.buckets)[-1]
-            keys *= plan.vocab_size
-            keys += x[plan.span :]
-            if plan.dense:
-                np.add.at(self.counts, keys, self.one)
-            else:
-                self.pending.append(_aggregate(keys))
-                if sum(len(k) for k, _ in self.pending) >= len(self.keys):
-                    self._merge_pending()  # merges cost O(run) each, so runs double: O(n log n)
-            self.carry = x[len(x) - plan.span :]
-            self.num_targets += len(x) - plan.span
-        if self.carry is None and len(piece):  # a 1-token stream start: no target, but a carry
-            self.carry = np.concatenate([np.full(plan.span - 1, plan.bos_id), np.asarray(piece[:1])])
-
-    def table(self) -> CountTable:
-        self._merge_pending()
-        return CountTable(self.plan.num_contexts, self.plan.vocab_size, self.counts, self.keys)
-
-    def _merge_pending(self) -> None:
-        if self.pending:
-            keys, counts = (np.concatenate(a) for a in zip(*self.pending))
-            self.keys, self.counts = _merge((self.keys, self.counts), _aggregate(keys, counts))
-            self.pending = []
-
-
-def count_ngrams(pieces, vocab_size: int, buckets, bos_id: int, max_memory_bytes: int = 1 << 30,
-                 chunk_tokens: int = CHUNK_TOKENS) -> NgramTables:
-    """Count orders 1..len(buckets)+2 over consecutive in-memory pieces of one stream."""
-    pieces = [np.asarray(p) for p in pieces]
-    num_targets = max(sum(len(p) for p in pieces) - 1, 0)
-    plan = plan_counts(vocab_size, bos_id, buckets, num_targets, max_memory_bytes)
-    counter = StreamCounter(plan, chunk_tokens=chunk_tokens)
-    for piece in pieces:
-        counter.update(piece)
-    return tables_from_counts(plan, counter.table(), counter.num_targets)
-
-
-def count_shards(paths, vocab_size: int, buckets, bos_id: int, max_memory_bytes: int = 1 << 30,
-                 num_workers: int = 1, progress: bool = True, chunk_tokens: int = CHUNK_TOKENS) -> NgramTables:
-    """Count train shard files (in stream order) in bounded memory, over `num_workers`
-    processes that each count a contiguous group of shards; the groups' tables are summed,
-    so the counts equal a single process's."""
-    paths = [Path(p) for p in paths]
-    sizes = [read_header(p) for p in paths]
-    num_targets = max(sum(sizes) - 1, 0)
-    plan = plan_counts(vocab_size, bos_id, buckets, num_targets, max_memory_bytes, num_workers)
-    if plan.num_workers < num_workers:
-        warnings.warn(f"ngrams: {num_workers} workers' tables would pass the memory cap "
-                      f"({max_memory_bytes / 2**20:.0f} MiB); counting with {plan.num_workers}")
-    carries = _shard_carries(paths, sizes, plan)
-    groups = _split_groups(sizes, plan.num_workers)
-    if len(groups) == 1:
-        table = _count_group(plan, paths, carries, chunk_tokens, progress)
-        return tables_from_counts(plan, table, num_targets)
-    with tempfile.TemporaryDirectory(prefix="ngrams-") as scratch:
-        outs = [Path(scratch) / f"group{i}" for i in range(len(groups))]
-        jobs = [(plan, [paths[i] for i in g], [carries[i] for i in g], chunk_tokens, False, out)
-                for g, out in zip(groups, outs)]
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(len(groups), mp_context=context) as pool:
-            for _ in tqdm(pool.map(_count_group, *zip(*jobs)), total=len(jobs),
-                          desc="ngrams: count", unit="group", disable=not progress):
-                pass
-        table = _merge_files(plan, outs)
-    return tables_from_counts(plan, table, num_targets)
-
-
-def tables_from_counts(plan: CountPlan, top: CountTable, num_targets: int) -> NgramTables:
-    """The tables of a finished count, lower orders derived (and checked: `orders`)."""
-    tables = NgramTables(top=top, num_targets=num_targets, vocab_size=plan.vocab_size, bos_id=plan.bos_id,
-                         buckets=plan.buckets, requested_buckets=plan.requested_buckets)
-    tables.orders  # derive (and check) the lower orders now: a wrapped count fails here, not in scoring
-    return tables
-
-
-def _count_group(plan, paths, carries, chunk_tokens, progress, out: Path | None = None) -> CountTable | None:
-    """Count consecutive shards (the first one's carry given) into one table; a worker
-    process saves it to `out` (.counts.npy, .keys.npy) instead of returning it."""
-    counter = StreamCounter(plan, carries[0] if carries else None, chunk_tokens)
-    for path in tqdm(paths, desc="ngrams: count", unit="shard", disable=not progress):
-        counter.update(read_shard(path, mmap=True))
-    table = counter.table()
-    if out is None:
-        return table
-    np.save(out.with_suffix(".counts.npy"), table.counts)
-    np.save(out.with_suffix(".keys.npy"), table.keys if table.keys is not None else np.zeros(0, np.int64))
-    return None
-
-
-def _merge_files(plan: CountPlan, outs) -> CountTable:
-    """Sum the groups' tables, reading one memory-mapped file at a time."""
-    total = None
-    for out in outs:
-        counts = np.load(out.with_suffix(".counts.npy"), mmap_mode="r")
-        keys = np.load(out.with_suffix(".keys.npy"), mmap_mode="r")
-        if plan.dense:
-            total = np.array(counts) if total is None else np.add(total, counts, out=total)
-        else:
-            total = _merge(total or (keys[:0], counts[:0]), (keys, counts))
-    if plan.dense:
-        return CountTable(plan.num_contexts, plan.vocab_size, total)
-    return CountTable(plan.num_contexts, plan.vocab_size, total[1], total[0])
-
-
-def _shard_carries(paths, sizes, plan: CountPlan) -> list[np.ndarray | None]:
-    """The `span` stream tokens before each shard (BOS-padded near the start; None before
-    the first token), read from the previous shards' tails."""
-    carries, tail, seen = [], np.zeros(0, dtype=np.int64), 0
-    for path, size in zip(paths, sizes):
-        if seen == 0:
-            carries.append(None)
-        else:
-            carries.append(np.concatenate([np.full(plan.span, plan.bos_id), tail])[-plan.span :])
-        if size:
-            end = read_shard(path, mmap=True)[max(size - plan.span, 0) :].astype(np.int64)
-            tail = np.concatenate([tail, end])[-plan.span :]
-        seen += size
-    return carries
-
-
-def _split_groups(sizes, num_groups: int) -> list[list[int]]:
-    """Contiguous shard index groups of about equal token counts (empty groups dropped)."""
-    bounds = np.cumsum([0, *sizes])
-    cuts = np.searchsorted(bounds, np.linspace(0, bounds[-1], num_groups + 1)[1:-1], side="right") - 1
-    groups = np.split(np.arange(len(sizes)), cuts)
-    return [g.tolist() for g in groups if len(g)] or [[]]
-
-
-def _aggregate(keys: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def aggregate_keys(keys: np.ndarray, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(sorted unique keys, summed counts) of possibly repeated keys (counts default 1)."""
     if counts is None:
         unique, summed = np.unique(keys, return_counts=True)
         return unique.astype(np.int64), summed.astype(np.int64)
-    return _merge((keys[:0], counts[:0]), (keys, counts), presorted=False)
+    return merge_keys((keys[:0], counts[:0]), (keys, counts), presorted=False)
 
 
-def _merge(a, b, presorted: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def merge_keys(a, b, presorted: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Merge two (keys, counts) tables, adding counts of shared keys; sorted unique out.
 
     A stable sort of two concatenated sorted runs is a linear merge (timsort finds runs).
@@ -599,7 +369,7 @@ def _chunk_nll(tables: NgramTables, tokens: np.ndarray):
     """Yield, per chunk of targets, [NLL of order 1, ..., NLL of order max_order]."""
     span = tables.max_order - 1
     for x in stream_windows([np.asarray(tokens)], span, tables.bos_id, CHUNK_TOKENS):
-        _check_ids(x, tables.vocab_size)
+        check_ids(x, tables.vocab_size)
         ids = context_ids(x, tables.vocab_size, tables.bos_id, tables.buckets)
         yield [-np.log(p) for p in probs_by_order(tables, ids, x[span:])]
 
@@ -607,7 +377,9 @@ def _chunk_nll(tables: NgramTables, tokens: np.ndarray):
 # ---------------------------------------------------------------------------- checks
 
 
-def _check_shape(vocab_size: int, bos_id: int, buckets: tuple[int, ...]) -> None:
+def check_shape(vocab_size: int, bos_id: int, buckets: tuple[int, ...]) -> None:
+    """Raise ValueError unless the vocab fits uint16 shards, bos_id is in it, and there is one
+    power-of-two bucket count per order 3..max_order, max_order in MAX_ORDERS."""
     if vocab_size <= 0 or vocab_size > 1 << 16:
         raise ValueError(f"n-gram vocab_size={vocab_size}: expected 1..65536 (uint16 shards)")
     if not 0 <= bos_id < vocab_size:
@@ -618,7 +390,8 @@ def _check_shape(vocab_size: int, bos_id: int, buckets: tuple[int, ...]) -> None
         raise ValueError(f"n-gram buckets {buckets}: each must be a power of two (1, 2, 4, ...)")
 
 
-def _check_ids(tokens: np.ndarray, vocab_size: int) -> None:
+def check_ids(tokens: np.ndarray, vocab_size: int) -> None:
+    """Raise ValueError if a token id is outside [0, vocab_size) (tokenizer/tables mismatch)."""
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise ValueError(
             f"token ids reach {int(tokens.max())}, expected [0, {vocab_size}) "
@@ -664,7 +437,7 @@ def _tables_from_arrays(arrays: dict, path: Path) -> NgramTables:
     if version != FORMAT_VERSION:
         raise ValueError(f"{path}: format version {version}, expected {FORMAT_VERSION}")
     buckets = tuple(int(b) for b in arrays["buckets"])
-    _check_shape(vocab_size, bos_id, buckets)
+    check_shape(vocab_size, bos_id, buckets)
     if len(buckets) + 2 != max_order:
         raise ValueError(f"{path}: {len(buckets)} bucket counts for max_order {max_order}")
     deltas, counts = arrays["key_deltas"], arrays["counts"]

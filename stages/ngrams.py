@@ -9,7 +9,7 @@ import argparse
 import time
 from pathlib import Path
 
-from pgolf_core import ngrams
+from pgolf_core import ngram_count, ngrams
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.config import load_section
 from pgolf_core.data import list_shards, load_split, read_header
@@ -30,8 +30,8 @@ def run_ngrams(params: Path, shards: Path, tokenizer: Path, out: Path, metrics: 
           f"{vocab_size}, orders 1-{cfg.max_order}, buckets {cfg.buckets}, {cfg.num_workers} workers")
 
     start = time.perf_counter()
-    tables = ngrams.count_shards(train_files, vocab_size, cfg.buckets, bos_id, cfg.max_memory_mib << 20,
-                                 cfg.num_workers)
+    tables = ngram_count.count_shards(train_files, vocab_size, cfg.buckets, bos_id, cfg.max_memory_mib << 20,
+                                      cfg.num_workers)
     count_seconds = time.perf_counter() - start
     with atomic_path(out) as tmp:
         tables.save(tmp)

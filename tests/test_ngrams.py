@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pgolf_core import bpb, ngrams
+from pgolf_core import bpb, ngram_count, ngrams
 from pgolf_core.data import shard_name, write_shard, write_split
 
 BOS = 1
@@ -91,7 +91,7 @@ def test_counts_match_brute_force(tmp_path, buckets, chunk_tokens):
     tokens = random_stream(rng, vocab_size, 400)
     tokens[0] = 5  # the stream need not open with BOS: the missing older tokens are BOS anyway
     paths = write_pieces(tmp_path, tokens)
-    tables = ngrams.count_shards(paths, vocab_size, buckets, BOS, progress=False, chunk_tokens=chunk_tokens)
+    tables = ngram_count.count_shards(paths, vocab_size, buckets, BOS, progress=False, chunk_tokens=chunk_tokens)
     assert tables.top.is_dense and not tables.hash_fallback and tables.max_order == len(buckets) + 2
     assert_brute_force(tables, tokens)
 
@@ -103,7 +103,8 @@ def test_workers_count_the_same(tmp_path, buckets, cap_bytes, layout):
     vocab_size, rng = 40, np.random.default_rng(1)
     tokens = random_stream(rng, vocab_size, 1500)
     paths = write_pieces(tmp_path, tokens, (1, 2, 300, 300, 301, 700, 1100))
-    runs = [ngrams.count_shards(paths, vocab_size, buckets, BOS, cap_bytes, workers, progress=False, chunk_tokens=64)
+    runs = [ngram_count.count_shards(paths, vocab_size, buckets, BOS, cap_bytes, workers, progress=False,
+                                     chunk_tokens=64)
             for workers in (1, 2, 3)]
     assert_brute_force(runs[0], tokens)
     for tables in runs:
@@ -115,30 +116,30 @@ def test_workers_count_the_same(tmp_path, buckets, cap_bytes, layout):
 def test_memory_cap_folds_buckets():
     vocab_size, rng = 11, np.random.default_rng(2)
     tokens = random_stream(rng, vocab_size, 400)
-    tables = ngrams.count_ngrams([tokens], vocab_size, (8, 4), BOS, max_memory_bytes=5_000)
+    tables = ngram_count.count_ngrams([tokens], vocab_size, (8, 4), BOS, max_memory_bytes=5_000)
     assert tables.hash_fallback and tables.requested_buckets == (8, 4) and tables.top.is_dense
     assert tables.buckets == (2, 2)  # (8, 4) -> (4, 4) -> (4, 2) -> (2, 2): the largest halves, ties at the top
     assert_brute_force(tables, tokens)  # exact counts of the folded hash
 
 
 def test_plan_counts():
-    plan = ngrams.plan_counts(8192, BOS, (8,), 10**9, 3 << 30, num_workers=4)
+    plan = ngram_count.plan_counts(8192, BOS, (8,), 10**9, 3 << 30, num_workers=4)
     assert plan.dense and plan.buckets == (8,) and plan.num_workers == 1  # 2 GiB top + 256 MiB bigram
-    plan = ngrams.plan_counts(8192, BOS, (8,), 10**9, 40 << 30, num_workers=4)
+    plan = ngram_count.plan_counts(8192, BOS, (8,), 10**9, 40 << 30, num_workers=4)
     assert plan.num_workers == 4
-    plan = ngrams.plan_counts(8192, BOS, (8, 64, 64), 10**6, 1 << 30)
+    plan = ngram_count.plan_counts(8192, BOS, (8, 64, 64), 10**6, 1 << 30)
     assert not plan.dense and plan.buckets == (8, 64, 64)  # few targets: sparse fits
-    plan = ngrams.plan_counts(8192, BOS, (8, 64, 64), 10**9, 3 << 30)
+    plan = ngram_count.plan_counts(8192, BOS, (8, 64, 64), 10**9, 3 << 30)
     assert plan.dense and plan.hash_fallback and plan.buckets == (2, 2, 1)  # largest halved first, ties at the top
     with pytest.raises(ValueError, match="max_memory_mib"):
-        ngrams.plan_counts(8192, BOS, (8,), 10**9, 100 << 20)
+        ngram_count.plan_counts(8192, BOS, (8,), 10**9, 100 << 20)
     with pytest.raises(ValueError, match="power of two"):
-        ngrams.plan_counts(100, BOS, (6,), 10, 1 << 30)
+        ngram_count.plan_counts(100, BOS, (6,), 10, 1 << 30)
 
 
 def test_bos_context_rule():
     vocab_size, buckets = 9, (64, 64)
-    tables = ngrams.count_ngrams([np.array([BOS, 4, 5, BOS, 6, 7, 8])], vocab_size, buckets, BOS)
+    tables = ngram_count.count_ngrams([np.array([BOS, 4, 5, BOS, 6, 7, 8])], vocab_size, buckets, BOS)
     all_bos = python_ids([BOS, BOS, BOS], 2, vocab_size, buckets)
     keys = set(tables.top.to_sparse()[0].tolist())
     assert all_bos[-1] * vocab_size + 6 in keys  # (4, 5, BOS) -> 6 is counted as (BOS, BOS, BOS) -> 6
@@ -152,7 +153,7 @@ def test_bos_context_rule():
 def test_distributions_sum_to_one(buckets, dense):
     vocab_size, rng = 12, np.random.default_rng(3)
     stream = random_stream(rng, vocab_size - 1, 600)  # token 11 is never seen
-    tables = ngrams.count_ngrams([stream], vocab_size, buckets, BOS)
+    tables = ngram_count.count_ngrams([stream], vocab_size, buckets, BOS)
     assert tables.top.is_dense == dense
     contexts = [stream[5:9].tolist(), stream[200:203].tolist(), [BOS], [7, BOS], [3, 11], [11, 4, 2, 9], [11] * 4]
     for order in range(1, 6):
@@ -163,7 +164,7 @@ def test_distributions_sum_to_one(buckets, dense):
 
 
 def test_empty_tables_are_uniform():
-    tables = ngrams.count_ngrams([np.array([BOS])], 5, (8, 2), BOS)
+    tables = ngram_count.count_ngrams([np.array([BOS])], 5, (8, 2), BOS)
     for order in range(1, 5):
         np.testing.assert_allclose(ngrams.distribution(tables, [BOS], order), 0.2)
 
@@ -172,7 +173,7 @@ def test_empty_tables_are_uniform():
 def test_higher_orders_win_on_markov_text(depth):
     rng = np.random.default_rng(4)
     train, val = markov_stream(rng, 16, 400, depth), markov_stream(rng, 16, 60, depth)
-    tables = ngrams.count_ngrams([train], 16, (1 << 10, 1 << 10, 4), BOS)
+    tables = ngram_count.count_ngrams([train], 16, (1 << 10, 1 << 10, 4), BOS)
     nll = [ngrams.score_nll(tables, val, order).mean() for order in range(1, 6)]
     assert nll[0] > nll[1] + 0.3 and nll[1] > nll[2] + 0.3, nll
     if depth == 3:
@@ -180,17 +181,17 @@ def test_higher_orders_win_on_markov_text(depth):
 
 
 def test_uint32_wrap_is_caught():
-    tables = ngrams.count_ngrams([np.array([BOS, 3, 4])], 8, (2,), BOS)
+    tables = ngram_count.count_ngrams([np.array([BOS, 3, 4])], 8, (2,), BOS)
     with pytest.raises(ValueError, match="order-2 counts sum to 2, expected 2,000"):
-        ngrams.tables_from_counts(ngrams.plan_counts(8, BOS, (2,), 2, 1 << 20), tables.top, 2000)
+        ngram_count.tables_from_counts(ngram_count.plan_counts(8, BOS, (2,), 2, 1 << 20), tables.top, 2000)
 
 
 @pytest.mark.parametrize("dense", [True, False])
 def test_save_load_round_trip(tmp_path, monkeypatch, dense):
     monkeypatch.setattr(ngrams, "BLOCK_CELLS", 64)  # several blocks per table
-    monkeypatch.setattr(ngrams, "DENSE_CELLS_PER_TARGET", 64 if dense else 1)
+    monkeypatch.setattr(ngram_count, "DENSE_CELLS_PER_TARGET", 64 if dense else 1)
     stream = random_stream(np.random.default_rng(5), 10, 2000)
-    tables = ngrams.count_ngrams([stream], 10, (16, 8), BOS)
+    tables = ngram_count.count_ngrams([stream], 10, (16, 8), BOS)
     assert tables.top.is_dense == dense
     path = tables.save(tmp_path / "tables")
     loaded = ngrams.NgramTables.load(tmp_path / "tables")
@@ -206,7 +207,7 @@ def test_save_load_round_trip(tmp_path, monkeypatch, dense):
 
 
 def test_load_rejects_repeated_keys(tmp_path):
-    tables = ngrams.count_ngrams([random_stream(np.random.default_rng(6), 10, 200)], 10, (4,), BOS)
+    tables = ngram_count.count_ngrams([random_stream(np.random.default_rng(6), 10, 200)], 10, (4,), BOS)
     path = tables.save(tmp_path)
     with np.load(path) as npz:
         arrays = {name: npz[name] for name in npz.files}
@@ -229,7 +230,7 @@ def test_val_bpb_uses_stream_bytes(monkeypatch, chunk_tokens):
         is_boundary=np.arange(vocab_size) < 4,
     )
     stream = random_stream(rng, vocab_size, 300)
-    tables = ngrams.count_ngrams([stream], vocab_size, (8, 2), BOS)
+    tables = ngram_count.count_ngrams([stream], vocab_size, (8, 2), BOS)
     seq = stream.tolist()
     brute_bytes = sum(
         int(byte_tables.base_bytes[seq[t]])
