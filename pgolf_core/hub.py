@@ -40,7 +40,7 @@ from huggingface_hub.utils import (
 )
 from tqdm.auto import tqdm
 
-from pgolf_core import data
+from pgolf_core import bpb, data, io, tokenizer
 
 STAGING_DIR = ".hub-staging"
 DOCS_FILE = "docs_selected.jsonl"
@@ -401,3 +401,16 @@ def _link(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def installed_sizes(tokenizer_dir: Path, shards_dir: Path, commit: str) -> dict:
+    """The `tokenize` metrics of installed published data: tokens from the shard headers,
+    val documents = BOS count, val bytes by the pipeline's byte accounting."""
+    sp = tokenizer.load_tokenizer(tokenizer_dir)
+    val = data.load_split(shards_dir, "val", sp.vocab_size())
+    train_files = data.list_shards(shards_dir, "train")
+    return {"train": {"tokens": sum(data.read_header(p) for p in train_files), "shards": len(train_files)},
+            "val": {"documents": int((val == sp.bos_id()).sum()), "tokens": len(val),
+                    "bytes": int(bpb.val_byte_counts(sp, shards_dir, val).sum()),
+                    "shards": len(data.list_shards(shards_dir, "val"))},
+            "vocab_size": sp.vocab_size(), "corpus_sha256": io.sha256_tree(shards_dir), "hub_commit": commit}

@@ -8,8 +8,8 @@ import platform
 import time
 from pathlib import Path
 
-from pgolf_core import caseops, config, corpus, data, export, io, tokenizer
-from pgolf_core.bpb import byte_tables, stream_bytes, write_byte_sidecars
+from pgolf_core import caseops, config, corpus, export, io, tokenizer
+from pgolf_core.bpb import write_byte_sidecars
 
 
 def tokenize(cfg: config.TokenizeConfig, tokenizer_dir: Path, shards_dir: Path, downloads: Path) -> dict:
@@ -24,7 +24,7 @@ def tokenize(cfg: config.TokenizeConfig, tokenizer_dir: Path, shards_dir: Path, 
             published = hub.download_published(repo, cfg.hub_dataset, cfg.train_shards, downloads, cfg.hub_revision)
             with io.atomic_path(tokenizer_dir) as tok_tmp, io.atomic_path(shards_dir) as shard_tmp:
                 hub.install_published(published, tok_tmp, shard_tmp)
-            return published_metrics(tokenizer_dir, shards_dir, published.commit)
+            return hub.installed_sizes(tokenizer_dir, shards_dir, published.commit)
         jsonl_path = str(hub.download_docs_cache(repo, downloads, cfg.hub_revision).docs)
 
     def documents():
@@ -50,17 +50,6 @@ def tokenize(cfg: config.TokenizeConfig, tokenizer_dir: Path, shards_dir: Path, 
             raise ValueError("CaseOps byte sidecars do not add up to the validation text's UTF-8 length")
     return {"train": dataclasses.asdict(stats.train), "val": dataclasses.asdict(stats.val),
             "vocab_size": cfg.vocab_size, "case_transform": cfg.case_transform, "corpus_sha256": stats.corpus_sha256}
-
-
-def published_metrics(tokenizer_dir: Path, shards_dir: Path, commit: str) -> dict:
-    """Sizes of published shards: tokens from the headers, documents = BOS count (val)."""
-    sp = tokenizer.load_tokenizer(tokenizer_dir)
-    val = data.load_split(shards_dir, "val", sp.vocab_size())
-    train_files = data.list_shards(shards_dir, "train")
-    return {"train": {"tokens": sum(data.read_header(p) for p in train_files), "shards": len(train_files)},
-            "val": {"documents": int((val == tokenizer.BOS_ID).sum()), "tokens": len(val),
-                    "bytes": stream_bytes(byte_tables(sp), val), "shards": len(data.list_shards(shards_dir, "val"))},
-            "vocab_size": sp.vocab_size(), "corpus_sha256": io.sha256_tree(shards_dir), "hub_commit": commit}
 
 
 def main() -> None:
