@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +32,19 @@ from pgolf_core.model import GPT  # noqa: E402
 from pgolf_core.train import model_config, set_seed, train  # noqa: E402
 
 
+def prepare(work: Path, corpus_path: Path, vocab_size: int) -> tuple[Path, Path]:
+    """Tokenizer (learnt on the train documents) and shards under `work`, built once."""
+    shards, tok_dir = work / f"shards_{vocab_size}", work / f"tokenizer_{vocab_size}"
+    if not (tok_dir / tokenizer.MODEL_FILE).is_file():
+        docs = list(corpus.iter_documents("jsonl", corpus_path))
+        model = tokenizer.train_tokenizer(docs[250:], vocab_size, num_threads=os.cpu_count() or 1)
+        export.export_shards(iter(docs), model, shards, val_documents=250, shard_tokens=10_000_000,
+                             num_workers=min(8, os.cpu_count() or 1))
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        (tok_dir / tokenizer.MODEL_FILE).write_bytes(model)
+    return shards, tok_dir
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
@@ -38,24 +52,25 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="keeps tokenizer and shards between runs")
     parser.add_argument("--batch-tokens", type=int, default=131072)
     parser.add_argument("--steps", type=int, default=75)
+    parser.add_argument("--micro-batch-seqs", type=int, default=32,
+                        help="sequences per forward; dividing the batch's 64 keeps one compiled shape")
     parser.add_argument("--val-every", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="only build tokenizer and shards in --workdir (CPU; carry them to the GPU)")
     args = parser.parse_args()
 
     overrides = config.read_profile(args.profile)
     tok_cfg = config.build_section("tokenize", overrides.get("tokenize", {}))
     train_overrides = {**overrides.get("train", {}), "batch_tokens": args.batch_tokens, "iterations": args.steps,
                        "schedule": "steps", "max_wallclock_seconds": 0.0, "calib_reserve_seconds": 0.0,
-                       "val_every": args.val_every, "val_tokens": 0, "log_every": 1, "device": args.device}
+                       "val_every": args.val_every, "val_tokens": 0, "log_every": 1, "device": args.device,
+                       "micro_batch_seqs": args.micro_batch_seqs}
     cfg = config.build_section("train", train_overrides)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pgolf-dev-run-"))
-    shards, tok_dir = work / f"shards_{tok_cfg.vocab_size}", work / f"tokenizer_{tok_cfg.vocab_size}"
-    if not (tok_dir / tokenizer.MODEL_FILE).is_file():
-        docs = list(corpus.iter_documents("jsonl", args.corpus))
-        model = tokenizer.train_tokenizer(docs[250:], tok_cfg.vocab_size, num_threads=16)
-        export.export_shards(iter(docs), model, shards, val_documents=250, shard_tokens=10_000_000, num_workers=8)
-        tok_dir.mkdir(parents=True, exist_ok=True)
-        (tok_dir / tokenizer.MODEL_FILE).write_bytes(model)
+    shards, tok_dir = prepare(work, Path(args.corpus), tok_cfg.vocab_size)
+    if args.prepare_only:
+        return
     sp = tokenizer.load_tokenizer(tok_dir)
     device = dist.select_device(cfg.device)
     set_seed(cfg.seed)

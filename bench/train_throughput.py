@@ -56,6 +56,20 @@ def time_steps(step, steps: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def write_trace(step, path: Path, steps: int = 2) -> None:
+    """Kernel time table (self device time, top 60) of `steps` steps, for finding where a step goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
@@ -64,6 +78,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop state (compilation)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-flash", action="store_true", help="force PyTorch SDPA")
+    parser.add_argument("--trace", default=None, help="write a profiler table of 2 looped steps to this file")
     args = parser.parse_args()
 
     overrides = config.read_profile(args.profile)
@@ -98,6 +113,8 @@ def main() -> None:
         seconds = time_steps(step, args.steps, device)
         figures[looping] = {"seconds": seconds, "tokens_per_second": cfg.batch_tokens / seconds,
                             "flops_per_token": flops_per_token(model, looping, cfg.seq_len)}
+    if args.trace:
+        write_trace(step, Path(args.trace))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     plain, looped = figures[False], figures.get(True, figures[False])

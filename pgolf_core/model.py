@@ -194,8 +194,10 @@ class GPT(nn.Module):
             x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:, None] * x[:, :-1]], dim=1)
         return rms_norm(x)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> soft-capped logits (B, T, V) in float32."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> soft-capped logits (B, T, V) in float32, or, given `targets`
+        (B, T), the per-token NLL (B, T): the loss is then part of the compiled graph, so
+        the float32 logits of the whole batch never reach memory."""
         x = x0 = self.embed(idx)
         value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
         encoder, decoder = layer_sequence(self.cfg, self.looping)
@@ -221,7 +223,8 @@ class GPT(nn.Module):
             x = self._merge_lanes(lanes)
         logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
         cap = self.cfg.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+        logits = cap * torch.tanh(logits / cap) if cap > 0 else logits
+        return logits if targets is None else token_nll(logits, targets)
 
     def _parallel_block(self, i: int, lanes: list, x0, v0, value_embed) -> tuple[list, torch.Tensor]:
         """One layer on two lanes: attention reads (mixed) lane 0, the MLP reads lane 1.

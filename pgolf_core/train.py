@@ -27,7 +27,7 @@ from pgolf_core import dist
 from pgolf_core.config import TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
-from pgolf_core.model import GPT, ModelConfig, token_nll
+from pgolf_core.model import GPT, ModelConfig
 from pgolf_core.optim import apply_schedule, build_optimizers, lr_multiplier, muon_momentum
 
 COMPILE_WARMUP_STEPS = 3
@@ -167,7 +167,7 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -
         xb, yb = x[s : s + cfg.micro_batch_seqs], y[s : s + cfg.micro_batch_seqs]
         no_sync = step_model.no_sync() if hasattr(step_model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync, torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = token_nll(step_model(xb), yb).mean() * (xb.size(0) / rows)
+            loss = step_model(xb, yb).mean() * (xb.size(0) / rows)
             loss.backward()
         total += loss.detach()
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
