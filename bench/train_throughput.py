@@ -67,7 +67,7 @@ def write_trace(step, path: Path, steps: int = 2) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=300))
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf_core.attention import GATE_INPUT_DIMS, Attention, rms_norm
+from pgolf_core.loss import fused_softcap_nll, softcap, softcap_nll
 
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
 PARALLEL_MODES = ("none", "merge", "routed")
@@ -221,10 +222,11 @@ class GPT(nn.Module):
             v0 = v if v0 is None else v0
         if lanes is not None:
             x = self._merge_lanes(lanes)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
+        logits = F.linear(rms_norm(x), self.tok_emb.weight)
         cap = self.cfg.logit_softcap
-        logits = cap * torch.tanh(logits / cap) if cap > 0 else logits
-        return logits if targets is None else token_nll(logits, targets)
+        if targets is None:
+            return softcap(logits, cap)
+        return (fused_softcap_nll if torch.is_grad_enabled() else softcap_nll)(logits, targets, cap)
 
     def _parallel_block(self, i: int, lanes: list, x0, v0, value_embed) -> tuple[list, torch.Tensor]:
         """One layer on two lanes: attention reads (mixed) lane 0, the MLP reads lane 1.
@@ -245,7 +247,3 @@ class GPT(nn.Module):
             return self.lane_merge * lanes[0] + (1 - self.lane_merge) * lanes[1]
         return 0.5 * (lanes[0] + lanes[1])
 
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood in nats, shape of `targets`."""
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction="none").view_as(targets)

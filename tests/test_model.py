@@ -1,6 +1,7 @@
 import torch
 
-from pgolf_core.model import GPT, token_nll
+from pgolf_core.loss import token_nll
+from pgolf_core.model import GPT
 
 
 def _trained_looking(model):

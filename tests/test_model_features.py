@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pgolf_core.attention import Attention, Rotary
-from pgolf_core.model import GPT, ModelConfig, layer_sequence, token_nll
+from pgolf_core.loss import token_nll
+from pgolf_core.model import GPT, ModelConfig, layer_sequence
 from pgolf_core.optim import orthogonalize, param_groups
 
 BASE = dict(vocab_size=64, num_layers=6, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
@@ -131,3 +132,25 @@ def test_the_full_model_traces_without_graph_breaks(looping):
     model.looping = looping
     explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()  # the training call: loss (the fused autograd.Function) inside the same graph
+    explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_compiled_training_call_matches_eager(looping):
+    """The training call through AOT autograd (what torch.compile differentiates: the
+    fused loss's forward and backward included) gives eager's loss and gradients."""
+    torch._dynamo.reset()
+    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed")))
+    model.looping = looping
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    eager_loss = model(idx, targets).mean()
+    eager_loss.backward()
+    eager = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    compiled_loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, targets).mean()
+    compiled_loss.backward()
+    compiled = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=0)
+    assert (compiled - eager).norm() / eager.norm() < 1e-5

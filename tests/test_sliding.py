@@ -4,7 +4,8 @@ import torch
 
 from pgolf_core.bpb import ByteTables, position_bytes
 from pgolf_core.eval.sliding import plan_windows, score_windows
-from pgolf_core.model import GPT, token_nll
+from pgolf_core.loss import token_nll
+from pgolf_core.model import GPT
 
 
 @pytest.mark.parametrize("num_tokens, window, stride", [

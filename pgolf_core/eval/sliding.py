@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pgolf_core import dist
 from pgolf_core.bpb import bits_per_byte
-from pgolf_core.model import token_nll
+from pgolf_core.loss import token_nll
 
 
 @dataclass(frozen=True)
