@@ -155,6 +155,7 @@ class TrainConfig:
     log_every: int = 1  # steps between loss logs and wall-clock checks (each is a host sync)
     val_every: int = 50  # steps between validations (0 = only at the end)
     val_tokens: int = 65536  # validation tokens scored at periodic checks (0 = all)
+    snapshot_every: int = 0  # steps between resumable snapshots of the run (0 = none)
     seed: int = 1337
     compile: bool = False  # torch.compile the model (GPU profiles)
     device: str = "auto"  # "auto", "cpu" or "cuda"

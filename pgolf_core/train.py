@@ -29,6 +29,7 @@ from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
 from pgolf_core.model import GPT, ModelConfig
 from pgolf_core.optim import apply_schedule, build_optimizers, lr_multiplier, muon_momentum
+from pgolf_core.resume import Snapshot, Snapshots
 
 COMPILE_WARMUP_STEPS = 3
 
@@ -75,12 +76,15 @@ class Stopwatch:
 
 
 def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndarray, val_bytes: np.ndarray,
-          device: torch.device, log: Callable[[int, dict], None] | None = None) -> TrainResult:
+          device: torch.device, log: Callable[[int, dict], None] | None = None,
+          snapshots: Snapshots | None = None) -> TrainResult:
     """Train `model` in place, leave the EMA weights in it, and report. `val_bytes` are the
     byte counts per val position (`bpb.val_byte_counts`). Every `log_every` steps (and
     only then: it is the loop's one host sync) the ranks agree on the elapsed time, the
     cap is checked and `log(step, metrics)` receives loss, lr, throughput and the loop
-    state; it also receives val_bpb every `val_every` steps (clock paused)."""
+    state; it also receives val_bpb every `val_every` steps (clock paused). With
+    `snapshots`, the run resumes from a snapshot of itself if one exists, and saves one
+    every `snapshot_every` steps (clock paused)."""
     world, rank = dist.world_size(), dist.rank()
     seqs_per_step = cfg.batch_tokens // cfg.seq_len
     if seqs_per_step % world:
@@ -108,11 +112,20 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     ema = [v.detach().float().clone() for v in model.state_dict().values()] if cfg.ema_decay else None
     val_end = cfg.val_tokens + 1 if cfg.val_tokens else len(val_tokens)
     step, elapsed, loss, window_losses, clock = 0, 0.0, float("nan"), [], Stopwatch()
-    bar = tqdm(total=cfg.iterations, desc="train", unit="step", disable=not dist.is_main())
+    if snapshots is not None:
+        snapshot, why = snapshots.load()
+        if dist.is_main():
+            print(f"train: {why}")
+        if snapshot is not None:
+            step, clock.total, ema = _restore(snapshot, model, optimizers, stream, ema, device)
+    start_step = step
+    bar = tqdm(total=cfg.iterations, initial=step, desc="train", unit="step", disable=not dist.is_main())
     clock.resume()
     while True:
         at_val = bool(cfg.val_every) and step % cfg.val_every == 0 and step > 0
-        if step % cfg.log_every == 0 or at_val or step >= cfg.iterations:
+        at_snapshot = snapshots is not None and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0 \
+            and start_step < step < cfg.iterations
+        if step % cfg.log_every == 0 or at_val or at_snapshot or step >= cfg.iterations:
             _sync(device)
             elapsed = float(dist.all_reduce_max(torch.tensor([clock.read()], dtype=torch.float64)).item())
             if window_losses:
@@ -125,6 +138,13 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
                     log(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, cfg),
                                "tokens_per_second": step * cfg.batch_tokens / elapsed, "looping": float(model.looping)})
         done = step >= cfg.iterations or (cfg.max_wallclock_seconds > 0 and elapsed >= cfg.train_seconds_cap)
+        if at_snapshot and not done:
+            clock.pause()
+            if dist.is_main():
+                snapshots.save(Snapshot(snapshots.fingerprint, step, clock.read(), stream.state(), model.state_dict(),
+                                        [opt.state_dict() for opt in optimizers], ema))
+            dist.barrier()
+            clock.resume()
         if log and (done or at_val):
             clock.pause()
             bpb, _ = val_bpb(model, val_tokens[:val_end], val_bytes[:val_end], window=cfg.seq_len, stride=cfg.seq_len,
@@ -192,6 +212,17 @@ def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> No
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
     stream.restore(position)
+
+
+def _restore(snapshot: Snapshot, model, optimizers, stream: TokenStream, ema, device) -> tuple[int, float, list | None]:
+    """Put a run's state back as its snapshot left it: (step, timed seconds, EMA)."""
+    model.load_state_dict(snapshot.model)
+    for opt, state in zip(optimizers, snapshot.optimizers):
+        opt.load_state_dict(state)
+    stream.restore(snapshot.stream_position)
+    if ema is not None:
+        ema = [t.to(device) for t in snapshot.ema]
+    return snapshot.step, snapshot.elapsed, ema
 
 
 def _sync(device: torch.device) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dvclive import Live
 
-from pgolf_core import checkpoint, config, data, dist, io, tokenizer
+from pgolf_core import checkpoint, config, data, dist, io, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
 from pgolf_core.train import model_config, set_seed, train
@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="model file (.safetensors)")
     parser.add_argument("--metrics", type=Path, required=True, help="DVCLive folder")
+    parser.add_argument("--snapshots", type=Path, default=None,
+                        help="folder for resumable snapshots (train.snapshot_every); not a DVC output")
     args = parser.parse_args()
     cfg = config.load_section(args.params, "train")
     device = dist.select_device(cfg.device)
@@ -48,10 +50,14 @@ def main() -> None:
             live.make_summary()
 
     start = time.perf_counter()
-    result = train(cfg, model, stream, val_tokens, val_bytes, device, log)
+    inputs = {"shards": io.sha256_tree(args.shards), "tokenizer": io.sha256_tree(args.tokenizer)}
+    snapshots = resume.Snapshots(args.snapshots, resume.fingerprint(cfg, inputs, dist.world_size())) \
+        if args.snapshots and cfg.snapshot_every else None
+    result = train(cfg, model, stream, val_tokens, val_bytes, device, log, snapshots)
     if live:
         checkpoint.save_model(args.out, model)
-        inputs = {"shards": io.sha256_tree(args.shards), "tokenizer": io.sha256_tree(args.tokenizer)}
+        if snapshots:
+            snapshots.remove()  # the run is complete: nothing left to resume
         summary = {**dataclasses.asdict(result), "num_params": num_params,
                    "provenance": io.provenance(inputs)}
         live.summary = summary  # metrics.json = the final summary, not the last step's values

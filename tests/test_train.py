@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from pgolf_core import config, data, tokenizer
+from pgolf_core import config, data, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
 from pgolf_core.train import model_config, train
@@ -26,15 +26,20 @@ def shards(tmp_path_factory, tiny_sp, embedded_docs):
     return directory
 
 
-def run_train(shards, tiny_sp, **overrides):
+def run_train(shards, tiny_sp, snapshots=None, log=None, **overrides):
     cfg = config.build_section("train", {**TINY_TRAIN, **overrides})
     torch.manual_seed(cfg.seed)
     model = GPT(model_config(cfg, tiny_sp.vocab_size()))
     stream = data.TokenStream(data.list_shards(shards, "train"), tiny_sp.vocab_size())
     logged = []
+
+    def record(step, values):
+        logged.append((step, values))
+        if log:
+            log(step, values)
     val = data.load_split(shards, "val")
     result = train(cfg, model, stream, val, val_byte_counts(tiny_sp, shards, val),
-                   torch.device("cpu"), log=lambda step, values: logged.append((step, values)))
+                   torch.device("cpu"), log=record, snapshots=snapshots)
     return result, logged, model
 
 
@@ -80,17 +85,20 @@ def test_seed_makes_runs_repeatable(shards, tiny_sp):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, shards, tiny_tokenizer_dir):
-    """Same global batch on 1 and 2 processes (gloo): the loss curves agree."""
+    """Same global batch on 1 and 2 processes (gloo): the loss curves agree. Both save
+    snapshots on the way (rank 0 writes, all wait) and remove them once complete."""
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "iterations": 5, "val_every": 0}}))
+    params.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "iterations": 5, "val_every": 0, "snapshot_every": 2}}))
     curves = {}
     for nproc in (1, 2):
         out = tmp_path / f"run{nproc}"
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         cmd = launcher + ["-m", "stages.train", "--params", str(params), "--shards", str(shards),
                           "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out / "model.safetensors"),
-                          "--metrics", str(out / "metrics")]
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=_env())
+                          "--metrics", str(out / "metrics"), "--snapshots", str(out / "snapshots")]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "no snapshot at" in run.stdout and not (out / "snapshots" / resume.SNAPSHOT_FILE).exists()
         with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
             curves[nproc] = [float(row["train_loss"]) for row in csv.DictReader(f, delimiter="\t")]
     assert len(curves[1]) == len(curves[2]) == 5
@@ -101,3 +109,56 @@ def _env():
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_at(step_to_crash: int):
+    def log(step, values):
+        if step == step_to_crash and "train_loss" in values:
+            raise Crash(step)
+    return log
+
+
+RESUMABLE = dict(iterations=9, snapshot_every=3, val_every=0, num_layers=2, unet_skips=True, num_loops=1,
+                 loop_start=1, loop_end=1, loop_start_frac=0.5, muon_momentum_warmup_steps=5, warmdown_frac=0.5)
+
+
+def test_a_crashed_run_resumes_from_its_snapshot_to_the_same_weights(shards, tiny_sp, tmp_path):
+    _, straight_log, straight = run_train(shards, tiny_sp, **RESUMABLE)
+    snapshots = resume.Snapshots(tmp_path, "run-a")
+    with pytest.raises(Crash):  # dies at step 7, after the snapshot of step 6
+        run_train(shards, tiny_sp, snapshots=snapshots, log=crash_at(7), **RESUMABLE)
+    assert torch.load(snapshots.path, weights_only=True)["step"] == 6
+    _, resumed_log, resumed = run_train(shards, tiny_sp, snapshots=snapshots, **RESUMABLE)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name  # EMA weights, bit for bit
+    losses = lambda log, first: [(s, v["train_loss"]) for s, v in log if "train_loss" in v and s > first]  # noqa: E731
+    assert losses(resumed_log, 6) == losses(straight_log, 6)  # steps 7, 8, 9 identical
+
+
+def test_a_snapshot_of_another_run_is_not_resumed(shards, tiny_sp, tmp_path):
+    with pytest.raises(Crash):
+        run_train(shards, tiny_sp, snapshots=resume.Snapshots(tmp_path, "run-a"), log=crash_at(4), **RESUMABLE)
+    _, logged, _ = run_train(shards, tiny_sp, snapshots=resume.Snapshots(tmp_path, "run-b"), **RESUMABLE)
+    assert logged[0][0] == 1  # started from step 0
+    snapshot, why = resume.Snapshots(tmp_path, "run-a").load()
+    assert snapshot is None and "another run" in why  # run-b overwrote it with its own
+
+
+def test_an_unreadable_snapshot_is_an_error_that_names_it(tmp_path):
+    snapshots = resume.Snapshots(tmp_path, "run-a")
+    snapshots.path.write_bytes(b"not a snapshot")
+    with pytest.raises(ValueError, match=r"snapshot\.pt is unreadable.*delete it"):
+        snapshots.load()
+
+
+def test_the_fingerprint_changes_with_settings_inputs_and_processes():
+    cfg = config.build_section("train", TINY_TRAIN)
+    base = resume.fingerprint(cfg, {"shards": "a"}, 1)
+    assert base == resume.fingerprint(config.build_section("train", TINY_TRAIN), {"shards": "a"}, 1)
+    assert base != resume.fingerprint(config.build_section("train", {**TINY_TRAIN, "matrix_lr": 0.03}), {"shards": "a"}, 1)
+    assert base != resume.fingerprint(cfg, {"shards": "b"}, 1)
+    assert base != resume.fingerprint(cfg, {"shards": "a"}, 2)
