@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pgolf_core import config, kernels  # noqa: E402
+from pgolf_core import model as model_module  # noqa: E402
+from pgolf_core.loss import softcap_nll  # noqa: E402
 from pgolf_core.model import GPT, layer_sequence  # noqa: E402
 from pgolf_core.optim import build_optimizers  # noqa: E402
 from pgolf_core.train import model_config, train_step  # noqa: E402
@@ -78,10 +80,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop state (compilation)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--no-flash", action="store_true", help="force PyTorch SDPA")
+    parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
+                        help="training loss path: fused softcapped CE (the trainer's) or the plain composition (A/B)")
     parser.add_argument("--trace", default=None, help="write a profiler table of 2 looped steps to this file")
     args = parser.parse_args()
 
     overrides = config.read_profile(args.profile)
+    if args.loss == "plain":  # what the trainer ran before loss.fused_softcap_nll, for comparison
+        model_module.fused_softcap_nll = softcap_nll
     cfg = config.build_section("train", overrides.get("train", {}))
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
@@ -132,13 +138,15 @@ def main() -> None:
         "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
         "attention_path": kernels.attention_path(device),
         "compiled": step_model is not model,
+        "loss": args.loss,
         "config": {"profile": args.profile, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
                    "micro_batch_seqs": cfg.micro_batch_seqs, "num_params": sum(p.numel() for p in model.parameters()),
                    "torch": torch.__version__},
     }
     print(json.dumps(result))
     if device.type == "cuda":
-        out = ROOT / "bench" / "results" / "train_throughput.json"
+        name = "train_throughput.json" if args.loss == "fused" else "train_throughput_plain_loss.json"
+        out = ROOT / "bench" / "results" / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
 

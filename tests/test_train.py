@@ -105,6 +105,33 @@ def test_torchrun_two_processes_match_one(tmp_path, shards, tiny_tokenizer_dir):
     np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)
 
 
+FEATURED = dict(num_layers=4, unet_skips=True, num_loops=1, loop_start=1, loop_end=2, loop_start_frac=0.5,
+                parallel_mode="routed", parallel_start=2, smear_gate=True, xsa_last_n=4, qk_gain_init=5.0,
+                rope_dims=8, attn_gate=True, resid_mix=True, ln_scale=True)
+
+
+@pytest.mark.slow
+def test_torchrun_compiled_two_processes_match_one_eager(tmp_path, shards, tiny_tokenizer_dir):
+    """The 8xH100 path in miniature: DDP + torch.compile (inductor, gloo) with the loop
+    switching on mid-run, against one eager process; the loss curves agree."""
+    curves = {}
+    for nproc, compile_ in ((1, False), (2, True)):
+        out = tmp_path / f"run{nproc}"
+        params = tmp_path / f"params{nproc}.yaml"
+        params.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, **FEATURED, "iterations": 8, "val_every": 0,
+                                                    "compile": compile_}}))
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = launcher + ["-m", "stages.train", "--params", str(params), "--shards", str(shards),
+                          "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out / "model.safetensors"),
+                          "--metrics", str(out / "metrics")]
+        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
+        assert run.returncode == 0, run.stderr[-3000:]
+        with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
+            curves[nproc] = [float(row["train_loss"]) for row in csv.DictReader(f, delimiter="\t")]
+    assert len(curves[1]) == len(curves[2]) == 8
+    np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)
+
+
 def _env():
     import os
 
