@@ -23,6 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.timing import median_ms  # noqa: E402
 from pgolf_core.loss import fused_softcap_nll, softcap_nll  # noqa: E402
 
 B, T, D, V, CAP = 48, 2048, 512, 8192, 30.0
@@ -34,18 +35,6 @@ def head_loss(loss_fn):
             logits = F.linear(F.rms_norm(x, (D,)), weight)
         return loss_fn(logits, targets, CAP).mean()
     return torch.compile(run)
-
-
-def median_ms(fn, repeats: int = 20) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeats):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
