@@ -118,16 +118,20 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
             print(f"train: {why}")
         if snapshot is not None:
             step, clock.total, ema = _restore(snapshot, model, optimizers, stream, ema, device)
-    start_step = step
+    start_step, near_cap = step, False
+    elapsed_at_start = clock.total
     bar = tqdm(total=cfg.iterations, initial=step, desc="train", unit="step", disable=not dist.is_main())
     clock.resume()
     while True:
         at_val = bool(cfg.val_every) and step % cfg.val_every == 0 and step > 0
         at_snapshot = snapshots is not None and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0 \
             and start_step < step < cfg.iterations
-        if step % cfg.log_every == 0 or at_val or at_snapshot or step >= cfg.iterations:
+        if step % cfg.log_every == 0 or at_val or at_snapshot or near_cap or step >= cfg.iterations:
             _sync(device)
             elapsed = float(dist.all_reduce_max(torch.tensor([clock.read()], dtype=torch.float64)).item())
+            # Within `log_every` steps of the cap, check it every step: stop at most one step late.
+            near_cap = cfg.max_wallclock_seconds > 0 and step > start_step and \
+                elapsed + cfg.log_every * (elapsed - elapsed_at_start) / (step - start_step) >= cfg.train_seconds_cap
             if window_losses:
                 loss = float(dist.all_reduce_sum(torch.stack(window_losses).double().mean().cpu())) / world
                 window_losses = []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dvclive import Live
 
-from pgolf_core import checkpoint, config, data, dist, io, resume, tokenizer
+from pgolf_core import checkpoint, config, data, dist, io, kernels, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
 from pgolf_core.train import model_config, set_seed, train
@@ -40,7 +40,8 @@ def main() -> None:
     live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
     if live:
         print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
-              f"{len(stream.tokens):,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens")
+              f"{len(stream.tokens):,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens; "
+              f"attention {kernels.attention_path(device)}, {'compiled' if cfg.compile else 'eager'}")
 
     def log(step: int, values: dict) -> None:
         if live:

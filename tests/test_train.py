@@ -66,6 +66,30 @@ def test_calibration_reserve_comes_out_of_the_wallclock_cap(shards, tiny_sp):
     assert result.stopped_by == "wallclock" and 0.4 <= result.train_seconds < 100
 
 
+def test_near_the_cap_the_clock_is_checked_every_step(shards, tiny_sp, monkeypatch):
+    """A fake clock that advances 1 s per training step: with checks every 10 steps and a
+    25 s cap, training stops at step 25 (checks go per-step from step 20), not at 30."""
+    import pgolf_core.train as train_module
+
+    class FakeTime:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+    fake = FakeTime()
+    real_step = train_module.train_step
+
+    def timed_step(*args, **kwargs):
+        fake.now += 1.0
+        return real_step(*args, **kwargs)
+    monkeypatch.setattr(train_module, "time", fake)
+    monkeypatch.setattr(train_module, "train_step", timed_step)
+    result, logged, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=25.0, schedule="wallclock",
+                                  log_every=10, val_every=0)
+    assert result.stopped_by == "wallclock" and result.steps == 25 and result.train_seconds == 25.0
+    assert [step for step, values in logged if "train_loss" in values] == [10, 20, 21, 22, 23, 24, 25]
+
+
 def test_wallclock_cap_stops_training(shards, tiny_sp):
     result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=0.5, schedule="wallclock")
     assert result.stopped_by == "wallclock" and 0 < result.steps < 10_000 and result.train_seconds >= 0.5
