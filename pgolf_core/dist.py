@@ -1,6 +1,6 @@
 """The only module that talks to torch.distributed.
 
-Under `torchrun` it initialises from the environment (NCCL on CUDA, gloo on CPU);
+Under `torchrun` it initialises from the environment (NCCL for CUDA tensors, gloo for CPU ones);
 without it everything degrades to one process and the collectives are no-ops.
 Other modules return sums and let the caller reduce them here.
 """
@@ -13,10 +13,16 @@ import torch
 import torch.distributed as td
 
 
+def backend(device_type: str) -> str:
+    """NCCL for CUDA tensors and gloo for CPU ones on GPUs (the loop reduces small CPU
+    scalars, the clock and the loss, which NCCL alone refuses); gloo alone on CPUs."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
 def init(device_type: str) -> None:
     """Join the process group torchrun describes (no-op for a single process)."""
     if "RANK" in os.environ and not td.is_initialized():
-        td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        td.init_process_group(backend=backend(device_type))
 
 
 def shutdown() -> None:

@@ -118,6 +118,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
             print(f"train: {why}")
         if snapshot is not None:
             step, clock.total, ema = _restore(snapshot, model, optimizers, stream, ema, device)
+        ranks_agree_on_step(step)
     start_step, near_cap = step, False
     elapsed_at_start = clock.total
     bar = tqdm(total=cfg.iterations, initial=step, desc="train", unit="step", disable=not dist.is_main())
@@ -227,6 +228,16 @@ def _restore(snapshot: Snapshot, model, optimizers, stream: TokenStream, ema, de
     if ema is not None:
         ema = [t.to(device) for t in snapshot.ema]
     return snapshot.step, snapshot.elapsed, ema
+
+
+def ranks_agree_on_step(step: int) -> None:
+    """Every rank must resume from the same snapshot. Across nodes, the snapshot folder
+    must be on a filesystem all of them share; otherwise some ranks would start afresh."""
+    high = dist.all_reduce_max(torch.tensor([float(step)], dtype=torch.float64)).item()
+    low = -dist.all_reduce_max(torch.tensor([-float(step)], dtype=torch.float64)).item()
+    if high != low:
+        raise RuntimeError(f"ranks found different snapshots to resume (steps {low:.0f} to {high:.0f}): "
+                           "put --snapshots on a filesystem every node shares")
 
 
 def _sync(device: torch.device) -> None:

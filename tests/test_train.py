@@ -213,3 +213,18 @@ def test_the_fingerprint_changes_with_settings_inputs_and_processes():
     assert base != resume.fingerprint(config.build_section("train", {**TINY_TRAIN, "matrix_lr": 0.03}), {"shards": "a"}, 1)
     assert base != resume.fingerprint(cfg, {"shards": "b"}, 1)
     assert base != resume.fingerprint(cfg, {"shards": "a"}, 2)
+
+
+def test_ranks_that_found_different_snapshots_refuse_to_start(monkeypatch):
+    """A second rank (simulated) resumed from step 6: it contributes 6 to the max of the
+    steps and -6 to the max of their negatives."""
+    import pgolf_core.train as train_module
+
+    def agree_with_a_rank_at(other_step: float):
+        contributions = iter([other_step, -other_step])
+        return lambda t: torch.maximum(t, torch.full_like(t, next(contributions)))
+    monkeypatch.setattr(train_module.dist, "all_reduce_max", agree_with_a_rank_at(6.0))
+    with pytest.raises(RuntimeError, match="steps 0 to 6.*filesystem every node shares"):
+        train_module.ranks_agree_on_step(0)
+    monkeypatch.setattr(train_module.dist, "all_reduce_max", agree_with_a_rank_at(6.0))
+    train_module.ranks_agree_on_step(6)  # the same snapshot on both: passes
