@@ -48,6 +48,11 @@ def select_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The compute precision of forward passes: bf16 autocast on CUDA, plain float32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
 def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
 

@@ -91,11 +91,11 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         raise ValueError(f"train.batch_tokens={cfg.batch_tokens} gives {seqs_per_step} sequences per step, "
                          f"not divisible by {world} processes")
     rows = slice(rank * seqs_per_step // world, (rank + 1) * seqs_per_step // world)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast_dtype = dist.autocast_dtype(device)
     step_model = DistributedDataParallel(model) if world > 1 else model
     if cfg.compile:
         step_model = torch.compile(step_model)
-    optimizers = build_optimizers(model, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    optimizers = build_optimizers(model, cfg, autocast_dtype or torch.float32)  # Newton-Schulz precision
 
     def one_step(step: int, progress: float) -> torch.Tensor:
         apply_schedule(optimizers, lr_multiplier(step, progress, cfg), muon_momentum(step, cfg))
@@ -111,7 +111,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         _warm_up_and_restore(model, optimizers, stream, one_step)
     ema = [v.detach().float().clone() for v in model.state_dict().values()] if cfg.ema_decay else None
     val_end = cfg.val_tokens + 1 if cfg.val_tokens else len(val_tokens)
-    step, elapsed, loss, window_losses, clock = 0, 0.0, float("nan"), [], Stopwatch()
+    step, elapsed, progress, loss, window_losses, clock = 0, 0.0, 0.0, float("nan"), [], Stopwatch()
     if snapshots is not None:
         snapshot, why = snapshots.load()
         if dist.is_main():

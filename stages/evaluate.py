@@ -8,7 +8,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
 from pgolf_core import artifact, config, data, dist, io, tokenizer
 from pgolf_core.bpb import val_byte_counts
@@ -21,7 +20,7 @@ def evaluate(cfg: config.EvaluateConfig, model, val_tokens, val_bytes, device) -
     if cfg.truncate_to_seq_len:
         end = (len(val_tokens) - 1) // cfg.seq_len * cfg.seq_len + 1
         val_tokens, val_bytes = val_tokens[:end], val_bytes[:end]
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = dist.autocast_dtype(device)
     metrics = {}
     for mode in cfg.modes:
         start = time.perf_counter()

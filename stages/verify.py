@@ -31,7 +31,8 @@ def verify(cfg: config.VerifyConfig, args) -> tuple[dict, list[str]]:
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
     val_bytes = val_byte_counts(sp, args.shards, val_tokens)
     roundtrip_bpb, _ = val_bpb(model.to(device), val_tokens, val_bytes, window=cfg.seq_len,
-                               stride=cfg.seq_len, batch_seqs=cfg.batch_seqs, device=device, progress=True)
+                               stride=cfg.seq_len, batch_seqs=cfg.batch_seqs, device=device,
+                               autocast_dtype=dist.autocast_dtype(device), progress=True)
     metrics = {
         "artifact_bytes": code_total + len(blob), "code_bytes": code_total, "model_bytes": len(blob),
         "fits_16mb": code_total + len(blob) <= cfg.max_artifact_bytes,

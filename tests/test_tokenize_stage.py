@@ -6,7 +6,6 @@ import json
 import os
 
 import numpy as np
-import pytest
 
 from pgolf_core import config, data, hub, tokenizer
 from stages.tokenize import tokenize

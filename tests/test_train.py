@@ -120,7 +120,7 @@ def test_torchrun_two_processes_match_one(tmp_path, shards, tiny_tokenizer_dir):
         cmd = launcher + ["-m", "stages.train", "--params", str(params), "--shards", str(shards),
                           "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out / "model.safetensors"),
                           "--metrics", str(out / "metrics"), "--snapshots", str(out / "snapshots")]
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
+        run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env())
         assert run.returncode == 0, run.stderr[-3000:]
         assert "no snapshot at" in run.stdout and not (out / "snapshots" / resume.SNAPSHOT_FILE).exists()
         with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
@@ -148,7 +148,7 @@ def test_torchrun_compiled_two_processes_match_one_eager(tmp_path, shards, tiny_
         cmd = launcher + ["-m", "stages.train", "--params", str(params), "--shards", str(shards),
                           "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out / "model.safetensors"),
                           "--metrics", str(out / "metrics")]
-        run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=_env())
+        run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env())
         assert run.returncode == 0, run.stderr[-3000:]
         with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
             curves[nproc] = [float(row["train_loss"]) for row in csv.DictReader(f, delimiter="\t")]
@@ -157,9 +157,12 @@ def test_torchrun_compiled_two_processes_match_one_eager(tmp_path, shards, tiny_
 
 
 def _env():
+    """Runs start in the test's tmp folder, outside any git or DVC repo, so DVCLive never
+    touches the project's repo (nor races another process working in it)."""
     import os
 
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 class Crash(Exception):
