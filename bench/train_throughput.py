@@ -69,6 +69,7 @@ def write_trace(step, path: Path, steps: int = 2) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=300))
 
 
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--no-flash", action="store_true", help="force PyTorch SDPA")
     parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
                         help="training loss path: fused softcapped CE (the trainer's) or the plain composition (A/B)")
-    parser.add_argument("--trace", default=None, help="write a profiler table of 2 looped steps to this file")
+    parser.add_argument("--trace", default=None, help="write profiler tables of 2 steps per loop state (NAME_unlooped.txt, NAME_looped.txt)")
     args = parser.parse_args()
 
     overrides = config.read_profile(args.profile)
@@ -119,8 +120,9 @@ def main() -> None:
         seconds = time_steps(step, args.steps, device)
         figures[looping] = {"seconds": seconds, "tokens_per_second": cfg.batch_tokens / seconds,
                             "flops_per_token": flops_per_token(model, looping, cfg.seq_len)}
-    if args.trace:
-        write_trace(step, Path(args.trace))
+        if args.trace:  # one table per loop state, to compare where the extra looped time goes
+            trace = Path(args.trace)
+            write_trace(step, trace.with_name(f"{trace.stem}_{'looped' if looping else 'unlooped'}{trace.suffix}"))
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     plain, looped = figures[False], figures.get(True, figures[False])
