@@ -26,7 +26,11 @@ def init(device_type: str) -> None:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tears its group down while another
+    is still saving results can abort at exit (seen with gloo: "terminate called without
+    an active exception", SIGABRT, after a run that had finished)."""
     if td.is_initialized():
+        td.barrier()
         td.destroy_process_group()
 
 
