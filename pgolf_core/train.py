@@ -120,7 +120,8 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
             step, clock.total, ema = _restore(snapshot, model, optimizers, stream, ema, device)
         ranks_agree_on_step(step)
     start_step, near_cap = step, False
-    elapsed_at_start = clock.total
+    elapsed_at_start = synced_elapsed = clock.total
+    synced_step, seconds_per_step = step, 0.0
     bar = tqdm(total=cfg.iterations, initial=step, desc="train", unit="step", disable=not dist.is_main())
     clock.resume()
     while True:
@@ -130,9 +131,12 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         if step % cfg.log_every == 0 or at_val or at_snapshot or near_cap or step >= cfg.iterations:
             _sync(device)
             elapsed = float(dist.all_reduce_max(torch.tensor([clock.read()], dtype=torch.float64)).item())
+            synced_step, synced_elapsed = step, elapsed
+            if step > start_step:
+                seconds_per_step = (elapsed - elapsed_at_start) / (step - start_step)
             # Within `log_every` steps of the cap, check it every step: stop at most one step late.
             near_cap = cfg.max_wallclock_seconds > 0 and step > start_step and \
-                elapsed + cfg.log_every * (elapsed - elapsed_at_start) / (step - start_step) >= cfg.train_seconds_cap
+                elapsed + cfg.log_every * seconds_per_step >= cfg.train_seconds_cap
             if window_losses:
                 loss = float(dist.all_reduce_sum(torch.stack(window_losses).double().mean().cpu())) / world
                 window_losses = []
@@ -158,7 +162,8 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
             clock.resume()
         if done:
             break
-        progress = step / cfg.iterations if cfg.schedule == "steps" else clock.read() / cfg.train_seconds_cap
+        progress = step / cfg.iterations if cfg.schedule == "steps" else wallclock_progress(
+            step, synced_step, synced_elapsed, seconds_per_step, cfg.train_seconds_cap)
         window_losses.append(one_step(step, progress).detach())
         if ema is not None:
             torch._foreach_lerp_(ema, [v.float() for v in model.state_dict().values()], 1.0 - cfg.ema_decay)
@@ -228,6 +233,15 @@ def _restore(snapshot: Snapshot, model, optimizers, stream: TokenStream, ema, de
     if ema is not None:
         ema = [t.to(device) for t in snapshot.ema]
     return snapshot.step, snapshot.elapsed, ema
+
+
+def wallclock_progress(step: int, synced_step: int, synced_elapsed: float, seconds_per_step: float,
+                       cap: float) -> float:
+    """Fraction of the wall-clock budget at `step`, from the last clock all ranks agreed on
+    (at `synced_step`) plus the steps since at the measured rate. Built only from agreed
+    values, so every rank gets the same learning rate and switches the loop on at the same
+    step; reading each rank's own clock would let the replicas drift apart."""
+    return min((synced_elapsed + (step - synced_step) * seconds_per_step) / cap, 1.0)
 
 
 def ranks_agree_on_step(step: int) -> None:

@@ -90,6 +90,36 @@ def test_near_the_cap_the_clock_is_checked_every_step(shards, tiny_sp, monkeypat
     assert [step for step, values in logged if "train_loss" in values] == [10, 20, 21, 22, 23, 24, 25]
 
 
+def test_wallclock_schedule_runs_on_the_agreed_clock(shards, tiny_sp, monkeypatch):
+    """Progress (lr, loop switch) comes from the last all-reduced clock plus steps at the
+    measured rate, never from a rank's own clock. Steps take 1 s, then 2 s from step 30;
+    clock checks every 10 steps; cap 100 s. From the check at step 30 (30 s, 1 s/step) the
+    loop switches on at step 35; a rank reading its own clock would switch at step 33."""
+    import pgolf_core.train as train_module
+
+    class FakeTime:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+    fake, looping = FakeTime(), []
+    real_step = train_module.train_step
+
+    def timed_step(step_model, *args, **kwargs):
+        looping.append(step_model.looping)
+        fake.now += 1.0 if len(looping) <= 30 else 2.0
+        return real_step(step_model, *args, **kwargs)
+    monkeypatch.setattr(train_module, "time", fake)
+    monkeypatch.setattr(train_module, "train_step", timed_step)
+    result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=100.0, schedule="wallclock",
+                             log_every=10, val_every=0, num_layers=3, num_loops=1, loop_start=1, loop_end=1,
+                             loop_start_frac=0.35)
+    assert looping.index(True) == 35 and all(looping[35:])
+    assert result.steps == 65 and result.train_seconds == 100.0  # 30 x 1 s + 35 x 2 s
+    assert train_module.wallclock_progress(37, 30, 30.0, 1.0, 100.0) == 0.37
+    assert train_module.wallclock_progress(130, 30, 30.0, 1.0, 100.0) == 1.0  # never past the end
+
+
 def test_wallclock_cap_stops_training(shards, tiny_sp):
     result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=0.5, schedule="wallclock")
     assert result.stopped_by == "wallclock" and 0 < result.steps < 10_000 and result.train_seconds >= 0.5
