@@ -38,7 +38,8 @@ COMPILE_WARMUP_STEPS = 3
 class TrainResult:
     steps: int
     train_seconds: float
-    tokens_per_second: float
+    tokens_per_second: float  # all processes together
+    tokens_per_second_per_gpu: float  # per process: the figure the records quote (e.g. 808 K on 8xH100)
     ms_per_step: float
     val_bpb_prequant: float
     final_train_loss: float
@@ -179,6 +180,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
                            progress=dist.is_main())
     return TrainResult(
         steps=step, train_seconds=elapsed, tokens_per_second=step * cfg.batch_tokens / max(elapsed, 1e-9),
+        tokens_per_second_per_gpu=step * cfg.batch_tokens / max(elapsed, 1e-9) / world,
         ms_per_step=1000 * elapsed / max(step, 1), val_bpb_prequant=final_bpb, final_train_loss=loss,
         peak_mem_mib=_peak_mem_mib(device), world_size=world, seed=cfg.seed,
         stopped_by="iterations" if step >= cfg.iterations else "wallclock",

@@ -65,7 +65,8 @@ def main() -> None:
         live.make_summary()
         live.end()
         print(f"train: {result.steps} steps in {result.train_seconds:.1f} s "
-              f"({result.tokens_per_second:,.0f} tok/s), val_bpb_prequant {result.val_bpb_prequant:.4f}, "
+              f"({result.tokens_per_second:,.0f} tok/s, {result.tokens_per_second_per_gpu:,.0f} per process), "
+              f"val_bpb_prequant {result.val_bpb_prequant:.4f}, "
               f"stage {time.perf_counter() - start:.1f} s")
     dist.shutdown()
 

@@ -1,4 +1,5 @@
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,9 @@ def test_torchrun_two_processes_match_one(tmp_path, shards, tiny_tokenizer_dir):
         run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env())
         assert run.returncode == 0, run.stderr[-3000:]
         assert "no snapshot at" in run.stdout and not (out / "snapshots" / resume.SNAPSHOT_FILE).exists()
+        summary = json.loads((out / "metrics" / "metrics.json").read_text())
+        assert summary["world_size"] == nproc
+        assert summary["tokens_per_second_per_gpu"] == pytest.approx(summary["tokens_per_second"] / nproc)
         with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
             curves[nproc] = [float(row["train_loss"]) for row in csv.DictReader(f, delimiter="\t")]
     assert len(curves[1]) == len(curves[2]) == 5
