@@ -50,17 +50,20 @@ def main() -> None:
                 live.log_metric(name, value)
             live.make_summary()
 
-    start = time.perf_counter()
-    inputs = {"shards": io.sha256_tree(args.shards), "tokenizer": io.sha256_tree(args.tokenizer)}
-    snapshots = resume.Snapshots(args.snapshots, resume.fingerprint(cfg, inputs, dist.world_size())) \
-        if args.snapshots and cfg.snapshot_every else None
+    def input_hashes() -> dict:  # 16 GB of shards at full scale: hashed once, and only where needed
+        return {"shards": io.sha256_tree(args.shards), "tokenizer": io.sha256_tree(args.tokenizer)}
+
+    start, inputs, snapshots = time.perf_counter(), None, None
+    if args.snapshots and cfg.snapshot_every:  # every rank needs the run's fingerprint
+        inputs = input_hashes()
+        snapshots = resume.Snapshots(args.snapshots, resume.fingerprint(cfg, inputs, dist.world_size()))
     result = train(cfg, model, stream, val_tokens, val_bytes, device, log, snapshots)
     if live:
         checkpoint.save_model(args.out, model)
         if snapshots:
             snapshots.remove()  # the run is complete: nothing left to resume
         summary = {**dataclasses.asdict(result), "num_params": num_params,
-                   "provenance": io.provenance(inputs)}
+                   "provenance": io.provenance(inputs or input_hashes())}
         live.summary = summary  # metrics.json = the final summary, not the last step's values
         live.make_summary()
         live.end()
