@@ -40,7 +40,7 @@ class _FusedSoftcapNLL(torch.autograd.Function):
         s = softcap(logits, cap)
         lse = torch.logsumexp(s, dim=-1, keepdim=True)
         hit = torch.arange(s.size(-1), device=s.device) == targets[..., None]
-        nll = (lse - torch.where(hit, s, 0.0).sum(-1, keepdim=True)).squeeze(-1)
+        nll = (lse - s.gather(-1, targets[..., None])).squeeze(-1)
         grad = torch.exp(s - lse) - hit.float()
         if cap > 0:
             grad = grad * (1.0 - (s / cap).square())

@@ -118,7 +118,9 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         if dist.is_main():
             print(f"train: {why}")
         if snapshot is not None:
-            step, clock.total, ema = _restore(snapshot, model, optimizers, stream, ema, device)
+            _load_state(model, optimizers, stream, snapshot.model, snapshot.optimizers, snapshot.stream_position)
+            step, clock.total = snapshot.step, snapshot.elapsed
+            ema = [t.to(device) for t in snapshot.ema] if ema is not None else None
         ranks_agree_on_step(step)
     start_step, near_cap = step, False
     elapsed_at_start = synced_elapsed = clock.total
@@ -136,7 +138,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
             if step > start_step:
                 seconds_per_step = (elapsed - elapsed_at_start) / (step - start_step)
             # Within `log_every` steps of the cap, check it every step: stop at most one step late.
-            near_cap = cfg.max_wallclock_seconds > 0 and step > start_step and \
+            near_cap = cfg.max_wallclock_seconds > 0 and \
                 elapsed + cfg.log_every * seconds_per_step >= cfg.train_seconds_cap
             if window_losses:
                 loss = float(dist.all_reduce_sum(torch.stack(window_losses).double().mean().cpu())) / world
@@ -220,21 +222,16 @@ def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> No
     for progress in (0.0, 1.0):  # both loop states, so the switch never recompiles mid-run
         for step in range(COMPILE_WARMUP_STEPS):
             one_step(step, progress)
+    _load_state(model, optimizers, stream, model_state, opt_states, position)
+
+
+def _load_state(model, optimizers, stream: TokenStream, model_state: dict, opt_states: list, position: int) -> None:
+    """Put model, optimizers and data position back as saved (after the compile warm-up,
+    or from a snapshot)."""
     model.load_state_dict(model_state)
     for opt, state in zip(optimizers, opt_states):
         opt.load_state_dict(state)
     stream.restore(position)
-
-
-def _restore(snapshot: Snapshot, model, optimizers, stream: TokenStream, ema, device) -> tuple[int, float, list | None]:
-    """Put a run's state back as its snapshot left it: (step, timed seconds, EMA)."""
-    model.load_state_dict(snapshot.model)
-    for opt, state in zip(optimizers, snapshot.optimizers):
-        opt.load_state_dict(state)
-    stream.restore(snapshot.stream_position)
-    if ema is not None:
-        ema = [t.to(device) for t in snapshot.ema]
-    return snapshot.step, snapshot.elapsed, ema
 
 
 def wallclock_progress(step: int, synced_step: int, synced_elapsed: float, seconds_per_step: float,

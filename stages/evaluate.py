@@ -8,7 +8,6 @@ import argparse
 import time
 from pathlib import Path
 
-
 from pgolf_core import artifact, config, data, dist, io, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.eval.sliding import val_bpb

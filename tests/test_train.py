@@ -67,51 +67,48 @@ def test_calibration_reserve_comes_out_of_the_wallclock_cap(shards, tiny_sp):
     assert result.stopped_by == "wallclock" and 0.4 <= result.train_seconds < 100
 
 
-def test_near_the_cap_the_clock_is_checked_every_step(shards, tiny_sp, monkeypatch):
-    """A fake clock that advances 1 s per training step: with checks every 10 steps and a
-    25 s cap, training stops at step 25 (checks go per-step from step 20), not at 30."""
+@pytest.fixture
+def step_clock(monkeypatch):
+    """The trainer's clock, faked: it advances only when a training step runs, by
+    `seconds_for(steps_so_far)`; `looping` records the model's loop state at each step."""
     import pgolf_core.train as train_module
 
-    class FakeTime:
-        now = 0.0
+    class StepClock:
+        now, looping = 0.0, []
+        seconds_for = staticmethod(lambda steps: 1.0)
 
         def perf_counter(self):
             return self.now
-    fake = FakeTime()
+    clock = StepClock()
     real_step = train_module.train_step
 
-    def timed_step(*args, **kwargs):
-        fake.now += 1.0
-        return real_step(*args, **kwargs)
-    monkeypatch.setattr(train_module, "time", fake)
+    def timed_step(step_model, *args, **kwargs):
+        clock.looping.append(step_model.looping)
+        clock.now += clock.seconds_for(len(clock.looping))
+        return real_step(step_model, *args, **kwargs)
+    monkeypatch.setattr(train_module, "time", clock)
     monkeypatch.setattr(train_module, "train_step", timed_step)
+    return clock
+
+
+def test_near_the_cap_the_clock_is_checked_every_step(shards, tiny_sp, step_clock):
+    """A fake clock that advances 1 s per training step: with checks every 10 steps and a
+    25 s cap, training stops at step 25 (checks go per-step from step 20), not at 30."""
     result, logged, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=25.0, schedule="wallclock",
                                   log_every=10, val_every=0)
     assert result.stopped_by == "wallclock" and result.steps == 25 and result.train_seconds == 25.0
     assert [step for step, values in logged if "train_loss" in values] == [10, 20, 21, 22, 23, 24, 25]
 
 
-def test_wallclock_schedule_runs_on_the_agreed_clock(shards, tiny_sp, monkeypatch):
+def test_wallclock_schedule_runs_on_the_agreed_clock(shards, tiny_sp, step_clock):
     """Progress (lr, loop switch) comes from the last all-reduced clock plus steps at the
     measured rate, never from a rank's own clock. Steps take 1 s, then 2 s from step 30;
     clock checks every 10 steps; cap 100 s. From the check at step 30 (30 s, 1 s/step) the
     loop switches on at step 35; a rank reading its own clock would switch at step 33."""
     import pgolf_core.train as train_module
 
-    class FakeTime:
-        now = 0.0
-
-        def perf_counter(self):
-            return self.now
-    fake, looping = FakeTime(), []
-    real_step = train_module.train_step
-
-    def timed_step(step_model, *args, **kwargs):
-        looping.append(step_model.looping)
-        fake.now += 1.0 if len(looping) <= 30 else 2.0
-        return real_step(step_model, *args, **kwargs)
-    monkeypatch.setattr(train_module, "time", fake)
-    monkeypatch.setattr(train_module, "train_step", timed_step)
+    step_clock.seconds_for = lambda steps: 1.0 if steps <= 30 else 2.0
+    looping = step_clock.looping
     result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=100.0, schedule="wallclock",
                              log_every=10, val_every=0, num_layers=3, num_loops=1, loop_start=1, loop_end=1,
                              loop_start_frac=0.35)
@@ -138,27 +135,34 @@ def test_seed_makes_runs_repeatable(shards, tiny_sp):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
 
 
+def torchrun_train(tmp_path, name: str, nproc: int, train_params: dict, shards, tokenizer_dir, *extra: str):
+    """Run the train stage under torchrun with these train params; (its output folder,
+    its stdout, its loss curve). Fails with the run's stderr when it does."""
+    out, params = tmp_path / name, tmp_path / f"{name}.yaml"
+    params.write_text(yaml.safe_dump({"train": train_params}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "stages.train", "--params", str(params), "--shards", str(shards), "--tokenizer", str(tokenizer_dir),
+           "--out", str(out / "model.safetensors"), "--metrics", str(out / "metrics"), *extra]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env())
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
+        curve = [float(row["train_loss"]) for row in csv.DictReader(f, delimiter="\t")]
+    return out, run.stdout, curve
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, shards, tiny_tokenizer_dir):
     """Same global batch on 1 and 2 processes (gloo): the loss curves agree. Both save
     snapshots on the way (rank 0 writes, all wait) and remove them once complete."""
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "iterations": 5, "val_every": 0, "snapshot_every": 2}}))
     curves = {}
     for nproc in (1, 2):
-        out = tmp_path / f"run{nproc}"
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd = launcher + ["-m", "stages.train", "--params", str(params), "--shards", str(shards),
-                          "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out / "model.safetensors"),
-                          "--metrics", str(out / "metrics"), "--snapshots", str(out / "snapshots")]
-        run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env())
-        assert run.returncode == 0, run.stderr[-3000:]
-        assert "no snapshot at" in run.stdout and not (out / "snapshots" / resume.SNAPSHOT_FILE).exists()
+        out, stdout, curves[nproc] = torchrun_train(
+            tmp_path, f"run{nproc}", nproc, {**TINY_TRAIN, "iterations": 5, "val_every": 0, "snapshot_every": 2},
+            shards, tiny_tokenizer_dir, "--snapshots", str(tmp_path / f"run{nproc}" / "snapshots"))
+        assert "no snapshot at" in stdout and not (out / "snapshots" / resume.SNAPSHOT_FILE).exists()
         summary = json.loads((out / "metrics" / "metrics.json").read_text())
         assert summary["world_size"] == nproc
         assert summary["tokens_per_second_per_gpu"] == pytest.approx(summary["tokens_per_second"] / nproc)
-        with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
-            curves[nproc] = [float(row["train_loss"]) for row in csv.DictReader(f, delimiter="\t")]
     assert len(curves[1]) == len(curves[2]) == 5
     np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)
 
@@ -174,18 +178,9 @@ def test_torchrun_compiled_two_processes_match_one_eager(tmp_path, shards, tiny_
     switching on mid-run, against one eager process; the loss curves agree."""
     curves = {}
     for nproc, compile_ in ((1, False), (2, True)):
-        out = tmp_path / f"run{nproc}"
-        params = tmp_path / f"params{nproc}.yaml"
-        params.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, **FEATURED, "iterations": 8, "val_every": 0,
-                                                    "compile": compile_}}))
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd = launcher + ["-m", "stages.train", "--params", str(params), "--shards", str(shards),
-                          "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out / "model.safetensors"),
-                          "--metrics", str(out / "metrics")]
-        run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env())
-        assert run.returncode == 0, run.stderr[-3000:]
-        with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
-            curves[nproc] = [float(row["train_loss"]) for row in csv.DictReader(f, delimiter="\t")]
+        _, _, curves[nproc] = torchrun_train(
+            tmp_path, f"run{nproc}", nproc, {**TINY_TRAIN, **FEATURED, "iterations": 8, "val_every": 0,
+                                             "compile": compile_}, shards, tiny_tokenizer_dir)
     assert len(curves[1]) == len(curves[2]) == 8
     np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)
 
