@@ -94,7 +94,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
-        "corpus": args.corpus, "train_tokens": int(len(stream.tokens)), "val_tokens": int(len(val)),
+        "corpus": args.corpus, "train_tokens": stream.num_tokens, "val_tokens": int(len(val)),
         "steps": result.steps, "tokens_per_second": round(result.tokens_per_second),
         "val_bpb_prequant": result.val_bpb_prequant,
         "loop_switch_step": switch_step, "loop_start_frac": cfg.loop_start_frac,

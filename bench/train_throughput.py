@@ -32,7 +32,7 @@ from pgolf_core import model as model_module  # noqa: E402
 from pgolf_core.loss import softcap_nll  # noqa: E402
 from pgolf_core.model import GPT, layer_sequence  # noqa: E402
 from pgolf_core.optim import build_optimizers  # noqa: E402
-from pgolf_core.train import model_config, train_step  # noqa: E402
+from pgolf_core.train import compile_model, model_config, train_step  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per loop state")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop state (compilation)")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--compile-mode", choices=config.COMPILE_MODES, default=None, help="override train.compile_mode")
+    parser.add_argument("--tune-kernels", action="store_true", help="set train.compile_tune_kernels (A/B)")
     parser.add_argument("--no-flash", action="store_true", help="force PyTorch SDPA")
     parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
                         help="training loss path: fused softcapped CE (the trainer's) or the plain composition (A/B)")
@@ -89,7 +91,12 @@ def main() -> None:
     overrides = config.read_profile(args.profile)
     if args.loss == "plain":  # what the trainer ran before loss.fused_softcap_nll, for comparison
         model_module.fused_softcap_nll = softcap_nll
-    cfg = config.build_section("train", overrides.get("train", {}))
+    train_overrides = dict(overrides.get("train", {}))
+    if args.compile_mode:
+        train_overrides["compile_mode"] = args.compile_mode
+    if args.tune_kernels:
+        train_overrides["compile_tune_kernels"] = True
+    cfg = config.build_section("train", train_overrides)
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
     kernels.use_flash_attn(not args.no_flash and kernels.HAS_FLASH_ATTN)
@@ -98,7 +105,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     model = GPT(model_config(cfg, vocab)).to(device)
-    step_model = model if args.no_compile or not cfg.compile else torch.compile(model)
+    step_model = model if args.no_compile or not cfg.compile else compile_model(model, cfg)
     optimizers = build_optimizers(model, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     rows = cfg.batch_tokens // cfg.seq_len
@@ -140,6 +147,8 @@ def main() -> None:
         "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
         "attention_path": kernels.attention_path(device),
         "compiled": step_model is not model,
+        "compile_mode": cfg.compile_mode,
+        "compile_tune_kernels": cfg.compile_tune_kernels,
         "loss": args.loss,
         "config": {"profile": args.profile, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
                    "micro_batch_seqs": cfg.micro_batch_seqs, "num_params": sum(p.numel() for p in model.parameters()),
@@ -147,7 +156,9 @@ def main() -> None:
     }
     print(json.dumps(result))
     if device.type == "cuda":
-        name = "train_throughput.json" if args.loss == "fused" else "train_throughput_plain_loss.json"
+        variant = ("_plain_loss" if args.loss == "plain" else "") + \
+            ("_autotune" if cfg.compile_mode != "default" else "") + ("_tuned_kernels" if cfg.compile_tune_kernels else "")
+        name = f"train_throughput{variant}.json"
         out = ROOT / "bench" / "results" / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")

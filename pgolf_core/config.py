@@ -19,6 +19,7 @@ import yaml
 EVAL_MODES = ("nonoverlap", "sliding")
 TOKENIZE_SOURCES = ("embedded", "jsonl", "docs_cache", "published")
 COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA-graph modes: the host already runs ahead of the GPU
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +159,8 @@ class TrainConfig:
     snapshot_every: int = 0  # steps between resumable snapshots of the run (0 = none)
     seed: int = 1337
     compile: bool = False  # torch.compile the model (GPU profiles)
+    compile_mode: str = "default"  # torch.compile mode: "default" or "max-autotune-no-cudagraphs" (Triton matmuls with fused epilogues)
+    compile_tune_kernels: bool = False  # Inductor tunes its own kernels' block sizes (coordinate descent; slower compile)
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
     def __post_init__(self):
@@ -189,6 +192,7 @@ class TrainConfig:
             raise ValueError(f"train.calib_reserve_seconds={self.calib_reserve_seconds} leaves no training time "
                              f"in train.max_wallclock_seconds={self.max_wallclock_seconds}")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         if self.schedule == "wallclock" and self.max_wallclock_seconds <= 0:
             raise ValueError("train.schedule 'wallclock' needs train.max_wallclock_seconds > 0")
         for name in ("warmdown_frac", "min_lr_frac"):

@@ -107,20 +107,41 @@ class TokenStream:
 
     `next_batch(n)` returns n + 1 contiguous tokens (inputs and shifted targets) and
     advances by n, so consecutive batches tile the stream with no gap and no overlap.
-    Every process reads the same global span; `dist` slices it per rank.
+    Every process advances over the same global span and reads only its share of it
+    (`start`, `stop`). Shards stay memory-mapped: the record's 80 shards are 8 B tokens,
+    64 GB per process had they been loaded as int64. Reading is a 2-byte copy of this
+    step's tokens; the host prepares it while the GPU still runs the previous step (the
+    trainer never syncs per step), so no prefetch thread is needed to hide it.
     """
 
     def __init__(self, files: list[Path], vocab_size: int):
-        self.tokens = np.concatenate([read_shard(p, vocab_size) for p in files]).astype(np.int64)
-        if len(self.tokens) < 2:
-            raise ValueError(f"train shards hold {len(self.tokens)} tokens: too few to train on")
+        self.shards = [read_shard(p, vocab_size, mmap=True) for p in files]
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # global offset of each shard
+        self.num_tokens = int(self.starts[-1])
+        if self.num_tokens < 2:
+            raise ValueError(f"train shards hold {self.num_tokens} tokens: too few to train on")
         self.position = 0
 
-    def next_batch(self, num_tokens: int) -> np.ndarray:
-        n = len(self.tokens)
-        idx = (self.position + np.arange(num_tokens + 1)) % n
-        self.position = (self.position + num_tokens) % n
-        return self.tokens[idx]
+    def next_batch(self, num_tokens: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Tokens position+start .. position+stop inclusive (int64; stop defaults to
+        num_tokens), then advance by num_tokens."""
+        stop = num_tokens if stop is None else stop
+        if not 0 <= start < stop <= num_tokens:
+            raise ValueError(f"share {start}..{stop} is not inside a batch of {num_tokens} tokens")
+        tokens = self._read((self.position + start) % self.num_tokens, stop - start + 1)
+        self.position = (self.position + num_tokens) % self.num_tokens
+        return tokens
+
+    def _read(self, position: int, count: int) -> np.ndarray:
+        pieces = []
+        while count:
+            shard = int(np.searchsorted(self.starts, position, side="right")) - 1  # skips empty shards
+            offset = position - int(self.starts[shard])
+            piece = self.shards[shard][offset : offset + count]
+            pieces.append(piece)
+            count -= len(piece)
+            position = (position + len(piece)) % self.num_tokens
+        return np.concatenate(pieces).astype(np.int64)
 
     def state(self) -> int:
         return self.position

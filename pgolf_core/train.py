@@ -1,7 +1,7 @@
 """The training loop: one function, the same under one process and under torchrun.
 
 Global batch and results do not depend on the number of processes: every process
-reads the same global span of the stream, keeps its own rows, and accumulates
+advances over the same global span of the stream, reads only its own rows, and accumulates
 micro-batches until its share is done; DDP averages the gradients. Timing follows
 the speed-record discipline: the clock runs only around training steps (validation is
 paused out), CUDA is synchronised before reading it, and with `compile` a few warm-up
@@ -91,21 +91,21 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     if seqs_per_step % world:
         raise ValueError(f"train.batch_tokens={cfg.batch_tokens} gives {seqs_per_step} sequences per step, "
                          f"not divisible by {world} processes")
-    rows = slice(rank * seqs_per_step // world, (rank + 1) * seqs_per_step // world)
+    first_row, end_row = rank * seqs_per_step // world, (rank + 1) * seqs_per_step // world
     autocast_dtype = dist.autocast_dtype(device)
     step_model = DistributedDataParallel(model) if world > 1 else model
     if cfg.compile:
-        step_model = torch.compile(step_model)
+        step_model = compile_model(step_model, cfg)
     optimizers = build_optimizers(model, cfg, autocast_dtype or torch.float32)  # Newton-Schulz precision
 
     def one_step(step: int, progress: float) -> torch.Tensor:
         apply_schedule(optimizers, lr_multiplier(step, progress, cfg), muon_momentum(step, cfg))
         model.looping = model.cfg.num_loops > 0 and progress >= cfg.loop_start_frac
-        span = torch.as_tensor(stream.next_batch(cfg.batch_tokens))
+        span = torch.as_tensor(stream.next_batch(cfg.batch_tokens, first_row * cfg.seq_len, end_row * cfg.seq_len))
         if device.type == "cuda":
             span = span.pin_memory()
         span = span.to(device, non_blocking=True)
-        x, y = span[:-1].view(seqs_per_step, cfg.seq_len)[rows], span[1:].view(seqs_per_step, cfg.seq_len)[rows]
+        x, y = span[:-1].view(-1, cfg.seq_len), span[1:].view(-1, cfg.seq_len)
         return train_step(step_model, optimizers, x, y, cfg, autocast_dtype)
 
     if cfg.compile:
@@ -211,6 +211,17 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -
         opt.step()
         opt.zero_grad(set_to_none=True)
     return total
+
+
+def compile_model(module: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """torch.compile with the run's mode. `compile_tune_kernels` turns on Inductor's
+    coordinate-descent tuning of its generated kernels (the elementwise and reduction
+    kernels are about half of the record step on an H100, bench/NOTES.md); a process-wide
+    setting, as Inductor keeps it."""
+    from torch._inductor import config as inductor_config
+
+    inductor_config.coordinate_descent_tuning = cfg.compile_tune_kernels
+    return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
 
 
 def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> None:

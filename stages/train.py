@@ -40,8 +40,8 @@ def main() -> None:
     live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
     if live:
         print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
-              f"{len(stream.tokens):,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens; "
-              f"attention {kernels.attention_path(device)}, {'compiled' if cfg.compile else 'eager'}")
+              f"{stream.num_tokens:,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens; "
+              f"attention {kernels.attention_path(device)}, {f'compiled ({cfg.compile_mode})' if cfg.compile else 'eager'}")
 
     def log(step: int, values: dict) -> None:
         if live:

@@ -32,6 +32,8 @@ def test_values_are_validated(tmp_path):
         config.build_section("evaluate", {"final_mode": "ttt"})
     with pytest.raises(ValueError, match="compressors"):
         config.build_section("quantize", {"compressors": ["gzip"]})
+    with pytest.raises(ValueError, match="compile_mode='max-autotune'.*max-autotune-no-cudagraphs"):
+        config.build_section("train", {"compile_mode": "max-autotune"})  # CUDA graphs: not offered
     with pytest.raises(FileNotFoundError, match="params file not found"):
         config.load_section(tmp_path / "missing.yaml", "train")
 

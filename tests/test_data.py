@@ -63,3 +63,34 @@ def test_token_stream_tiles_without_gaps(tmp_path):
     first, second = stream.next_batch(4), stream.next_batch(4)
     assert first.tolist() == [0, 1, 2, 3, 4] and second.tolist() == [4, 5, 6, 7, 8]
     assert stream.next_batch(4).tolist() == [8, 9, 0, 1, 2]  # wraps around
+
+
+def test_token_stream_reads_across_shards_like_one_concatenated_stream(tmp_path):
+    sizes = [7, 0, 3, 12]  # an empty shard in the middle must be skipped
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 50, n) for n in sizes]
+    for i, part in enumerate(parts):
+        data.write_shard(tmp_path / data.shard_name("train", i), part)
+    stream = data.TokenStream(data.list_shards(tmp_path, "train"), vocab_size=50)
+    assert all(isinstance(s, np.memmap) for s in stream.shards)  # nothing loaded into RAM
+    whole = np.concatenate(parts)
+    position = 0
+    for n in (5, 9, 1, 30, 4):  # crosses shard boundaries and wraps (31 tokens of 22: twice)
+        batch = stream.next_batch(n)
+        assert batch.dtype == np.int64
+        np.testing.assert_array_equal(batch, whole[(position + np.arange(n + 1)) % len(whole)])
+        position = (position + n) % len(whole)
+
+
+def test_token_stream_shares_tile_the_global_batch(tmp_path):
+    data.write_shard(tmp_path / data.shard_name("train", 0), np.arange(40) % 30)
+    data.write_shard(tmp_path / data.shard_name("train", 1), np.arange(25) % 30)
+    files = data.list_shards(tmp_path, "train")
+    reference, ranks = data.TokenStream(files, vocab_size=30), [data.TokenStream(files, vocab_size=30) for _ in range(3)]
+    for _ in range(4):  # 4 steps of 24 tokens over 65: wraps; 3 ranks of 8 tokens (+1 shifted target) each
+        whole = reference.next_batch(24)
+        for r, stream in enumerate(ranks):
+            np.testing.assert_array_equal(stream.next_batch(24, 8 * r, 8 * (r + 1)), whole[8 * r : 8 * (r + 1) + 1])
+    assert {s.state() for s in ranks} == {reference.state()}
+    with pytest.raises(ValueError, match="share 8..30 is not inside a batch of 24"):
+        reference.next_batch(24, 8, 30)

@@ -12,7 +12,7 @@ import yaml
 from pgolf_core import config, data, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
-from pgolf_core.train import model_config, train
+from pgolf_core.train import compile_model, model_config, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = dict(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, seq_len=32,
@@ -260,3 +260,17 @@ def test_ranks_that_found_different_snapshots_refuse_to_start(monkeypatch):
         train_module.ranks_agree_on_step(0)
     monkeypatch.setattr(train_module.dist, "all_reduce_max", agree_with_a_rank_at(6.0))
     train_module.ranks_agree_on_step(6)  # the same snapshot on both: passes
+
+
+def test_compile_model_applies_the_configured_mode_and_kernel_tuning(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: calls.append(mode) or module)
+    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    module = torch.nn.Linear(2, 2)
+    assert compile_model(module, config.build_section("train", {})) is module
+    assert calls == [None] and inductor_config.coordinate_descent_tuning is False
+    compile_model(module, config.build_section("train", {"compile_mode": "max-autotune-no-cudagraphs",
+                                                         "compile_tune_kernels": True}))
+    assert calls[-1] == "max-autotune-no-cudagraphs" and inductor_config.coordinate_descent_tuning is True
