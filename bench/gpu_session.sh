@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the trainer in one device call. Carry data/dev_run, built on
 # any machine by `python bench/train_dev_run.py --workdir data/dev_run --prepare-only`.
-#   bash bench/gpu_session.sh [attention] [parts] [throughput] [plainloss] [tunekernels] [autotune] [dev]
+#   bash bench/gpu_session.sh [attention] [parts] [throughput] [PLAINLOSS..AUTOTUNE below] [dev]
 # (default: parts throughput dev, which fit one 10-minute call). A/B parts, each against
-# `throughput`: plainloss (the loss), tunekernels (Inductor's coordinate-descent tuning),
-# autotune (max-autotune-no-cudagraphs: long compile, run it alone).
+# `throughput`: plainloss (the loss), f32residual (the float32 residual stream),
+# tunekernels (Inductor's coordinate-descent tuning), autotune (max-autotune-no-cudagraphs:
+# a long compile, run it alone).
 # Into $OUT (or bench/out): session.log (all output), each part's JSON result and the
 # throughput's two profiler tables; at most 8 files, the device tool's limit. Each part
 # has its own time limit, so a failure in one still leaves the others' results.
@@ -31,10 +32,14 @@ RECORD=profiles/record_8xh100.yaml
 part attention attention_kernels.json 80 python3 bench/attention_kernels.py
 part parts step_parts.json 120 python3 bench/step_parts.py
 part throughput train_throughput.json 200 python3 bench/train_throughput.py --profile $RECORD --trace "$OUT/trace.txt"
-part plainloss train_throughput_plain_loss.json 200 python3 bench/train_throughput.py --profile $RECORD --loss plain
-part tunekernels train_throughput_tuned_kernels.json 400 python3 bench/train_throughput.py --profile $RECORD --tune-kernels
-part autotune train_throughput_autotune.json 560 python3 bench/train_throughput.py --profile $RECORD \
-    --compile-mode max-autotune-no-cudagraphs
+# ab NAME LIMIT ARGS...: an A/B run of train_throughput.py, its JSON named after the part
+ab() { local name=$1 limit=$2; shift 2
+    part "$name" "train_throughput_$name.json" "$limit" python3 bench/train_throughput.py --profile $RECORD \
+        --out "bench/results/train_throughput_$name.json" "$@"; }
+ab plainloss 200 --loss plain
+ab f32residual 200 --set low_precision_residual=false
+ab tunekernels 400 --set compile_tune_kernels=true
+ab autotune 560 --set compile_mode=max-autotune-no-cudagraphs
 part dev train_dev_run.json 260 python3 bench/train_dev_run.py --profile $RECORD --workdir data/dev_run \
     --batch-tokens 131072 --steps 75
 ls -la "$OUT"

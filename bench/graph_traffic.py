@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="short rows keep CPU compilation quick")
     parser.add_argument("--rows", type=int, nargs=2, default=(2, 8), help="the two batch sizes of the fit")
     parser.add_argument("--loss", choices=("fused", "plain"), default="fused")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a train key of the profile, e.g. --set low_precision_residual=true")
     parser.add_argument("--top", type=int, default=8, help="fused kernel groups listed per graph")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -125,7 +127,7 @@ def main() -> None:
     overrides = config.read_profile(args.profile)
     if args.loss == "plain":
         model_module.fused_softcap_nll = softcap_nll
-    cfg = config.build_section("train", overrides.get("train", {}))
+    cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     torch.manual_seed(0)
     model = GPT(model_config(cfg, vocab))
@@ -147,6 +149,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python", *sys.argv]),
         "loss": args.loss,
+        "overrides": args.set,
         "hbm_bytes_per_second": HBM_BYTES_PER_SECOND,
         "config": {"profile": args.profile, "seq_len": args.seq_len, "rows": list(args.rows),
                    "batch_tokens": cfg.batch_tokens, "torch": torch.__version__},

@@ -80,8 +80,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per loop state")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop state (compilation)")
     parser.add_argument("--no-compile", action="store_true")
-    parser.add_argument("--compile-mode", choices=config.COMPILE_MODES, default=None, help="override train.compile_mode")
-    parser.add_argument("--tune-kernels", action="store_true", help="set train.compile_tune_kernels (A/B)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a train key of the profile (A/B runs), e.g. --set compile_tune_kernels=true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"),
+                        help="where a GPU run writes its JSON")
     parser.add_argument("--no-flash", action="store_true", help="force PyTorch SDPA")
     parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
                         help="training loss path: fused softcapped CE (the trainer's) or the plain composition (A/B)")
@@ -91,12 +93,7 @@ def main() -> None:
     overrides = config.read_profile(args.profile)
     if args.loss == "plain":  # what the trainer ran before loss.fused_softcap_nll, for comparison
         model_module.fused_softcap_nll = softcap_nll
-    train_overrides = dict(overrides.get("train", {}))
-    if args.compile_mode:
-        train_overrides["compile_mode"] = args.compile_mode
-    if args.tune_kernels:
-        train_overrides["compile_tune_kernels"] = True
-    cfg = config.build_section("train", train_overrides)
+    cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
     kernels.use_flash_attn(not args.no_flash and kernels.HAS_FLASH_ATTN)
@@ -149,6 +146,7 @@ def main() -> None:
         "compiled": step_model is not model,
         "compile_mode": cfg.compile_mode,
         "compile_tune_kernels": cfg.compile_tune_kernels,
+        "overrides": args.set,
         "loss": args.loss,
         "config": {"profile": args.profile, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
                    "micro_batch_seqs": cfg.micro_batch_seqs, "num_params": sum(p.numel() for p in model.parameters()),
@@ -156,10 +154,7 @@ def main() -> None:
     }
     print(json.dumps(result))
     if device.type == "cuda":
-        variant = ("_plain_loss" if args.loss == "plain" else "") + \
-            ("_autotune" if cfg.compile_mode != "default" else "") + ("_tuned_kernels" if cfg.compile_tune_kernels else "")
-        name = f"train_throughput{variant}.json"
-        out = ROOT / "bench" / "results" / name
+        out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
 

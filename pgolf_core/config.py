@@ -123,6 +123,7 @@ class TrainConfig:
     loop_start_frac: float = 0.35  # fraction of training after which the loop switches on
     parallel_mode: str = "none"  # "none", "merge" (two lanes, learned merge) or "routed"
     parallel_start: int = 0  # first physical decoder layer run in parallel lanes
+    low_precision_residual: bool = False  # GPU: residual stream in bf16 like the records' bf16 weights (half the bytes)
     # data
     seq_len: int = 256  # tokens per training sequence
     batch_tokens: int = 8192  # global tokens per optimizer step, whatever the world size
@@ -298,6 +299,18 @@ def build_section(section: str, values: dict):
             raise ValueError(f"unknown params key {section}.{key}{_nearest(key, fields)}")
         values = {**values, key: _coerce(f"{section}.{key}", value, fields[key], cls)}
     return cls(**values)
+
+
+def parse_assignments(assignments: list[str]) -> dict:
+    """["key=value", ...] -> {key: value}, values read as YAML (like `dvc exp run -S`);
+    the keys are checked when the dict builds a section."""
+    values = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{item!r} is not KEY=VALUE")
+        values[key.strip()] = yaml.safe_load(value)
+    return values
 
 
 def section_keys(section: str) -> list[str]:

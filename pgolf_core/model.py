@@ -59,6 +59,7 @@ class ModelConfig:
     num_loops: int = 0  # 0 = no recurrence
     parallel_mode: str = "none"  # "merge" (two lanes, learned merge) or "routed" (learned routing)
     parallel_start: int = 0  # first physical layer (in the decoder) that runs in parallel lanes
+    low_precision_residual: bool = False  # under autocast the residual stream is in its dtype, not float32
     bos_id: int = 1
 
     def __post_init__(self):
@@ -132,14 +133,17 @@ class Block(nn.Module):
             if cfg.resid_mix else None
 
     def mixed(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        return self.mix[0] * x + self.mix[1] * x0 if self.mix is not None else x
+        if self.mix is None:
+            return x
+        mix = self.mix.to(x.dtype)
+        return mix[0] * x + mix[1] * x0
 
     def attn_branch(self, x: torch.Tensor, v0, value_embed) -> tuple[torch.Tensor, torch.Tensor]:
         y, v = self.attn(rms_norm(x) * self.norm_scale, v0, value_embed)
-        return self.attn_scale * y, v
+        return self.attn_scale.to(x.dtype) * y, v
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
     def forward(self, x, x0, v0=None, value_embed=None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.mixed(x, x0)
@@ -189,8 +193,10 @@ class GPT(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) normalized embeddings x0, smeared with the previous token."""
         x = self.tok_emb(idx)
+        if self.cfg.low_precision_residual and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))  # the records' bf16 stream: half the bytes per pass
         if self.cfg.smear_gate:
-            gate = self.smear_lambda * torch.sigmoid(x[..., :GATE_INPUT_DIMS] @ self.smear_w.to(x.dtype))  # (B, T)
+            gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(x[..., :GATE_INPUT_DIMS] @ self.smear_w.to(x.dtype))  # (B, T)
             gate = gate * (idx != self.cfg.bos_id)  # a document's BOS never sees the previous document
             x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:, None] * x[:, :-1]], dim=1)
         return rms_norm(x)
@@ -209,7 +215,8 @@ class GPT(nn.Module):
             skips.append(x)
         for j, i in enumerate(decoder):
             if j < len(encoder):  # U-Net: decoder step j takes the most recent encoder output
-                skip, gate = self.skip_weights[j] * skips.pop(), torch.sigmoid(self.skip_gates[j])
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                gate = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
                 if lanes is None:
                     x = torch.lerp(skip, x, gate)
                 else:
@@ -238,12 +245,14 @@ class GPT(nn.Module):
         m = block.mlp_branch(lanes[1])
         if self.cfg.parallel_mode == "merge":
             return [attn_in + a, lanes[1] + m], v
-        keep, route = self.lane_keep[i], self.lane_route[i]  # (2,), (branch, lane)
+        dtype = lanes[0].dtype
+        keep, route = self.lane_keep[i].to(dtype), self.lane_route[i].to(dtype)  # (2,), (branch, lane)
         return [keep[0] * lanes[0] + route[0, 0] * a + route[1, 0] * m,
                 keep[1] * lanes[1] + route[0, 1] * a + route[1, 1] * m], v
 
     def _merge_lanes(self, lanes: list) -> torch.Tensor:
         if self.cfg.parallel_mode == "merge":
-            return self.lane_merge * lanes[0] + (1 - self.lane_merge) * lanes[1]
+            merge = self.lane_merge.to(lanes[0].dtype)
+            return merge * lanes[0] + (1 - merge) * lanes[1]
         return 0.5 * (lanes[0] + lanes[1])
 

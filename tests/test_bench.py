@@ -25,6 +25,23 @@ def test_train_throughput_smoke_run_on_cpu(loss):
     assert result["tokens_per_second"] > 0 and result["flops_per_token"] > 0
 
 
+def test_train_throughput_applies_overrides():
+    result = run_script("bench/train_throughput.py", "--profile", "profiles/cpu.yaml", "--device", "cpu",
+                        "--steps", "1", "--warmup", "1", "--no-compile", "--set", "num_layers=2", "--set", "mlp_mult=2")
+    assert result["overrides"] == ["num_layers=2", "mlp_mult=2"]
+    assert result["config"]["num_params"] < 400_000  # 0.36 M; the CPU profile's 4 x 128 model has 0.85 M
+
+
+@pytest.mark.slow
+def test_graph_traffic_counts_both_graphs_of_both_loop_states():
+    result = run_script("bench/graph_traffic.py", "--profile", "profiles/cpu.yaml", "--seq-len", "32", "--rows", "1", "2",
+                        "--set", "num_loops=1", "--set", "loop_end=1", "--set", "num_layers=2")
+    for state in ("unlooped", "looped"):
+        for graph in ("forward", "backward"):
+            assert result[state][graph]["fused_bytes_per_token"] > 0 and result[state][graph]["extern_bytes_per_token"] > 0
+    assert result["looped_over_unlooped_fused_bytes"] > 1.2  # 3 layer passes against 2
+
+
 @pytest.mark.slow
 def test_train_dev_run_smoke_run_on_cpu(tmp_path, embedded_docs):
     corpus = tmp_path / "docs.jsonl"

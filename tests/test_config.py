@@ -42,3 +42,13 @@ def test_ints_widen_to_floats_and_absent_keys_default(tmp_path):
     cfg = config.load_section(write(tmp_path, {"train": {"matrix_lr": 1}}), "train")
     assert cfg.matrix_lr == 1.0 and isinstance(cfg.matrix_lr, float)
     assert cfg.iterations == config.TrainConfig().iterations
+
+
+def test_assignments_read_as_yaml_and_keys_are_checked_by_the_section():
+    values = config.parse_assignments(["compile_tune_kernels=true", "matrix_lr=0.03", "compile_mode=default"])
+    assert values == {"compile_tune_kernels": True, "matrix_lr": 0.03, "compile_mode": "default"}
+    assert config.build_section("train", values).matrix_lr == 0.03
+    with pytest.raises(ValueError, match="'matrix_lr' is not KEY=VALUE"):
+        config.parse_assignments(["matrix_lr"])
+    with pytest.raises(ValueError, match="did you mean 'matrix_lr'"):
+        config.build_section("train", config.parse_assignments(["matrx_lr=0.1"]))

@@ -128,12 +128,16 @@ def test_polar_express_lands_closer_to_the_polar_factor_than_the_quintic():
 def test_the_full_model_traces_without_graph_breaks(looping):
     """torch.compile's fast path needs one graph per loop state (no breaks, no Python fallbacks)."""
     torch._dynamo.reset()
-    model = GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed"))
+    model = GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed", low_precision_residual=True))
     model.looping = looping
     explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     torch._dynamo.reset()  # the training call: loss (the fused autograd.Function) inside the same graph
     explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch._dynamo.reset()  # and under autocast, where the residual stream drops to bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
@@ -154,3 +158,31 @@ def test_compiled_training_call_matches_eager(looping):
     compiled = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=0)
     assert (compiled - eager).norm() / eager.norm() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["merge", "routed"])
+def test_low_precision_residual_keeps_the_stream_in_the_autocast_dtype(mode):
+    """Under bf16 autocast the switch keeps every block's output (the residual stream) in
+    bf16 and stays close to the float32 stream; without autocast it changes nothing."""
+    configs = [ModelConfig(**BASE, **ALL_ON, parallel_mode=mode, low_precision_residual=flag) for flag in (False, True)]
+    torch.manual_seed(0)
+    plain = perturbed(GPT(configs[0]))
+    low = GPT(configs[1])
+    low.load_state_dict(plain.state_dict())
+    idx = torch.randint(2, 64, (2, 20))
+    idx[:, 7] = 1
+    targets = torch.roll(idx, -1, 1)
+    torch.testing.assert_close(low(idx, targets), plain(idx, targets), rtol=0, atol=0)  # float32: identical
+    for model, dtype in ((plain, torch.float32), (low, torch.bfloat16)):
+        seen, lanes_seen, merge = [], [], model._merge_lanes
+        hooks = [b.register_forward_hook(lambda m, i, out: seen.append(out[0].dtype)) for b in model.blocks]
+        model._merge_lanes = lambda lanes: lanes_seen.append(merge(lanes).dtype) or merge(lanes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx, targets)
+        for h in hooks:
+            h.remove()
+        del model._merge_lanes
+        assert seen and set(seen) == {dtype} and lanes_seen == [dtype], (mode, seen, lanes_seen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [m(idx, targets).mean() for m in (plain, low)]
+    assert abs(losses[1] - losses[0]) / losses[0] < 0.02
