@@ -58,6 +58,15 @@ def time_steps(step, steps: int, device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def allocator_counts(device) -> dict:
+    """Cumulative caching-allocator events: driver allocations/frees and alloc retries (each
+    retry frees cached blocks and synchronises)."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {key: stats.get(key, 0) for key in ("num_device_alloc", "num_device_free", "num_alloc_retries")}
+
+
 def write_trace(step, path: Path, steps: int = 2) -> None:
     """Kernel time table (self device time, top 60) of `steps` steps, for finding where a step goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -121,9 +130,13 @@ def main() -> None:
         model.looping = looping
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        before = allocator_counts(device)
         seconds = time_steps(step, args.steps, device)
         figures[looping] = {"seconds": seconds, "tokens_per_second": cfg.batch_tokens / seconds,
-                            "flops_per_token": flops_per_token(model, looping, cfg.seq_len)}
+                            "flops_per_token": flops_per_token(model, looping, cfg.seq_len),
+                            "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
+                            # a steady step allocates nothing from the driver; churn here costs syncs
+                            "allocator_during_timed_steps": {k: v - before[k] for k, v in allocator_counts(device).items()}}
         if args.trace:  # one table per loop state, to compare where the extra looped time goes
             trace = Path(args.trace)
             write_trace(step, trace.with_name(f"{trace.stem}_{'looped' if looping else 'unlooped'}{trace.suffix}"))
@@ -141,7 +154,10 @@ def main() -> None:
         "mfu": round(plain["flops_per_token"] * plain["tokens_per_second"] / peak, 4) if peak else None,
         "mfu_looped": round(looped["flops_per_token"] * looped["tokens_per_second"] / peak, 4) if peak else None,
         "flops_per_token": plain["flops_per_token"],
-        "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20) if device.type == "cuda" else None,
+        "peak_mem_mib": plain["peak_mem_mib"],
+        "peak_mem_mib_looped": looped["peak_mem_mib"],
+        "allocator_during_timed_steps": {"unlooped": plain["allocator_during_timed_steps"],
+                                         "looped": looped["allocator_during_timed_steps"]},
         "attention_path": kernels.attention_path(device),
         "compiled": step_model is not model,
         "compile_mode": cfg.compile_mode,
