@@ -5,7 +5,8 @@
 # (default: parts throughput dev, which fit one 10-minute call). A/B parts, each against
 # `throughput`: plainloss (the loss), f32residual (the float32 residual stream),
 # tunekernels (Inductor's coordinate-descent tuning), autotune (max-autotune-no-cudagraphs:
-# a long compile, run it alone), expandable (the allocator's expandable segments).
+# a long compile, run it alone), expandable (the allocator's expandable segments),
+# docmask against docmaskoff (document masking by FlexAttention on 1,000-token documents).
 # Into $OUT (or bench/out): session.log (all output), each part's JSON result and the
 # throughput's two profiler tables; at most 8 files, the device tool's limit. Each part
 # has its own time limit, so a failure in one still leaves the others' results.
@@ -39,6 +40,8 @@ ab() { local name=$1 limit=$2; shift 2
 ab plainloss 200 --loss plain
 ab f32residual 200 --set low_precision_residual=false
 ab tunekernels 400 --set compile_tune_kernels=true
+ab docmask 240 --set doc_mask=true --doc-len 1000
+ab docmaskoff 200 --doc-len 1000
 ab autotune 560 --set compile_mode=max-autotune-no-cudagraphs
 part expandable train_throughput_expandable.json 200 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 bench/train_throughput.py --profile $RECORD --out bench/results/train_throughput_expandable.json

@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a train key of the profile (A/B runs), e.g. --set compile_tune_kernels=true")
+    parser.add_argument("--doc-len", type=int, default=0,
+                        help="mean document length: BOS tokens at that rate (0: uniform random tokens)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"),
                         help="where a GPU run writes its JSON")
     parser.add_argument("--no-flash", action="store_true", help="force PyTorch SDPA")
@@ -117,6 +119,9 @@ def main() -> None:
     rows = cfg.batch_tokens // cfg.seq_len
     x = torch.randint(0, vocab, (rows, cfg.seq_len), device=device)
     y = torch.randint(0, vocab, (rows, cfg.seq_len), device=device)
+    if args.doc_len:  # documents of geometric length for `doc_mask` (FineWeb's are about a thousand tokens)
+        bos = model.cfg.bos_id
+        x = torch.where(torch.rand(x.shape, device=device) < 1 / args.doc_len, bos, x)
 
     def step():
         train_step(step_model, optimizers, x, y, cfg, autocast)
@@ -163,6 +168,7 @@ def main() -> None:
         "compile_mode": cfg.compile_mode,
         "compile_tune_kernels": cfg.compile_tune_kernels,
         "overrides": args.set,
+        "doc_len": args.doc_len,
         "loss": args.loss,
         "config": {"profile": args.profile, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
                    "micro_batch_seqs": cfg.micro_batch_seqs, "num_params": sum(p.numel() for p in model.parameters()),

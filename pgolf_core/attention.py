@@ -59,9 +59,10 @@ class Attention(nn.Module):
         self.value_embed_scale = nn.Parameter(torch.ones(1)) if layer in cfg.value_embed_layers else None
         self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if cfg.value_residual and layer > 0 else None
 
-    def forward(self, x: torch.Tensor, v0: torch.Tensor | None = None,
-                value_embed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, T, D) normalized input -> (output (B, T, D), this layer's raw v (B, T, K*E))."""
+    def forward(self, x: torch.Tensor, v0: torch.Tensor | None = None, value_embed: torch.Tensor | None = None,
+                mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (B, T, D) normalized input -> (output (B, T, D), this layer's raw v (B, T, K*E)).
+        `mask`: a `kernels.document_mask` (None: plain causal)."""
         B, T, D = x.shape
         q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
@@ -75,7 +76,7 @@ class Attention(nn.Module):
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm, then positions
         if self.qk_gain is not None:
             q = q * self.qk_gain.to(q.dtype)[None, :, None, None]
-        y = causal_attention(q, k, v)  # (B, H, T, E)
+        y = causal_attention(q, k, v, mask)  # (B, H, T, E)
         if self.use_xsa:
             y = self._exclude_self_value(y, v)
         if self.gate is not None:

@@ -124,6 +124,7 @@ class TrainConfig:
     parallel_mode: str = "none"  # "none", "merge" (two lanes, learned merge) or "routed"
     parallel_start: int = 0  # first physical decoder layer run in parallel lanes
     low_precision_residual: bool = False  # GPU: residual stream in bf16 like the records' bf16 weights (half the bytes)
+    doc_mask: bool = False  # attention never crosses a BOS (the records' varlen attention, 04-10+)
     # data
     seq_len: int = 256  # tokens per training sequence
     batch_tokens: int = 8192  # global tokens per optimizer step, whatever the world size

@@ -9,7 +9,8 @@ Output and down projections start at zero, so every block starts as the identity
 Features: U-Net skips with learned gates, depth recurrence (a span of layers re-run
 once `looping` is switched on), two forms of parallel residual lanes, layer-wise norm
 scale 1/sqrt(layer+1), a residual mix with the embedding x0, SmearGate (never across
-a BOS), LeakyReLU(0.5)^2, and the attention options of `attention.py`.
+a BOS), LeakyReLU(0.5)^2, document-masked attention, and the attention options of
+`attention.py`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf_core.attention import GATE_INPUT_DIMS, Attention, rms_norm
+from pgolf_core.kernels import document_mask
 from pgolf_core.loss import fused_softcap_nll, softcap, softcap_nll
 
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
@@ -60,6 +62,7 @@ class ModelConfig:
     parallel_mode: str = "none"  # "merge" (two lanes, learned merge) or "routed" (learned routing)
     parallel_start: int = 0  # first physical layer (in the decoder) that runs in parallel lanes
     low_precision_residual: bool = False  # under autocast the residual stream is in its dtype, not float32
+    doc_mask: bool = False  # attention never crosses a BOS (the records' varlen attention)
     bos_id: int = 1
 
     def __post_init__(self):
@@ -138,16 +141,16 @@ class Block(nn.Module):
         mix = self.mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def attn_branch(self, x: torch.Tensor, v0, value_embed) -> tuple[torch.Tensor, torch.Tensor]:
-        y, v = self.attn(rms_norm(x) * self.norm_scale, v0, value_embed)
+    def attn_branch(self, x: torch.Tensor, v0, value_embed, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        y, v = self.attn(rms_norm(x) * self.norm_scale, v0, value_embed, mask)
         return self.attn_scale.to(x.dtype) * y, v
 
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def forward(self, x, x0, v0=None, value_embed=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, x0, v0=None, value_embed=None, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.mixed(x, x0)
-        a, v = self.attn_branch(x, v0, value_embed)
+        a, v = self.attn_branch(x, v0, value_embed, mask)
         x = x + a
         return x + self.mlp_branch(x), v
 
@@ -207,10 +210,11 @@ class GPT(nn.Module):
         the float32 logits of the whole batch never reach memory."""
         x = x0 = self.embed(idx)
         value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
+        mask = document_mask(idx, self.cfg.bos_id) if self.cfg.doc_mask else None
         encoder, decoder = layer_sequence(self.cfg, self.looping)
         skips, v0, lanes = [], None, None
         for i in encoder:
-            x, v = self.blocks[i](x, x0, v0, value_embed)
+            x, v = self.blocks[i](x, x0, v0, value_embed, mask)
             v0 = v if v0 is None else v0
             skips.append(x)
         for j, i in enumerate(decoder):
@@ -223,9 +227,9 @@ class GPT(nn.Module):
                     lanes[0] = torch.lerp(skip, lanes[0], gate)
             if lanes is not None or (self.cfg.parallel_mode != "none" and i >= self.cfg.parallel_start):
                 lanes = lanes or [x, x]
-                lanes, v = self._parallel_block(i, lanes, x0, v0, value_embed)
+                lanes, v = self._parallel_block(i, lanes, x0, v0, value_embed, mask)
             else:
-                x, v = self.blocks[i](x, x0, v0, value_embed)
+                x, v = self.blocks[i](x, x0, v0, value_embed, mask)
             v0 = v if v0 is None else v0
         if lanes is not None:
             x = self._merge_lanes(lanes)
@@ -235,13 +239,13 @@ class GPT(nn.Module):
             return softcap(logits, cap)
         return (fused_softcap_nll if torch.is_grad_enabled() else softcap_nll)(logits, targets, cap)
 
-    def _parallel_block(self, i: int, lanes: list, x0, v0, value_embed) -> tuple[list, torch.Tensor]:
+    def _parallel_block(self, i: int, lanes: list, x0, v0, value_embed, mask) -> tuple[list, torch.Tensor]:
         """One layer on two lanes: attention reads (mixed) lane 0, the MLP reads lane 1.
         "merge" (#1477) adds each branch to its own lane; "routed" (the record) routes
         both branch outputs into both lanes with learned weights."""
         block = self.blocks[i]
         attn_in = block.mixed(lanes[0], x0)
-        a, v = block.attn_branch(attn_in, v0, value_embed)
+        a, v = block.attn_branch(attn_in, v0, value_embed, mask)
         m = block.mlp_branch(lanes[1])
         if self.cfg.parallel_mode == "merge":
             return [attn_in + a, lanes[1] + m], v

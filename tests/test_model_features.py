@@ -128,7 +128,7 @@ def test_polar_express_lands_closer_to_the_polar_factor_than_the_quintic():
 def test_the_full_model_traces_without_graph_breaks(looping):
     """torch.compile's fast path needs one graph per loop state (no breaks, no Python fallbacks)."""
     torch._dynamo.reset()
-    model = GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed", low_precision_residual=True))
+    model = GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed", low_precision_residual=True, doc_mask=True))
     model.looping = looping
     explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
@@ -146,7 +146,7 @@ def test_compiled_training_call_matches_eager(looping):
     """The training call through AOT autograd (what torch.compile differentiates: the
     fused loss's forward and backward included) gives eager's loss and gradients."""
     torch._dynamo.reset()
-    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed")))
+    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed", doc_mask=True)))
     model.looping = looping
     idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     eager_loss = model(idx, targets).mean()
@@ -186,3 +186,35 @@ def test_low_precision_residual_keeps_the_stream_in_the_autocast_dtype(mode):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         losses = [m(idx, targets).mean() for m in (plain, low)]
     assert abs(losses[1] - losses[0]) / losses[0] < 0.02
+
+
+@pytest.mark.parametrize("doc_mask", [False, True])
+def test_document_mask_keeps_attention_inside_documents(doc_mask):
+    """With `doc_mask`, what follows a BOS never depends on the tokens before it (every
+    feature on); without it, it does. Causality holds either way."""
+    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed", doc_mask=doc_mask)))
+    idx = torch.randint(2, 64, (2, 24))
+    idx[:, 10] = 1  # the second document starts at position 10
+    changed = idx.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % 62 + 2  # a token of the first document
+    logits, other = model(idx), model(changed)
+    torch.testing.assert_close(other[:, :3], logits[:, :3], rtol=0, atol=0)
+    after_bos_equal = torch.equal(other[:, 10:], logits[:, 10:])
+    assert after_bos_equal == doc_mask
+
+
+def test_document_block_mask_matches_the_dense_mask(monkeypatch):
+    """The FlexAttention form of the mask (what compiled CUDA graphs use) gives the dense
+    SDPA form's outputs; forward only: FlexAttention has no backward on a CPU."""
+    from pgolf_core import kernels
+
+    torch._dynamo.reset()
+    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed", doc_mask=True))).eval()
+    idx = torch.randint(2, 64, (2, 160))
+    idx[0, [5, 70, 150]] = 1
+    idx[1, 129] = 1  # a document starting just past a 128-token block edge
+    with torch.no_grad():
+        dense = model(idx)
+        monkeypatch.setattr(kernels, "_block_mask_wanted", lambda ids: torch.compiler.is_compiling())
+        flex = torch.compile(model, fullgraph=True)(idx)
+    torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)
