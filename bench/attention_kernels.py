@@ -1,10 +1,13 @@
 """Benchmark: causal GQA attention forward + backward at the record's shape, per kernel.
 
-Times `pgolf_core.kernels.causal_attention` (the path training takes) and each PyTorch
-SDPA backend forced on its own, with the KV heads grouped (`enable_gqa`) and expanded
-to the query heads, and checks each against a float64 reference on a slice. Tells which
-attention path the trainer should take on this GPU. FLOPs: 4 * B * H * T^2 * E / 2
-forward (QK^T and AV, causal half), 2.5x that for forward + backward.
+Times each PyTorch SDPA backend forced on its own, with the KV heads grouped
+(`enable_gqa`) and expanded to the query heads, and compiled FlexAttention with a causal
+and a document block mask (Triton kernels, and FA4's when flash_attn.cute is installed),
+and SDPA with the dense document mask. Each is checked against a float64 reference with
+its own mask on a slice. Documents: BOS tokens at rate 1/`--doc-len`. Tells which
+attention path the trainer should take on this GPU. FLOPs (all variants, so the figure
+compares times): 4 * B * H * T^2 * E / 2 forward (QK^T and AV, causal half), 2.5x that
+for forward + backward.
 
     python bench/attention_kernels.py            # B=48 H=8 K=4 T=2048 E=64 (record micro-batch)
 """
@@ -27,33 +30,59 @@ sys.path.insert(0, str(ROOT))
 from bench.timing import median_ms  # noqa: E402
 from pgolf_core import kernels  # noqa: E402
 
+BOS = 1
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
 
 
-def reference(q, k, v):
-    """Plain float64 causal attention with KV heads repeated to the query heads."""
+def reference(q, k, v, allowed):
+    """Plain float64 attention with KV heads repeated to the query heads; `allowed`
+    (B, 1, T, T) says which keys each query sees."""
     group = q.size(1) // k.size(1)
     q, k, v = q.double(), k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
     scores = q @ k.mT / q.size(-1) ** 0.5
-    mask = torch.ones(q.size(2), q.size(2), dtype=torch.bool, device=q.device).triu(1)
-    return scores.masked_fill(mask, float("-inf")).softmax(-1) @ v
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+def masks(idx: torch.Tensor) -> dict:
+    """Dense (B, 1, T, T) masks and FlexAttention block masks of token ids (B, T)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = idx.shape
+    docs = torch.cumsum(idx == BOS, dim=1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril().expand(B, 1, T, T)
+    same_document = (docs[:, :, None] == docs[:, None, :])[:, None] & causal
+    return {
+        "causal": causal, "documents": same_document,
+        "causal_block": create_block_mask(lambda b, h, q, kv: kv <= q, None, None, T, T, device=idx.device),
+        "documents_block": create_block_mask(lambda b, h, q, kv: (kv <= q) & (docs[b, q] == docs[b, kv]),
+                                             B, None, T, T, device=idx.device),
+    }
 
 
 def variants(num_heads: int, num_kv: int):
+    """(name, which mask it honours, fn(q, k, v, masks))."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     group = num_heads // num_kv
-    yield "pgolf_causal_attention", kernels.causal_attention
     for name, backend in BACKENDS.items():
-        def gqa(q, k, v, backend=backend):
+        def gqa(q, k, v, m, backend=backend):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
-        def expanded(q, k, v, backend=backend):
+        def expanded(q, k, v, m, backend=backend):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
                                                       is_causal=True)
-        yield f"sdpa_{name}_gqa", gqa
-        yield f"sdpa_{name}_expanded", expanded
+        yield f"sdpa_{name}_gqa", "causal", gqa
+        yield f"sdpa_{name}_expanded", "causal", expanded
+    yield "sdpa_documents_dense", "documents", \
+        lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m["documents"], enable_gqa=True)
+    flex = torch.compile(flex_attention, fullgraph=True)
+    for backend in ("TRITON", "FLASH") if kernels.HAS_FLASH_ATTN else ("TRITON",):
+        for which in ("causal", "documents"):
+            yield f"flex_{which}_{backend.lower()}", which, lambda q, k, v, m, which=which, backend=backend: flex(
+                q, k, v, block_mask=m[f"{which}_block"], enable_gqa=True, kernel_options={"BACKEND": backend})
 
 
 def main() -> None:
@@ -64,38 +93,52 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--doc-len", type=int, default=1000, help="mean document length of the document masks")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--check-only", action="store_true", help="only the correctness checks (CPU smoke test)")
     args = parser.parse_args()
     B, H, K, T, E = args.batch, args.heads, args.kv_heads, args.seq_len, args.head_dim
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    make = lambda heads: torch.randn(B, heads, T, E, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
+    make = lambda heads: torch.randn(B, heads, T, E, device=device, dtype=torch.bfloat16, requires_grad=True)  # noqa: E731
     q, k, v = make(H), make(K), make(K)
-    grad = torch.randn(B, H, T, E, device="cuda", dtype=torch.bfloat16)
-    expected = reference(q[:2, :, :512], k[:2, :, :512], v[:2, :, :512])
+    grad = torch.randn(B, H, T, E, device=device, dtype=torch.bfloat16)
+    idx = torch.where(torch.rand(B, T, device=device) < 1 / args.doc_len, BOS, 0)
+    full, part = masks(idx), masks(idx[:2, :512])
+    sliced = lambda t: t[:2, :, :512].detach()  # noqa: E731
     flops = 2.5 * 4 * B * H * T * T * E / 2
     rows = {}
-    for name, fn in variants(H, K):
+    for name, which, fn in variants(H, K):
         try:
-            out = fn(q[:2, :, :512], k[:2, :, :512], v[:2, :, :512])
+            expected = reference(sliced(q), sliced(k), sliced(v), part[which])
+            out = fn(sliced(q), sliced(k), sliced(v), part)
             error = ((out.double() - expected).norm() / expected.norm()).item()
+
+            rows[name] = {"rel_error": float(f"{error:.2e}")}
+            if args.check_only:
+                continue
 
             def step(fn=fn):
                 q.grad = k.grad = v.grad = None
-                fn(q, k, v).backward(grad)
+                fn(q, k, v, full).backward(grad)
             for _ in range(3):
                 step()
             ms = median_ms(step, args.repeats)
-            rows[name] = {"ms_fwd_bwd": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "rel_error": float(f"{error:.2e}")}
-        except RuntimeError as e:  # a backend that refuses this shape or GPU says so
+            rows[name].update(ms_fwd_bwd=round(ms, 3), tflops=round(flops / ms / 1e9, 1))
+        except Exception as e:  # noqa: BLE001 - a backend that refuses this shape or GPU says so
             rows[name] = {"error": str(e).splitlines()[0][:160]}
-    result = {"device": torch.cuda.get_device_name(),
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "shape": {"B": B, "H": H, "K": K, "T": T, "E": E}, "torch": torch.__version__,
-              "pgolf_path": kernels.attention_path(torch.device("cuda")), "variants": rows}
-    print(json.dumps(result))
+              "doc_len": args.doc_len, "flash_attn_installed": kernels.HAS_FLASH_ATTN,
+              "pgolf_path": kernels.attention_path(torch.device("cuda")),
+              "pgolf_path_documents": kernels.attention_path(torch.device("cuda"), doc_mask=True), "variants": rows}
     for name, row in rows.items():
         print(f"{name:32s} {row}")
-    out = ROOT / "bench" / "results" / "attention_kernels.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))  # last line: the result
+    if not args.check_only:
+        out = ROOT / "bench" / "results" / "attention_kernels.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

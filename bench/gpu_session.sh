@@ -30,7 +30,7 @@ part() {
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 RECORD=profiles/record_8xh100.yaml
-part attention attention_kernels.json 80 python3 bench/attention_kernels.py
+part attention attention_kernels.json 200 python3 bench/attention_kernels.py
 part parts step_parts.json 120 python3 bench/step_parts.py
 part throughput train_throughput.json 200 python3 bench/train_throughput.py --profile $RECORD --trace "$OUT/trace.txt"
 # ab NAME LIMIT ARGS...: an A/B run of train_throughput.py, its JSON named after the part

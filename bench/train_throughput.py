@@ -163,7 +163,7 @@ def main() -> None:
         "peak_mem_mib_looped": looped["peak_mem_mib"],
         "allocator_during_timed_steps": {"unlooped": plain["allocator_during_timed_steps"],
                                          "looped": looped["allocator_during_timed_steps"]},
-        "attention_path": kernels.attention_path(device),
+        "attention_path": kernels.attention_path(device, cfg.doc_mask, step_model is not model),
         "compiled": step_model is not model,
         "compile_mode": cfg.compile_mode,
         "compile_tune_kernels": cfg.compile_tune_kernels,

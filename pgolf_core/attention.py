@@ -62,7 +62,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, v0: torch.Tensor | None = None, value_embed: torch.Tensor | None = None,
                 mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D) normalized input -> (output (B, T, D), this layer's raw v (B, T, K*E)).
-        `mask`: a `kernels.document_mask` (None: plain causal)."""
+        `mask`: a `kernels.attention_mask` (None: plain causal)."""
         B, T, D = x.shape
         q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pgolf_core.attention import GATE_INPUT_DIMS, Attention, rms_norm
-from pgolf_core.kernels import document_mask
+from pgolf_core.kernels import attention_mask
 from pgolf_core.loss import fused_softcap_nll, softcap, softcap_nll
 
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
@@ -210,7 +210,7 @@ class GPT(nn.Module):
         the float32 logits of the whole batch never reach memory."""
         x = x0 = self.embed(idx)
         value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
-        mask = document_mask(idx, self.cfg.bos_id) if self.cfg.doc_mask else None
+        mask = attention_mask(idx, self.cfg.bos_id, self.cfg.doc_mask)
         encoder, decoder = layer_sequence(self.cfg, self.looping)
         skips, v0, lanes = [], None, None
         for i in encoder:

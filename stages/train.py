@@ -41,7 +41,7 @@ def main() -> None:
     if live:
         print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
               f"{stream.num_tokens:,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens; "
-              f"attention {kernels.attention_path(device)}, {f'compiled ({cfg.compile_mode})' if cfg.compile else 'eager'}")
+              f"attention {kernels.attention_path(device, cfg.doc_mask, cfg.compile)}, {f'compiled ({cfg.compile_mode})' if cfg.compile else 'eager'}")
 
     def log(step: int, values: dict) -> None:
         if live:

@@ -32,6 +32,15 @@ def test_train_throughput_applies_overrides():
     assert result["config"]["num_params"] < 400_000  # 0.36 M; the CPU profile's 4 x 128 model has 0.85 M
 
 
+def test_attention_kernels_checks_every_mask_form_against_its_reference():
+    result = run_script("bench/attention_kernels.py", "--device", "cpu", "--check-only", "--batch", "2",
+                        "--seq-len", "256", "--doc-len", "50")
+    variants = result["variants"]
+    for name in ("sdpa_documents_dense", "flex_causal_triton", "flex_documents_triton"):
+        assert variants[name]["rel_error"] < 5e-3, (name, variants[name])  # bf16 inputs against float64
+    assert result["pgolf_path"] == "sdpa" and result["pgolf_path_documents"] == "flex_attention_triton"
+
+
 @pytest.mark.slow
 def test_graph_traffic_counts_both_graphs_of_both_loop_states():
     result = run_script("bench/graph_traffic.py", "--profile", "profiles/cpu.yaml", "--seq-len", "32", "--rows", "1", "2",

@@ -218,3 +218,24 @@ def test_document_block_mask_matches_the_dense_mask(monkeypatch):
         monkeypatch.setattr(kernels, "_block_mask_wanted", lambda ids: torch.compiler.is_compiling())
         flex = torch.compile(model, fullgraph=True)(idx)
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_the_fa4_path_without_documents_is_plain_causal_attention(monkeypatch):
+    """With FA4 enabled, compiled CUDA graphs take a causal block mask; its outputs are
+    SDPA's plain causal ones (FlexAttention's Triton kernels stand in for FA4's here)."""
+    from pgolf_core import kernels
+
+    torch._dynamo.reset()
+    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed"))).eval()
+    idx = torch.randint(2, 64, (2, 160))
+    idx[0, 70] = 1
+    with torch.no_grad():
+        plain = model(idx)
+        monkeypatch.setattr(kernels, "_flash_enabled", True)
+        monkeypatch.setattr(kernels, "_flex_options", lambda: None)
+        monkeypatch.setattr(kernels, "_block_mask_wanted", lambda ids: torch.compiler.is_compiling())
+        assert kernels.attention_mask(idx, 1, documents=False) is None  # eager: plain SDPA
+        flex = torch.compile(model, fullgraph=True)(idx)
+    torch.testing.assert_close(flex, plain, rtol=1e-4, atol=1e-4)
+    assert kernels.attention_path(torch.device("cuda")) == "flex_attention_fa4"
+    assert kernels.attention_path(torch.device("cuda"), compiled=False) == "sdpa"
