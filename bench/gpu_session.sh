@@ -6,7 +6,8 @@
 # `throughput`: plainloss (the loss), f32residual (the float32 residual stream),
 # tunekernels (Inductor's coordinate-descent tuning), autotune (max-autotune-no-cudagraphs:
 # a long compile, run it alone), expandable (the allocator's expandable segments),
-# docmask against docmaskoff (document masking by FlexAttention on 1,000-token documents).
+# docmask against docmaskoff (document masking by FlexAttention on 1,000-token documents);
+# dev runs: devdocmask and devf32residual against dev (quality of those two switches).
 # Into $OUT (or bench/out): session.log (all output), each part's JSON result and the
 # throughput's two profiler tables; at most 8 files, the device tool's limit. Each part
 # has its own time limit, so a failure in one still leaves the others' results.
@@ -45,6 +46,11 @@ ab docmaskoff 200 --doc-len 1000
 ab autotune 560 --set compile_mode=max-autotune-no-cudagraphs
 part expandable train_throughput_expandable.json 200 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 bench/train_throughput.py --profile $RECORD --out bench/results/train_throughput_expandable.json
-part dev train_dev_run.json 260 python3 bench/train_dev_run.py --profile $RECORD --workdir data/dev_run \
-    --batch-tokens 131072 --steps 75
+# dev NAME JSON ARGS...: the short real run on the dev corpus (75 steps of 131,072 tokens)
+dev() { local name=$1 json=$2; shift 2
+    part "$name" "$json" 260 python3 bench/train_dev_run.py --profile $RECORD --workdir data/dev_run \
+        --batch-tokens 131072 --steps 75 --out "bench/results/$json" "$@"; }
+dev dev train_dev_run.json
+dev devdocmask train_dev_run_docmask.json --set doc_mask=true
+dev devf32residual train_dev_run_f32residual.json --set low_precision_residual=false
 ls -la "$OUT"

@@ -56,6 +56,10 @@ def main() -> None:
                         help="sequences per forward; dividing the batch's 64 keeps one compiled shape")
     parser.add_argument("--val-every", type=int, default=5)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a train key of the profile (A/B runs), e.g. --set doc_mask=true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_dev_run.json"),
+                        help="where a GPU run writes its JSON")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only build tokenizer and shards in --workdir (CPU; carry them to the GPU)")
     args = parser.parse_args()
@@ -65,7 +69,7 @@ def main() -> None:
     train_overrides = {**overrides.get("train", {}), "batch_tokens": args.batch_tokens, "iterations": args.steps,
                        "schedule": "steps", "max_wallclock_seconds": 0.0, "calib_reserve_seconds": 0.0,
                        "val_every": args.val_every, "val_tokens": 0, "log_every": 1, "device": args.device,
-                       "micro_batch_seqs": args.micro_batch_seqs}
+                       "micro_batch_seqs": args.micro_batch_seqs, **config.parse_assignments(args.set)}
     cfg = config.build_section("train", train_overrides)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pgolf-dev-run-"))
     shards, tok_dir = prepare(work, Path(args.corpus), tok_cfg.vocab_size)
@@ -103,7 +107,7 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in record.items() if k != "curve"}))
     if device.type == "cuda":
-        (ROOT / "bench" / "results" / "train_dev_run.json").write_text(json.dumps(record, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":
