@@ -95,7 +95,6 @@ def main() -> None:
                         help="mean document length: BOS tokens at that rate (0: uniform random tokens)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"),
                         help="where a GPU run writes its JSON")
-    parser.add_argument("--no-flash", action="store_true", help="force PyTorch SDPA")
     parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
                         help="training loss path: fused softcapped CE (the trainer's) or the plain composition (A/B)")
     parser.add_argument("--trace", default=None, help="write profiler tables of 2 steps per loop state (NAME_unlooped.txt, NAME_looped.txt)")
@@ -107,7 +106,7 @@ def main() -> None:
     cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
-    kernels.use_flash_attn(not args.no_flash and kernels.HAS_FLASH_ATTN)
+    kernels.use_flash_attn(cfg.flash_attn and kernels.HAS_FLASH_ATTN)  # --set flash_attn=false: SDPA
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -162,6 +162,7 @@ class TrainConfig:
     seed: int = 1337
     compile: bool = False  # torch.compile the model (GPU profiles)
     compile_mode: str = "default"  # torch.compile mode: "default" or "max-autotune-no-cudagraphs" (Triton matmuls with fused epilogues)
+    flash_attn: bool = True  # FlashAttention 4 (via FlexAttention) in compiled CUDA runs, when flash_attn.cute is installed
     compile_tune_kernels: bool = False  # Inductor tunes its own kernels' block sizes (coordinate descent; slower compile)
     device: str = "auto"  # "auto", "cpu" or "cuda"
 

@@ -35,6 +35,7 @@ def main() -> None:
     stream = data.TokenStream(train_files, sp.vocab_size())
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
     val_bytes = val_byte_counts(sp, args.shards, val_tokens)
+    kernels.use_flash_attn(cfg.flash_attn and kernels.HAS_FLASH_ATTN)
     model = GPT(model_config(cfg, sp.vocab_size())).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
