@@ -45,18 +45,15 @@ def reference(q, k, v, allowed):
 
 
 def masks(idx: torch.Tensor) -> dict:
-    """Dense (B, 1, T, T) masks and FlexAttention block masks of token ids (B, T)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
+    """Dense (B, 1, T, T) masks and FlexAttention block masks of token ids (B, T), built
+    by the trainer's own `kernels` helpers."""
     B, T = idx.shape
     docs = torch.cumsum(idx == BOS, dim=1)
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril().expand(B, 1, T, T)
-    same_document = (docs[:, :, None] == docs[:, None, :])[:, None] & causal
     return {
-        "causal": causal, "documents": same_document,
-        "causal_block": create_block_mask(lambda b, h, q, kv: kv <= q, None, None, T, T, device=idx.device),
-        "documents_block": create_block_mask(lambda b, h, q, kv: (kv <= q) & (docs[b, q] == docs[b, kv]),
-                                             B, None, T, T, device=idx.device),
+        "causal": kernels.dense_document_mask(torch.zeros_like(docs)),  # one document: plain causal
+        "documents": kernels.dense_document_mask(docs),
+        "causal_block": kernels.block_mask(None, T, idx.device),
+        "documents_block": kernels.block_mask(docs, T, idx.device),
     }
 
 

@@ -62,23 +62,28 @@ def attention_mask(idx: torch.Tensor, bos_id: int, documents: bool):
     per forward: None (plain causal SDPA), a dense (B, 1, T, T) boolean, or a FlexAttention
     block mask. With `documents`, token t sees s <= t only when no BOS lies in (s, t];
     tokens before a row's first BOS are one document (one cut by the row start)."""
-    if not documents and not (_flash_enabled and _block_mask_wanted(idx)):
+    block = _block_mask_wanted(idx)
+    if not documents and not (_flash_enabled and block):
         return None
-    B, T = idx.shape
     docs = torch.cumsum(idx == bos_id, dim=1) if documents else None  # (B, T) document index
-    if _block_mask_wanted(idx):
-        from torch.nn.attention.flex_attention import create_block_mask
+    return block_mask(docs, idx.size(1), idx.device) if block else dense_document_mask(docs)
 
-        def causal(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx
 
-        def same_document_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
-
-        mask_mod = same_document_causal if documents else causal
-        return create_block_mask(mask_mod, B if documents else None, None, T, T, device=idx.device)
-    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+def dense_document_mask(docs: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) boolean for SDPA from document indices (B, T): causal and same document."""
+    T = docs.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=docs.device).tril()
     return ((docs[:, :, None] == docs[:, None, :]) & causal)[:, None]
+
+
+def block_mask(docs: torch.Tensor | None, seq_len: int, device: torch.device):
+    """FlexAttention block mask: causal and, given document indices (B, T), same document."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if docs is None:
+        return create_block_mask(lambda b, h, q, kv: kv <= q, None, None, seq_len, seq_len, device=device)
+    return create_block_mask(lambda b, h, q, kv: (kv <= q) & (docs[b, q] == docs[b, kv]),
+                             docs.size(0), None, seq_len, seq_len, device=device)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
