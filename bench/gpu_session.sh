@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the trainer in one device call. Carry data/dev_run, built on
 # any machine by `python bench/train_dev_run.py --workdir data/dev_run --prepare-only`.
-#   bash bench/gpu_session.sh [attention] [parts] [throughput] [PLAINLOSS..AUTOTUNE below] [dev]
+#   bash bench/gpu_session.sh [attention] [parts] [fusedmlp] [throughput] [A/B parts below] [dev]
 # (default: parts throughput dev, which fit one 10-minute call). A/B parts, each against
 # `throughput`: plainloss (the loss), f32residual (the float32 residual stream),
 # tunekernels (Inductor's coordinate-descent tuning), autotune (max-autotune-no-cudagraphs:
 # a long compile, run it alone), expandable (the allocator's expandable segments),
+# fusedmlpstep (the fused Triton MLP, whose kernels `fusedmlp` times against cuBLAS),
 # docmask against docmaskoff (document masking by FlexAttention on 1,000-token documents);
-# dev runs: devdocmask and devf32residual against dev (quality of those two switches).
+# dev runs: devdocmask and devf32residual against dev (quality of those two switches),
+# devfusedmlp (the fused MLP end to end: same curve as dev, no recompiles).
 # Into $OUT (or bench/out): session.log (all output), each part's JSON result and the
 # throughput's two profiler tables; at most 8 files, the device tool's limit. Each part
 # has its own time limit, so a failure in one still leaves the others' results.
@@ -33,6 +35,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 RECORD=profiles/record_8xh100.yaml
 part attention attention_kernels.json 200 python3 bench/attention_kernels.py
 part parts step_parts.json 120 python3 bench/step_parts.py
+part fusedmlp fused_mlp.json 200 python3 bench/fused_mlp.py
 part throughput train_throughput.json 200 python3 bench/train_throughput.py --profile $RECORD --trace "$OUT/trace.txt"
 # ab NAME LIMIT ARGS...: an A/B run of train_throughput.py, its JSON named after the part
 ab() { local name=$1 limit=$2; shift 2
@@ -44,6 +47,7 @@ ab tunekernels 400 --set compile_tune_kernels=true
 ab docmask 240 --set doc_mask=true --doc-len 1000
 ab docmaskoff 200 --doc-len 1000
 ab autotune 560 --set compile_mode=max-autotune-no-cudagraphs
+ab fusedmlpstep 240 --set fused_mlp=true
 part expandable train_throughput_expandable.json 200 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 bench/train_throughput.py --profile $RECORD --out bench/results/train_throughput_expandable.json
 # dev NAME JSON ARGS...: the short real run on the dev corpus (75 steps of 131,072 tokens)
@@ -53,4 +57,5 @@ dev() { local name=$1 json=$2; shift 2
 dev dev train_dev_run.json
 dev devdocmask train_dev_run_docmask.json --set doc_mask=true
 dev devf32residual train_dev_run_f32residual.json --set low_precision_residual=false
+dev devfusedmlp train_dev_run_fusedmlp.json --set fused_mlp=true
 ls -la "$OUT"

@@ -14,6 +14,11 @@ Triton one. Use it to compare model-code variants (bytes per token before and af
 without a GPU, and to project the elementwise floor of a step:
 per-token bytes x batch_tokens / HBM bandwidth.
 
+With `--set fused_mlp=true` the MLP runs the fused kernels' custom ops, which Inductor
+counts as library calls reading their inputs and writing their outputs, as the Triton
+kernels do; torch ops compute their results here (Triton's interpreter is far too slow
+at this size).
+
     python bench/graph_traffic.py --profile profiles/record_8xh100.yaml     # about 7 min on 2 cores
 """
 
@@ -23,15 +28,17 @@ import argparse
 import collections
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pgolf_core import config  # noqa: E402
+from pgolf_core import config, fused_mlp  # noqa: E402
 from pgolf_core import model as model_module  # noqa: E402
 from pgolf_core.loss import softcap_nll  # noqa: E402
 from pgolf_core.model import GPT  # noqa: E402
@@ -67,7 +74,17 @@ class KernelBytes:
         extern = type(node).__name__ == "ExternKernelSchedulerNode"
         origins = sorted({str(o.target).replace("aten.", "").replace(".default", "")
                           for n in node.get_nodes() if n.node is not None for o in n.node.origins})
-        return ("extern" if extern else "fused", node.get_read_write_buffers_sizes(), " ".join(origins[:6]))
+        return ("extern" if extern else "fused", node.get_read_write_buffers_sizes(), " ".join(origins))
+
+
+def _kernels_in_torch(a, b, stride_bk, stride_bn, h, out, slope, backward) -> None:
+    """What `fused_mlp._launch` computes, in torch ops: same inputs, same outputs."""
+    c = a @ torch.as_strided(b, (a.size(1), h.size(1)), (stride_bk, stride_bn))
+    if backward:
+        out.copy_(c * torch.where(h > 0, 2 * h, 2 * slope**2 * h))
+    else:
+        h.copy_(c)
+        out.copy_(F.leaky_relu(c, slope).square())
 
 
 def compiled_step_bytes(model: GPT, looping: bool, rows: int, seq_len: int, vocab: int,
@@ -87,18 +104,25 @@ def compiled_step_bytes(model: GPT, looping: bool, rows: int, seq_len: int, voca
     return [list(g) for g in collector.graphs]
 
 
+def _same_kernels(small: list, large: list) -> bool:
+    """Whether two compilations scheduled the same kernels in the same order: same kind,
+    and origins in common (a fused kernel's full origin set can differ with the size)."""
+    return len(small) == len(large) and all(
+        a[0] == b[0] and set(a[2].split()) & set(b[2].split()) for a, b in zip(small, large))
+
+
 def per_token_split(small, large, tokens: tuple[int, int], top: int) -> dict:
     """Per-token and fixed bytes of each graph from the same kernels at two token counts."""
     result = {}
     for name, kernels_small, kernels_large in zip(GRAPHS, small, large):
-        if [k[2] for k in kernels_small] != [k[2] for k in kernels_large]:
+        if not _same_kernels(kernels_small, kernels_large):
             raise RuntimeError(f"{name} graph differs between batch sizes: cannot pair its kernels")
         per_kind, fixed, groups, counts = collections.Counter(), 0.0, collections.Counter(), collections.Counter()
         for (kind, bytes_small, origins), (_, bytes_large, _) in zip(kernels_small, kernels_large):
             per_token = (bytes_large - bytes_small) / (tokens[1] - tokens[0])
             fixed += bytes_small - per_token * tokens[0]
             per_kind[kind] += per_token
-            key = f"{kind}: {origins}"
+            key = f"{kind}: {' '.join(origins.split()[:6])}"
             groups[key] += per_token
             counts[key] += 1
         result[name] = {
@@ -129,6 +153,10 @@ def main() -> None:
         model_module.fused_softcap_nll = softcap_nll
     cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
+    if cfg.fused_mlp:  # the custom ops on CPU tensors, computed by torch (see the docstring)
+        os.environ["TRITON_INTERPRET"] = "1"
+        fused_mlp.use_fused_mlp(True)
+        fused_mlp._launch = _kernels_in_torch
     torch.manual_seed(0)
     model = GPT(model_config(cfg, vocab))
     collector = KernelBytes()

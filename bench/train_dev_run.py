@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pgolf_core import config, corpus, data, dist, export, tokenizer  # noqa: E402
+from pgolf_core import config, corpus, data, dist, export, fused_mlp, kernels, tokenizer  # noqa: E402
 from pgolf_core.bpb import val_byte_counts  # noqa: E402
 from pgolf_core.model import GPT  # noqa: E402
-from pgolf_core.train import model_config, set_seed, train  # noqa: E402
+from pgolf_core.train import model_config, select_kernels, set_seed, train  # noqa: E402
 
 
 def prepare(work: Path, corpus_path: Path, vocab_size: int) -> tuple[Path, Path]:
@@ -78,6 +78,7 @@ def main() -> None:
     sp = tokenizer.load_tokenizer(tok_dir)
     device = dist.select_device(cfg.device)
     set_seed(cfg.seed)
+    select_kernels(cfg)
     model = GPT(model_config(cfg, sp.vocab_size())).to(device)
     stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
     val = data.load_split(shards, "val", sp.vocab_size())
@@ -101,6 +102,8 @@ def main() -> None:
         "corpus": args.corpus, "train_tokens": stream.num_tokens, "val_tokens": int(len(val)),
         "steps": result.steps, "tokens_per_second": round(result.tokens_per_second),
         "val_bpb_prequant": result.val_bpb_prequant,
+        "attention_path": kernels.attention_path(device, cfg.doc_mask, cfg.compile),
+        "fused_mlp": fused_mlp.active(device), "overrides": args.set,
         "loop_switch_step": switch_step, "loop_start_frac": cfg.loop_start_frac,
         "graphs_compiled_after_start": graphs_after.get("unique_graphs", 0) - graphs_at_start.get("unique_graphs", 0),
         "curve": curve,

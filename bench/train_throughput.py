@@ -27,12 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pgolf_core import config, kernels  # noqa: E402
+from pgolf_core import config, fused_mlp, kernels  # noqa: E402
 from pgolf_core import model as model_module  # noqa: E402
 from pgolf_core.loss import softcap_nll  # noqa: E402
 from pgolf_core.model import GPT, layer_sequence  # noqa: E402
 from pgolf_core.optim import build_optimizers  # noqa: E402
-from pgolf_core.train import compile_model, model_config, train_step  # noqa: E402
+from pgolf_core.train import compile_model, model_config, select_kernels, train_step  # noqa: E402
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
@@ -106,7 +106,7 @@ def main() -> None:
     cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
-    kernels.use_flash_attn(cfg.flash_attn and kernels.HAS_FLASH_ATTN)  # --set flash_attn=false: SDPA
+    select_kernels(cfg)  # --set flash_attn=false: SDPA; --set fused_mlp=true: the Triton MLP
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -163,6 +163,7 @@ def main() -> None:
         "allocator_during_timed_steps": {"unlooped": plain["allocator_during_timed_steps"],
                                          "looped": looped["allocator_during_timed_steps"]},
         "attention_path": kernels.attention_path(device, cfg.doc_mask, step_model is not model),
+        "fused_mlp": fused_mlp.active(device),
         "compiled": step_model is not model,
         "compile_mode": cfg.compile_mode,
         "compile_tune_kernels": cfg.compile_tune_kernels,

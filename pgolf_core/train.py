@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pgolf_core import dist
+from pgolf_core import dist, fused_mlp, kernels
 from pgolf_core.config import TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
@@ -222,6 +222,13 @@ def compile_model(module: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
 
     inductor_config.coordinate_descent_tuning = cfg.compile_tune_kernels
     return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+
+def select_kernels(cfg: TrainConfig) -> None:
+    """Apply the run's kernel switches, which are process-wide: FA4 attention
+    (`flash_attn`) and the fused MLP (`fused_mlp`). Neither changes the math."""
+    kernels.use_flash_attn(cfg.flash_attn and kernels.HAS_FLASH_ATTN)
+    fused_mlp.use_fused_mlp(cfg.fused_mlp)
 
 
 def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> None:

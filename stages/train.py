@@ -10,10 +10,10 @@ from pathlib import Path
 
 from dvclive import Live
 
-from pgolf_core import checkpoint, config, data, dist, io, kernels, resume, tokenizer
+from pgolf_core import checkpoint, config, data, dist, fused_mlp, io, kernels, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
-from pgolf_core.train import model_config, set_seed, train
+from pgolf_core.train import model_config, select_kernels, set_seed, train
 
 
 def main() -> None:
@@ -35,14 +35,16 @@ def main() -> None:
     stream = data.TokenStream(train_files, sp.vocab_size())
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
     val_bytes = val_byte_counts(sp, args.shards, val_tokens)
-    kernels.use_flash_attn(cfg.flash_attn and kernels.HAS_FLASH_ATTN)
+    select_kernels(cfg)
     model = GPT(model_config(cfg, sp.vocab_size())).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
     if live:
         print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
               f"{stream.num_tokens:,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens; "
-              f"attention {kernels.attention_path(device, cfg.doc_mask, cfg.compile)}, {f'compiled ({cfg.compile_mode})' if cfg.compile else 'eager'}")
+              f"attention {kernels.attention_path(device, cfg.doc_mask, cfg.compile)}, "
+              f"MLP {'fused' if fused_mlp.active(device) else 'plain'}, "
+              f"{f'compiled ({cfg.compile_mode})' if cfg.compile else 'eager'}")
 
     def log(step: int, values: dict) -> None:
         if live:

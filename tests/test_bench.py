@@ -52,6 +52,17 @@ def test_graph_traffic_counts_both_graphs_of_both_loop_states():
 
 
 @pytest.mark.slow
+def test_graph_traffic_sees_the_fused_mlp_save_bytes():
+    def total(fused: str) -> int:
+        result = run_script("bench/graph_traffic.py", "--profile", "profiles/cpu.yaml", "--seq-len", "32", "--rows", "1", "2",
+                            "--set", "num_layers=2", "--set", f"fused_mlp={fused}")
+        return result["unlooped"]["fused_bytes_per_token"] + result["unlooped"]["extern_bytes_per_token"]
+    plain, fused = total("false"), total("true")
+    hidden_pass = 2 * 4 * 128  # bf16 bytes of one pass over the MLP hidden (mlp_mult 4, model_dim 128)
+    assert plain - fused >= 2 * 2 * hidden_pass  # at least two hidden passes saved per layer (2 layers)
+
+
+@pytest.mark.slow
 def test_train_dev_run_smoke_run_on_cpu(tmp_path, embedded_docs):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in embedded_docs[:1000]))
@@ -60,3 +71,12 @@ def test_train_dev_run_smoke_run_on_cpu(tmp_path, embedded_docs):
                         "--micro-batch-seqs", "16", "--steps", "4", "--val-every", "2")
     assert result["steps"] == 4 and result["loop_switch_step"] is None  # the CPU profile has no recurrence
     assert result["val_tokens"] > 0 and 0 < result["val_bpb_prequant"] < 20
+
+
+def test_fused_mlp_bench_checks_both_paths_against_float64():
+    result = run_script("bench/fused_mlp.py", "--device", "cpu", "--check-only", "--tokens", "96", "--dim", "32",
+                        "--hidden", "48")
+    for path in ("plain", "fused"):
+        errors = result["paths"][path]
+        assert set(errors) == {"rel_error_y", "rel_error_grad_x", "rel_error_grad_w_up", "rel_error_grad_w_down"}
+        assert all(0 < e < 3e-3 for e in errors.values()), (path, errors)  # float16 against float64

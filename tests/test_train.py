@@ -135,15 +135,17 @@ def test_seed_makes_runs_repeatable(shards, tiny_sp):
         torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
 
 
-def torchrun_train(tmp_path, name: str, nproc: int, train_params: dict, shards, tokenizer_dir, *extra: str):
-    """Run the train stage under torchrun with these train params; (its output folder,
-    its stdout, its loss curve). Fails with the run's stderr when it does."""
+def torchrun_train(tmp_path, name: str, nproc: int, train_params: dict, shards, tokenizer_dir, *extra: str,
+                   env: dict | None = None):
+    """Run the train stage under torchrun with these train params (and `env` added to the
+    environment); (its output folder, its stdout, its loss curve). Fails with the run's
+    stderr when it does."""
     out, params = tmp_path / name, tmp_path / f"{name}.yaml"
     params.write_text(yaml.safe_dump({"train": train_params}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stages.train", "--params", str(params), "--shards", str(shards), "--tokenizer", str(tokenizer_dir),
            "--out", str(out / "model.safetensors"), "--metrics", str(out / "metrics"), *extra]
-    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=_env())
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**_env(), **(env or {})})
     assert run.returncode == 0, run.stderr[-3000:]
     with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
         curve = [float(row["train_loss"]) for row in csv.DictReader(f, delimiter="\t")]
@@ -182,6 +184,22 @@ def test_torchrun_compiled_two_processes_match_one_eager(tmp_path, shards, tiny_
             tmp_path, f"run{nproc}", nproc, {**TINY_TRAIN, **FEATURED, "iterations": 8, "val_every": 0,
                                              "compile": compile_}, shards, tiny_tokenizer_dir)
     assert len(curves[1]) == len(curves[2]) == 8
+    np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_torchrun_compiled_fused_mlp_matches_one_eager_plain_mlp(tmp_path, shards, tiny_tokenizer_dir):
+    """`train.fused_mlp` through the train stage: DDP + torch.compile on 2 processes with
+    the fused Triton MLP (run by Triton's interpreter on the CPU) against one eager process
+    with the plain MLP; the loss curves agree and the log says which MLP ran."""
+    curves = {}
+    for nproc, fused in ((1, False), (2, True)):
+        _, stdout, curves[nproc] = torchrun_train(
+            tmp_path, f"run{nproc}", nproc, {**TINY_TRAIN, **FEATURED, "mlp_activation": "leaky_relu2", "iterations": 6,
+                                             "val_every": 0, "compile": fused, "fused_mlp": fused},
+            shards, tiny_tokenizer_dir, env={"TRITON_INTERPRET": "1"})
+        assert f"MLP {'fused' if fused else 'plain'}" in stdout
+    assert len(curves[1]) == len(curves[2]) == 6
     np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)
 
 

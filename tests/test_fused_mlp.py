@@ -1,0 +1,208 @@
+"""The fused MLP kernels (pgolf_core/fused_mlp.py), run by Triton's interpreter on the CPU:
+against a float64 reference, through autograd, inside the model (eager, compiled, under
+autocast), and only where training asks for it."""
+
+import dataclasses
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pgolf_core import fused_mlp
+from pgolf_core.model import GPT
+
+if not fused_mlp.HAS_TRITON and not (sys.platform == "linux" and platform.machine() == "x86_64"):
+    pytest.skip("no triton wheel for this platform (the dev extra installs it on Linux x86_64, as CI runs)",
+                allow_module_level=True)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Switch the fused path on under the interpreter; count the kernel launches."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fused_mlp.use_fused_mlp(True)
+    calls = []
+    real = fused_mlp._launch
+    monkeypatch.setattr(fused_mlp, "_launch", lambda *args, **kw: calls.append(kw["backward"]) or real(*args, **kw))
+    yield calls
+    fused_mlp.use_fused_mlp(False)
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("slope", [0.5, 0.0])
+@pytest.mark.parametrize("M, K, N", [(70, 48, 40), (33, 40, 24)])  # ragged tiles; K=40 has a K tail
+def test_kernels_match_a_float64_reference(launches, dtype, tol, slope, M, K, N):
+    torch.manual_seed(M + N)
+    x, dy = torch.randn(M, K, dtype=dtype), torch.randn(M, K, dtype=dtype)
+    w_up, w_down = (0.2 * torch.randn(N, K)).to(dtype), (0.2 * torch.randn(K, N)).to(dtype)
+    h, a = torch.ops.pgolf.mlp_up_act(x, w_up, slope)
+    h_ref = x.double() @ w_up.double().t()
+    assert rel(h, h_ref) < tol
+    assert rel(a, F.leaky_relu(h_ref, slope).square()) < 2 * tol
+    dh = torch.ops.pgolf.mlp_act_grad(dy, w_down, h, slope)
+    hd = h.double()
+    dh_ref = (dy.double() @ w_down.double()) * torch.where(hd > 0, 2 * hd, 2 * slope**2 * hd)
+    assert rel(dh, dh_ref) < 2 * tol
+    assert launches == [False, True]
+
+
+def test_autograd_matches_the_reference_mlp(launches):
+    torch.manual_seed(0)
+    x = torch.randn(2, 35, 48, requires_grad=True)
+    w_up = (0.2 * torch.randn(40, 48)).requires_grad_()
+    w_down = (0.2 * torch.randn(48, 40)).requires_grad_()
+    y = fused_mlp.fused_mlp(x, w_up, w_down, 0.5)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    ref_inputs = [t.detach().double().requires_grad_() for t in (x, w_up, w_down)]
+    ref = fused_mlp.reference_mlp(*ref_inputs, 0.5)
+    ref.backward(grad_out.double())
+    assert y.shape == (2, 35, 48) and rel(y, ref) < 1e-6
+    for fused, reference in zip((x, w_up, w_down), ref_inputs):
+        assert rel(fused.grad, reference.grad) < 1e-6
+    assert launches == [False, True]
+
+
+def losses_and_grads(model: GPT, idx, targets):
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, targets).mean()
+    loss.backward()
+    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+def leaky_model(cfg) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(cfg, mlp_activation="leaky_relu2"))
+    with torch.no_grad():
+        for weight in model.parameters():  # output projections start at zero: no zero gradients in the test
+            if weight.dim() == 2 and not weight.any():
+                weight.normal_(std=0.1)
+    return model
+
+
+def test_model_training_step_matches_the_plain_mlp(launches, tiny_model_config):
+    model = leaky_model(tiny_model_config)
+    idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    loss, grads = losses_and_grads(model, idx, targets)
+    assert launches == [False] * 2 + [True] * 2  # two layers: forward, then backward
+    fused_mlp.use_fused_mlp(False)
+    plain_loss, plain_grads = losses_and_grads(model, idx, targets)
+    assert torch.allclose(loss, plain_loss, rtol=1e-6)
+    for name, grad in plain_grads.items():
+        assert rel(grads[name], grad) < 1e-5, name
+
+
+def test_evaluation_keeps_the_plain_mlp(launches, tiny_model_config):
+    model = leaky_model(tiny_model_config)
+    with torch.no_grad():
+        model(torch.randint(0, 512, (1, 8)))
+    assert launches == []  # GPTQ calibration hooks the down projection: it must see the plain path
+
+
+def test_compiled_model_runs_the_kernels_in_one_graph(launches, tiny_model_config):
+    model = leaky_model(tiny_model_config)
+    idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    eager_loss, eager_grads = losses_and_grads(model, idx, targets)
+    launches.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)  # a graph break would raise
+    loss, grads = losses_and_grads(compiled, idx, targets)
+    assert launches == [False] * 2 + [True] * 2
+    assert torch.allclose(loss, eager_loss, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        assert rel(grads[name], grad) < 1e-4, name
+
+
+def test_autocast_runs_the_kernels_in_its_dtype(launches, tiny_model_config):
+    """Under autocast the fused path computes in the autocast dtype (float16 here: the
+    interpreter has no bfloat16), as the plain linears do, and matches them."""
+    model = leaky_model(tiny_model_config)
+    idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss, grads = losses_and_grads(model, idx, targets)
+        fused_mlp.use_fused_mlp(False)
+        plain_loss, plain_grads = losses_and_grads(model, idx, targets)
+    assert launches == [False] * 2 + [True] * 2
+    assert abs(loss.item() - plain_loss.item()) < 1e-3 * plain_loss.item()
+    for name, grad in plain_grads.items():
+        assert grads[name].dtype == torch.float32 and rel(grads[name], grad) < 2e-2, name
+
+
+def test_switch_is_off_without_triton_and_off_the_device(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fused_mlp.use_fused_mlp(True)  # compiled Triton: CUDA only
+    try:
+        assert fused_mlp.active(torch.device("cuda")) and not fused_mlp.active(torch.device("cpu"))
+        assert not fused_mlp.wanted(torch.zeros(2, requires_grad=True))
+        monkeypatch.setattr(fused_mlp, "HAS_TRITON", False)
+        with pytest.warns(UserWarning, match="triton is not installed"):
+            fused_mlp.use_fused_mlp(True)
+        assert not fused_mlp.active(torch.device("cuda"))
+    finally:
+        fused_mlp.use_fused_mlp(False)
+
+
+H100_SHARED_MEMORY = 232_448  # bytes of shared memory one block may use on sm_90
+
+
+def compile_for_h100(args: dict, meta: dict, config):
+    """Compile the kernel ahead of time for sm_90 (no GPU needed) as Triton's JIT would
+    specialise it for these launch arguments: pointers and integers divisible by 16 get
+    that hint, and integers equal to 1 become constants. Triton internals, pinned by the
+    dev extra's triton==3.6.0: this fails loudly if they move."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = fused_mlp._kernel(False).fn
+    constants = {**meta, **config.kwargs}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = args.get(name)
+        if name in constants or value == 1:
+            signature[name] = "constexpr"
+            constants.setdefault(name, value)
+        else:
+            signature[name] = value if isinstance(value, str) else "i32"
+            if isinstance(value, str) or value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constants, attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_every_tile_compiles_for_hopper_tensor_cores(monkeypatch, tmp_path, backward):
+    """The real (not interpreted) kernels, at the record's shapes, for every autotuned
+    tile: they compile for an H100, run on its wgmma tensor-core instructions, stream their
+    operands through multi-stage asynchronous copies, fit its shared memory, and keep
+    their accumulator in registers (ptxas, which Triton ships, reports no spills)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    M, D, H = 48 * 2048, 512, 2048
+    b_strides = dict(stride_bk=H, stride_bn=1) if backward else dict(stride_bk=1, stride_bn=D)  # W_down, W_up^T
+    args = dict(a_ptr="*bf16", b_ptr="*bf16", h_ptr="*bf16", out_ptr="*bf16", M=M, N=H, stride_am=D, stride_ak=1,
+                **b_strides)
+    tuner = fused_mlp._kernel(False)
+    assert len(tuner.configs) >= 4
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    for config in tuner.configs:
+        kernel = compile_for_h100(args, dict(K=D, SLOPE=0.5, BACKWARD=backward), config)
+        assert "wgmma.mma_async" in kernel.asm["ptx"], config
+        assert f"memdesc<{config.num_stages}x" in kernel.asm["ttgir"], config  # operands multi-buffered
+        assert kernel.metadata.shared <= H100_SHARED_MEMORY, config
+        ptx = tmp_path / "kernel.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+        assert " 0 bytes spill stores, 0 bytes spill loads" in report, (config, report)
