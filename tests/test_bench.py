@@ -80,3 +80,48 @@ def test_fused_mlp_bench_checks_both_paths_against_float64():
         errors = result["paths"][path]
         assert set(errors) == {"rel_error_y", "rel_error_grad_x", "rel_error_grad_w_up", "rel_error_grad_w_down"}
         assert all(0 < e < 3e-3 for e in errors.values()), (path, errors)  # float16 against float64
+
+
+def test_every_gpu_session_part_calls_a_script_with_flags_and_settings_it_takes(tmp_path):
+    """Runs bench/gpu_session.sh with every part it defines, with `python3` and
+    `nvidia-smi` replaced by stubs that log their arguments; then checks each logged
+    command: the script exists, takes every flag given (its --help lists it), and every
+    `--set KEY=VALUE` builds a valid train section on top of the profile. A typo there
+    would otherwise cost a GPU call to find."""
+    import re
+    import shlex
+
+    from pgolf_core import config
+
+    session = (ROOT / "bench" / "gpu_session.sh").read_text()
+    parts = re.findall(r"^(?:part|ab|dev) (\w+) ", session, flags=re.M)
+    assert {"throughput", "fusedmlp", "fusedmlpstep", "devfusedmlp"} <= set(parts)
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    for stub in ("python3", "nvidia-smi"):
+        (bin_dir / stub).write_text(f'#!/bin/sh\n[ "$1" = "-c" ] || printf "%s\\n" "$*" >> {log}\n')
+        (bin_dir / stub).chmod(0o755)
+    run = subprocess.run(["bash", "bench/gpu_session.sh", *parts], cwd=ROOT, capture_output=True, text=True,
+                         env={"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path / "out")})
+    assert run.returncode == 0, run.stderr
+    commands = [shlex.split(line) for line in log.read_text().splitlines() if line.startswith("bench/")]
+    assert len(commands) == len(parts)
+    helps = {}
+    for script, *args in commands:
+        assert (ROOT / script).is_file(), script
+        for flag in (a for a in args if a.startswith("--")):
+            if script not in helps:
+                helps[script] = run_help(script)
+            assert flag in helps[script], (script, flag)
+        settings = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+        if "--profile" in args:
+            profile = config.read_profile(ROOT / args[args.index("--profile") + 1])
+            config.build_section("train", {**profile.get("train", {}), **config.parse_assignments(settings)})
+        else:
+            assert not settings, (script, settings)
+
+
+def run_help(script: str) -> str:
+    run = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
