@@ -17,11 +17,12 @@ differ only by matmul summation order.
 
 Training only: `wanted` is false without autograd, so evaluation and GPTQ calibration run
 the plain `MLP.forward`, whose hooks see the down projection's input. The model does not
-import this module (its code stays out of the artifact's evaluation code): switching the
-path on hands this module to `MLP.training_kernels`. The kernels run on
-CUDA tensors with Triton installed, and on CPU tensors under Triton's interpreter
-(`TRITON_INTERPRET=1`), which is how the tests check them; numpy has no bfloat16, so
-interpreted runs use float32 or float16.
+import this module, so its code stays out of the artifact's evaluation code: switching
+the path on hands this module to `MLP.training_kernels`.
+
+The kernels run on CUDA tensors with Triton installed, and on CPU tensors under Triton's
+interpreter (`TRITON_INTERPRET=1`), which is how the tests check them; numpy has no
+bfloat16, so interpreted runs use float32 or float16.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ _device_type: str | None = None  # where the fused path runs: "cuda", "cpu" (int
 
 def use_fused_mlp(enabled: bool) -> None:
     """Turn the fused path on or off for the process (the `train.fused_mlp` switch); warns
-    when asked for but Triton is not installed. Read `TRITON_INTERPRET` before calling."""
+    when asked for but Triton is not installed. On for CUDA tensors, or for CPU tensors
+    when `TRITON_INTERPRET=1` is set at the call."""
     global _device_type
     if enabled and not HAS_TRITON:
         warnings.warn("fused MLP requested but triton is not installed: using the plain MLP", stacklevel=2)
@@ -163,7 +165,8 @@ def _configs():
 
 @functools.cache
 def _kernel(interpreted: bool):
-    """The Triton kernel, built on first use (so the interpreter switch is read then)."""
+    """The Triton kernel, built (and its source read) on first use, so that the tests can
+    switch the interpreter on per test."""
     import triton
     import triton.language as tl
 
@@ -173,7 +176,9 @@ def _kernel(interpreted: bool):
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # tile order: GROUP_M row tiles sweep the columns together, so A's rows stay in L2
         pid = tl.program_id(0)
-        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        # builtins only (no tl.cdiv, tl.zeros: those are jit functions, which the interpreter
+        # and the compiler each take only in the mode triton was first imported in)
+        tiles_m, tiles_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
         group = pid // (GROUP_M * tiles_n)
         first_m = group * GROUP_M
         group_m = tl.minimum(tiles_m - first_m, GROUP_M)
@@ -186,7 +191,7 @@ def _kernel(interpreted: bool):
         a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * stride_am + rk[None, :] * stride_ak
         b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :] * stride_bn
         a_rows, b_cols = rm[:, None] < M, rn[None, :] < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
         for k in range(0, K, BLOCK_K):
             if K % BLOCK_K == 0:
                 a = tl.load(a_ptrs, mask=a_rows, other=0.0)

@@ -187,6 +187,7 @@ def test_every_tile_compiles_for_hopper_tensor_cores(monkeypatch, tmp_path, back
     operands through multi-stage asynchronous copies, fit its shared memory, and keep
     their accumulator in registers (ptxas, which Triton ships, reports no spills)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # compile for real, never a cached kernel
     M, D, H = 48 * 2048, 512, 2048
     b_strides = dict(stride_bk=H, stride_bn=1) if backward else dict(stride_bk=1, stride_bn=D)  # W_down, W_up^T
     args = dict(a_ptr="*bf16", b_ptr="*bf16", h_ptr="*bf16", out_ptr="*bf16", M=M, N=H, stride_am=D, stride_ak=1,
