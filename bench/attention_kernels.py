@@ -126,6 +126,7 @@ def main() -> None:
             rows[name] = {"error": str(e).splitlines()[0][:160]}
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python", *sys.argv]),
               "shape": {"B": B, "H": H, "K": K, "T": T, "E": E}, "torch": torch.__version__,
               "doc_len": args.doc_len, "flash_attn_installed": kernels.HAS_FLASH_ATTN,
               "pgolf_path": kernels.attention_path(torch.device("cuda")),

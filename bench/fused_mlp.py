@@ -96,6 +96,7 @@ def main() -> None:
                           peak_mem_mib=round(torch.cuda.max_memory_allocated() / 2**20))
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python", *sys.argv]),
               "shape": {"tokens": M, "dim": D, "hidden": H}, "dtype": str(dtype).removeprefix("torch."),
               "torch": torch.__version__, "paths": rows}
     if not args.check_only:

@@ -58,6 +58,7 @@ def main() -> None:
     rel = lambda a, b: float(f"{((a.double() - b.double()).norm() / b.double().norm()).item():.2e}")  # noqa: E731
     result = {"device": torch.cuda.get_device_name(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(["python", *sys.argv]),
               "shape": {"B": B, "T": T, "D": D, "V": V}, "torch": torch.__version__, "variants": rows,
               "fused_vs_plain_rel_error": {"loss": rel(grads["fused"][0], grads["plain"][0]),
                                            "grad_x": rel(grads["fused"][1], grads["plain"][1]),

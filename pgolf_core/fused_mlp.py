@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import sys
 import warnings
 
@@ -44,13 +43,15 @@ _device_type: str | None = None  # where the fused path runs: "cuda", "cpu" (int
 def use_fused_mlp(enabled: bool) -> None:
     """Turn the fused path on or off for the process (the `train.fused_mlp` switch); warns
     when asked for but Triton is not installed. On for CUDA tensors, or for CPU tensors
-    when `TRITON_INTERPRET=1` is set at the call."""
+    when Triton's interpreter is on (`TRITON_INTERPRET=1`) at the call."""
     global _device_type
     if enabled and not HAS_TRITON:
         warnings.warn("fused MLP requested but triton is not installed: using the plain MLP", stacklevel=2)
     _device_type = None
     if enabled and HAS_TRITON:
-        _device_type = "cpu" if _interpreting() else "cuda"
+        import triton
+
+        _device_type = "cpu" if triton.knobs.runtime.interpret else "cuda"
     MLP.training_kernels = sys.modules[__name__] if _device_type else None
 
 
@@ -62,10 +63,6 @@ def active(device: torch.device) -> bool:
 def wanted(x: torch.Tensor) -> bool:
     """Whether an MLP applied to `x` takes the fused path: switched on, on its device, with autograd."""
     return _device_type == x.device.type and torch.is_grad_enabled()
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def reference_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float) -> torch.Tensor:
@@ -132,23 +129,21 @@ def _(dy, w_down, h, slope):
 def _launch(a: torch.Tensor, b: torch.Tensor, stride_bk: int, stride_bn: int, h: torch.Tensor,
             out: torch.Tensor, slope: float, backward: bool) -> None:
     """C = A B with A (M, K) and B (K, N) given by its strides, then the epilogue: forward
-    writes h = C and out = act(C); backward reads h and writes out = C * act'(h)."""
-    kernel = _kernel(_interpreting())
+    writes h = C and out = act(C); backward reads h and writes out = C * act'(h). h and
+    out are fresh contiguous (M, N) tensors. CPU tensors run interpreted."""
+    import triton
+
+    interpreted = a.device.type == "cpu"
+    kernel = _kernel(interpreted)
     M, K = a.shape
     N = h.size(1)
-    if not (h.is_contiguous() and out.is_contiguous()):
-        raise ValueError("fused MLP: h and the output must be contiguous (M, H) tensors")
     args = (a, b, h, out, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn)
     meta = dict(SLOPE=slope, BACKWARD=backward)
-    if _interpreting():  # no autotuning in the interpreter: one small tile
+    if interpreted:  # no autotuning in the interpreter: one small tile
         blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
-        kernel[(_cdiv(M, 16) * _cdiv(N, 16),)](*args, **meta, **blocks)
+        kernel[(triton.cdiv(M, 16) * triton.cdiv(N, 16),)](*args, **meta, **blocks)
     else:
-        kernel[lambda c: (_cdiv(M, c["BLOCK_M"]) * _cdiv(N, c["BLOCK_N"]),)](*args, **meta)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+        kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
 
 
 def _configs():
@@ -165,12 +160,14 @@ def _configs():
 
 @functools.cache
 def _kernel(interpreted: bool):
-    """The Triton kernel, built (and its source read) on first use, so that the tests can
-    switch the interpreter on per test."""
+    """The Triton kernel, compiled and autotuned, or run by Triton's interpreter (which
+    reads its source at each call); built on first use, so importing this module does
+    not import triton."""
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
 
-    @triton.jit
     def matmul_act(a_ptr, b_ptr, h_ptr, out_ptr, M, N, K: tl.constexpr, stride_am, stride_ak, stride_bk,
                    stride_bn, SLOPE: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -216,5 +213,5 @@ def _kernel(interpreted: bool):
             tl.store(out_ptr + offsets, (act * act).to(out_ptr.dtype.element_ty), mask=inside)
 
     if interpreted:
-        return matmul_act
-    return triton.autotune(configs=_configs(), key=["M", "N", "K", "BACKWARD"])(matmul_act)
+        return InterpretedFunction(matmul_act)
+    return triton.autotune(configs=_configs(), key=["M", "N", "K", "BACKWARD"])(JITFunction(matmul_act))

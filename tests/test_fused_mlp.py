@@ -4,9 +4,7 @@ autocast), and only where training asks for it."""
 
 import dataclasses
 import os
-import platform
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +13,6 @@ import torch.nn.functional as F
 
 from pgolf_core import fused_mlp
 from pgolf_core.model import GPT
-
-if not fused_mlp.HAS_TRITON and not (sys.platform == "linux" and platform.machine() == "x86_64"):
-    pytest.skip("no triton wheel for this platform (the dev extra installs it on Linux x86_64, as CI runs)",
-                allow_module_level=True)
 
 
 @pytest.fixture
