@@ -8,6 +8,8 @@
 # a long compile, run it alone), expandable (the allocator's expandable segments),
 # fusedmlpstep (the fused Triton MLP, whose kernels `fusedmlp` times against cuBLAS),
 # docmask against docmaskoff (document masking by FlexAttention on 1,000-token documents);
+# reference (the reference system of issue #4's targets, profiles/pr1477_8xh100.yaml:
+# its unlooped and run-average rates compare with the 850 K and 715 K its own script ran at);
 # dev runs: devdocmask and devf32residual against dev (quality of those two switches),
 # devfusedmlp (the fused MLP end to end: same curve as dev, no recompiles).
 # Into $OUT (or bench/out): session.log (all output), each part's JSON result and the
@@ -37,6 +39,8 @@ part attention attention_kernels.json 200 python3 bench/attention_kernels.py
 part parts step_parts.json 120 python3 bench/step_parts.py
 part fusedmlp fused_mlp.json 200 python3 bench/fused_mlp.py
 part throughput train_throughput.json 200 python3 bench/train_throughput.py --profile $RECORD --trace "$OUT/trace.txt"
+part reference train_throughput_pr1477.json 200 python3 bench/train_throughput.py \
+    --profile profiles/pr1477_8xh100.yaml --out bench/results/train_throughput_pr1477.json
 # ab NAME LIMIT ARGS...: an A/B run of train_throughput.py, its JSON named after the part
 ab() { local name=$1 limit=$2; shift 2
     part "$name" "train_throughput_$name.json" "$limit" python3 bench/train_throughput.py --profile $RECORD \

@@ -9,6 +9,11 @@ looped layer once per pass, plus the d x V output head) + 6 * L_virtual * T * d 
 causal attention (QK^T and AV, forward + backward, half the square). MFU = that x
 tokens/s / peak dense bf16 (989e12 on H100 SXM and H200).
 
+`tokens_per_second_run_average` is the rate of a whole run of the profile's schedule, the
+loop switching on at `loop_start_frac`: the figure the reference's "715 K averaged over a
+run with looping on for its second half" is (issue #4; `--profile
+profiles/pr1477_8xh100.yaml` measures that system itself).
+
     python bench/train_throughput.py --profile profiles/record_8xh100.yaml
     python bench/train_throughput.py --profile profiles/cpu.yaml --device cpu --steps 2   # smoke run
 """
@@ -44,6 +49,17 @@ def flops_per_token(model: GPT, looping: bool, seq_len: int) -> float:
     path = sum(per_layer[i] for i in encoder + decoder) + cfg.model_dim * cfg.vocab_size
     attention = (len(encoder) + len(decoder)) * seq_len * cfg.model_dim
     return 6.0 * path + 6.0 * attention
+
+
+def run_average(unlooped: float, looped: float, loop_start_frac: float, schedule: str) -> float:
+    """Tokens/s over a run whose loop switches on at `loop_start_frac` of it. Of the wall
+    clock ("wallclock" schedule): each rate holds for its share of the time, a
+    time-weighted mean. Of the steps ("steps"): each for its share of the tokens, a
+    harmonic mean."""
+    f = min(max(loop_start_frac, 0.0), 1.0)
+    if schedule == "wallclock":
+        return f * unlooped + (1 - f) * looped
+    return 1.0 / (f / unlooped + (1 - f) / looped)
 
 
 def time_steps(step, steps: int, device) -> float:
@@ -153,6 +169,9 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "tokens_per_second": round(plain["tokens_per_second"]),
         "tokens_per_second_looped": round(looped["tokens_per_second"]),
+        "tokens_per_second_run_average": round(run_average(
+            plain["tokens_per_second"], looped["tokens_per_second"],
+            cfg.loop_start_frac if cfg.num_loops else 1.0, cfg.schedule)),
         "ms_per_step": round(1000 * plain["seconds"], 2),
         "ms_per_step_looped": round(1000 * looped["seconds"], 2),
         "mfu": round(plain["flops_per_token"] * plain["tokens_per_second"] / peak, 4) if peak else None,
@@ -171,6 +190,8 @@ def main() -> None:
         "doc_len": args.doc_len,
         "loss": args.loss,
         "config": {"profile": args.profile, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
+                   "schedule": cfg.schedule, "loop_start_frac": cfg.loop_start_frac,
+                   "virtual_layers_looped": sum(map(len, layer_sequence(model.cfg, True))),
                    "micro_batch_seqs": cfg.micro_batch_seqs, "num_params": sum(p.numel() for p in model.parameters()),
                    "torch": torch.__version__},
     }

@@ -32,6 +32,20 @@ def test_train_throughput_applies_overrides():
     assert result["config"]["num_params"] < 400_000  # 0.36 M; the CPU profile's 4 x 128 model has 0.85 M
 
 
+@pytest.mark.parametrize("schedule", ["wallclock", "steps"])
+def test_train_throughput_averages_a_run_that_loops_from_loop_start_frac(schedule):
+    """Wall-clock schedule: the looped rate holds for (1 - f) of the time; step schedule:
+    for (1 - f) of the tokens. (The issue's 715 K reference is the first kind, f = 0.5.)"""
+    result = run_script("bench/train_throughput.py", "--profile", "profiles/cpu.yaml", "--device", "cpu",
+                        "--steps", "1", "--warmup", "1", "--no-compile", "--set", "num_layers=2",
+                        "--set", "num_loops=2", "--set", "loop_end=1", "--set", "loop_start_frac=0.25",
+                        "--set", f"schedule={schedule}")
+    unlooped, looped = result["tokens_per_second"], result["tokens_per_second_looped"]
+    expected = 0.25 * unlooped + 0.75 * looped if schedule == "wallclock" else 1 / (0.25 / unlooped + 0.75 / looped)
+    assert result["tokens_per_second_run_average"] == pytest.approx(expected, abs=1.0)
+    assert result["config"]["virtual_layers_looped"] == 6 and result["config"]["schedule"] == schedule
+
+
 def test_attention_kernels_checks_every_mask_form_against_its_reference():
     result = run_script("bench/attention_kernels.py", "--device", "cpu", "--check-only", "--batch", "2",
                         "--seq-len", "256", "--doc-len", "50")

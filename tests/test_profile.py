@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from pgolf_core import config
-from pgolf_core.model import GPT
+from pgolf_core.model import GPT, layer_sequence
 from pgolf_core.train import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +31,17 @@ def test_record_profile_builds_the_records_model():
     assert (train.schedule, train.iterations, train.batch_tokens) == ("steps", 4950, 786432)  # base + override
     model = GPT(model_config(train, configs["tokenize"].vocab_size))
     assert sum(p.numel() for p in model.parameters()) == 35_945_671  # TECHNIQUES.md §2.1, the 04-27 stack
+
+
+def test_pr1477_profile_builds_the_reference_systems_model():
+    """The reference of issue #4's throughput targets (TECHNIQUES.md §2.1, §2.5, §2.6)."""
+    configs = config.apply_profile(ROOT / "profiles" / "pr1477_8xh100.yaml", "/dev/null")
+    train = configs["train"]
+    model = GPT(model_config(train, configs["tokenize"].vocab_size))
+    assert sum(p.numel() for p in model.parameters()) == 35_943_512 + 1  # the 04-05 stack + lane_merge
+    assert layer_sequence(model.cfg, True) == ([0, 1, 2, 3, 4, 5, 4], [5, 4, 5, 6, 7, 8, 9, 10])
+    assert (train.loop_start_frac, train.schedule, train.parallel_mode, train.parallel_start) == \
+        (0.5, "wallclock", "merge", 7)
 
 
 def test_profile_typos_are_named(tmp_path):
