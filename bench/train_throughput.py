@@ -186,6 +186,7 @@ def main() -> None:
         "compiled": step_model is not model,
         "compile_mode": cfg.compile_mode,
         "compile_tune_kernels": cfg.compile_tune_kernels,
+        "compile_mix_order_reduction": cfg.compile_mix_order_reduction,
         "overrides": args.set,
         "doc_len": args.doc_len,
         "loss": args.loss,

@@ -164,6 +164,7 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode: "default" or "max-autotune-no-cudagraphs" (Triton matmuls with fused epilogues)
     flash_attn: bool = True  # FlashAttention 4 (via FlexAttention) in compiled CUDA runs, when flash_attn.cute is installed
     compile_tune_kernels: bool = False  # Inductor tunes its own kernels' block sizes (coordinate descent; slower compile)
+    compile_mix_order_reduction: bool = True  # Inductor's default: norm backward and per-channel weight grads in one kernel (spills on sm_90, bench/NOTES.md)
     fused_mlp: bool = False  # CUDA training steps: MLP up-projection + activation in one Triton matmul (needs triton)
     device: str = "auto"  # "auto", "cpu" or "cuda"
 

@@ -214,14 +214,23 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -
 
 
 def compile_model(module: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """torch.compile with the run's mode. `compile_tune_kernels` turns on Inductor's
-    coordinate-descent tuning of its generated kernels (the elementwise and reduction
-    kernels are about half of the record step on an H100, bench/NOTES.md); a process-wide
-    setting, as Inductor keeps it."""
+    """torch.compile with the run's mode and Inductor options (`configure_inductor`)."""
+    configure_inductor(cfg)
+    return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+
+
+def configure_inductor(cfg: TrainConfig) -> None:
+    """Inductor's process-wide options from the run's switches. `compile_tune_kernels`:
+    coordinate-descent tuning of Inductor's generated kernels (the elementwise and
+    reduction kernels are about half of the record step on an H100). With
+    `compile_mix_order_reduction` off, a norm's backward and the per-channel weight
+    gradients that sum over tokens are separate kernels: 2 % more bytes, but the fused
+    ones hold too much for sm_90's registers in the record's backward (bench/NOTES.md)."""
     from torch._inductor import config as inductor_config
 
     inductor_config.coordinate_descent_tuning = cfg.compile_tune_kernels
-    return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    if cfg.compile_mix_order_reduction != getattr(inductor_config.triton, "mix_order_reduction", True):
+        inductor_config.triton.mix_order_reduction = cfg.compile_mix_order_reduction  # a torch without them raises
 
 
 def select_kernels(cfg: TrainConfig) -> None:

@@ -87,6 +87,25 @@ def test_train_dev_run_smoke_run_on_cpu(tmp_path, embedded_docs):
     assert result["val_tokens"] > 0 and 0 < result["val_bpb_prequant"] < 20
 
 
+@pytest.mark.slow
+def test_inductor_h100_kernels_sees_the_mix_order_switch():
+    """Inductor's H100 code for a one-layer model big enough for mix-order reductions
+    (at least 5 M elements per norm): every kernel compiles for sm_90 (the script fails
+    otherwise), and the switch decides whether the norm backward fuses the weight grads."""
+    def backward(mix_order: str) -> dict:
+        result = run_script("bench/inductor_h100_kernels.py", "--profile", "profiles/cpu.yaml", "--rows", "16",
+                            "--seq-len", "2048", "--set", "num_layers=1", "--set", "model_dim=256", "--set",
+                            "num_heads=4", "--set", f"compile_mix_order_reduction={mix_order}")
+        assert result["config"]["mix_order_reduction"] is (mix_order == "true")
+        assert result["unlooped"]["forward"]["kernels"] > 5 and result["unlooped"]["forward"]["mix_order_kernels"] == 0
+        return result["unlooped"]["backward"]
+    fused, separate = backward("true"), backward("false")
+    assert fused["mix_order_kernels"] > 0 and separate["mix_order_kernels"] == 0
+    assert separate["launches"] > fused["launches"]
+    assert separate["fused_bytes_per_token"] > fused["fused_bytes_per_token"]  # the weight grads re-read their inputs
+    assert separate["extern_bytes_per_token"] == fused["extern_bytes_per_token"] > 0
+
+
 def test_fused_mlp_bench_checks_both_paths_against_float64():
     result = run_script("bench/fused_mlp.py", "--device", "cpu", "--check-only", "--tokens", "96", "--dim", "32",
                         "--hidden", "48")

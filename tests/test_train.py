@@ -294,6 +294,17 @@ def test_compile_model_applies_the_configured_mode_and_kernel_tuning(monkeypatch
     assert calls[-1] == "max-autotune-no-cudagraphs" and inductor_config.coordinate_descent_tuning is True
 
 
+def test_compile_model_switches_inductors_mix_order_reductions(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: module)
+    monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
+    compile_model(torch.nn.Linear(2, 2), config.build_section("train", {"compile_mix_order_reduction": False}))
+    assert inductor_config.triton.mix_order_reduction is False
+    compile_model(torch.nn.Linear(2, 2), config.build_section("train", {}))
+    assert inductor_config.triton.mix_order_reduction is True  # Inductor's own default
+
+
 def test_residual_precision_experiment_runs_both_streams_per_seed(tmp_path, shards, tiny_tokenizer_dir):
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "iterations": 3}}))

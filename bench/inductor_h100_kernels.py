@@ -1,0 +1,298 @@
+"""Benchmark (CPU, no GPU needed): the Triton kernels Inductor generates for a profile's
+training step on an H100, and what ptxas makes of them.
+
+Inductor writes CUDA code without running it, so this script lets it compile the step
+for a pretend H100 (sm_90, 132 SMs): dynamo and AOT autograd trace the model on the CPU
+as usual, and every forward and backward graph is then re-targeted to fake CUDA tensors
+and lowered by Inductor's Triton backend. Nothing executes. For each graph it reports
+what Inductor's scheduler counts (kernels, bytes per token, the library calls), and it
+compiles every Triton kernel for sm_90 with each of its autotuning configurations, as
+the GPU would: registers, spill bytes and shared memory from ptxas, which Triton ships.
+
+What it is for: finding the kernels that cannot run at memory speed before a GPU
+session does (spills to local memory). The first run found Inductor's mix-order
+reductions in the record's backward (a norm's backward fused with the per-channel
+weight gradients) at 255 registers, up to 948 bytes of spills per thread and about
+180 KB of shared memory (`train.compile_mix_order_reduction`, bench/NOTES.md).
+
+Limits: the kernels are those of this machine's torch (2.13), not the GPU machine's
+(2.11), and their names differ (here RMSNorm appears decomposed, as
+`..._div_expand_..._pow_...`, where the GPU's profiler says `_fused_rms_norm`). The
+attention call is the CPU's SDPA op, a library call either way. It patches torch and
+Triton internals (pinned by the dev extra): a moved internal fails loudly.
+
+    python bench/inductor_h100_kernels.py --profile profiles/record_8xh100.yaml   # about 2 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import copy
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pgolf_core import config  # noqa: E402
+from pgolf_core.model import GPT  # noqa: E402
+from pgolf_core.train import configure_inductor, model_config  # noqa: E402
+
+H100 = types.SimpleNamespace(
+    name="NVIDIA H100 80GB HBM3", gcnArchName="sm_90", major=9, minor=0, multi_processor_count=132,
+    regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048, max_threads_per_block=1024, warp_size=32,
+    total_memory=80 * 2**30, shared_memory_per_block_optin=232_448, L2_cache_size=50 * 2**20)
+CUDA = torch.device("cuda", 0)
+GRAPHS = ("forward", "backward")
+
+
+class _BothGraphsCompiled(Exception):
+    """Raised once the backward graph is compiled: nothing is meant to run."""
+
+
+@contextlib.contextmanager
+def pretend_h100():
+    """Make this CPU-only torch generate (not run) Inductor's CUDA code for an H100."""
+    import triton
+    from torch._dynamo import device_interface
+    from torch._inductor import compile_fx as compile_fx_module
+    from torch._inductor.fx_passes import misc_patterns, reinplace
+    from torch._inductor.runtime import triton_helpers
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    cuda_interface = device_interface.CudaInterface
+    init_misc_patterns = misc_patterns._misc_patterns_init
+    aten = torch.ops.aten
+    patches = [
+        # the device Inductor asks about
+        mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: H100),
+        mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: (9, 0)),
+        mock.patch.object(torch.cuda, "current_device", lambda: 0),
+        mock.patch.object(torch.cuda, "device_count", lambda: 1),
+        mock.patch.object(cuda_interface, "get_device_properties", staticmethod(lambda device=None: H100)),
+        mock.patch.object(cuda_interface, "get_compute_capability", staticmethod(lambda device=None: 90)),
+        mock.patch.object(cuda_interface, "is_available", staticmethod(lambda: True)),
+        mock.patch.dict(device_interface.caching_worker_current_devices, {"cuda": 0}),
+        mock.patch.dict(device_interface.caching_worker_device_properties, {"cuda": [H100]}),
+        mock.patch("torch.utils._triton.triton_backend", lambda: make_backend(GPUTarget("cuda", 90, 32))),
+        mock.patch.object(compile_fx_module, "_check_triton_bf16_support", lambda graph: None),
+        mock.patch.object(torch._C, "_cuda_getCurrentRawStream", lambda *args: 0, create=True),
+        mock.patch.object(triton_helpers, "set_driver_to_gpu", lambda: None),
+        # pattern tracing would run real CUDA ops: trace the (device-agnostic) patterns on the CPU
+        mock.patch.object(misc_patterns, "_misc_patterns_init", lambda input_device=None: init_misc_patterns(torch.device("cpu"))),
+        # ops whose fake-tensor path reaches a CUDA device guard, which this build lacks
+        mock.patch.dict(torch._decomp.decomposition_table,
+                        {aten._unsafe_masked_index_put_accumulate.default: _masked_index_put_accumulate}),
+        mock.patch.object(reinplace, "_inplace_generalized_scatter", lambda inp, src, view_ops: inp),
+    ]
+    del triton
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        yield
+
+
+def _masked_index_put_accumulate(x, mask, indices, values):
+    """The embedding backward's scatter, as torch decomposes it, without masked_fill(Scalar)."""
+    indices = [None if i is None else i.clamp(min=-x.size(d), max=x.size(d) - 1) for d, i in enumerate(indices)]
+    masked = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return torch.ops.aten._unsafe_index_put(x, indices, masked, accumulate=True)
+
+
+def _on_cuda(value, fake_mode):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, torch.Tensor):
+        meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return FakeTensor(fake_mode, meta, CUDA)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cuda(v, fake_mode) for v in value)
+    return value
+
+
+def _retargeted(gm: torch.fx.GraphModule, fake_mode) -> torch.fx.GraphModule:
+    """A copy of an AOT graph whose every value and factory call is on the (fake) GPU."""
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["val"] = _on_cuda(node.meta["val"], fake_mode)
+        device = node.kwargs.get("device")
+        if device is not None and torch.device(device).type == "cpu":
+            node.kwargs = {**node.kwargs, "device": CUDA}
+    gm.recompile()
+    return gm
+
+
+def compile_step(model: GPT, rows: int, seq_len: int) -> dict:
+    """Inductor's H100 code for one training step (forward + loss + backward) of `model`:
+    per graph, the wrapper source, the kernel sources and the scheduler's byte count."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import graph
+    from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+    graphs: dict[str, dict] = {}
+    count_bytes = graph.GraphLowering.count_bytes
+    scheduled: list = []
+
+    def counting(lowering):
+        scheduled.append([(type(n).__name__ == "ExternKernelSchedulerNode", n.get_read_write_buffers_sizes())
+                          for n in lowering.scheduler.nodes])
+        return count_bytes(lowering)
+
+    def inner_compile(gm, example_inputs, **kwargs):
+        name = "backward" if kwargs.get("is_backward") else "forward"
+        fake_mode = torch._guards.detect_fake_mode(example_inputs)
+        kernels = {}
+        # kernels are collected, not compiled here: `hopper_resources` compiles them for sm_90
+        with fake_mode, mock.patch("torch._inductor.async_compile.AsyncCompile.triton",
+                                   lambda self, kname, source, device_str="cuda": kernels.setdefault(kname, source)), \
+                mock.patch("torch._inductor.async_compile.AsyncCompile.wait", lambda self, scope: None):
+            compiled = compile_fx_inner(_retargeted(gm, fake_mode), [_on_cuda(i, fake_mode) for i in example_inputs],
+                                        **kwargs)
+        graphs[name] = {"wrapper": compiled.source_code, "kernels": kernels, "scheduled": scheduled.pop()}
+        if name == "backward":
+            raise _BothGraphsCompiled
+        return torch._functorch.aot_autograd.make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    step = torch.compile(model, fullgraph=True, backend=lambda gm, inputs: compile_fx(gm, inputs, inner_compile=inner_compile))
+    x = torch.randint(0, model.cfg.vocab_size, (rows, seq_len))
+    log = torch._inductor.compile_fx.inductor_metrics_log  # count_bytes runs only when this log is on
+    with pretend_h100(), functorch_config.patch(force_non_lazy_backward_lowering=True), \
+            torch._inductor.config.patch(force_disable_caches=True, compile_threads=1), \
+            mock.patch.object(graph.GraphLowering, "count_bytes", counting), \
+            mock.patch.object(log, "isEnabledFor", lambda level: True), mock.patch.object(log, "info", lambda *a, **k: None), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        try:
+            step(x, torch.roll(x, -1, 1)).mean()
+        except Exception as error:  # dynamo wraps what the backend raises
+            if not any(isinstance(e, _BothGraphsCompiled) for e in _causes(error)):
+                raise
+    if set(graphs) != set(GRAPHS):
+        raise RuntimeError(f"expected a forward and a backward graph, Inductor compiled {sorted(graphs)}")
+    return graphs
+
+
+def _causes(error: BaseException):
+    while error is not None:
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def hopper_resources(name: str, source: str, workdir: Path) -> list[dict]:
+    """Compile one Inductor kernel for sm_90 with each of its autotuning configurations:
+    registers, spill bytes and shared memory per configuration (ptxas -v)."""
+    import triton
+    from torch._inductor.runtime import triton_heuristics
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    captured = []
+
+    def capture(size_hints, configs, triton_meta, heuristic_type, filename=None, inductor_meta=None, **kwargs):
+        return lambda fn: captured.append((fn, configs, triton_meta)) or fn
+
+    path = workdir / f"{name}.py"
+    path.write_text(source)
+    with pretend_h100(), mock.patch.object(triton_heuristics, "cached_autotune", capture):
+        exec(compile(source, str(path), "exec"), {"__file__": str(path), "__name__": name})
+    (fn, configs, meta), = captured
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    attrs = meta["configs"][0] if meta.get("configs") else {}
+    results = []
+    for cfg in configs:
+        constants = {**meta.get("constants", {}), **cfg.kwargs}
+        signature = {k: ("constexpr" if k in cfg.kwargs else v) for k, v in meta["signature"].items()}
+        kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        ptx = workdir / "kernel.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        report = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+        registers = int(re.search(r"Used (\d+) registers", report).group(1))
+        spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+        results.append({"config": {**cfg.kwargs, "num_warps": cfg.num_warps}, "registers": registers,
+                        "spill_bytes": spills, "shared_bytes": kernel.metadata.shared})
+    return results
+
+
+def graph_report(compiled: dict, tokens: int, workdir: Path) -> dict:
+    launches = collections.Counter(re.findall(r"^\s*(triton_\w+)\.run\(", compiled["wrapper"], flags=re.M))
+    per_kind = collections.Counter()
+    for extern, nbytes in compiled["scheduled"]:
+        per_kind["extern" if extern else "fused"] += nbytes
+    kernels = []
+    for name, source in compiled["kernels"].items():
+        configs = hopper_resources(name, source, workdir)
+        kernels.append({"name": name, "launches": launches[name], "mix_order": "RSPLIT_SIZE" in source,
+                        "max_registers": max(c["registers"] for c in configs),
+                        "min_spill_bytes": min(c["spill_bytes"] for c in configs), "configs": configs})
+    spilling = sorted((k for k in kernels if k["min_spill_bytes"]), key=lambda k: -k["min_spill_bytes"])
+    return {
+        "fused_bytes_per_token": round(per_kind["fused"] / tokens),
+        "extern_bytes_per_token": round(per_kind["extern"] / tokens),
+        "kernels": len(kernels),
+        "launches": sum(launches.values()),
+        "mix_order_kernels": sum(k["mix_order"] for k in kernels),
+        # autotuning picks among a kernel's configurations: only a spill in every one of them is certain
+        "kernels_with_a_spilling_config": sum(any(c["spill_bytes"] for c in k["configs"]) for k in kernels),
+        # more than half an SM's shared memory in every configuration: one block (of 2-8 warps) per SM
+        "kernels_one_block_per_sm": sum(min(c["shared_bytes"] for c in k["configs"]) > H100.shared_memory_per_block_optin // 2
+                                        for k in kernels),
+        "kernels_spilling_in_every_config": spilling,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a train key, e.g. --set compile_mix_order_reduction=false")
+    parser.add_argument("--rows", type=int, default=0, help="sequences per micro-batch (default: the profile's)")
+    parser.add_argument("--seq-len", type=int, default=0, help="default: the profile's")
+    parser.add_argument("--states", nargs="+", choices=("unlooped", "looped"), default=None,
+                        help="loop states to compile (default: both if the profile loops)")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+
+    overrides = config.read_profile(args.profile)
+    cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
+    vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
+    rows, seq_len = args.rows or cfg.micro_batch_seqs, args.seq_len or cfg.seq_len
+    states = args.states or (["unlooped", "looped"] if cfg.num_loops else ["unlooped"])
+    configure_inductor(cfg)
+    torch.manual_seed(0)
+    model = GPT(model_config(cfg, vocab))
+    result = {
+        "device": "none: Inductor's CUDA code for an H100 (sm_90), generated and compiled on the CPU",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "overrides": args.set,
+        "config": {"profile": args.profile, "rows": rows, "seq_len": seq_len, "torch": torch.__version__,
+                   "mix_order_reduction": cfg.compile_mix_order_reduction},
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        for state in states:
+            model.looping = state == "looped"
+            compiled = compile_step(model, rows, seq_len)
+            result[state] = {name: graph_report(compiled[name], rows * seq_len, Path(workdir)) for name in GRAPHS}
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
