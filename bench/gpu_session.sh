@@ -2,7 +2,8 @@
 # Every GPU measurement of the trainer in one device call. Carry data/dev_run, built on
 # any machine by `python bench/train_dev_run.py --workdir data/dev_run --prepare-only`.
 #   bash bench/gpu_session.sh [attention] [parts] [fusedmlp] [throughput] [A/B parts below] [dev]
-# (default: parts throughput dev, which fit one 10-minute call). A/B parts, each against
+# (default: throughput mixorder dev, about one 10-minute call; dev runs last, so a slow
+# compile cuts it, not the throughput figures). A/B parts, each against
 # `throughput`: plainloss (the loss), f32residual (the float32 residual stream),
 # tunekernels (Inductor's coordinate-descent tuning), autotune (max-autotune-no-cudagraphs:
 # a long compile, run it alone), expandable (the allocator's expandable segments),
@@ -18,7 +19,7 @@
 # has its own time limit, so a failure in one still leaves the others' results.
 set -u
 OUT=${OUT:-bench/out}
-PARTS=${*:-parts throughput dev}
+PARTS=${*:-throughput mixorder dev}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
@@ -53,7 +54,7 @@ ab docmask 240 --set doc_mask=true --doc-len 1000
 ab docmaskoff 200 --doc-len 1000
 ab autotune 560 --set compile_mode=max-autotune-no-cudagraphs
 ab fusedmlpstep 240 --set fused_mlp=true
-ab mixorder 200 --set compile_mix_order_reduction=true
+ab mixorder 220 --set compile_mix_order_reduction=true --trace "$OUT/trace_mixorder.txt"  # traces name the kernels
 part expandable train_throughput_expandable.json 200 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 bench/train_throughput.py --profile $RECORD --out bench/results/train_throughput_expandable.json
 # dev NAME JSON ARGS...: the short real run on the dev corpus (75 steps of 131,072 tokens)
