@@ -40,11 +40,12 @@ def main() -> None:
     num_params = sum(p.numel() for p in model.parameters())
     live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
     if live:
+        mix_order = "" if cfg.compile_mix_order_reduction else ", no mix-order reductions"
         print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
               f"{stream.num_tokens:,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens; "
               f"attention {kernels.attention_path(device, cfg.doc_mask, cfg.compile)}, "
               f"MLP {'fused' if fused_mlp.active(device) else 'plain'}, "
-              f"{f'compiled ({cfg.compile_mode})' if cfg.compile else 'eager'}")
+              f"{f'compiled ({cfg.compile_mode}{mix_order})' if cfg.compile else 'eager'}")
 
     def log(step: int, values: dict) -> None:
         if live:
