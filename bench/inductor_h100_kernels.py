@@ -46,7 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pgolf_core import config  # noqa: E402
+from pgolf_core import config, fused_mlp  # noqa: E402
 from pgolf_core.model import GPT  # noqa: E402
 from pgolf_core.train import configure_inductor, model_config  # noqa: E402
 
@@ -274,6 +274,15 @@ def main() -> None:
     rows, seq_len = args.rows or cfg.micro_batch_seqs, args.seq_len or cfg.seq_len
     states = args.states or (["unlooped", "looped"] if cfg.num_loops else ["unlooped"])
     configure_inductor(cfg)
+    if cfg.fused_mlp:  # traced on the CPU as on the GPU: its kernels are library calls to Inductor either way
+        import triton
+
+        knobs, interpret = triton.knobs.runtime, triton.knobs.runtime.interpret  # (mock.patch cannot restore a knob)
+        knobs.interpret = True
+        try:
+            fused_mlp.use_fused_mlp(True)
+        finally:
+            knobs.interpret = interpret
     torch.manual_seed(0)
     model = GPT(model_config(cfg, vocab))
     result = {
@@ -282,7 +291,7 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "overrides": args.set,
         "config": {"profile": args.profile, "rows": rows, "seq_len": seq_len, "torch": torch.__version__,
-                   "mix_order_reduction": cfg.compile_mix_order_reduction},
+                   "mix_order_reduction": cfg.compile_mix_order_reduction, "fused_mlp": cfg.fused_mlp},
     }
     with tempfile.TemporaryDirectory() as workdir:
         for state in states:

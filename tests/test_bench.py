@@ -87,23 +87,38 @@ def test_train_dev_run_smoke_run_on_cpu(tmp_path, embedded_docs):
     assert result["val_tokens"] > 0 and 0 < result["val_bpb_prequant"] < 20
 
 
+def inductor_h100_backward(*settings: str) -> dict:
+    """Inductor's H100 code for a one-layer model big enough for mix-order reductions (at
+    least 5 M elements per norm); every kernel compiles for sm_90 or the script fails."""
+    result = run_script("bench/inductor_h100_kernels.py", "--profile", "profiles/cpu.yaml", "--rows", "16",
+                        "--seq-len", "2048", "--set", "num_layers=1", "--set", "model_dim=256", "--set", "num_heads=4",
+                        *(arg for setting in settings for arg in ("--set", setting)))
+    assert result["unlooped"]["forward"]["kernels"] > 5 and result["unlooped"]["forward"]["mix_order_kernels"] == 0
+    return result["unlooped"]["backward"]
+
+
 @pytest.mark.slow
 def test_inductor_h100_kernels_sees_the_mix_order_switch():
-    """Inductor's H100 code for a one-layer model big enough for mix-order reductions
-    (at least 5 M elements per norm): every kernel compiles for sm_90 (the script fails
-    otherwise), and the switch decides whether the norm backward fuses the weight grads."""
-    def backward(mix_order: str) -> dict:
-        result = run_script("bench/inductor_h100_kernels.py", "--profile", "profiles/cpu.yaml", "--rows", "16",
-                            "--seq-len", "2048", "--set", "num_layers=1", "--set", "model_dim=256", "--set",
-                            "num_heads=4", "--set", f"compile_mix_order_reduction={mix_order}")
-        assert result["config"]["mix_order_reduction"] is (mix_order == "true")
-        assert result["unlooped"]["forward"]["kernels"] > 5 and result["unlooped"]["forward"]["mix_order_kernels"] == 0
-        return result["unlooped"]["backward"]
-    fused, separate = backward("true"), backward("false")
+    """The switch decides whether the norm backward fuses the weight gradients."""
+    fused = inductor_h100_backward("compile_mix_order_reduction=true")
+    separate = inductor_h100_backward("compile_mix_order_reduction=false")
     assert fused["mix_order_kernels"] > 0 and separate["mix_order_kernels"] == 0
     assert separate["launches"] > fused["launches"]
     assert separate["fused_bytes_per_token"] > fused["fused_bytes_per_token"]  # the weight grads re-read their inputs
     assert separate["extern_bytes_per_token"] == fused["extern_bytes_per_token"] > 0
+
+
+@pytest.mark.slow
+def test_fused_mlp_custom_ops_replace_the_activation_kernel_on_the_gpu_path():
+    """Inductor's CUDA lowering takes the fused MLP's custom ops as library calls with no
+    copies around them: the activation's backward kernel goes (one launch fewer for the one
+    layer) and Inductor's own kernels move fewer bytes."""
+    plain = inductor_h100_backward("compile_mix_order_reduction=false")
+    fused = inductor_h100_backward("compile_mix_order_reduction=false", "fused_mlp=true")
+    assert fused["launches"] == plain["launches"] - 1
+    hidden_pass = 2 * 4 * 256  # bf16 bytes per token of one pass over the MLP hidden (mlp_mult 4, model_dim 256)
+    assert plain["fused_bytes_per_token"] - fused["fused_bytes_per_token"] >= 2 * hidden_pass
+    assert fused["extern_bytes_per_token"] > plain["extern_bytes_per_token"]
 
 
 def test_fused_mlp_bench_checks_both_paths_against_float64():
