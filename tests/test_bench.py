@@ -1,6 +1,7 @@
 """The benchmark scripts' CPU smoke modes: a GPU session must not be the first to find a
 script broken by a change elsewhere (their figures are measured on the GPU, not here)."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -87,9 +88,11 @@ def test_train_dev_run_smoke_run_on_cpu(tmp_path, embedded_docs):
     assert result["val_tokens"] > 0 and 0 < result["val_bpb_prequant"] < 20
 
 
+@functools.cache
 def inductor_h100_backward(*settings: str) -> dict:
     """Inductor's H100 code for a one-layer model big enough for mix-order reductions (at
-    least 5 M elements per norm); every kernel compiles for sm_90 or the script fails."""
+    least 5 M elements per norm); every kernel compiles for sm_90 or the script fails.
+    Cached: two tests share the run with mix-order reductions off."""
     result = run_script("bench/inductor_h100_kernels.py", "--profile", "profiles/cpu.yaml", "--rows", "16",
                         "--seq-len", "2048", "--set", "num_layers=1", "--set", "model_dim=256", "--set", "num_heads=4",
                         *(arg for setting in settings for arg in ("--set", setting)))
