@@ -65,7 +65,6 @@ class _BothGraphsCompiled(Exception):
 @contextlib.contextmanager
 def pretend_h100():
     """Make this CPU-only torch generate (not run) Inductor's CUDA code for an H100."""
-    import triton
     from torch._dynamo import device_interface
     from torch._inductor import compile_fx as compile_fx_module
     from torch._inductor.fx_passes import misc_patterns, reinplace
@@ -98,7 +97,6 @@ def pretend_h100():
                         {aten._unsafe_masked_index_put_accumulate.default: _masked_index_put_accumulate}),
         mock.patch.object(reinplace, "_inplace_generalized_scatter", lambda inp, src, view_ops: inp),
     ]
-    del triton
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
