@@ -46,6 +46,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.graph_traffic import KernelBytes  # noqa: E402
 from pgolf_core import config, fused_mlp  # noqa: E402
 from pgolf_core.model import GPT  # noqa: E402
 from pgolf_core.train import configure_inductor, model_config  # noqa: E402
@@ -134,21 +135,13 @@ def _retargeted(gm: torch.fx.GraphModule, fake_mode) -> torch.fx.GraphModule:
     return gm
 
 
-def compile_step(model: GPT, rows: int, seq_len: int) -> dict:
+def compile_step(model: GPT, rows: int, seq_len: int, collector: KernelBytes) -> dict:
     """Inductor's H100 code for one training step (forward + loss + backward) of `model`:
     per graph, the wrapper source, the kernel sources and the scheduler's byte count."""
     from torch._functorch import config as functorch_config
-    from torch._inductor import graph
     from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
     graphs: dict[str, dict] = {}
-    count_bytes = graph.GraphLowering.count_bytes
-    scheduled: list = []
-
-    def counting(lowering):
-        scheduled.append([(type(n).__name__ == "ExternKernelSchedulerNode", n.get_read_write_buffers_sizes())
-                          for n in lowering.scheduler.nodes])
-        return count_bytes(lowering)
 
     def inner_compile(gm, example_inputs, **kwargs):
         name = "backward" if kwargs.get("is_backward") else "forward"
@@ -160,7 +153,7 @@ def compile_step(model: GPT, rows: int, seq_len: int) -> dict:
                 mock.patch("torch._inductor.async_compile.AsyncCompile.wait", lambda self, scope: None):
             compiled = compile_fx_inner(_retargeted(gm, fake_mode), [_on_cuda(i, fake_mode) for i in example_inputs],
                                         **kwargs)
-        graphs[name] = {"wrapper": compiled.source_code, "kernels": kernels, "scheduled": scheduled.pop()}
+        graphs[name] = {"wrapper": compiled.source_code, "kernels": kernels, "scheduled": collector.graphs[-1]}
         if name == "backward":
             raise _BothGraphsCompiled
         return torch._functorch.aot_autograd.make_boxed_func(gm.forward)
@@ -168,12 +161,8 @@ def compile_step(model: GPT, rows: int, seq_len: int) -> dict:
     torch._dynamo.reset()
     step = torch.compile(model, fullgraph=True, backend=lambda gm, inputs: compile_fx(gm, inputs, inner_compile=inner_compile))
     x = torch.randint(0, model.cfg.vocab_size, (rows, seq_len))
-    log = torch._inductor.compile_fx.inductor_metrics_log  # count_bytes runs only when this log is on
     with pretend_h100(), functorch_config.patch(force_non_lazy_backward_lowering=True), \
-            torch._inductor.config.patch(force_disable_caches=True, compile_threads=1), \
-            mock.patch.object(graph.GraphLowering, "count_bytes", counting), \
-            mock.patch.object(log, "isEnabledFor", lambda level: True), mock.patch.object(log, "info", lambda *a, **k: None), \
-            torch.autocast("cpu", dtype=torch.bfloat16):
+            torch._inductor.config.patch(compile_threads=1), torch.autocast("cpu", dtype=torch.bfloat16):
         try:
             step(x, torch.roll(x, -1, 1)).mean()
         except Exception as error:  # dynamo wraps what the backend raises
@@ -230,8 +219,8 @@ def hopper_resources(name: str, source: str, workdir: Path) -> list[dict]:
 def graph_report(compiled: dict, tokens: int, workdir: Path) -> dict:
     launches = collections.Counter(re.findall(r"^\s*(triton_\w+)\.run\(", compiled["wrapper"], flags=re.M))
     per_kind = collections.Counter()
-    for extern, nbytes in compiled["scheduled"]:
-        per_kind["extern" if extern else "fused"] += nbytes
+    for kind, nbytes, _ in compiled["scheduled"]:
+        per_kind[kind] += nbytes
     kernels = []
     for name, source in compiled["kernels"].items():
         configs = hopper_resources(name, source, workdir)
@@ -273,14 +262,8 @@ def main() -> None:
     states = args.states or (["unlooped", "looped"] if cfg.num_loops else ["unlooped"])
     configure_inductor(cfg)
     if cfg.fused_mlp:  # traced on the CPU as on the GPU: its kernels are library calls to Inductor either way
-        import triton
-
-        knobs, interpret = triton.knobs.runtime, triton.knobs.runtime.interpret  # (mock.patch cannot restore a knob)
-        knobs.interpret = True
-        try:
+        with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
             fused_mlp.use_fused_mlp(True)
-        finally:
-            knobs.interpret = interpret
     torch.manual_seed(0)
     model = GPT(model_config(cfg, vocab))
     result = {
@@ -291,10 +274,11 @@ def main() -> None:
         "config": {"profile": args.profile, "rows": rows, "seq_len": seq_len, "torch": torch.__version__,
                    "mix_order_reduction": cfg.compile_mix_order_reduction, "fused_mlp": cfg.fused_mlp},
     }
+    collector = KernelBytes()  # the scheduler's byte count, as graph_traffic.py takes it
     with tempfile.TemporaryDirectory() as workdir:
         for state in states:
             model.looping = state == "looped"
-            compiled = compile_step(model, rows, seq_len)
+            compiled = compile_step(model, rows, seq_len, collector)
             result[state] = {name: graph_report(compiled[name], rows * seq_len, Path(workdir)) for name in GRAPHS}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
