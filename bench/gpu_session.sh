@@ -8,6 +8,7 @@
 # tunekernels (Inductor's coordinate-descent tuning), autotune (max-autotune-no-cudagraphs:
 # a long compile, run it alone), expandable (the allocator's expandable segments),
 # fusedmlpstep (the fused Triton MLP, whose kernels `fusedmlp` times against cuBLAS),
+# fusedcestep (the Triton loss, which `parts` times alone against Inductor's),
 # mixorder (Inductor's mix-order reductions back on; the profiles turn them off: they spill on sm_90),
 # docmask against docmaskoff (document masking by FlexAttention on 1,000-token documents);
 # reference (the reference system of issue #4's targets, profiles/pr1477_8xh100.yaml:
@@ -54,6 +55,7 @@ ab docmask 240 --set doc_mask=true --doc-len 1000
 ab docmaskoff 200 --doc-len 1000
 ab autotune 560 --set compile_mode=max-autotune-no-cudagraphs
 ab fusedmlpstep 240 --set fused_mlp=true
+ab fusedcestep 240 --set fused_ce=true
 ab mixorder 220 --set compile_mix_order_reduction=true --trace "$OUT/trace_mixorder.txt"  # traces name the kernels
 part expandable train_throughput_expandable.json 200 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 bench/train_throughput.py --profile $RECORD --out bench/results/train_throughput_expandable.json

@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.graph_traffic import KernelBytes  # noqa: E402
-from pgolf_core import config, fused_mlp  # noqa: E402
+from pgolf_core import config, fused_ce, fused_mlp  # noqa: E402
 from pgolf_core.model import GPT  # noqa: E402
 from pgolf_core.train import configure_inductor, model_config  # noqa: E402
 
@@ -261,9 +261,10 @@ def main() -> None:
     rows, seq_len = args.rows or cfg.micro_batch_seqs, args.seq_len or cfg.seq_len
     states = args.states or (["unlooped", "looped"] if cfg.num_loops else ["unlooped"])
     configure_inductor(cfg)
-    if cfg.fused_mlp:  # traced on the CPU as on the GPU: its kernels are library calls to Inductor either way
-        with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
-            fused_mlp.use_fused_mlp(True)
+    # the Triton MLP and loss, traced on the CPU as on the GPU: their kernels are library calls to Inductor either way
+    with mock.patch.dict(os.environ, {"TRITON_INTERPRET": "1"}):
+        fused_mlp.use_fused_mlp(cfg.fused_mlp)
+        fused_ce.use_fused_ce(cfg.fused_ce)
     torch.manual_seed(0)
     model = GPT(model_config(cfg, vocab))
     result = {
@@ -272,7 +273,8 @@ def main() -> None:
         "command": " ".join(["python", *sys.argv]),
         "overrides": args.set,
         "config": {"profile": args.profile, "rows": rows, "seq_len": seq_len, "torch": torch.__version__,
-                   "mix_order_reduction": cfg.compile_mix_order_reduction, "fused_mlp": cfg.fused_mlp},
+                   "mix_order_reduction": cfg.compile_mix_order_reduction, "fused_mlp": cfg.fused_mlp,
+                   "fused_ce": cfg.fused_ce},
     }
     collector = KernelBytes()  # the scheduler's byte count, as graph_traffic.py takes it
     with tempfile.TemporaryDirectory() as workdir:

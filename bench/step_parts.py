@@ -1,11 +1,13 @@
-"""Benchmark: the output head + loss of one record micro-batch, plain against fused.
+"""Benchmark: the output head + loss of one record micro-batch, three ways.
 
 Compiles forward + backward of rms_norm -> tied head (bf16) -> soft cap -> per-token
-NLL at B=48, T=2048, D=512, V=8192 two ways: `loss.softcap_nll` (float32 capped logits,
-then cross-entropy) and `loss.fused_softcap_nll` (gradient made in the forward pass),
-checks the fused loss and gradients against the plain ones, and prints ms per
-micro-batch. Floor: the logits are 805 M values; a bf16 write, then one read by the
-loss, a bf16 gradient write and one read by the head's backward matmul is 6.4 GB.
+NLL at B=48, T=2048, D=512, V=8192 with `loss.softcap_nll` (plain: float32 capped logits,
+then cross-entropy), `loss.fused_softcap_nll` (fused: Inductor's kernels from a one-pass
+log-sum-exp) and `fused_ce.softcap_ce` (triton: the two Triton kernels of `train.fused_ce`),
+checks each loss and its gradients against the plain ones, and prints ms per micro-batch.
+Floor: the logits are 805 M values; a bf16 write by the head, one read by the loss
+forward, a read and a bf16 gradient write by its backward, and the head's backward
+matmuls reading that gradient: 8 GB, about 2.4 ms at 3.35 TB/s.
 
     python bench/step_parts.py
 """
@@ -24,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.timing import median_ms  # noqa: E402
+from pgolf_core.fused_ce import softcap_ce  # noqa: E402
 from pgolf_core.loss import fused_softcap_nll, softcap_nll  # noqa: E402
 
 B, T, D, V, CAP = 48, 2048, 512, 8192, 30.0
@@ -43,7 +46,8 @@ def main() -> None:
     weight = (torch.randn(V, D, device="cuda") * 0.05).requires_grad_()
     targets = torch.randint(0, V, (B, T), device="cuda")
     rows, grads = {}, {}
-    for name, fn in (("plain", head_loss(softcap_nll)), ("fused", head_loss(fused_softcap_nll))):
+    variants = {"plain": softcap_nll, "fused": fused_softcap_nll, "triton": softcap_ce}
+    for name, fn in ((name, head_loss(loss)) for name, loss in variants.items()):
         def step(fn=fn):
             x.grad = weight.grad = None
             loss = fn(x, weight, targets)
@@ -60,9 +64,10 @@ def main() -> None:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python", *sys.argv]),
               "shape": {"B": B, "T": T, "D": D, "V": V}, "torch": torch.__version__, "variants": rows,
-              "fused_vs_plain_rel_error": {"loss": rel(grads["fused"][0], grads["plain"][0]),
-                                           "grad_x": rel(grads["fused"][1], grads["plain"][1]),
-                                           "grad_weight": rel(grads["fused"][2], grads["plain"][2])}}
+              "rel_error_vs_plain": {name: {"loss": rel(grads[name][0], grads["plain"][0]),
+                                            "grad_x": rel(grads[name][1], grads["plain"][1]),
+                                            "grad_weight": rel(grads[name][2], grads["plain"][2])}
+                                     for name in variants if name != "plain"}}
     print(json.dumps(result))
     (ROOT / "bench" / "results" / "step_parts.json").write_text(json.dumps(result, indent=2) + "\n")
 

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pgolf_core import config, corpus, data, dist, export, fused_mlp, kernels, tokenizer  # noqa: E402
+from pgolf_core import config, corpus, data, dist, export, fused_ce, fused_mlp, kernels, tokenizer  # noqa: E402
 from pgolf_core.bpb import val_byte_counts  # noqa: E402
 from pgolf_core.model import GPT  # noqa: E402
 from pgolf_core.train import model_config, select_kernels, set_seed, train  # noqa: E402
@@ -103,7 +103,8 @@ def main() -> None:
         "steps": result.steps, "tokens_per_second": round(result.tokens_per_second),
         "val_bpb_prequant": result.val_bpb_prequant,
         "attention_path": kernels.attention_path(device, cfg.doc_mask, cfg.compile),
-        "fused_mlp": fused_mlp.active(device), "overrides": args.set,
+        "fused_mlp": fused_mlp.active(device), "fused_ce": fused_ce.active(device, cfg.logit_softcap),
+        "overrides": args.set,
         "loop_switch_step": switch_step, "loop_start_frac": cfg.loop_start_frac,
         "graphs_compiled_after_start": graphs_after.get("unique_graphs", 0) - graphs_at_start.get("unique_graphs", 0),
         "curve": curve,

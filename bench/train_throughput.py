@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pgolf_core import config, fused_mlp, kernels  # noqa: E402
+from pgolf_core import config, fused_ce, fused_mlp, kernels  # noqa: E402
 from pgolf_core import model as model_module  # noqa: E402
 from pgolf_core.loss import softcap_nll  # noqa: E402
 from pgolf_core.model import GPT, layer_sequence  # noqa: E402
@@ -122,7 +122,7 @@ def main() -> None:
     cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
-    select_kernels(cfg)  # --set flash_attn=false: SDPA; --set fused_mlp=true: the Triton MLP
+    select_kernels(cfg)  # --set flash_attn=false: SDPA; fused_mlp=true / fused_ce=true: the Triton MLP / loss
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -183,6 +183,7 @@ def main() -> None:
                                          "looped": looped["allocator_during_timed_steps"]},
         "attention_path": kernels.attention_path(device, cfg.doc_mask, step_model is not model),
         "fused_mlp": fused_mlp.active(device),
+        "fused_ce": fused_ce.active(device, cfg.logit_softcap),
         "compiled": step_model is not model,
         "compile_mode": cfg.compile_mode,
         "compile_tune_kernels": cfg.compile_tune_kernels,

@@ -166,6 +166,7 @@ class TrainConfig:
     compile_tune_kernels: bool = False  # Inductor tunes its own kernels' block sizes (coordinate descent; slower compile)
     compile_mix_order_reduction: bool = True  # Inductor's default: norm backward and per-channel weight grads in one kernel (spills on sm_90, bench/NOTES.md)
     fused_mlp: bool = False  # CUDA training steps: MLP up-projection + activation in one Triton matmul (needs triton)
+    fused_ce: bool = False  # CUDA training steps: the soft-capped cross-entropy in two Triton kernels (needs triton)
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
     def __post_init__(self):

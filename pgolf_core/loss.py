@@ -1,12 +1,14 @@
 """The training loss: cross-entropy of soft-capped logits, plain and fused.
 
 `softcap_nll` is the plain composition (soft cap, float32 log-softmax, gather) that
-evaluation and tests use. `fused_softcap_nll` gives the same values but computes the
-gradient with respect to the raw (bf16) logits already in the forward pass and keeps
-only that: under torch.compile the forward becomes one reduction and one pointwise
-pass over the (tokens x vocab) logits, and the backward one scaling pass, where the
-plain version keeps float32 capped logits and makes several more passes (the logits
-of one record micro-batch are 48 x 2048 x 8192 = 805 M values).
+evaluation and tests use. `fused_softcap_nll` gives the same values with its gradient
+written out. Run eagerly, it makes the gradient in the forward pass and keeps only that
+(no float32 tensor over the logits outlives the forward: one record micro-batch has
+48 x 2048 x 8192 = 805 M of them). Compiled, Inductor's partitioner keeps the bf16 logits
+instead and recomputes the gradient in the backward, which is the floor: one read of the
+logits forward (`capped_logsumexp` needs no maximum) and one read and one write backward
+(bench/NOTES.md). `pgolf_core.fused_ce` makes the same passes in two Triton kernels with
+fewer instructions per logit (`train.fused_ce`).
 
 Gradient: with s = c tanh(z / c), p = softmax(s), nll = logsumexp(s) - s_y,
 d nll / d z = (p - onehot(y)) * (1 - (s / c)^2).
@@ -34,11 +36,25 @@ def softcap_nll(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torc
     return token_nll(softcap(logits, cap), targets)
 
 
+# exp(s - cap) of a capped logit lies in (exp(-2 cap), 1]: up to this cap it is a normal
+# float32, so the log-sum-exp needs no running maximum
+BOUNDED_LSE_MAX_CAP = 40.0
+
+
+def capped_logsumexp(s: torch.Tensor, cap: float) -> torch.Tensor:
+    """logsumexp over the last dim (kept) of logits soft-capped at `cap`, in one pass: with
+    |s| < cap the maximum is not needed (a compiled kernel reads the row once, where
+    `torch.logsumexp` reads it for the maximum and again for the sum)."""
+    if 0 < cap <= BOUNDED_LSE_MAX_CAP:
+        return cap + torch.log(torch.exp(s - cap).sum(-1, keepdim=True))
+    return torch.logsumexp(s, dim=-1, keepdim=True)
+
+
 class _FusedSoftcapNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
         s = softcap(logits, cap)
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        lse = capped_logsumexp(s, cap)
         hit = torch.arange(s.size(-1), device=s.device) == targets[..., None]
         nll = (lse - s.gather(-1, targets[..., None])).squeeze(-1)
         grad = torch.exp(s - lse) - hit.float()

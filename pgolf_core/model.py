@@ -163,6 +163,10 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    # pgolf_core.fused_ce, while `train.fused_ce` has it switched on: training's Triton
+    # loss. Set from there, so that evaluation code never loads it.
+    loss_kernels = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -244,6 +248,9 @@ class GPT(nn.Module):
         cap = self.cfg.logit_softcap
         if targets is None:
             return softcap(logits, cap)
+        kernels = GPT.loss_kernels
+        if kernels is not None and kernels.wanted(logits, cap):  # the same loss in two Triton kernels
+            return kernels.softcap_ce(logits, targets, cap)
         return (fused_softcap_nll if torch.is_grad_enabled() else softcap_nll)(logits, targets, cap)
 
     def _parallel_block(self, i: int, lanes: list, x0, v0, value_embed, mask) -> tuple[list, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pgolf_core import dist, fused_mlp, kernels
+from pgolf_core import dist, fused_ce, fused_mlp, kernels
 from pgolf_core.config import TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
@@ -235,9 +235,11 @@ def configure_inductor(cfg: TrainConfig) -> None:
 
 def select_kernels(cfg: TrainConfig) -> None:
     """Apply the run's kernel switches, which are process-wide: FA4 attention
-    (`flash_attn`) and the fused MLP (`fused_mlp`). Neither changes the math."""
+    (`flash_attn`), the fused MLP (`fused_mlp`) and the Triton loss (`fused_ce`). None
+    changes the math."""
     kernels.use_flash_attn(cfg.flash_attn and kernels.HAS_FLASH_ATTN)
     fused_mlp.use_fused_mlp(cfg.fused_mlp)
+    fused_ce.use_fused_ce(cfg.fused_ce)
 
 
 def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> None:

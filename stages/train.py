@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dvclive import Live
 
-from pgolf_core import checkpoint, config, data, dist, fused_mlp, io, kernels, resume, tokenizer
+from pgolf_core import checkpoint, config, data, dist, fused_ce, fused_mlp, io, kernels, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
 from pgolf_core.train import model_config, select_kernels, set_seed, train
@@ -45,6 +45,7 @@ def main() -> None:
               f"{stream.num_tokens:,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens; "
               f"attention {kernels.attention_path(device, cfg.doc_mask, cfg.compile)}, "
               f"MLP {'fused' if fused_mlp.active(device) else 'plain'}, "
+              f"loss {'Triton' if fused_ce.active(device, cfg.logit_softcap) else 'compiled' if cfg.compile else 'eager'}, "
               f"{f'compiled ({cfg.compile_mode}{mix_order})' if cfg.compile else 'eager'}")
 
     def log(step: int, values: dict) -> None:

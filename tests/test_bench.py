@@ -124,6 +124,20 @@ def test_fused_mlp_custom_ops_replace_the_activation_kernel_on_the_gpu_path():
     assert fused["extern_bytes_per_token"] > plain["extern_bytes_per_token"]
 
 
+@pytest.mark.slow
+def test_triton_loss_takes_the_loss_kernels_out_of_inductors_graph():
+    """With `fused_ce` the backward's loss kernel (read the logits, write their gradient)
+    becomes a library call: one launch fewer, its bytes moved and none added (no copies
+    around the custom ops)."""
+    plain = inductor_h100_backward("compile_mix_order_reduction=false")
+    fused = inductor_h100_backward("compile_mix_order_reduction=false", "fused_ce=true")
+    assert fused["launches"] == plain["launches"] - 1
+    logits_pass = 2 * 1024  # bf16 bytes per token of one pass over the logits (the CPU profile's vocabulary)
+    moved = plain["fused_bytes_per_token"] - fused["fused_bytes_per_token"]
+    assert moved >= 2 * logits_pass
+    assert fused["extern_bytes_per_token"] - plain["extern_bytes_per_token"] == moved
+
+
 def test_fused_mlp_bench_checks_both_paths_against_float64():
     result = run_script("bench/fused_mlp.py", "--device", "cpu", "--check-only", "--tokens", "96", "--dim", "32",
                         "--hidden", "48")
@@ -176,3 +190,32 @@ def run_help(script: str) -> str:
     run = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
+
+
+def test_sass_path_counts_follow_branches_and_loops():
+    """A hand-made listing: an if/else (then 3 instructions, 2 of them MUFU; else 2), an
+    if without else (1), a loop of 2 instructions run 4 times, then padding."""
+    from bench.loss_kernels_h100 import path_counts
+
+    listing = [(0x00, False, "LDG.E", "R0"), (0x10, True, "BRA", "0x50"),
+               (0x20, False, "MUFU.EX2", "R1, R1"), (0x30, False, "MUFU.RCP", "R2, R2"), (0x40, False, "BRA", "0x70"),
+               (0x50, False, "FFMA", "R1"), (0x60, False, "FFMA", "R2"),
+               (0x70, True, "BRA", "0x90"), (0x80, False, "FMUL", "R3"),
+               (0x90, False, "FADD", "R4"), (0xa0, True, "BRA", "0x90"),
+               (0xb0, False, "EXIT", ""), (0xc0, False, "BRA", "0xc0"), (0xd0, False, "NOP", "")]
+    counts = path_counts(listing, trips=4)
+    assert counts == {"instructions": (14, 18), "mufu": (0, 2)}
+    nested = listing[:11] + [(0xb0, True, "BRA", "0x00"), (0xc0, False, "EXIT", ""), (0xd0, False, "BRA", "0xd0")]
+    assert path_counts(nested, trips=4) is None
+
+
+@pytest.mark.slow
+def test_loss_kernels_h100_ranks_the_three_losses(tmp_path):
+    """The machine code of each loss for an H100, compiled on the CPU: the Triton kernels
+    have no branches (one path), and by the floors the Triton loss beats Inductor's fused
+    loss, which beats the plain one. No floor is below the memory floor of three passes
+    over the bf16 logits (805 M values: 1.6 GB each, at 3 TB/s)."""
+    floors = run_script("bench/loss_kernels_h100.py", "--out", str(tmp_path / "loss.json"))["floor_ms_per_micro_batch"]
+    assert floors["triton"]["shortest_path"] == floors["triton"]["longest_path"]
+    assert floors["triton"]["longest_path"] < floors["fused"]["shortest_path"] < floors["plain"]["shortest_path"]
+    assert all(floor["shortest_path"] >= 3 * 2 * 48 * 2048 * 8192 / 3e12 * 1e3 for floor in floors.values())

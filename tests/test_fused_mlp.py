@@ -3,13 +3,12 @@ against a float64 reference, through autograd, inside the model (eager, compiled
 autocast), and only where training asks for it."""
 
 import dataclasses
-import os
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from hopper import H100_SHARED_MEMORY, compile_for_h100, ptxas_report
 
 from pgolf_core import fused_mlp
 from pgolf_core.model import GPT
@@ -149,35 +148,6 @@ def test_switch_is_off_without_triton_and_off_the_device(monkeypatch):
         fused_mlp.use_fused_mlp(False)
 
 
-H100_SHARED_MEMORY = 232_448  # bytes of shared memory one block may use on sm_90
-
-
-def compile_for_h100(args: dict, meta: dict, config):
-    """Compile the kernel ahead of time for sm_90 (no GPU needed) as Triton's JIT would
-    specialise it for these launch arguments: pointers and integers divisible by 16 get
-    that hint, and integers equal to 1 become constants. Triton internals, pinned by the
-    dev extra's triton==3.6.0: this fails loudly if they move."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = fused_mlp._kernel(False).fn
-    constants = {**meta, **config.kwargs}
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        value = args.get(name)
-        if name in constants or value == 1:
-            signature[name] = "constexpr"
-            constants.setdefault(name, value)
-        else:
-            signature[name] = value if isinstance(value, str) else "i32"
-            if isinstance(value, str) or value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn, signature, constants, attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-
-
 @pytest.mark.parametrize("backward", [False, True])
 def test_every_tile_compiles_for_hopper_tensor_cores(monkeypatch, tmp_path, backward):
     """The real (not interpreted) kernels, at the record's shapes, for every autotuned
@@ -192,16 +162,9 @@ def test_every_tile_compiles_for_hopper_tensor_cores(monkeypatch, tmp_path, back
                 **b_strides)
     tuner = fused_mlp._kernel(False)
     assert len(tuner.configs) >= 4
-    import triton
-
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     for config in tuner.configs:
-        kernel = compile_for_h100(args, dict(K=D, SLOPE=0.5, BACKWARD=backward), config)
+        kernel = compile_for_h100(tuner.fn, args, dict(K=D, SLOPE=0.5, BACKWARD=backward), config)
         assert "wgmma.mma_async" in kernel.asm["ptx"], config
         assert f"memdesc<{config.num_stages}x" in kernel.asm["ttgir"], config  # operands multi-buffered
         assert kernel.metadata.shared <= H100_SHARED_MEMORY, config
-        ptx = tmp_path / "kernel.ptx"
-        ptx.write_text(kernel.asm["ptx"])
-        report = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr
-        assert " 0 bytes spill stores, 0 bytes spill loads" in report, (config, report)
+        assert ptxas_report(kernel, tmp_path)["spill_bytes"] == 0, config

@@ -46,3 +46,18 @@ def test_model_uses_the_fused_loss_only_with_autograd(tiny_model_config):
     torch.testing.assert_close(fused.detach(), plain, rtol=1e-6, atol=1e-6)
     from_logits = softcap_nll(model(idx[:, :-1]) * 1.0, idx[:, 1:], 0.0)  # logits are already capped
     torch.testing.assert_close(from_logits.detach(), plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cap, scale", [(30.0, 8.0), (30.0, 1000.0), (40.0, 1000.0), (60.0, 1000.0)])
+def test_capped_logsumexp_matches_float64_without_a_maximum(cap, scale):
+    """Under the bound the one-pass form holds even when every logit saturates at -cap or
+    +cap; above it (60) the function falls back to torch.logsumexp."""
+    from pgolf_core.loss import capped_logsumexp, softcap
+
+    torch.manual_seed(0)
+    s = softcap(torch.randn(4, 300) * scale, cap)
+    s[0] = -cap + 1e-3  # a whole row at the floor: exp(s - cap) near exp(-2 cap)
+    expected = torch.logsumexp(s.double(), -1, keepdim=True)
+    got = capped_logsumexp(s, cap)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert ((got.double() - expected).abs() / expected.abs()).max() < 1e-6

@@ -1,0 +1,154 @@
+"""The Triton soft-capped cross-entropy (pgolf_core/fused_ce.py), run by Triton's
+interpreter on the CPU: against a float64 reference, inside the model (eager and
+compiled, under autocast), only where training asks for it, and compiled for an H100."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hopper import compile_for_h100, ptxas_report, sass_opcodes
+
+from pgolf_core import fused_ce
+from pgolf_core.loss import softcap_nll
+from pgolf_core.model import GPT
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Switch the Triton loss on under the interpreter; record each launch (forward or not)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fused_ce.use_fused_ce(True)
+    calls = []
+    real = fused_ce._launch
+    monkeypatch.setattr(fused_ce, "_launch", lambda *args, **kw: calls.append("forward" in kw) or real(*args, **kw))
+    yield calls
+    fused_ce.use_fused_ce(False)
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype, grad_tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
+@pytest.mark.parametrize("vocab", [50, 64])  # a ragged last chunk of 16, and none
+@pytest.mark.parametrize("cap, scale", [(30.0, 20.0), (15.0, 3.0), (30.0, 400.0)])  # the last saturates the cap
+def test_loss_and_gradient_match_float64(launches, dtype, grad_tol, vocab, cap, scale):
+    torch.manual_seed(vocab)
+    logits = (torch.randn(3, 7, vocab) * scale).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (3, 7))
+    weights = torch.rand(3, 7) + 0.1  # a non-uniform upstream gradient
+    logits64 = logits.detach().double().requires_grad_()  # the same rounded inputs, in float64
+    expected = softcap_nll(logits64, targets, cap)
+    (expected * weights.double()).sum().backward()
+    nll = fused_ce.softcap_ce(logits, targets, cap)
+    (nll * weights).sum().backward()
+    assert nll.shape == targets.shape and nll.dtype == torch.float32 and logits.grad.dtype == dtype
+    assert rel(nll, expected.detach()) < 1e-6
+    assert rel(logits.grad, logits64.grad) < grad_tol
+    assert launches == [True, False]
+
+
+def test_caps_outside_the_bound_take_the_compiled_loss(launches):
+    """exp(s - cap) must stay a normal float32: larger caps (and no cap) are not for the
+    kernels, and asking them directly is an error, not a wrong loss."""
+    logits = torch.randn(4, 8, requires_grad=True)
+    assert fused_ce.wanted(logits, 30.0) and not fused_ce.wanted(logits, 0.0) and not fused_ce.wanted(logits, 50.0)
+    with pytest.raises(ValueError, match="soft cap"):
+        torch.ops.pgolf.softcap_ce(logits.detach(), torch.zeros(4, dtype=torch.long), 50.0)
+    with torch.no_grad():
+        assert not fused_ce.wanted(logits, 30.0)  # evaluation scores with loss.softcap_nll
+
+
+def losses_and_grads(model: GPT, idx, targets):
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, targets).mean()
+    loss.backward()
+    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+def model_without_zero_weights(cfg) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for weight in model.parameters():  # output projections start at zero: no zero gradients in the test
+            if weight.dim() == 2 and not weight.any():
+                weight.normal_(std=0.1)
+    return model
+
+
+def test_model_training_step_matches_the_compiled_loss(launches, tiny_model_config):
+    model = model_without_zero_weights(tiny_model_config)
+    idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    loss, grads = losses_and_grads(model, idx, targets)
+    assert launches == [True, False]
+    with torch.no_grad():
+        model(idx, targets)
+    assert launches == [True, False]  # evaluation never runs the kernels
+    fused_ce.use_fused_ce(False)
+    plain_loss, plain_grads = losses_and_grads(model, idx, targets)
+    assert torch.allclose(loss, plain_loss, rtol=1e-6)
+    for name, grad in plain_grads.items():
+        assert rel(grads[name], grad) < 1e-5, name
+
+
+@pytest.mark.parametrize("autocast, tol", [(None, 1e-4), (torch.float16, 1e-2)])
+def test_compiled_model_runs_the_kernels_in_one_graph(launches, tiny_model_config, autocast, tol):
+    """Compiled with fullgraph (a graph break would raise), under autocast with the
+    low-precision residual stream as the record trains; matches the eager step."""
+    model = model_without_zero_weights(dataclasses.replace(tiny_model_config,
+                                                           low_precision_residual=autocast is not None))
+    idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+        eager_loss, eager_grads = losses_and_grads(model, idx, targets)
+        launches.clear()
+        torch._dynamo.reset()
+        loss, grads = losses_and_grads(torch.compile(model, fullgraph=True), idx, targets)
+    assert launches == [True, False]
+    assert torch.allclose(loss, eager_loss, rtol=tol / 10)
+    for name, grad in eager_grads.items():
+        assert rel(grads[name], grad) < tol, name
+
+
+def test_switch_is_off_without_triton_and_off_the_device(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    fused_ce.use_fused_ce(True)  # compiled Triton: CUDA only
+    try:
+        assert fused_ce.active(torch.device("cuda"), 30.0) and not fused_ce.active(torch.device("cpu"), 30.0)
+        assert GPT.loss_kernels is fused_ce
+        monkeypatch.setattr(fused_ce, "HAS_TRITON", False)
+        with pytest.warns(UserWarning, match="triton is not installed"):
+            fused_ce.use_fused_ce(True)
+        assert not fused_ce.active(torch.device("cuda"), 30.0) and GPT.loss_kernels is None
+    finally:
+        fused_ce.use_fused_ce(False)
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_every_config_compiles_for_hopper_without_spills(monkeypatch, tmp_path, forward):
+    """The real kernels at the record's shapes (V = 8,192 bf16 logits per row), for every
+    autotuned configuration: they compile for sm_90 and keep everything in registers. Where
+    a program takes its whole chunk in one pass, the machine code spends three special-
+    function operations per logit (two exp2 and a reciprocal: tanh is not libdevice's) and
+    fewer instructions than Inductor's kernels (34-44 and 42-52 per logit by path,
+    bench/results/loss_kernels_h100.json)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # compile for real, never a cached kernel
+    tuner = fused_ce._kernels(False)[0 if forward else 1]
+    if forward:
+        args = dict(logits_ptr="*bf16", targets_ptr="*i64", nll_ptr="*fp32", lse_ptr="*fp32", stride_row=8192)
+    else:
+        args = dict(grad_ptr="*bf16", logits_ptr="*bf16", targets_ptr="*i64", lse_ptr="*fp32", grad_nll_ptr="*fp32",
+                    stride_row=8192)
+    meta = dict(V=8192, CAP=30.0, INV_CAP=1 / 30.0, LOG2E=math.log2(math.e))
+    assert len(tuner.configs) >= 4
+    for config in tuner.configs:
+        kernel = compile_for_h100(tuner.fn, args, meta, config)
+        assert "tanh" not in kernel.asm["ptx"] and ptxas_report(kernel, tmp_path)["spill_bytes"] == 0, config
+        if forward and config.kwargs["BLOCK_V"] < 8192:
+            continue  # a loop over chunks: its body's count is not a count per logit
+        per_thread = config.kwargs["BLOCK_V"] // (32 * config.num_warps)
+        opcodes = sass_opcodes(kernel, tmp_path)
+        special = sum(op.startswith("MUFU") for op in opcodes)
+        assert 3 * per_thread <= special <= 3 * per_thread + 4, config  # + the target's logit and the log
+        assert len(opcodes) < (30 if forward else 35) * per_thread, config
