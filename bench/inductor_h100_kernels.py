@@ -10,10 +10,20 @@ compiles every Triton kernel for sm_90 with each of its autotuning configuration
 the GPU would: registers, spill bytes and shared memory from ptxas, which Triton ships.
 
 What it is for: finding the kernels that cannot run at memory speed before a GPU
-session does (spills to local memory). The first run found Inductor's mix-order
-reductions in the record's backward (a norm's backward fused with the per-channel
-weight gradients) at 255 registers, up to 948 bytes of spills per thread and about
-180 KB of shared memory (`train.compile_mix_order_reduction`, bench/NOTES.md).
+session does. The first run found Inductor's mix-order reductions in the record's
+backward (a norm's backward fused with the per-channel weight gradients) at 255
+registers, up to 948 bytes of spills per thread and about 180 KB of shared memory
+(`train.compile_mix_order_reduction`, bench/NOTES.md).
+
+Floors: each configuration's machine code (cuobjdump, which Triton ships) gives the
+instructions and MUFU operations (exp2, reciprocal, ...) a thread executes, on the
+shortest path through its branches and the longest, loops over a row counted row /
+R0_BLOCK times. A launch can then run no faster than its bytes (Inductor's estimate) at
+3.0 TB/s, its warp instructions at 4 per SM per clock, or its MUFU operations at 16
+lanes per SM per clock (1.98 GHz, 132 SMs): its floor is the largest of the three. The
+JSON sums the floors per graph and per step and names the kernels whose instructions,
+not their bytes, set the floor. A model, not a measurement: it ignores occupancy, tails
+and latency, and cannot see what spilling costs.
 
 Limits: the kernels are those of this machine's torch (2.13), not the GPU machine's
 (2.11), and their names differ (here RMSNorm appears decomposed, as
@@ -31,7 +41,9 @@ import collections
 import contextlib
 import copy
 import datetime
+import importlib.util
 import json
+import math
 import os
 import re
 import subprocess
@@ -48,6 +60,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.graph_traffic import KernelBytes  # noqa: E402
 from pgolf_core import config, fused_ce, fused_mlp  # noqa: E402
+from pgolf_core import model as model_module  # noqa: E402
+from pgolf_core.loss import softcap_nll  # noqa: E402
 from pgolf_core.model import GPT  # noqa: E402
 from pgolf_core.train import configure_inductor, model_config  # noqa: E402
 
@@ -57,6 +71,15 @@ H100 = types.SimpleNamespace(
     total_memory=80 * 2**30, shared_memory_per_block_optin=232_448, L2_cache_size=50 * 2**20)
 CUDA = torch.device("cuda", 0)
 GRAPHS = ("forward", "backward")
+# The floor model: a kernel can run no faster than its bytes at this memory bandwidth (the
+# one bench/NOTES.md uses), its warp instructions at 4 per SM per clock, or its MUFU
+# operations (exp2, reciprocal, ...: 16 lanes per SM per clock) at the H100 SXM's boost clock.
+CLOCK_HZ, MEMORY_BYTES_PER_S = 1.98e9, 3.0e12
+ISSUE_PER_SM_CLOCK, MUFU_PER_SM_CLOCK = 4.0, 16 / 32  # warp instructions
+TILED_GRIDS = ("Grid1D", "Grid2D", "Grid2DWithYZOverflow", "Grid3D")  # one program per block of each axis
+
+
+TRITON_BIN = Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"  # ptxas, cuobjdump
 
 
 class _BothGraphsCompiled(Exception):
@@ -161,7 +184,7 @@ def compile_step(model: GPT, rows: int, seq_len: int, collector: KernelBytes) ->
     torch._dynamo.reset()
     step = torch.compile(model, fullgraph=True, backend=lambda gm, inputs: compile_fx(gm, inputs, inner_compile=inner_compile))
     x = torch.randint(0, model.cfg.vocab_size, (rows, seq_len))
-    with pretend_h100(), functorch_config.patch(force_non_lazy_backward_lowering=True), \
+    with pretend_h100(), functorch_config.patch(force_non_lazy_backward_lowering=True), _kernel_bytes_in_metadata(), \
             torch._inductor.config.patch(compile_threads=1), torch.autocast("cpu", dtype=torch.bfloat16):
         try:
             step(x, torch.roll(x, -1, 1)).mean()
@@ -173,6 +196,18 @@ def compile_step(model: GPT, rows: int, seq_len: int, collector: KernelBytes) ->
     return graphs
 
 
+def _kernel_bytes_in_metadata():
+    """Inductor's estimate of each kernel's bytes (the arguments it reads and writes) in its
+    metadata, as `benchmark_kernel` would put it there without changing the code."""
+    from torch._inductor.codegen.triton import TritonKernel
+
+    meta = TritonKernel.inductor_meta_per_kernel
+
+    def with_bytes(self):
+        return {**meta(self), "kernel_num_gb": self.estimate_kernel_num_bytes() / 1e9}
+    return mock.patch.object(TritonKernel, "inductor_meta_per_kernel", with_bytes)
+
+
 def _causes(error: BaseException):
     while error is not None:
         yield error
@@ -181,7 +216,8 @@ def _causes(error: BaseException):
 
 def hopper_resources(name: str, source: str, workdir: Path) -> list[dict]:
     """Compile one Inductor kernel for sm_90 with each of its autotuning configurations:
-    registers, spill bytes and shared memory per configuration (ptxas -v)."""
+    registers, spill bytes and shared memory per configuration (ptxas -v), and the floor
+    of a launch with that configuration (`launch_floor_ms`)."""
     import triton
     from torch._inductor.runtime import triton_heuristics
     from triton.backends.compiler import GPUTarget
@@ -190,14 +226,14 @@ def hopper_resources(name: str, source: str, workdir: Path) -> list[dict]:
     captured = []
 
     def capture(size_hints, configs, triton_meta, heuristic_type, filename=None, inductor_meta=None, **kwargs):
-        return lambda fn: captured.append((fn, configs, triton_meta)) or fn
+        return lambda fn: captured.append((fn, configs, triton_meta, inductor_meta)) or fn
 
     path = workdir / f"{name}.py"
     path.write_text(source)
     with pretend_h100(), mock.patch.object(triton_heuristics, "cached_autotune", capture):
         exec(compile(source, str(path), "exec"), {"__file__": str(path), "__name__": name})
-    (fn, configs, meta), = captured
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    (fn, configs, meta, inductor_meta), = captured
+    numels = {axis: int(n) for axis, n in re.findall(r"^\s*(\w+)numel = (\d+)$", source, flags=re.M)}
     attrs = meta["configs"][0] if meta.get("configs") else {}
     results = []
     for cfg in configs:
@@ -207,13 +243,95 @@ def hopper_resources(name: str, source: str, workdir: Path) -> list[dict]:
                                 options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         ptx = workdir / "kernel.ptx"
         ptx.write_text(kernel.asm["ptx"])
-        report = subprocess.run([str(ptxas), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
+        report = subprocess.run([str(TRITON_BIN / "ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
                                 capture_output=True, text=True, check=True).stderr
         registers = int(re.search(r"Used (\d+) registers", report).group(1))
         spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
         results.append({"config": {**cfg.kwargs, "num_warps": cfg.num_warps}, "registers": registers,
-                        "spill_bytes": spills, "shared_bytes": kernel.metadata.shared})
+                        "spill_bytes": spills, "shared_bytes": kernel.metadata.shared,
+                        "floor_ms": launch_floor_ms(kernel, cfg, numels, inductor_meta, workdir)})
     return results
+
+
+def sass(cubin: bytes, workdir: Path) -> list[tuple[int, bool, str, str]]:
+    """(address, predicated, opcode, operands) of each machine instruction (cuobjdump)."""
+    path = workdir / "kernel.cubin"
+    path.write_bytes(cubin)
+    listing = subprocess.run([str(TRITON_BIN / "cuobjdump"), "-sass", str(path)], capture_output=True, text=True,
+                             check=True).stdout
+    return [(int(addr, 16), bool(pred), op, rest.strip()) for addr, pred, op, rest in
+            re.findall(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)([^;]*);", listing)]
+
+
+def path_counts(code: list[tuple[int, bool, str, str]], trips: int) -> dict | None:
+    """Instructions and MUFU operations one thread executes, on the shortest and the longest
+    path through the kernel's branches (a warp whose lanes agree, one that diverges), with
+    each loop (a back edge) run `trips` times; None for nested loops."""
+    index = {addr: i for i, (addr, *_) in enumerate(code)}
+    target = [int(rest.split()[0], 16) if op == "BRA" else None for _, _, op, rest in code]
+    end = next(i for i, (addr, *_) in enumerate(code) if target[i] == addr)  # the final branch to itself: padding
+    times = [1] * end
+    for i in range(end):
+        if target[i] is not None and target[i] < code[i][0]:  # a loop's back edge
+            body = range(index[target[i]], i + 1)
+            if any(times[j] > 1 for j in body):
+                return None
+            for j in body:
+                times[j] = trips
+    is_mufu = [op.startswith("MUFU") for _, _, op, _ in code[:end]]
+    skipped = set()  # what the shortest path leaves out
+    for i in range(end):
+        if target[i] is None or target[i] < code[i][0] or not code[i][1]:
+            continue  # not a forward conditional branch (an else-jump is handled with its branch)
+        t = index[target[i]]
+        before = t - 1  # an if/else: the then-block ends with an unconditional jump over the else-block
+        if target[before] is not None and not code[before][1] and target[before] > target[i]:
+            then_block, else_block = range(i + 1, t), range(t, index[target[before]])
+            skipped.update(max(then_block, else_block, key=lambda b: sum(times[j] for j in b)))
+        else:
+            skipped.update(range(i + 1, t))
+    longest = sum(times), sum(n for n, m in zip(times, is_mufu) if m)
+    left_out = sum(times[j] for j in skipped), sum(times[j] for j in skipped if is_mufu[j])
+    return {"instructions": (longest[0] - left_out[0], longest[0]), "mufu": (longest[1] - left_out[1], longest[1])}
+
+
+def floors(nbytes: float, warp_instructions: tuple | None, warp_mufu: tuple | None) -> dict:
+    """ms bounded by memory, issue and MUFU on the shortest and the longest path, and the
+    floor (the largest bound) of each path; memory alone where the instructions are unknown."""
+    memory = nbytes / MEMORY_BYTES_PER_S * 1e3
+    if warp_instructions is None:
+        return {"memory": round(memory, 4), "issue": None, "mufu": None, "floor": [round(memory, 4)] * 2,
+                "per_element": None}
+    issue = [w / (H100.multi_processor_count * ISSUE_PER_SM_CLOCK * CLOCK_HZ) * 1e3 for w in warp_instructions]
+    mufu = [w / (H100.multi_processor_count * MUFU_PER_SM_CLOCK * CLOCK_HZ) * 1e3 for w in warp_mufu]
+    return {"memory": round(memory, 4), "issue": [round(x, 4) for x in issue], "mufu": [round(x, 4) for x in mufu],
+            "floor": [round(max(memory, i, m), 4) for i, m in zip(issue, mufu)]}
+
+
+def launch_floor_ms(kernel, cfg, numels: dict, inductor_meta: dict, workdir: Path) -> dict:
+    """`machine_floor` of one launch of an Inductor kernel: its programs tile x (y, z), its
+    loops over r0 run r0_numel / R0_BLOCK times. Memory alone for other grids."""
+    nbytes = inductor_meta["kernel_num_gb"] * 1e9
+    if inductor_meta.get("grid_type") not in TILED_GRIDS or not set(numels) <= {"x", "y", "z", "r0_"}:
+        return floors(nbytes, None, None)
+    row = numels.get("r0_", 1)
+    programs = math.prod(math.ceil(n / cfg.kwargs.get(f"{axis.upper()}BLOCK", 1)) for axis, n in numels.items()
+                         if axis != "r0_")
+    return machine_floor(kernel, workdir, nbytes, programs, cfg.num_warps,
+                         trips=math.ceil(row / cfg.kwargs.get("R0_BLOCK", row)), elements=math.prod(numels.values()))
+
+
+def machine_floor(kernel, workdir: Path, nbytes: float, programs: int, num_warps: int, trips: int,
+                  elements: int) -> dict:
+    """`floors` of a launch of `programs` programs of a compiled kernel over `elements`
+    elements, from its machine code, with instructions and MUFU operations per element."""
+    counts = path_counts(sass(kernel.asm["cubin"], workdir), trips)
+    if counts is None:
+        return floors(nbytes, None, None)
+    warps = programs * num_warps
+    out = floors(nbytes, [warps * n for n in counts["instructions"]], [warps * n for n in counts["mufu"]])
+    out["per_element"] = {k: [round(warps * 32 * n / elements, 2) for n in v] for k, v in counts.items()}
+    return out
 
 
 def graph_report(compiled: dict, tokens: int, workdir: Path) -> dict:
@@ -224,10 +342,20 @@ def graph_report(compiled: dict, tokens: int, workdir: Path) -> dict:
     kernels = []
     for name, source in compiled["kernels"].items():
         configs = hopper_resources(name, source, workdir)
+        best = min(configs, key=lambda c: c["floor_ms"]["floor"][0])  # autotuning's pick, if the model held
         kernels.append({"name": name, "launches": launches[name], "mix_order": "RSPLIT_SIZE" in source,
                         "max_registers": max(c["registers"] for c in configs),
-                        "min_spill_bytes": min(c["spill_bytes"] for c in configs), "configs": configs})
+                        "min_spill_bytes": min(c["spill_bytes"] for c in configs), "floor_ms": best["floor_ms"],
+                        "configs": configs})
     spilling = sorted((k for k in kernels if k["min_spill_bytes"]), key=lambda k: -k["min_spill_bytes"])
+
+    def total(part) -> float:
+        return round(sum(k["launches"] * part(k["floor_ms"]) for k in kernels), 2)
+
+    def excess(k) -> float:  # ms per graph above the kernel's memory floor, on the shortest path
+        return k["launches"] * (k["floor_ms"]["floor"][0] - k["floor_ms"]["memory"])
+
+    over_memory = sorted((k for k in kernels if excess(k) > 0), key=excess, reverse=True)
     return {
         "fused_bytes_per_token": round(per_kind["fused"] / tokens),
         "extern_bytes_per_token": round(per_kind["extern"] / tokens),
@@ -240,6 +368,14 @@ def graph_report(compiled: dict, tokens: int, workdir: Path) -> dict:
         "kernels_one_block_per_sm": sum(min(c["shared_bytes"] for c in k["configs"]) > H100.shared_memory_per_block_optin // 2
                                         for k in kernels),
         "kernels_spilling_in_every_config": spilling,
+        # per micro-batch, summed over launches: memory alone, and the floor on each path
+        "floor_ms": {"memory": total(lambda f: f["memory"]), "shortest_path": total(lambda f: f["floor"][0]),
+                     "longest_path": total(lambda f: f["floor"][1])},
+        "kernels_without_an_instruction_count": [k["name"] for k in kernels if k["floor_ms"]["issue"] is None],
+        "kernels_over_their_memory_floor": [
+            {"name": k["name"], "launches": k["launches"], "floor_ms": k["floor_ms"], "excess_ms": round(excess(k), 3),
+             "bound_by": "issue" if k["floor_ms"]["issue"][0] >= k["floor_ms"]["mufu"][0] else "mufu"}
+            for k in over_memory[:10]],
     }
 
 
@@ -252,8 +388,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=0, help="default: the profile's")
     parser.add_argument("--states", nargs="+", choices=("unlooped", "looped"), default=None,
                         help="loop states to compile (default: both if the profile loops)")
+    parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
+                        help="the training loss: loss.fused_softcap_nll (the trainer's) or the plain composition")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
+    if args.loss == "plain":  # what the trainer ran at c5166ca, the one GPU measurement to compare with
+        model_module.fused_softcap_nll = softcap_nll
 
     overrides = config.read_profile(args.profile)
     cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
@@ -274,14 +414,21 @@ def main() -> None:
         "overrides": args.set,
         "config": {"profile": args.profile, "rows": rows, "seq_len": seq_len, "torch": torch.__version__,
                    "mix_order_reduction": cfg.compile_mix_order_reduction, "fused_mlp": cfg.fused_mlp,
-                   "fused_ce": cfg.fused_ce},
+                   "fused_ce": cfg.fused_ce, "loss": args.loss},
+        "floor_model": {"memory_bytes_per_s": MEMORY_BYTES_PER_S, "clock_hz": CLOCK_HZ, "sms": H100.multi_processor_count,
+                        "issue_warp_instructions_per_sm_clock": ISSUE_PER_SM_CLOCK,
+                        "mufu_warp_instructions_per_sm_clock": MUFU_PER_SM_CLOCK},
     }
+    micro_batches = cfg.batch_tokens // (rows * seq_len)
     collector = KernelBytes()  # the scheduler's byte count, as graph_traffic.py takes it
     with tempfile.TemporaryDirectory() as workdir:
         for state in states:
             model.looping = state == "looped"
             compiled = compile_step(model, rows, seq_len, collector)
             result[state] = {name: graph_report(compiled[name], rows * seq_len, Path(workdir)) for name in GRAPHS}
+    # Inductor's kernels of one optimizer step's forwards and backwards (no matmuls, attention or optimizer)
+    result["floor_ms_per_step"] = {state: {part: round(micro_batches * sum(result[state][g]["floor_ms"][part] for g in GRAPHS), 1)
+                                           for part in ("memory", "shortest_path", "longest_path")} for state in states}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

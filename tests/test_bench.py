@@ -112,6 +112,19 @@ def test_inductor_h100_kernels_sees_the_mix_order_switch():
 
 
 @pytest.mark.slow
+def test_inductor_h100_kernels_floors_every_kernel_from_its_machine_code():
+    """With mix-order reductions off every kernel's machine code is counted; a graph's floor
+    is at least its memory floor, the longest path at least the shortest. Mix-order
+    kernels (their own grid) count by memory alone, and are named."""
+    backward = inductor_h100_backward("compile_mix_order_reduction=false")
+    floor = backward["floor_ms"]
+    assert backward["kernels_without_an_instruction_count"] == []
+    assert 0 < floor["memory"] <= floor["shortest_path"] <= floor["longest_path"]
+    mixed = inductor_h100_backward("compile_mix_order_reduction=true")
+    assert len(mixed["kernels_without_an_instruction_count"]) == mixed["mix_order_kernels"] > 0
+
+
+@pytest.mark.slow
 def test_fused_mlp_custom_ops_replace_the_activation_kernel_on_the_gpu_path():
     """Inductor's CUDA lowering takes the fused MLP's custom ops as library calls with no
     copies around them: the activation's backward kernel goes (one launch fewer for the one
@@ -195,7 +208,7 @@ def run_help(script: str) -> str:
 def test_sass_path_counts_follow_branches_and_loops():
     """A hand-made listing: an if/else (then 3 instructions, 2 of them MUFU; else 2), an
     if without else (1), a loop of 2 instructions run 4 times, then padding."""
-    from bench.loss_kernels_h100 import path_counts
+    from bench.inductor_h100_kernels import path_counts
 
     listing = [(0x00, False, "LDG.E", "R0"), (0x10, True, "BRA", "0x50"),
                (0x20, False, "MUFU.EX2", "R1, R1"), (0x30, False, "MUFU.RCP", "R2, R2"), (0x40, False, "BRA", "0x70"),
