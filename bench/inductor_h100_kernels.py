@@ -58,7 +58,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.graph_traffic import KernelBytes  # noqa: E402
 from pgolf_core import config, fused_ce, fused_mlp  # noqa: E402
 from pgolf_core import model as model_module  # noqa: E402
 from pgolf_core.loss import softcap_nll  # noqa: E402
@@ -80,6 +79,35 @@ TILED_GRIDS = ("Grid1D", "Grid2D", "Grid2DWithYZOverflow", "Grid3D")  # one prog
 
 
 TRITON_BIN = Path(importlib.util.find_spec("triton").origin).parent / "backends" / "nvidia" / "bin"  # ptxas, cuobjdump
+
+
+class KernelBytes:
+    """Collects (kind, bytes, fx origins) of every scheduled kernel of each graph Inductor
+    compiles. Hooks the scheduler's byte count (torch internals: fails loudly if they move)."""
+
+    def __init__(self):
+        from torch._inductor import compile_fx, graph
+
+        torch._inductor.config.force_disable_caches = True  # a cached graph is never scheduled, so never counted
+        self.graphs: list[list[tuple[str, int, str]]] = []
+        count_bytes = graph.GraphLowering.count_bytes
+        collector = self
+
+        def counting(lowering):
+            collector.graphs.append([self._row(node) for node in lowering.scheduler.nodes])
+            return count_bytes(lowering)
+
+        graph.GraphLowering.count_bytes = counting
+        log = compile_fx.inductor_metrics_log  # count_bytes runs only when this log is on
+        log.isEnabledFor = lambda level: True
+        log.info = lambda *args, **kwargs: None
+
+    @staticmethod
+    def _row(node) -> tuple[str, int, str]:
+        extern = type(node).__name__ == "ExternKernelSchedulerNode"
+        origins = sorted({str(o.target).replace("aten.", "").replace(".default", "")
+                          for n in node.get_nodes() if n.node is not None for o in n.node.origins})
+        return ("extern" if extern else "fused", node.get_read_write_buffers_sizes(), " ".join(origins))
 
 
 class _BothGraphsCompiled(Exception):
@@ -420,7 +448,7 @@ def main() -> None:
                         "mufu_warp_instructions_per_sm_clock": MUFU_PER_SM_CLOCK},
     }
     micro_batches = cfg.batch_tokens // (rows * seq_len)
-    collector = KernelBytes()  # the scheduler's byte count, as graph_traffic.py takes it
+    collector = KernelBytes()
     with tempfile.TemporaryDirectory() as workdir:
         for state in states:
             model.looping = state == "looped"

@@ -36,8 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.graph_traffic import KernelBytes  # noqa: E402
-from bench.inductor_h100_kernels import GRAPHS, compile_step, hopper_resources, machine_floor  # noqa: E402
+from bench.inductor_h100_kernels import GRAPHS, KernelBytes, compile_step, hopper_resources, machine_floor  # noqa: E402
 from pgolf_core import fused_ce  # noqa: E402
 from pgolf_core.loss import fused_softcap_nll, softcap_nll  # noqa: E402
 

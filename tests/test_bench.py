@@ -57,27 +57,6 @@ def test_attention_kernels_checks_every_mask_form_against_its_reference():
 
 
 @pytest.mark.slow
-def test_graph_traffic_counts_both_graphs_of_both_loop_states():
-    result = run_script("bench/graph_traffic.py", "--profile", "profiles/cpu.yaml", "--seq-len", "32", "--rows", "1", "2",
-                        "--set", "num_loops=1", "--set", "loop_end=1", "--set", "num_layers=2")
-    for state in ("unlooped", "looped"):
-        for graph in ("forward", "backward"):
-            assert result[state][graph]["fused_bytes_per_token"] > 0 and result[state][graph]["extern_bytes_per_token"] > 0
-    assert result["looped_over_unlooped_fused_bytes"] > 1.2  # 3 layer passes against 2
-
-
-@pytest.mark.slow
-def test_graph_traffic_sees_the_fused_mlp_save_bytes():
-    def total(fused: str) -> int:
-        result = run_script("bench/graph_traffic.py", "--profile", "profiles/cpu.yaml", "--seq-len", "32", "--rows", "1", "2",
-                            "--set", "num_layers=2", "--set", f"fused_mlp={fused}")
-        return result["unlooped"]["fused_bytes_per_token"] + result["unlooped"]["extern_bytes_per_token"]
-    plain, fused = total("false"), total("true")
-    hidden_pass = 2 * 4 * 128  # bf16 bytes of one pass over the MLP hidden (mlp_mult 4, model_dim 128)
-    assert plain - fused >= 2 * 2 * hidden_pass  # at least two hidden passes saved per layer (2 layers)
-
-
-@pytest.mark.slow
 def test_train_dev_run_smoke_run_on_cpu(tmp_path, embedded_docs):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in embedded_docs[:1000]))
