@@ -50,13 +50,3 @@ def ptxas_report(kernel, workdir: Path) -> dict:
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1))
             + int(re.search(r"(\d+) bytes spill loads", report).group(1))}
 
-
-def sass_opcodes(kernel, workdir: Path) -> list[str]:
-    """The kernel's machine instructions (opcodes, e.g. MUFU.EX2), from cuobjdump."""
-    import triton
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    cubin = workdir / "kernel.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
-    return re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass)

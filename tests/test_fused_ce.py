@@ -7,7 +7,8 @@ import math
 
 import pytest
 import torch
-from hopper import compile_for_h100, ptxas_report, sass_opcodes
+from bench.inductor_h100_kernels import path_counts, sass
+from hopper import compile_for_h100, ptxas_report
 
 from pgolf_core import fused_ce
 from pgolf_core.loss import softcap_nll
@@ -127,11 +128,10 @@ def test_switch_is_off_without_triton_and_off_the_device(monkeypatch):
 @pytest.mark.parametrize("forward", [True, False])
 def test_every_config_compiles_for_hopper_without_spills(monkeypatch, tmp_path, forward):
     """The real kernels at the record's shapes (V = 8,192 bf16 logits per row), for every
-    autotuned configuration: they compile for sm_90 and keep everything in registers. Where
-    a program takes its whole chunk in one pass, the machine code spends three special-
-    function operations per logit (two exp2 and a reciprocal: tanh is not libdevice's) and
-    fewer instructions than Inductor's kernels (34-44 and 42-52 per logit by path,
-    bench/results/loss_kernels_h100.json)."""
+    autotuned configuration: they compile for sm_90 and keep everything in registers, and
+    their machine code has one path, three special-function operations per logit (two exp2
+    and a reciprocal: tanh is not libdevice's) and fewer instructions than Inductor's
+    kernels (34-44 and 42-52 per logit by path, bench/results/loss_kernels_h100.json)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # compile for real, never a cached kernel
     tuner = fused_ce._kernels(False)[0 if forward else 1]
@@ -145,10 +145,9 @@ def test_every_config_compiles_for_hopper_without_spills(monkeypatch, tmp_path, 
     for config in tuner.configs:
         kernel = compile_for_h100(tuner.fn, args, meta, config)
         assert "tanh" not in kernel.asm["ptx"] and ptxas_report(kernel, tmp_path)["spill_bytes"] == 0, config
-        if forward and config.kwargs["BLOCK_V"] < 8192:
-            continue  # a loop over chunks: its body's count is not a count per logit
-        per_thread = config.kwargs["BLOCK_V"] // (32 * config.num_warps)
-        opcodes = sass_opcodes(kernel, tmp_path)
-        special = sum(op.startswith("MUFU") for op in opcodes)
-        assert 3 * per_thread <= special <= 3 * per_thread + 4, config  # + the target's logit and the log
-        assert len(opcodes) < (30 if forward else 35) * per_thread, config
+        chunk = 8192 if forward else config.kwargs["BLOCK_V"]  # a program's logits: the row, or a chunk of it
+        counts = path_counts(sass(kernel.asm["cubin"], tmp_path), trips=chunk // config.kwargs["BLOCK_V"])
+        assert counts["instructions"][0] == counts["instructions"][1], config  # one path: no branches
+        per_thread = chunk // (32 * config.num_warps)
+        assert 3 * per_thread <= counts["mufu"][0] <= 3 * per_thread + 4, config  # + the target's logit and the log
+        assert counts["instructions"][0] < (30 if forward else 35) * per_thread, config
