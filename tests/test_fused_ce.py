@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from bench.inductor_h100_kernels import path_counts, sass
-from hopper import compile_for_h100, ptxas_report
+from kernel_checks import compile_for_h100, losses_and_grads, model_without_zero_weights, ptxas_report, rel
 
 from pgolf_core import fused_ce
 from pgolf_core.loss import softcap_nll
@@ -25,10 +25,6 @@ def launches(monkeypatch):
     monkeypatch.setattr(fused_ce, "_launch", lambda *args, **kw: calls.append("forward" in kw) or real(*args, **kw))
     yield calls
     fused_ce.use_fused_ce(False)
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("dtype, grad_tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
@@ -59,23 +55,6 @@ def test_caps_outside_the_bound_take_the_compiled_loss(launches):
         torch.ops.pgolf.softcap_ce(logits.detach(), torch.zeros(4, dtype=torch.long), 50.0)
     with torch.no_grad():
         assert not fused_ce.wanted(logits, 30.0)  # evaluation scores with loss.softcap_nll
-
-
-def losses_and_grads(model: GPT, idx, targets):
-    model.zero_grad(set_to_none=True)
-    loss = model(idx, targets).mean()
-    loss.backward()
-    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
-
-
-def model_without_zero_weights(cfg) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for weight in model.parameters():  # output projections start at zero: no zero gradients in the test
-            if weight.dim() == 2 and not weight.any():
-                weight.normal_(std=0.1)
-    return model
 
 
 def test_model_training_step_matches_the_compiled_loss(launches, tiny_model_config):

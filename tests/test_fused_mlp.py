@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hopper import H100_SHARED_MEMORY, compile_for_h100, ptxas_report
+from kernel_checks import (H100_SHARED_MEMORY, compile_for_h100, losses_and_grads, model_without_zero_weights,
+                           ptxas_report, rel)
 
 from pgolf_core import fused_mlp
 from pgolf_core.model import GPT
@@ -24,10 +25,6 @@ def launches(monkeypatch):
     monkeypatch.setattr(fused_mlp, "_launch", lambda *args, **kw: calls.append(kw["backward"]) or real(*args, **kw))
     yield calls
     fused_mlp.use_fused_mlp(False)
-
-
-def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
@@ -65,21 +62,8 @@ def test_autograd_matches_the_reference_mlp(launches):
     assert launches == [False, True]
 
 
-def losses_and_grads(model: GPT, idx, targets):
-    model.zero_grad(set_to_none=True)
-    loss = model(idx, targets).mean()
-    loss.backward()
-    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
-
-
 def leaky_model(cfg) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(dataclasses.replace(cfg, mlp_activation="leaky_relu2"))
-    with torch.no_grad():
-        for weight in model.parameters():  # output projections start at zero: no zero gradients in the test
-            if weight.dim() == 2 and not weight.any():
-                weight.normal_(std=0.1)
-    return model
+    return model_without_zero_weights(dataclasses.replace(cfg, mlp_activation="leaky_relu2"))
 
 
 def test_model_training_step_matches_the_plain_mlp(launches, tiny_model_config):

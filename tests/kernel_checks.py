@@ -1,6 +1,6 @@
-"""Compiling our Triton kernels for an H100 on a CPU-only machine, as the tests of
-pgolf_core.fused_mlp and pgolf_core.fused_ce do: no GPU runs, ptxas (shipped with
-Triton) checks registers and spills."""
+"""What the tests of our Triton kernels (pgolf_core.fused_mlp, pgolf_core.fused_ce) share:
+compiling them for an H100 on a CPU-only machine (ptxas, shipped with Triton, checks
+registers and spills), and comparing a model's training step with and without them."""
 
 from __future__ import annotations
 
@@ -8,6 +8,10 @@ import os
 import re
 import subprocess
 from pathlib import Path
+
+import torch
+
+from pgolf_core.model import GPT
 
 H100_SHARED_MEMORY = 232_448  # bytes of shared memory one block may use on sm_90
 
@@ -50,3 +54,28 @@ def ptxas_report(kernel, workdir: Path) -> dict:
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1))
             + int(re.search(r"(\d+) bytes spill loads", report).group(1))}
 
+
+
+def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error of `x` against `ref`, in float64."""
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def losses_and_grads(model: GPT, idx, targets):
+    """Mean training loss and every parameter's gradient, by name (compiled or not)."""
+    model.zero_grad(set_to_none=True)
+    loss = model(idx, targets).mean()
+    loss.backward()
+    return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
+
+
+def model_without_zero_weights(cfg) -> GPT:
+    """A seeded model whose zero-initialised output projections are made random, so that no
+    gradient is zero in the comparisons."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.dim() == 2 and not weight.any():
+                weight.normal_(std=0.1)
+    return model
