@@ -14,7 +14,7 @@
 # reference (the reference system of issue #4's targets, profiles/pr1477_8xh100.yaml:
 # its unlooped and run-average rates compare with the 850 K and 715 K its own script ran at);
 # dev runs: devdocmask and devf32residual against dev (quality of those two switches),
-# devfusedmlp (the fused MLP end to end: same curve as dev, no recompiles).
+# devfusedmlp and devfusedce (the fused MLP, the Triton loss end to end: same curve as dev, no recompiles).
 # Into $OUT (or bench/out): session.log (all output), each part's JSON result and the
 # throughput's two profiler tables; at most 8 files, the device tool's limit. Each part
 # has its own time limit, so a failure in one still leaves the others' results.
@@ -67,4 +67,5 @@ dev dev train_dev_run.json
 dev devdocmask train_dev_run_docmask.json --set doc_mask=true
 dev devf32residual train_dev_run_f32residual.json --set low_precision_residual=false
 dev devfusedmlp train_dev_run_fusedmlp.json --set fused_mlp=true
+dev devfusedce train_dev_run_fusedce.json --set fused_ce=true
 ls -la "$OUT"
