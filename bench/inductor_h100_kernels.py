@@ -400,6 +400,10 @@ def graph_report(compiled: dict, tokens: int, workdir: Path) -> dict:
         "floor_ms": {"memory": total(lambda f: f["memory"]), "shortest_path": total(lambda f: f["floor"][0]),
                      "longest_path": total(lambda f: f["floor"][1])},
         "kernels_without_an_instruction_count": [k["name"] for k in kernels if k["floor_ms"]["issue"] is None],
+        # where the graph's floor goes: the targets of the next fusion
+        "largest_kernels": [{"name": k["name"], "launches": k["launches"],
+                             "floor_ms": round(k["launches"] * k["floor_ms"]["floor"][0], 3)}
+                            for k in sorted(kernels, key=lambda k: -k["launches"] * k["floor_ms"]["floor"][0])[:12]],
         "kernels_over_their_memory_floor": [
             {"name": k["name"], "launches": k["launches"], "floor_ms": k["floor_ms"], "excess_ms": round(excess(k), 3),
              "bound_by": "issue" if k["floor_ms"]["issue"][0] >= k["floor_ms"]["mufu"][0] else "mufu"}

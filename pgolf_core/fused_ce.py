@@ -5,9 +5,10 @@ loss and keeps only a log-sum-exp per token; the backward pass recomputes the gr
 from the logits. Inductor makes the same passes of `loss.fused_softcap_nll` (one read of
 the bf16 logits forward, one read and one write backward: the floor in bytes), but on an
 H100 its forward is bound by instruction issue, not memory: libdevice's tanh and exp make
-it 34 to 44 SASS instructions per logit (by branch path), where memory streams a logit in
-the time of about 22 (bench/loss_kernels_h100.py). Here tanh is one exp2 and one division,
-without branches (22 to 24 instructions forward, 28 backward):
+it 34 to 44 SASS instructions per logit (by branch path, in its best configuration), where
+memory streams a logit in the time of about 22 (bench/loss_kernels_h100.py). Here tanh is
+one exp2 and one division, without branches (22 to 26 instructions per logit forward, 28
+to 31 backward, by configuration):
 
     t = tanh(|u|) = (1 - e) / (1 + e),  e = exp(-2|u|) in (0, 1],  u = z / cap,
 
