@@ -246,10 +246,7 @@ def hopper_resources(name: str, source: str, workdir: Path) -> list[dict]:
     """Compile one Inductor kernel for sm_90 with each of its autotuning configurations:
     registers, spill bytes and shared memory per configuration (ptxas -v), and the floor
     of a launch with that configuration (`launch_floor_ms`)."""
-    import triton
     from torch._inductor.runtime import triton_heuristics
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     captured = []
 
@@ -265,20 +262,55 @@ def hopper_resources(name: str, source: str, workdir: Path) -> list[dict]:
     attrs = meta["configs"][0] if meta.get("configs") else {}
     results = []
     for cfg in configs:
-        constants = {**meta.get("constants", {}), **cfg.kwargs}
-        signature = {k: ("constexpr" if k in cfg.kwargs else v) for k, v in meta["signature"].items()}
-        kernel = triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-        ptx = workdir / "kernel.ptx"
-        ptx.write_text(kernel.asm["ptx"])
-        report = subprocess.run([str(TRITON_BIN / "ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
-                                capture_output=True, text=True, check=True).stderr
-        registers = int(re.search(r"Used (\d+) registers", report).group(1))
-        spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-        results.append({"config": {**cfg.kwargs, "num_warps": cfg.num_warps}, "registers": registers,
-                        "spill_bytes": spills, "shared_bytes": kernel.metadata.shared,
+        kernel = compile_sm90(fn, meta["signature"], meta.get("constants", {}), attrs, cfg)
+        usage = ptxas_usage(kernel, workdir)
+        results.append({"config": {**cfg.kwargs, "num_warps": cfg.num_warps}, "registers": usage["registers"],
+                        "spill_bytes": usage["spill_stores"], "shared_bytes": kernel.metadata.shared,
                         "floor_ms": launch_floor_ms(kernel, cfg, numels, inductor_meta, workdir)})
     return results
+
+
+def compile_sm90(fn, signature: dict, constants: dict, attrs: dict, config):
+    """A jit function compiled ahead of time for sm_90 with one autotuning configuration,
+    whose kwargs join `constants` (Triton internals, pinned by the dev extra: this fails
+    loudly if they move)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constants = {**constants, **config.kwargs}
+    signature = {name: "constexpr" if name in constants else kind for name, kind in signature.items()}
+    return triton.compile(ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def compile_for_h100(fn, args: dict, constants: dict, config):
+    """`compile_sm90` as Triton's JIT would specialise `fn` for these launch arguments
+    (a type string for pointers, the value for integers): pointers and integers divisible
+    by 16 get that hint, and integers equal to 1 become constants."""
+    constants = dict(constants)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        value = args.get(name)
+        if name in constants or name in config.kwargs or value == 1:
+            signature[name] = "constexpr"
+            constants.setdefault(name, value)
+        else:
+            signature[name] = value if isinstance(value, str) else "i32"
+            if isinstance(value, str) or value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return compile_sm90(fn, signature, constants, attrs, config)
+
+
+def ptxas_usage(kernel, workdir: Path) -> dict:
+    """Registers and spill bytes (stores, loads) per thread of a compiled kernel (ptxas -v)."""
+    ptx = workdir / "kernel.ptx"
+    ptx.write_text(kernel.asm["ptx"])
+    report = subprocess.run([str(TRITON_BIN / "ptxas"), "-v", "--gpu-name", "sm_90a", str(ptx), "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+            "spill_stores": int(re.search(r"(\d+) bytes spill stores", report).group(1)),
+            "spill_loads": int(re.search(r"(\d+) bytes spill loads", report).group(1))}
 
 
 def sass(cubin: bytes, workdir: Path) -> list[tuple[int, bool, str, str]]:

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.inductor_h100_kernels import GRAPHS, KernelBytes, compile_step, hopper_resources, machine_floor  # noqa: E402
+from bench.inductor_h100_kernels import (GRAPHS, KernelBytes, compile_for_h100, compile_step,  # noqa: E402
+                                         hopper_resources, machine_floor)
 from pgolf_core import fused_ce  # noqa: E402
 from pgolf_core.loss import fused_softcap_nll, softcap_nll  # noqa: E402
 
@@ -80,26 +81,18 @@ def inductor_kernels(loss_fn, workdir: Path) -> list[dict]:
 
 def triton_kernels(workdir: Path) -> list[dict]:
     """fused_ce's two kernels, compiled as the record's launch specialises them."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     rows = B * T
     constants = dict(V=V, CAP=CAP, INV_CAP=1 / CAP, LOG2E=math.log2(math.e))
     forward, backward = fused_ce._kernels(False)
-    pointers = {"forward": dict(logits_ptr="*bf16", targets_ptr="*i64", nll_ptr="*fp32", lse_ptr="*fp32"),
-                "backward": dict(grad_ptr="*bf16", logits_ptr="*bf16", targets_ptr="*i64", lse_ptr="*fp32",
-                                 grad_nll_ptr="*fp32")}
+    args = {"forward": dict(logits_ptr="*bf16", targets_ptr="*i64", nll_ptr="*fp32", lse_ptr="*fp32", stride_row=V),
+            "backward": dict(grad_ptr="*bf16", logits_ptr="*bf16", targets_ptr="*i64", lse_ptr="*fp32",
+                             grad_nll_ptr="*fp32", stride_row=V)}
     nbytes = {"forward": rows * V * 2 + rows * 16, "backward": rows * V * 4 + rows * 16}  # + targets, lse, nll
     results = []
     for graph, tuner in (("forward", forward), ("backward", backward)):
-        names = tuner.fn.arg_names
-        signature = {name: pointers[graph].get(name, "i32" if name == "stride_row" else "constexpr") for name in names}
-        attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if signature[name] != "constexpr"}
         configs = []
         for config in tuner.configs:
-            kernel = triton.compile(ASTSource(tuner.fn, signature, {**constants, **config.kwargs}, attrs),
-                                    target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+            kernel = compile_for_h100(tuner.fn, args[graph], constants, config)
             chunk = V if graph == "forward" else config.kwargs["BLOCK_V"]  # a program's logits
             programs = rows * (1 if graph == "forward" else math.ceil(V / chunk))
             configs.append({"config": {**config.kwargs, "num_warps": config.num_warps},

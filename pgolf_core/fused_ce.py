@@ -33,7 +33,7 @@ import warnings
 
 import torch
 
-from pgolf_core.loss import BOUNDED_LSE_MAX_CAP
+from pgolf_core.loss import BOUNDED_LSE_MAX_CAP, lse_needs_no_maximum
 from pgolf_core.model import GPT
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -58,7 +58,7 @@ def use_fused_ce(enabled: bool) -> None:
 
 def active(device: torch.device, cap: float) -> bool:
     """Whether training steps on `device` with this soft cap run these kernels (for logs)."""
-    return _device_type == device.type and 0 < cap <= BOUNDED_LSE_MAX_CAP
+    return _device_type == device.type and lse_needs_no_maximum(cap)
 
 
 def wanted(logits: torch.Tensor, cap: float) -> bool:
@@ -124,7 +124,7 @@ def _launch(logits: torch.Tensor, targets: torch.Tensor, cap: float, forward=Non
     chunk of the vocabulary). CPU tensors run interpreted, with small chunks."""
     import triton
 
-    if not 0 < cap <= BOUNDED_LSE_MAX_CAP:
+    if not lse_needs_no_maximum(cap):
         raise ValueError(f"fused cross-entropy needs a soft cap in (0, {BOUNDED_LSE_MAX_CAP}], got {cap}")
     interpreted = logits.device.type == "cpu"
     rows, vocab = logits.shape

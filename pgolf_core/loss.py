@@ -41,11 +41,16 @@ def softcap_nll(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torc
 BOUNDED_LSE_MAX_CAP = 40.0
 
 
+def lse_needs_no_maximum(cap: float) -> bool:
+    """Whether logits soft-capped at `cap` bound exp(s - cap) within float32's normal range."""
+    return 0 < cap <= BOUNDED_LSE_MAX_CAP
+
+
 def capped_logsumexp(s: torch.Tensor, cap: float) -> torch.Tensor:
     """logsumexp over the last dim (kept) of logits soft-capped at `cap`, in one pass: with
     |s| < cap the maximum is not needed (a compiled kernel reads the row once, where
     `torch.logsumexp` reads it for the maximum and again for the sum)."""
-    if 0 < cap <= BOUNDED_LSE_MAX_CAP:
+    if lse_needs_no_maximum(cap):
         return cap + torch.log(torch.exp(s - cap).sum(-1, keepdim=True))
     return torch.logsumexp(s, dim=-1, keepdim=True)
 

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from bench.inductor_h100_kernels import path_counts, sass
-from kernel_checks import compile_for_h100, losses_and_grads, model_without_zero_weights, ptxas_report, rel
+from bench.inductor_h100_kernels import compile_for_h100, path_counts, sass
+from kernel_checks import losses_and_grads, model_without_zero_weights, ptxas_report, recorded_launches, rel
 
 from pgolf_core import fused_ce
 from pgolf_core.loss import softcap_nll
@@ -18,13 +18,8 @@ from pgolf_core.model import GPT
 @pytest.fixture
 def launches(monkeypatch):
     """Switch the Triton loss on under the interpreter; record each launch (forward or not)."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    fused_ce.use_fused_ce(True)
-    calls = []
-    real = fused_ce._launch
-    monkeypatch.setattr(fused_ce, "_launch", lambda *args, **kw: calls.append("forward" in kw) or real(*args, **kw))
-    yield calls
-    fused_ce.use_fused_ce(False)
+    with recorded_launches(monkeypatch, fused_ce, fused_ce.use_fused_ce, lambda kw: "forward" in kw) as calls:
+        yield calls
 
 
 @pytest.mark.parametrize("dtype, grad_tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])

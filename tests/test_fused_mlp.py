@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import (H100_SHARED_MEMORY, compile_for_h100, losses_and_grads, model_without_zero_weights,
-                           ptxas_report, rel)
+from bench.inductor_h100_kernels import compile_for_h100
+from kernel_checks import (H100_SHARED_MEMORY, losses_and_grads, model_without_zero_weights, ptxas_report,
+                           recorded_launches, rel)
 
 from pgolf_core import fused_mlp
 from pgolf_core.model import GPT
@@ -18,13 +19,8 @@ from pgolf_core.model import GPT
 @pytest.fixture
 def launches(monkeypatch):
     """Switch the fused path on under the interpreter; count the kernel launches."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    fused_mlp.use_fused_mlp(True)
-    calls = []
-    real = fused_mlp._launch
-    monkeypatch.setattr(fused_mlp, "_launch", lambda *args, **kw: calls.append(kw["backward"]) or real(*args, **kw))
-    yield calls
-    fused_mlp.use_fused_mlp(False)
+    with recorded_launches(monkeypatch, fused_mlp, fused_mlp.use_fused_mlp, lambda kw: kw["backward"]) as calls:
+        yield calls
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
