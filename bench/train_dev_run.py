@@ -82,7 +82,7 @@ def main() -> None:
     model = GPT(model_config(cfg, sp.vocab_size())).to(device)
     stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
     val = data.load_split(shards, "val", sp.vocab_size())
-    curve, switch_step, graphs_at_start = [], None, {}
+    curve, switch_step = [], None
 
     def log(step: int, values: dict) -> None:
         nonlocal switch_step
@@ -90,11 +90,8 @@ def main() -> None:
             switch_step = step - 1  # 0-based index of the first step that ran looped
         if "val_bpb" in values or "train_loss" in values:
             curve.append({"step": step, **values})
-        if not graphs_at_start:  # first call: warm-up (and its compiles) are over
-            graphs_at_start.update(torch._dynamo.utils.counters["stats"])
 
     result = train(cfg, model, stream, val, val_byte_counts(sp, shards, val), device, log)
-    graphs_after = torch._dynamo.utils.counters["stats"]
     record = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -106,7 +103,7 @@ def main() -> None:
         "fused_mlp": fused_mlp.active(device), "fused_ce": fused_ce.active(device, cfg.logit_softcap),
         "overrides": args.set,
         "loop_switch_step": switch_step, "loop_start_frac": cfg.loop_start_frac,
-        "graphs_compiled_after_start": graphs_after.get("unique_graphs", 0) - graphs_at_start.get("unique_graphs", 0),
+        "graphs_compiled_after_start": result.graphs_compiled_in_run,  # after the warm-up
         "curve": curve,
     }
     print(json.dumps({k: v for k, v in record.items() if k != "curve"}))

@@ -47,6 +47,19 @@ class TrainResult:
     world_size: int
     seed: int
     stopped_by: str  # "iterations" or "wallclock"
+    graphs_compiled_in_run: int  # torch.compile graphs built after the warm-up, inside the timed run (0 expected)
+
+
+def run_warnings(cfg: TrainConfig, result: TrainResult) -> list[str]:
+    """What makes this run not the one its params describe."""
+    warnings = []
+    if cfg.schedule == "steps" and result.stopped_by == "wallclock":
+        warnings.append(f"the {cfg.max_wallclock_seconds:.0f} s wall-clock cap stopped a step-scheduled run at step "
+                        f"{result.steps} of {cfg.iterations}: its metrics depend on this machine's speed and load")
+    if result.graphs_compiled_in_run:
+        warnings.append(f"torch.compile built {result.graphs_compiled_in_run} graph(s) inside the timed run "
+                        "(a guard the warm-up missed): their compile time counted against the wall clock")
+    return warnings
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -110,6 +123,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
 
     if cfg.compile:
         _warm_up_and_restore(model, optimizers, stream, one_step)
+    graphs_before_run = compiled_graphs()
     ema = [v.detach().float().clone() for v in model.state_dict().values()] if cfg.ema_decay else None
     val_end = cfg.val_tokens + 1 if cfg.val_tokens else len(val_tokens)
     step, elapsed, progress, loss, window_losses, clock = 0, 0.0, 0.0, float("nan"), [], Stopwatch()
@@ -186,6 +200,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         ms_per_step=1000 * elapsed / max(step, 1), val_bpb_prequant=final_bpb, final_train_loss=loss,
         peak_mem_mib=_peak_mem_mib(device), world_size=world, seed=cfg.seed,
         stopped_by="iterations" if step >= cfg.iterations else "wallclock",
+        graphs_compiled_in_run=compiled_graphs() - graphs_before_run,
     )
 
 
@@ -214,9 +229,16 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -
 
 
 def compile_model(module: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """torch.compile with the run's mode and Inductor options (`configure_inductor`)."""
+    """torch.compile with the run's mode and Inductor options (`configure_inductor`).
+    `fullgraph` on one process: a graph break in the model raises instead of silently
+    splitting the step. Under DDP it cannot be: dynamo leaves DDP's own forward out of the
+    graph by design, compiles the model inside, and splits that graph at the gradient
+    buckets so the all-reduce overlaps the backward. `dynamic=False`: a ragged last
+    micro-batch gets its own static graph (built in the warm-up) instead of every graph
+    turning dynamic, with slower kernels."""
     configure_inductor(cfg)
-    return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                         fullgraph=not isinstance(module, DistributedDataParallel), dynamic=False)
 
 
 def configure_inductor(cfg: TrainConfig) -> None:
@@ -240,6 +262,13 @@ def select_kernels(cfg: TrainConfig) -> None:
     kernels.use_flash_attn(cfg.flash_attn and kernels.HAS_FLASH_ATTN)
     fused_mlp.use_fused_mlp(cfg.fused_mlp)
     fused_ce.use_fused_ce(cfg.fused_ce)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far. A graph built inside the
+    timed run (a recompile: a guard the warm-up did not cover) costs the run its compile
+    time, tens of seconds at record scale."""
+    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> None:

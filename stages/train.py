@@ -13,7 +13,7 @@ from dvclive import Live
 from pgolf_core import checkpoint, config, data, dist, fused_ce, fused_mlp, io, kernels, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
-from pgolf_core.train import model_config, select_kernels, set_seed, train
+from pgolf_core.train import model_config, run_warnings, select_kernels, set_seed, train
 
 
 def main() -> None:
@@ -76,6 +76,8 @@ def main() -> None:
               f"({result.tokens_per_second:,.0f} tok/s, {result.tokens_per_second_per_gpu:,.0f} per process), "
               f"val_bpb_prequant {result.val_bpb_prequant:.4f}, "
               f"stage {time.perf_counter() - start:.1f} s")
+        for warning in run_warnings(cfg, result):
+            print(f"train: WARNING: {warning}")
     dist.shutdown()
 
 

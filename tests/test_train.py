@@ -12,7 +12,7 @@ import yaml
 from pgolf_core import config, data, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
-from pgolf_core.train import compile_model, model_config, train
+from pgolf_core.train import compile_model, model_config, run_warnings, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = dict(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, seq_len=32,
@@ -123,6 +123,57 @@ def test_wallclock_cap_stops_training(shards, tiny_sp):
     assert result.stopped_by == "wallclock" and 0 < result.steps < 10_000 and result.train_seconds >= 0.5
 
 
+def test_a_step_scheduled_run_cut_by_the_cap_is_flagged(shards, tiny_sp, step_clock):
+    """The cap still stops a `steps` run, and the run says it is not the one its params
+    describe; a run that completes has nothing to say."""
+    cfg = config.build_section("train", {**TINY_TRAIN, "iterations": 10_000, "max_wallclock_seconds": 5.0})
+    result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=5.0, val_every=0)
+    assert result.stopped_by == "wallclock" and result.steps == 5
+    (warning,) = run_warnings(cfg, result)
+    assert "stopped a step-scheduled run at step 5 of 10000" in warning
+    complete, _, _ = run_train(shards, tiny_sp, iterations=3, val_every=0)
+    assert run_warnings(config.build_section("train", {**TINY_TRAIN, "iterations": 3}), complete) == []
+
+
+@pytest.fixture
+def eager_backend_compile(monkeypatch):
+    """torch.compile with dynamo's own guards and graphs but no code generation (the
+    `eager` backend): what decides a recompile, in seconds on a CPU."""
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, **options: real_compile(
+        module, backend="eager", **options))
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+LOOPED_RAGGED = dict(num_layers=3, unet_skips=True, num_loops=1, loop_start=1, loop_end=1, loop_start_frac=0.5,
+                     micro_batch_seqs=6, iterations=6, val_every=0, compile=True)  # micro-batches of 6, 6 and 4
+
+
+def test_the_warm_up_compiles_every_graph_the_run_needs(shards, tiny_sp, eager_backend_compile):
+    """The loop switches on mid-run and the last micro-batch is shorter (two static
+    shapes): the warm-up builds all four graphs, so none is built in the timed run."""
+    import pgolf_core.train as train_module
+
+    before = train_module.compiled_graphs()
+    result, logged, _ = run_train(shards, tiny_sp, **LOOPED_RAGGED)
+    assert [v["looping"] for _, v in logged if "looping" in v] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert train_module.compiled_graphs() - before == 4 and result.graphs_compiled_in_run == 0
+
+
+def test_a_graph_compiled_inside_the_run_is_counted_and_flagged(shards, tiny_sp, eager_backend_compile, monkeypatch):
+    """A warm-up that never runs looped leaves the looped graphs to the timed run."""
+    import pgolf_core.train as train_module
+
+    monkeypatch.setattr(train_module, "_warm_up_and_restore",
+                        lambda model, optimizers, stream, one_step: one_step(0, 0.0))
+    result, _, _ = run_train(shards, tiny_sp, **LOOPED_RAGGED)
+    assert result.graphs_compiled_in_run == 2  # looped: full and short micro-batch
+    (warning,) = run_warnings(config.build_section("train", {**TINY_TRAIN, **LOOPED_RAGGED}), result)
+    assert "built 2 graph(s) inside the timed run" in warning
+
+
 def test_divergence_is_reported_with_its_step(shards, tiny_sp):
     with pytest.raises(FloatingPointError, match="by step"):
         run_train(shards, tiny_sp, embed_lr=1e30, scalar_lr=1e30, matrix_lr=1e30, grad_clip=0.0)
@@ -177,12 +228,15 @@ FEATURED = dict(num_layers=4, unet_skips=True, num_loops=1, loop_start=1, loop_e
 @pytest.mark.slow
 def test_torchrun_compiled_two_processes_match_one_eager(tmp_path, shards, tiny_tokenizer_dir):
     """The 8xH100 path in miniature: DDP + torch.compile (inductor, gloo) with the loop
-    switching on mid-run, against one eager process; the loss curves agree."""
+    switching on mid-run, against one eager process; the loss curves agree, and the
+    compiled run built no graph after its warm-up (fullgraph: no graph break either)."""
     curves = {}
     for nproc, compile_ in ((1, False), (2, True)):
-        _, _, curves[nproc] = torchrun_train(
+        out, stdout, curves[nproc] = torchrun_train(
             tmp_path, f"run{nproc}", nproc, {**TINY_TRAIN, **FEATURED, "iterations": 8, "val_every": 0,
                                              "compile": compile_}, shards, tiny_tokenizer_dir)
+        assert json.loads((out / "metrics" / "metrics.json").read_text())["graphs_compiled_in_run"] == 0
+        assert "WARNING" not in stdout
     assert len(curves[1]) == len(curves[2]) == 8
     np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)
 
@@ -284,20 +338,21 @@ def test_compile_model_applies_the_configured_mode_and_kernel_tuning(monkeypatch
     from torch._inductor import config as inductor_config
 
     calls = []
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: calls.append(mode) or module)
+    monkeypatch.setattr(torch, "compile", lambda module, **options: calls.append(options) or module)
     monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
     module = torch.nn.Linear(2, 2)
     assert compile_model(module, config.build_section("train", {})) is module
-    assert calls == [None] and inductor_config.coordinate_descent_tuning is False
+    assert calls == [dict(mode=None, fullgraph=True, dynamic=False)]  # a graph break raises; shapes stay static
+    assert inductor_config.coordinate_descent_tuning is False
     compile_model(module, config.build_section("train", {"compile_mode": "max-autotune-no-cudagraphs",
                                                          "compile_tune_kernels": True}))
-    assert calls[-1] == "max-autotune-no-cudagraphs" and inductor_config.coordinate_descent_tuning is True
+    assert calls[-1]["mode"] == "max-autotune-no-cudagraphs" and inductor_config.coordinate_descent_tuning is True
 
 
 def test_compile_model_switches_inductors_mix_order_reductions(monkeypatch):
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None: module)
+    monkeypatch.setattr(torch, "compile", lambda module, **options: module)
     monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
     compile_model(torch.nn.Linear(2, 2), config.build_section("train", {"compile_mix_order_reduction": False}))
     assert inductor_config.triton.mix_order_reduction is False
