@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the trainer in one device call. Carry data/dev_run, built on
 # any machine by `python bench/train_dev_run.py --workdir data/dev_run --prepare-only`.
-#   bash bench/gpu_session.sh [attention] [parts] [fusedmlp] [throughput] [A/B parts below] [dev]
-# (default: throughput mixorder dev, about one 10-minute call; dev runs last, so a slow
+#   bash bench/gpu_session.sh [attention] [parts] [fusedmlp] [muon] [throughput] [A/B parts below] [dev]
+# (default: muon throughput mixorder dev, about one 10-minute call; dev runs last, so a slow
 # compile cuts it, not the throughput figures). A/B parts, each against
 # `throughput`: plainloss (the loss), f32residual (the float32 residual stream),
 # tunekernels (Inductor's coordinate-descent tuning), autotune (max-autotune-no-cudagraphs:
@@ -20,7 +20,7 @@
 # has its own time limit, so a failure in one still leaves the others' results.
 set -u
 OUT=${OUT:-bench/out}
-PARTS=${*:-throughput mixorder dev}
+PARTS=${*:-muon throughput mixorder dev}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/session.log") 2>&1
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=15
@@ -41,6 +41,7 @@ RECORD=profiles/record_8xh100.yaml
 part attention attention_kernels.json 200 python3 bench/attention_kernels.py
 part parts step_parts.json 120 python3 bench/step_parts.py
 part fusedmlp fused_mlp.json 200 python3 bench/fused_mlp.py
+part muon muon_shard.json 120 python3 bench/muon_shard.py --profile $RECORD  # the optimizer step, whole and one of 8 shares
 part throughput train_throughput.json 200 python3 bench/train_throughput.py --profile $RECORD --trace "$OUT/trace.txt"
 part reference train_throughput_pr1477.json 200 python3 bench/train_throughput.py \
     --profile profiles/pr1477_8xh100.yaml --out bench/results/train_throughput_pr1477.json

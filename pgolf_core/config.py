@@ -147,6 +147,7 @@ class TrainConfig:
     ns_steps: int = 5  # Newton-Schulz iterations
     ns_coefficients: str = "quintic"  # "quintic" or "polar_express" (per-iteration tuples)
     muon_row_normalize: bool = False  # MuonEq-R: unit rows before Newton-Schulz
+    muon_shard: bool = True  # under torchrun, each process orthogonalizes its share of the matrices (same update)
     weight_decay: float = 0.0  # decoupled, Muon matrices
     embed_weight_decay: float = 0.0  # decoupled (AdamW), the embedding
     scalar_weight_decay: float = 0.0  # decoupled (AdamW), the vectors and gates

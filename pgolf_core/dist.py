@@ -77,6 +77,13 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather_async(output: torch.Tensor, block: torch.Tensor):
+    """Start gathering every rank's `block` (the same shape on all) into `output`, in rank
+    order along dim 0; returns the handle to `wait()` on. Only under torchrun."""
+    gather = getattr(td, "all_gather_single", None) or td.all_gather_into_tensor  # the new name from torch 2.13
+    return gather(output, block, async_op=True)
+
+
 def barrier() -> None:
     if td.is_initialized():
         td.barrier()

@@ -47,6 +47,16 @@ def test_train_throughput_averages_a_run_that_loops_from_loop_start_frac(schedul
     assert result["config"]["virtual_layers_looped"] == 6 and result["config"]["schedule"] == schedule
 
 
+def test_muon_shard_times_every_ranks_share_and_counts_the_gathered_bytes():
+    """CPU profile, 3 processes: 8 matrices in each of 3 batches, so blocks of 3 (one
+    padded); every process receives 2 blocks of 3 x (128x128 + 64x128 + 128x512) floats."""
+    result = run_script("bench/muon_shard.py", "--profile", "profiles/cpu.yaml", "--device", "cpu", "--world", "3",
+                        "--repeats", "1")
+    assert result["batches"] == {"128x128": 8, "64x128": 8, "128x512": 8}
+    assert len(result["ms_share_per_rank"]) == 3 and result["ms_share_max"] == max(result["ms_share_per_rank"])
+    assert result["gather_bytes_received_per_process"] == 2 * 3 * (128 * 128 + 64 * 128 + 128 * 512) * 4
+
+
 def test_attention_kernels_checks_every_mask_form_against_its_reference():
     result = run_script("bench/attention_kernels.py", "--device", "cpu", "--check-only", "--batch", "2",
                         "--seq-len", "256", "--doc-len", "50")

@@ -1,0 +1,128 @@
+"""Benchmark: a profile's Muon step, whole, against one process's share of it under
+`torchrun --nproc_per_node=W` with `train.muon_shard` (W = 8 by default).
+
+One GPU cannot run the all-gather, so each process's share is timed alone: `pgolf_core.dist`
+is told it is rank r of W and its all-gather becomes a copy of the block into its own
+slot. The critical path of a sharded step is the largest share plus the all-gather of the
+blocks (bf16 on the GPU), whose bytes per process are reported, not timed. Gradients are
+random (the step's cost does not depend on their values); the momentum buffers exist
+before timing, as after the first training step.
+
+    python bench/muon_shard.py --profile profiles/record_8xh100.yaml
+    python bench/muon_shard.py --profile profiles/cpu.yaml --device cpu --repeats 2   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pgolf_core import config, dist  # noqa: E402
+from pgolf_core.model import GPT  # noqa: E402
+from pgolf_core.optim import Muon, newton_schulz_batches, param_groups  # noqa: E402
+from pgolf_core.train import model_config  # noqa: E402
+
+
+def median_ms(fn, repeats: int, device: torch.device) -> float:
+    """Median milliseconds of `fn()`, synchronised around each call."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - start))
+    return sorted(times)[len(times) // 2]
+
+
+class Finished:
+    def wait(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def as_rank(rank: int, world: int, received: list[int]):
+    """Make the optimizer see itself as `rank` of `world`; its all-gather copies the block
+    into the rank's slot and records the bytes the real one would bring from the others."""
+    def gather(output, block):
+        output[rank * len(block) : (rank + 1) * len(block)].copy_(block)
+        received.append((world - 1) * block.numel() * block.element_size())
+        return Finished()
+    with mock.patch.object(dist, "world_size", lambda: world), mock.patch.object(dist, "rank", lambda: rank), \
+            mock.patch.object(dist, "all_gather_async", gather):
+        yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--world", type=int, default=8, help="processes the step is sharded over")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "muon_shard.json"),
+                        help="where a GPU run writes its JSON")
+    args = parser.parse_args()
+
+    overrides = config.read_profile(args.profile)
+    cfg = config.build_section("train", overrides.get("train", {}))
+    vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
+    device = torch.device(args.device)
+    ns_dtype = dist.autocast_dtype(device) or torch.float32  # as the trainer: bf16 iterations on a GPU
+    torch.manual_seed(0)
+    matrices = param_groups(GPT(model_config(cfg, vocab)).to(device))["matrices"]
+    for p in matrices:
+        p.grad = torch.randn_like(p)
+
+    def muon(shard: bool) -> Muon:
+        opt = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                   ns_steps=cfg.ns_steps, ns_dtype=ns_dtype, ns_coefficients=cfg.ns_coefficients,
+                   row_normalize=cfg.muon_row_normalize, shard=shard)
+        opt.step()  # momentum buffers, first-call work
+        return opt
+
+    whole = muon(shard=False)
+    ms_whole = median_ms(whole.step, args.repeats, device)
+    sharded, ms_rank, received = muon(shard=True), [], []
+    for rank in range(args.world):
+        with as_rank(rank, args.world, received):
+            sharded.step()  # warm
+            received.clear()
+            ms_rank.append(median_ms(sharded.step, args.repeats, device))
+    bytes_in = sum(received) // args.repeats  # the same on every rank: the blocks are padded to one size
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+        "world": args.world,
+        "ms_whole": round(ms_whole, 3),
+        "ms_share_per_rank": [round(ms, 3) for ms in ms_rank],
+        "ms_share_max": round(max(ms_rank), 3),
+        "saved_ms_before_gather": round(ms_whole - max(ms_rank), 3),
+        "gather_bytes_received_per_process": bytes_in,
+        "batches": {f"{small}x{big}": sum(len(members) for _, members in parts)
+                    for (small, big), parts in newton_schulz_batches([p.shape for p in matrices]).items()},
+        "ns_dtype": str(ns_dtype).removeprefix("torch."),
+        "config": {"profile": args.profile, "ns_steps": cfg.ns_steps, "ns_coefficients": cfg.ns_coefficients,
+                   "muon_row_normalize": cfg.muon_row_normalize, "num_matrices": len(matrices),
+                   "matrix_params": sum(p.numel() for p in matrices), "torch": torch.__version__},
+    }
+    print(json.dumps(result))
+    if device.type == "cuda":
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
