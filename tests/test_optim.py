@@ -118,7 +118,8 @@ for step in range(3):
         opt.step()
     if step == 0:
         ran_sharded = sum(orthogonalized[:-3])  # the whole optimizer's 3 batches came last
-flat = torch.cat([w.detach().flatten() for w in sharded])
+state = opts[0].state  # weights and momentum: what rank 0's snapshot would hold for every rank
+flat = torch.cat([t.flatten() for w in sharded for t in (w.detach(), state[w]["momentum_buffer"])])
 every_rank = [torch.empty_like(flat) for _ in range(world)]
 torch_dist.all_gather(every_rank, flat)
 counts = [torch.zeros(1) for _ in range(world)]
@@ -126,7 +127,7 @@ torch_dist.all_gather(counts, torch.tensor([float(ran_sharded)]))
 error = max(((a - b).norm() / b.norm()).item() for a, b in zip(sharded, whole))
 torch_dist.destroy_process_group()
 if not all(torch.equal(flat, other) for other in every_rank):
-    sys.exit("the processes' weights differ after sharded steps")
+    sys.exit("the processes' weights or momentum differ after sharded steps")
 if error > 1e-6:
     sys.exit(f"sharded Muon differs from whole Muon by {error:.2e}")
 if rank == 0:
@@ -138,7 +139,8 @@ if rank == 0:
 def test_sharded_muon_is_the_whole_update_computed_once_across_processes(tmp_path):
     """3 gloo processes, 10 matrices in 3 batches (of 5, 4 and 1 matrices): each process
     orthogonalizes only its blocks (2+2+1, 2+2+0 and 1+0+0), every matrix exactly once, and
-    after 3 steps the weights equal the unsharded optimizer's and are identical on all."""
+    after 3 steps the weights equal the unsharded optimizer's, and weights and momentum are
+    identical on all (so rank 0's snapshot resumes every rank)."""
     script = tmp_path / "sharded_muon.py"
     script.write_text(SHARDED_MUON_SCRIPT)
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
