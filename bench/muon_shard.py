@@ -4,7 +4,8 @@
 One GPU cannot run the all-gather, so each process's share is timed alone: `pgolf_core.dist`
 is told it is rank r of W and its all-gather becomes a copy of the block into its own
 slot. The critical path of a sharded step is the largest share plus the all-gather of the
-blocks (bf16 on the GPU), whose bytes per process are reported, not timed. Gradients are
+blocks (bf16 on the GPU), whose bytes per process are reported, not timed. Each matrix's
+update, taken from the rank that owns it, is checked against the whole step's. Gradients are
 random (the step's cost does not depend on their values); the momentum buffers exist
 before timing, as after the first training step.
 
@@ -66,6 +67,32 @@ def as_rank(rank: int, world: int, received: list[int]):
         yield
 
 
+def owners(shapes: list[torch.Size], world: int) -> list[int]:
+    """The rank that orthogonalizes each matrix under `train.muon_shard`."""
+    owner = [0] * len(shapes)
+    for parts in newton_schulz_batches(shapes).values():
+        order = [i for _, members in parts for i in members]
+        per_rank = -(-len(order) // world)
+        for k, i in enumerate(order):
+            owner[i] = k // per_rank
+    return owner
+
+
+def sharded_error(matrices, make_muon, world: int) -> float:
+    """Largest relative difference between one step's update of each matrix computed by
+    the rank that owns it and by the whole optimizer, from the same weights and gradients."""
+    def updates(rank: int | None) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(p.detach().clone()) for p in matrices]
+        for q, p in zip(params, matrices):
+            q.grad = p.grad.clone()
+        with as_rank(rank, world, []) if rank is not None else contextlib.nullcontext():
+            make_muon(params, rank is not None).step()
+        return [p.detach() - q.detach() for q, p in zip(params, matrices)]
+    whole, owner = updates(None), owners([p.shape for p in matrices], world)
+    by_rank = [updates(rank) for rank in range(world)]
+    return max(float((by_rank[owner[i]][i] - u).norm() / u.norm()) for i, u in enumerate(whole))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
@@ -86,13 +113,17 @@ def main() -> None:
     for p in matrices:
         p.grad = torch.randn_like(p)
 
+    def make_muon(params, shard: bool) -> Muon:
+        return Muon(params, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
+                    ns_steps=cfg.ns_steps, ns_dtype=ns_dtype, ns_coefficients=cfg.ns_coefficients,
+                    row_normalize=cfg.muon_row_normalize, shard=shard)
+
     def muon(shard: bool) -> Muon:
-        opt = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                   ns_steps=cfg.ns_steps, ns_dtype=ns_dtype, ns_coefficients=cfg.ns_coefficients,
-                   row_normalize=cfg.muon_row_normalize, shard=shard)
+        opt = make_muon(matrices, shard)
         opt.step()  # momentum buffers, first-call work
         return opt
 
+    error = sharded_error(matrices, make_muon, args.world)
     whole = muon(shard=False)
     ms_whole = median_ms(whole.step, args.repeats, device)
     sharded, ms_rank, received = muon(shard=True), [], []
@@ -111,6 +142,7 @@ def main() -> None:
         "ms_share_per_rank": [round(ms, 3) for ms in ms_rank],
         "ms_share_max": round(max(ms_rank), 3),
         "saved_ms_before_gather": round(ms_whole - max(ms_rank), 3),
+        "rel_error_sharded_vs_whole": float(f"{error:.2e}"),
         "gather_bytes_received_per_process": bytes_in,
         "batches": {f"{small}x{big}": sum(len(members) for _, members in parts)
                     for (small, big), parts in newton_schulz_batches([p.shape for p in matrices]).items()},
