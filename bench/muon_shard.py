@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import json
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -29,24 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.timing import median_ms  # noqa: E402
 from pgolf_core import config, dist  # noqa: E402
 from pgolf_core.model import GPT  # noqa: E402
-from pgolf_core.optim import Muon, newton_schulz_batches, param_groups  # noqa: E402
+from pgolf_core.optim import Muon, newton_schulz_batches, param_groups, shard_block_size  # noqa: E402
 from pgolf_core.train import model_config  # noqa: E402
-
-
-def median_ms(fn, repeats: int, device: torch.device) -> float:
-    """Median milliseconds of `fn()`, synchronised around each call."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return sorted(times)[len(times) // 2]
 
 
 class Finished:
@@ -72,9 +58,8 @@ def owners(shapes: list[torch.Size], world: int) -> list[int]:
     owner = [0] * len(shapes)
     for parts in newton_schulz_batches(shapes).values():
         order = [i for _, members in parts for i in members]
-        per_rank = -(-len(order) // world)
         for k, i in enumerate(order):
-            owner[i] = k // per_rank
+            owner[i] = k // shard_block_size(len(order), world)
     return owner
 
 

@@ -1,13 +1,24 @@
-"""GPU timing shared by the benchmarks: CUDA events around each call, median of many."""
+"""Timing shared by the benchmarks: the median of many calls, by CUDA events on a GPU
+and by the host clock on a CPU (their smoke runs)."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
 
-def median_ms(fn, repeats: int = 20) -> float:
-    """Median milliseconds of `fn()` over `repeats` calls, each timed by CUDA events
-    (warm up before calling this: compilation and first-touch stay out)."""
+def median_ms(fn, repeats: int = 20, device: torch.device = torch.device("cuda")) -> float:
+    """Median milliseconds of `fn()` over `repeats` calls, each timed by CUDA events, or by
+    the host clock when `device` is a CPU (warm up before calling this: compilation and
+    first-touch stay out)."""
+    if device.type == "cpu":
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - start))
+        return sorted(times)[len(times) // 2]
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(repeats):

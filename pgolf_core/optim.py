@@ -64,6 +64,12 @@ def newton_schulz_batches(shapes: list[torch.Size]) -> dict[tuple[int, int], lis
     return batches
 
 
+def shard_block_size(count: int, world: int) -> int:
+    """Matrices per process when a batch of `count` is sharded over `world` processes:
+    process r orthogonalizes rows r·size .. (r+1)·size of the batch (the last ones fewer)."""
+    return -(-count // world)
+
+
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, optionally row-normalized (MuonEq-R), orthogonalized, scaled by
     √max(1, rows/cols); decoupled weight decay scaled by the current lr. Only for 2-D
@@ -118,8 +124,8 @@ class Muon(torch.optim.Optimizer):
         world, rank = (dist.world_size(), dist.rank()) if self.shard else (1, 0)
         pending = []
         for (small, big), parts in newton_schulz_batches([g.shape for g in grads]).items():
-            per_rank = -(-sum(len(members) for _, members in parts) // world)
-            mine = self._nesterov_block(parts, grads, bufs, mu, rank * per_rank, (rank + 1) * per_rank)
+            per_rank = shard_block_size(sum(len(members) for _, members in parts), world)
+            mine = self._nesterov_block(parts, grads, bufs, mu, rank * per_rank, (rank + 1) * per_rank, small, big)
             if world == 1:
                 pending.append((parts, orthogonalize(mine, ns_steps, self.ns_dtype, self.ns_coefficients), None, None))
                 continue
@@ -143,7 +149,7 @@ class Muon(torch.optim.Optimizer):
                     out[i] = update
         return out
 
-    def _nesterov_block(self, parts, grads, bufs, mu: float, lo: int, hi: int) -> torch.Tensor:
+    def _nesterov_block(self, parts, grads, bufs, mu: float, lo: int, hi: int, small: int, big: int) -> torch.Tensor:
         """Rows lo..hi of a batch (its shapes' members one after another), each g + μ·b,
         row-normalized with MuonEq-R, tall ones transposed, in the Newton–Schulz dtype;
         (0, small, big) when the range holds none."""
@@ -158,8 +164,7 @@ class Muon(torch.optim.Optimizer):
                 block = block / block.norm(dim=-1, keepdim=True).clamp_min(1e-7)
             blocks.append((block.mT if rows > cols else block).to(self.ns_dtype))
         if not blocks:
-            (rows, cols), _ = parts[0]
-            return grads[0].new_zeros(0, min(rows, cols), max(rows, cols), dtype=self.ns_dtype)
+            return grads[0].new_zeros(0, small, big, dtype=self.ns_dtype)
         return blocks[0] if len(blocks) == 1 else torch.cat(blocks)
 
 
