@@ -147,7 +147,9 @@ class TrainConfig:
     ns_steps: int = 5  # Newton-Schulz iterations
     ns_coefficients: str = "quintic"  # "quintic" or "polar_express" (per-iteration tuples)
     muon_row_normalize: bool = False  # MuonEq-R: unit rows before Newton-Schulz
-    muon_shard: bool = True  # under torchrun, each process orthogonalizes its share of the matrices (same update)
+    # under torchrun, each process orthogonalizes its share of the matrices (same update); off:
+    # on one H100 a share of 8 cost as much as the whole step (bench/results/muon_shard.json)
+    muon_shard: bool = False
     weight_decay: float = 0.0  # decoupled, Muon matrices
     embed_weight_decay: float = 0.0  # decoupled (AdamW), the embedding
     scalar_weight_decay: float = 0.0  # decoupled (AdamW), the vectors and gates

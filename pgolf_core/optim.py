@@ -104,7 +104,10 @@ class Muon(torch.optim.Optimizer):
                 continue
             lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
             grads = [p.grad for p in params]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad)) for p in params]
+            for p in params:  # not setdefault: it would build (and drop) a zero tensor every step
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
             updates = self._orthogonalized(grads, bufs, mu, group["ns_steps"])

@@ -54,6 +54,7 @@ def test_muon_shard_times_every_ranks_share_and_counts_the_gathered_bytes():
                         "--repeats", "1")
     assert result["batches"] == {"128x128": 8, "64x128": 8, "128x512": 8}
     assert len(result["ms_share_per_rank"]) == 3 and result["ms_share_max"] == max(result["ms_share_per_rank"])
+    assert result["host_ms_whole"] > 0 and result["host_ms_share_max"] > 0
     assert result["gather_bytes_received_per_process"] == 2 * 3 * (128 * 128 + 64 * 128 + 128 * 512) * 4
     assert result["rel_error_sharded_vs_whole"] < 1e-5  # float32: sub-batched matmuls round differently
 
@@ -76,6 +77,7 @@ def test_train_dev_run_smoke_run_on_cpu(tmp_path, embedded_docs):
                         "--micro-batch-seqs", "16", "--steps", "4", "--val-every", "2")
     assert result["steps"] == 4 and result["loop_switch_step"] is None  # the CPU profile has no recurrence
     assert result["val_tokens"] > 0 and 0 < result["val_bpb_prequant"] < 20
+    assert result["last_eval_before_ema"]["step"] == 4 and 0 < result["last_eval_before_ema"]["val_bpb"] < 20
 
 
 @functools.cache
