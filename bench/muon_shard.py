@@ -7,9 +7,13 @@ slot. The critical path of a sharded step is the largest share plus the all-gath
 blocks (bf16 on the GPU), whose bytes per process are reported, not timed. Each matrix's
 update, taken from the rank that owns it, is checked against the whole step's. Gradients are
 random (the step's cost does not depend on their values); the momentum buffers exist
-before timing, as after the first training step. `host_ms_*` is the time the host takes
-to queue a step's kernels: on 2026-11-24 an H100 took 5.6 ms for the whole step and as
-long for a share, and a host that launches no faster than that would explain both.
+before timing, as after the first training step.
+
+Three times per step. `ms_*` (CUDA events) is a step run alone, from an idle GPU.
+`host_ms_*` is the host's time to queue its kernels. `kernel_ms_*` (profiler) is the
+device's time inside them, which is what a step costs in training, where the host runs
+ahead of the GPU. On 2026-11-24 an H100 ran the whole step in 5.6 ms and a share in as
+long, which fits launches, not kernels, setting the time of a step run alone.
 
     python bench/muon_shard.py --profile profiles/record_8xh100.yaml
     python bench/muon_shard.py --profile profiles/cpu.yaml --device cpu --repeats 2   # smoke run
@@ -30,7 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.timing import host_ms, median_ms  # noqa: E402
+from bench.timing import host_ms, kernel_ms, median_ms  # noqa: E402
 from pgolf_core import config, dist  # noqa: E402
 from pgolf_core.model import GPT  # noqa: E402
 from pgolf_core.optim import Muon, newton_schulz_batches, param_groups, shard_block_size  # noqa: E402
@@ -113,7 +117,8 @@ def main() -> None:
     error = sharded_error(matrices, make_muon, args.world)
     whole = muon(shard=False)
     ms_whole, host_whole = median_ms(whole.step, args.repeats, device), host_ms(whole.step, args.repeats, device)
-    sharded, ms_rank, host_rank, received = muon(shard=True), [], [], []
+    kernel_whole = kernel_ms(whole.step, args.repeats, device)
+    sharded, ms_rank, host_rank, kernel_rank, received = muon(shard=True), [], [], [], []
     for rank in range(args.world):
         with as_rank(rank, args.world, received):
             sharded.step()  # warm
@@ -121,6 +126,7 @@ def main() -> None:
             ms_rank.append(median_ms(sharded.step, args.repeats, device))
             bytes_in = sum(received) // args.repeats  # the same on every rank: the blocks are padded to one size
             host_rank.append(host_ms(sharded.step, args.repeats, device))
+            kernel_rank.append(kernel_ms(sharded.step, args.repeats, device))
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -130,9 +136,14 @@ def main() -> None:
         "ms_share_per_rank": [round(ms, 3) for ms in ms_rank],
         "ms_share_max": round(max(ms_rank), 3),
         "saved_ms_before_gather": round(ms_whole - max(ms_rank), 3),
-        # the host's time to queue the step's kernels: near ms_whole means launch-bound
+        # the host's time to queue the step's kernels: near ms_whole means launch-bound alone
         "host_ms_whole": round(host_whole, 3),
         "host_ms_share_max": round(max(host_rank), 3),
+        # the device's time in the step's kernels: what it costs a training step, whose
+        # host runs ahead; the sharded path pays when whole - share_max beats the gather
+        "kernel_ms_whole": round(kernel_whole, 3),
+        "kernel_ms_share_max": round(max(kernel_rank), 3),
+        "kernel_ms_saved_before_gather": round(kernel_whole - max(kernel_rank), 3),
         "rel_error_sharded_vs_whole": float(f"{error:.2e}"),
         "gather_bytes_received_per_process": bytes_in,
         "batches": {f"{small}x{big}": sum(len(members) for _, members in parts)

@@ -1,6 +1,7 @@
 """Timing shared by the benchmarks: the median of many calls, by CUDA events on a GPU
-and by the host clock on a CPU (their smoke runs); and the host's own share of a call,
-which says whether launching the kernels, not running them, sets a GPU call's time."""
+and by the host clock on a CPU (their smoke runs); and the two parts of a call's time,
+the host's (queueing kernels) and the device's (running them), which say whether
+launches, not kernels, set a GPU call's time when it runs alone."""
 
 from __future__ import annotations
 
@@ -45,3 +46,24 @@ def host_ms(fn, repeats: int = 20, device: torch.device = torch.device("cuda")) 
     if device.type == "cuda":
         torch.cuda.synchronize()
     return sorted(times)[len(times) // 2]
+
+
+def kernel_ms(fn, repeats: int = 20, device: torch.device = torch.device("cuda")) -> float:
+    """Milliseconds per call of `fn()` spent inside kernels, by the profiler: what the call
+    costs a GPU whose queue the host keeps full, as in a training step, however long its
+    launches take. On a CPU, the operators' own time (Python between them left out)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+        if on_gpu:
+            torch.cuda.synchronize()
+    if on_gpu:  # kernel events carry the device time (as the profiler's own table sums it)
+        total_us = sum(e.self_device_time_total for e in prof.events()
+                       if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    else:
+        total_us = sum(e.self_cpu_time_total for e in prof.events())
+    return total_us / repeats / 1000

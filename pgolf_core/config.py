@@ -147,8 +147,8 @@ class TrainConfig:
     ns_steps: int = 5  # Newton-Schulz iterations
     ns_coefficients: str = "quintic"  # "quintic" or "polar_express" (per-iteration tuples)
     muon_row_normalize: bool = False  # MuonEq-R: unit rows before Newton-Schulz
-    # under torchrun, each process orthogonalizes its share of the matrices (same update); off:
-    # on one H100 a share of 8 cost as much as the whole step (bench/results/muon_shard.json)
+    # under torchrun, each process orthogonalizes its share of the matrices (same update); off
+    # until bench/muon_shard.py shows a share's kernels save more than the all-gather costs
     muon_shard: bool = False
     weight_decay: float = 0.0  # decoupled, Muon matrices
     embed_weight_decay: float = 0.0  # decoupled (AdamW), the embedding
