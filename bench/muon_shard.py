@@ -114,19 +114,21 @@ def main() -> None:
         opt.step()  # momentum buffers, first-call work
         return opt
 
+    def timed(opt: Muon) -> tuple[float, float, float]:
+        """A step's time run alone, its host's queueing time, and its kernels' time (ms)."""
+        return tuple(time_fn(opt.step, args.repeats, device) for time_fn in (median_ms, host_ms, kernel_ms))
+
     error = sharded_error(matrices, make_muon, args.world)
-    whole = muon(shard=False)
-    ms_whole, host_whole = median_ms(whole.step, args.repeats, device), host_ms(whole.step, args.repeats, device)
-    kernel_whole = kernel_ms(whole.step, args.repeats, device)
-    sharded, ms_rank, host_rank, kernel_rank, received = muon(shard=True), [], [], [], []
+    ms_whole, host_whole, kernel_whole = timed(muon(shard=False))
+    sharded, received = muon(shard=True), []
+    by_rank = []  # (ms, host_ms, kernel_ms) per rank
     for rank in range(args.world):
         with as_rank(rank, args.world, received):
-            sharded.step()  # warm
             received.clear()
-            ms_rank.append(median_ms(sharded.step, args.repeats, device))
-            bytes_in = sum(received) // args.repeats  # the same on every rank: the blocks are padded to one size
-            host_rank.append(host_ms(sharded.step, args.repeats, device))
-            kernel_rank.append(kernel_ms(sharded.step, args.repeats, device))
+            sharded.step()  # warm
+            bytes_in = sum(received)  # one step's; the same on every rank (the blocks are padded to one size)
+            by_rank.append(timed(sharded))
+    ms_rank, host_rank, kernel_rank = (list(times) for times in zip(*by_rank))
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

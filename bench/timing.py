@@ -15,12 +15,7 @@ def median_ms(fn, repeats: int = 20, device: torch.device = torch.device("cuda")
     the host clock when `device` is a CPU (warm up before calling this: compilation and
     first-touch stay out)."""
     if device.type == "cpu":
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(1000 * (time.perf_counter() - start))
-        return sorted(times)[len(times) // 2]
+        return host_ms(fn, repeats, device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(repeats):
