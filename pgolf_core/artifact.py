@@ -7,11 +7,12 @@ with whichever configured codec is smallest for it. Everything needed to rebuild
 model is inside (the model config travels in the header), and any flipped, missing or
 extra byte is rejected before a single weight is used.
 
-Byte layout (little-endian), format version 1:
+Byte layout (little-endian), format version 2 (version 1, RTN at one width for every
+matrix, is refused with a message: re-run the quantize stage):
 
     offset  size  field
     0       8     magic b"PGOLFART"
-    8       2     uint16 format version (1)
+    8       2     uint16 format version (2)
     10      8     uint64 total artifact length in bytes, digest included
     18      4     uint32 H = length of the compressed header
     22      H     header: zlib-9 compressed UTF-8 JSON (below)
@@ -19,7 +20,9 @@ Byte layout (little-endian), format version 1:
     end-32  32    sha256 of every byte before it (prefix, header, payloads)
 
 Header JSON:
-    {"method": "rtn", "model_config": {...},
+    {"method": "rtn" | "gptq", "model_config": {...},
+     "bits_per_category": {"embedding": 7, "attention": 6, ...} (every integer tensor of a
+                          category has its width; checked on reading),
      "groups":  [{"name", "codec" (id, see compress.CODEC_IDS), "raw_bytes",
                   "stored_bytes", "crc32" (of the uncompressed payload)}, ...],
      "tensors": [{"name", "kind" ("int8" | "fp16"), "shape", "dtype" (original), "group",
@@ -39,7 +42,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import struct
 import zlib
 from pathlib import Path
@@ -53,32 +55,22 @@ from pgolf_core.checkpoint import build_model
 from pgolf_core.compress import codec_id, codec_name, compress_smallest, decompress
 from pgolf_core.io import write_bytes_atomic
 from pgolf_core.model import GPT, ModelConfig
-from pgolf_core.quant import KINDS, QuantizedModel, QuantizedTensor, dequantize
+from pgolf_core.quant import CATEGORIES, KINDS, QuantizedModel, QuantizedTensor, category_of, dequantize
 from pgolf_core.quant.rtn import qmax_for
 
 MAGIC = b"PGOLFART"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-category widths (bits_per_category), GPTQ or RTN integers
 PREFIX = struct.Struct("<8sHQI")  # magic, version, total length, header length
 DIGEST_BYTES = 32  # sha256
-GROUP_PATTERNS = (  # first match wins; int8 tensors matching none go to "other"
-    ("embedding", r"(^|\.)(tok_emb|lm_head)\."),
-    ("attention", r"\.attn\."),
-    ("mlp", r"\.mlp\."),
-)
 PASSTHROUGH_GROUP = "passthrough"  # every fp16 tensor, whatever its name
-GROUP_ORDER = ("embedding", "attention", "mlp", "other", PASSTHROUGH_GROUP)
+GROUP_ORDER = (*CATEGORIES, PASSTHROUGH_GROUP)
 REFERENCE_FORMAT = "pgolf-quant-reference-1"
 _NP_DTYPES = {"int8": np.dtype("i1"), "fp16": np.dtype("<f2")}
 
 
 def group_of(name: str, kind: str) -> str:
-    """The storage group of a tensor: fp16 -> "passthrough", int8 by name (GROUP_PATTERNS)."""
-    if kind == "fp16":
-        return PASSTHROUGH_GROUP
-    for group, pattern in GROUP_PATTERNS:
-        if re.search(pattern, name):
-            return group
-    return "other"
+    """The storage group of a tensor: fp16 -> "passthrough", int8 by its category."""
+    return PASSTHROUGH_GROUP if kind == "fp16" else category_of(name)
 
 
 def pack_artifact(qm: QuantizedModel, model_config: dict, compressors) -> tuple[bytes, dict]:
@@ -88,13 +80,15 @@ def pack_artifact(qm: QuantizedModel, model_config: dict, compressors) -> tuple[
     bytes_per_group (compressed), raw_bytes_per_group and compressor_per_group.
     """
     payloads, index = _layout(qm)
+    bits = _bits_per_category(qm)
     groups, blobs = [], []
     for group, raw in payloads.items():
         codec, blob = compress_smallest(raw, compressors)
         groups.append({"name": group, "codec": codec_id(codec), "raw_bytes": len(raw),
                        "stored_bytes": len(blob), "crc32": zlib.crc32(raw)})
         blobs.append(blob)
-    header = {"method": qm.method, "model_config": model_config, "groups": groups, "tensors": index}
+    header = {"method": qm.method, "model_config": model_config, "bits_per_category": bits,
+              "groups": groups, "tensors": index}
     header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     total = PREFIX.size + len(header_bytes) + sum(map(len, blobs)) + DIGEST_BYTES
     body = PREFIX.pack(MAGIC, FORMAT_VERSION, total, len(header_bytes)) + header_bytes + b"".join(blobs)
@@ -125,6 +119,9 @@ def unpack_artifact(blob: bytes) -> tuple[QuantizedModel, dict]:
                 raise ValueError(f"tensor {name!r} appears twice in the index")
             tensors[name] = _read_tensor(entry, raws)
         _check_tiling(header["tensors"], raws)
+        declared = header["bits_per_category"]
+        if _bits_per_category(QuantizedModel(tensors=tensors, method="")) != declared:
+            raise ValueError(f"tensor widths do not match the header's bits_per_category {declared}")
         return QuantizedModel(tensors=tensors, method=header["method"]), header["model_config"]
     except (KeyError, TypeError, IndexError) as e:
         raise ValueError(f"artifact header is malformed: {type(e).__name__}: {e}") from e
@@ -133,6 +130,17 @@ def unpack_artifact(blob: bytes) -> tuple[QuantizedModel, dict]:
 def read_header(blob: bytes) -> dict:
     """The artifact's JSON header (after the length and checksum checks), payloads untouched."""
     return _open(blob)[0]
+
+
+def _bits_per_category(qm: QuantizedModel) -> dict[str, int]:
+    """The one integer width of each category present; two widths in a category is an error."""
+    bits: dict[str, int] = {}
+    for name, t in qm.tensors.items():
+        if t.kind == "int8":
+            category = category_of(name)
+            if bits.setdefault(category, t.bits) != t.bits:
+                raise ValueError(f"category {category!r} mixes widths {bits[category]} and {t.bits} ({name!r})")
+    return bits
 
 
 def write_reference(path: str | Path, qm: QuantizedModel) -> None:
@@ -236,6 +244,9 @@ def _open(blob: bytes) -> tuple[dict, memoryview]:
         raise ValueError(f"artifact truncated: {len(blob)} bytes, shorter than the fixed "
                          f"{PREFIX.size + DIGEST_BYTES}-byte prefix and digest")
     _, version, total, header_len = PREFIX.unpack_from(blob)
+    if version == 1:
+        raise ValueError("artifact format version 1 (one RTN width for every matrix) was written by an older "
+                         f"pgolf; this one reads version {FORMAT_VERSION}: re-run the quantize stage")
     if version != FORMAT_VERSION:
         raise ValueError(f"unsupported artifact format version {version}, expected {FORMAT_VERSION}")
     if len(blob) != total:

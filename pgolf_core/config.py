@@ -20,6 +20,42 @@ EVAL_MODES = ("nonoverlap", "sliding")
 TOKENIZE_SOURCES = ("embedded", "jsonl", "docs_cache", "published")
 COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA-graph modes: the host already runs ahead of the GPU
+QUANT_METHODS = ("rtn", "gptq")
+CLIP_METHODS = ("percentile", "sdclip")
+CHALLENGE_ARTIFACT_BYTES = 16_000_000  # the challenge's cap, decimal, code included: a params value may only lower it
+
+
+@dataclass(frozen=True, kw_only=True)
+class CategoryBits:
+    """Integer width per weight category (`quant.category_of`): the records spend more
+    bits where a rounding error costs more (int7/int8 tied embedding, int6 matrices;
+    #1453: int7 attention, int5 MLP)."""
+
+    attention: int = 8
+    mlp: int = 8
+    embedding: int = 8
+    other: int = 8  # matrices of no named category (value embeddings, their projection)
+
+    def __post_init__(self):
+        for name in ("attention", "mlp", "embedding", "other"):
+            if getattr(self, name) not in (5, 6, 7, 8):
+                raise ValueError(f"quantize.bits.{name}={getattr(self, name)}: must be 5, 6, 7 or 8")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CategoryClip:
+    """SDClip's k per category: a row's clip is k standard deviations (TECHNIQUES §4.2;
+    the 04-27 record's values as defaults). Larger k, coarser grid, fewer bytes."""
+
+    attention: float = 13.0
+    mlp: float = 11.5
+    embedding: float = 14.0
+    other: float = 12.85  # the single k of the 04-05 record's matrices
+
+    def __post_init__(self):
+        for name in ("attention", "mlp", "embedding", "other"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"quantize.sdclip_k.{name}={getattr(self, name)}: must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +170,7 @@ class TrainConfig:
     schedule: str = "steps"  # "steps" (comparable across machines) or "wallclock" (fills the cap)
     max_wallclock_seconds: float = 0.0  # hard cap on timed training (0 = none; 600 in the challenge)
     calib_reserve_seconds: float = 0.0  # of the cap, kept for GPTQ calibration (counts in the budget)
+    calib_batches: int = 8  # GPTQ Hessians: batches of micro_batch_seqs x seq_len train tokens per process, read after training (0 = none)
     warmup_steps: int = 0  # linear LR warm-up
     warmdown_frac: float = 0.4  # final fraction of the run with LR decaying linearly
     min_lr_frac: float = 0.0  # LR floor as a fraction of the peak
@@ -201,6 +238,8 @@ class TrainConfig:
             raise ValueError(f"train.calib_reserve_seconds={self.calib_reserve_seconds} leaves no training time "
                              f"in train.max_wallclock_seconds={self.max_wallclock_seconds}")
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        if self.calib_batches < 0:
+            raise ValueError(f"train.calib_batches={self.calib_batches}: must be >= 0 (0 collects no Hessians)")
         _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
         if self.schedule == "wallclock" and self.max_wallclock_seconds <= 0:
             raise ValueError("train.schedule 'wallclock' needs train.max_wallclock_seconds > 0")
@@ -222,16 +261,25 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig:
-    bits: int = 8  # symmetric per-row integer grid: +-(2**(bits-1) - 1)
-    clip_percentile: float = 99.99  # per-row |w| percentile that sets the scale (100 = max)
+    method: str = "rtn"  # "rtn" (round to nearest) or "gptq" (full-Hessian, needs train.calib_batches > 0)
+    clip: str = "percentile"  # per-row scale: "percentile" of |w| or "sdclip" (k * std of the row)
+    clip_percentile: float = 99.99  # clip "percentile": the |w| percentile that sets the scale (100 = max)
+    sdclip_k: CategoryClip = field(default_factory=CategoryClip)  # clip "sdclip": k per category
+    bits: CategoryBits = field(default_factory=CategoryBits)  # integer width per category
+    damp: float = 0.01  # gptq: added to H's diagonal, as a fraction of its mean
+    block_size: int = 128  # gptq: columns quantized per block before the error goes on to the rest
+    act_order: bool = True  # gptq: columns in order of decreasing H_jj (the most sensitive first)
     passthrough_max_numel: int = 4096  # tensors this small (and all 1-D) stay fp16
     compressors: list = field(default_factory=lambda: list(COMPRESSORS))  # the smallest wins
 
     def __post_init__(self):
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"quantize.bits={self.bits}: must lie in [2, 8] (int8 storage)")
+        _choice("quantize.method", self.method, QUANT_METHODS)
+        _choice("quantize.clip", self.clip, CLIP_METHODS)
         if not 50.0 < self.clip_percentile <= 100.0:
             raise ValueError(f"quantize.clip_percentile={self.clip_percentile}: must lie in (50, 100]")
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"quantize.damp={self.damp}: must lie in [0, 1)")
+        _positive("quantize.block_size", self.block_size)
         if not self.compressors:
             raise ValueError("quantize.compressors is empty: name at least one of " + ", ".join(COMPRESSORS))
         for name in self.compressors:
@@ -240,12 +288,19 @@ class QuantizeConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class VerifyConfig:
-    max_artifact_bytes: int = 16_000_000  # decimal, code included
+    max_artifact_bytes: int = CHALLENGE_ARTIFACT_BYTES  # decimal, code included; may be lowered, never raised
     time_budget_seconds: float = 600.0  # train + calibration must fit
+    max_quant_damage: float = 0.0  # fail when val_bpb_roundtrip - val_bpb_float exceeds this (0 = no check)
     batch_seqs: int = 32  # sequences per evaluation forward pass
     seq_len: int = 256  # evaluation sequence length of the round-trip check
 
     def __post_init__(self):
+        if not 0 < self.max_artifact_bytes <= CHALLENGE_ARTIFACT_BYTES:
+            raise ValueError(f"verify.max_artifact_bytes={self.max_artifact_bytes}: must lie in "
+                             f"(0, {CHALLENGE_ARTIFACT_BYTES:,}]: the challenge's cap may be lowered, never raised, "
+                             "so that fits_16mb means what it says")
+        if self.max_quant_damage < 0:
+            raise ValueError(f"verify.max_quant_damage={self.max_quant_damage}: must be >= 0 (0 = no check)")
         _positive("verify.batch_seqs", self.batch_seqs)
         _positive("verify.seq_len", self.seq_len)
 
@@ -298,14 +353,20 @@ def load_section(path: str | Path, section: str):
 
 def build_section(section: str, values: dict):
     """Validate `values` against the section's dataclass and build it."""
-    cls = SECTIONS[section]
+    return _build(section, SECTIONS[section], values)
+
+
+def _build(prefix: str, cls: type, values):
+    """`cls` from a mapping, nested dataclass fields from nested mappings; errors carry the
+    dotted key (`quantize.bits.mlp`)."""
     if not isinstance(values, dict):
-        raise ValueError(f"params section {section!r} must be a mapping, found {values!r}")
+        raise ValueError(f"params {prefix!r} must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}, "
+                         f"found {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in values.items():
         if key not in fields:
-            raise ValueError(f"unknown params key {section}.{key}{_nearest(key, fields)}")
-        values = {**values, key: _coerce(f"{section}.{key}", value, fields[key], cls)}
+            raise ValueError(f"unknown params key {prefix}.{key}{_nearest(key, fields)}")
+        values = {**values, key: _coerce(f"{prefix}.{key}", value, fields[key], cls)}
     return cls(**values)
 
 
@@ -332,6 +393,8 @@ def to_dict(config) -> dict:
 
 def _coerce(key: str, value, fld: dataclasses.Field, cls: type):
     expected = typing.get_type_hints(cls)[fld.name]
+    if dataclasses.is_dataclass(expected):
+        return _build(key, expected, value)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is bool and not isinstance(value, bool):
@@ -384,8 +447,16 @@ def read_profile(path: str | Path) -> dict:
     for section, overrides in values.items():
         if section not in SECTIONS:
             raise ValueError(f"{path}: unknown section {section!r}{_nearest(section, SECTIONS)}")
-        merged[section] = {**merged.get(section, {}), **(overrides or {})}
+        merged[section] = merge_nested(merged.get(section, {}), overrides or {})
     return merged
+
+
+def merge_nested(base: dict, overrides: dict) -> dict:
+    """`overrides` on `base`, nested mappings merged key by key (a profile may set one category)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge_nested(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def apply_profile(profile: str | Path, params_path: str | Path) -> dict:

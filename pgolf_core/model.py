@@ -173,6 +173,7 @@ class GPT(nn.Module):
         self.looping = cfg.num_loops > 0  # the trainer switches it on part-way; evaluation runs looped
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.head_input = nn.Identity()  # the output head's normalised input, where GPTQ calibration hooks in
         num_skips = max(min(len(e), len(d)) for e, d in (layer_sequence(cfg, False), layer_sequence(cfg, True)))
         if cfg.unet_skips:
             self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
@@ -244,7 +245,7 @@ class GPT(nn.Module):
             v0 = v if v0 is None else v0
         if lanes is not None:
             x = self._merge_lanes(lanes)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight)
+        logits = F.linear(self.head_input(rms_norm(x)), self.tok_emb.weight)
         cap = self.cfg.logit_softcap
         if targets is None:
             return softcap(logits, cap)

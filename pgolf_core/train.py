@@ -48,6 +48,9 @@ class TrainResult:
     seed: int
     stopped_by: str  # "iterations" or "wallclock"
     graphs_compiled_in_run: int  # torch.compile graphs built after the warm-up, inside the timed run (0 expected)
+    calib_seconds: float  # GPTQ calibration after training, same launch: counts in the training budget
+    train_plus_calib_seconds: float
+    within_budget: bool  # train + calibration <= max_wallclock_seconds (true when there is no cap)
 
 
 def run_warnings(cfg: TrainConfig, result: TrainResult) -> list[str]:
@@ -56,6 +59,11 @@ def run_warnings(cfg: TrainConfig, result: TrainResult) -> list[str]:
     if cfg.schedule == "steps" and result.stopped_by == "wallclock":
         warnings.append(f"the {cfg.max_wallclock_seconds:.0f} s wall-clock cap stopped a step-scheduled run at step "
                         f"{result.steps} of {cfg.iterations}: its metrics depend on this machine's speed and load")
+    if not result.within_budget:
+        warnings.append(f"train + calibration took {result.train_plus_calib_seconds:.1f} s > the "
+                        f"{cfg.max_wallclock_seconds:.0f} s budget: calibration ({result.calib_seconds:.1f} s) "
+                        f"overran train.calib_reserve_seconds={cfg.calib_reserve_seconds}; raise the reserve "
+                        "or lower train.calib_batches")
     if result.graphs_compiled_in_run:
         warnings.append(f"torch.compile built {result.graphs_compiled_in_run} graph(s) inside the timed run "
                         "(a guard the warm-up missed): their compile time counted against the wall clock")
@@ -91,14 +99,16 @@ class Stopwatch:
 
 def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndarray, val_bytes: np.ndarray,
           device: torch.device, log: Callable[[int, dict], None] | None = None,
-          snapshots: Snapshots | None = None) -> TrainResult:
+          snapshots: Snapshots | None = None, calibrate: Callable[[GPT], None] | None = None) -> TrainResult:
     """Train `model` in place, leave the EMA weights in it, and report. `val_bytes` are the
     byte counts per val position (`bpb.val_byte_counts`). Every `log_every` steps (and
     only then: it is the loop's one host sync) the ranks agree on the elapsed time, the
     cap is checked and `log(step, metrics)` receives loss, lr, throughput and the loop
     state; it also receives val_bpb every `val_every` steps (clock paused). With
     `snapshots`, the run resumes from a snapshot of itself if one exists, and saves one
-    every `snapshot_every` steps (clock paused)."""
+    every `snapshot_every` steps (clock paused). `calibrate(model)` (GPTQ's Hessians) runs
+    on the final weights right after training, before any evaluation, timed on its own
+    clock: it reads training data, so its seconds count in the training budget."""
     world, rank = dist.world_size(), dist.rank()
     seqs_per_step = cfg.batch_tokens // cfg.seq_len
     if seqs_per_step % world:
@@ -171,7 +181,8 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
                                         [opt.state_dict() for opt in optimizers], ema))
             dist.barrier()
             clock.resume()
-        if log and (done or at_val):
+        # With calibration to follow, no evaluation comes between the end of training and it.
+        if log and (at_val or done) and not (done and calibrate is not None):
             clock.pause()
             bpb, _ = val_bpb(model, val_tokens[:val_end], val_bytes[:val_end], window=cfg.seq_len, stride=cfg.seq_len,
                              batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype)
@@ -191,9 +202,19 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     if ema is not None:
         model.load_state_dict(dict(zip(model.state_dict().keys(), ema)))
     model.looping = model.cfg.num_loops > 0  # evaluation runs the model as it ended training
+    calib_seconds = 0.0
+    if calibrate is not None:
+        _sync(device)
+        calib_start = time.perf_counter()
+        calibrate(model)
+        _sync(device)
+        calib_seconds = float(dist.all_reduce_max(
+            torch.tensor([time.perf_counter() - calib_start], dtype=torch.float64)).item())
     final_bpb, _ = val_bpb(model, val_tokens, val_bytes, window=cfg.seq_len, stride=cfg.seq_len,
                            batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype,
                            progress=dist.is_main())
+    if log and calibrate is not None:
+        log(step, {"val_bpb": final_bpb})  # the saved (EMA) weights, scored after calibration
     return TrainResult(
         steps=step, train_seconds=elapsed, tokens_per_second=step * cfg.batch_tokens / max(elapsed, 1e-9),
         tokens_per_second_per_gpu=step * cfg.batch_tokens / max(elapsed, 1e-9) / world,
@@ -201,6 +222,8 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         peak_mem_mib=_peak_mem_mib(device), world_size=world, seed=cfg.seed,
         stopped_by="iterations" if step >= cfg.iterations else "wallclock",
         graphs_compiled_in_run=compiled_graphs() - graphs_before_run,
+        calib_seconds=calib_seconds, train_plus_calib_seconds=elapsed + calib_seconds,
+        within_budget=cfg.max_wallclock_seconds <= 0 or elapsed + calib_seconds <= cfg.max_wallclock_seconds,
     )
 
 

@@ -1,4 +1,6 @@
-"""Stage `train`: shards + tokenizer -> model weights (EMA) and DVCLive metrics.
+"""Stage `train`: shards + tokenizer -> model weights (EMA), GPTQ's Hessians (collected
+right after training in the same launch, `train.calib_batches` batches per process) and
+DVCLive metrics.
 
 Runs as one process or under `torchrun --nproc_per_node=N -m stages.train ...`.
 """
@@ -10,7 +12,7 @@ from pathlib import Path
 
 from dvclive import Live
 
-from pgolf_core import checkpoint, config, data, dist, fused_ce, fused_mlp, io, kernels, resume, tokenizer
+from pgolf_core import calibration, checkpoint, config, data, dist, fused_ce, fused_mlp, io, kernels, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
 from pgolf_core.train import model_config, run_warnings, select_kernels, set_seed, train
@@ -22,6 +24,8 @@ def main() -> None:
     parser.add_argument("--shards", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True, help="model file (.safetensors)")
+    parser.add_argument("--hessians", type=Path, required=True,
+                        help="GPTQ Hessians (.safetensors); written empty of tensors when train.calib_batches is 0")
     parser.add_argument("--metrics", type=Path, required=True, help="DVCLive folder")
     parser.add_argument("--snapshots", type=Path, default=None,
                         help="folder for resumable snapshots (train.snapshot_every); not a DVC output")
@@ -62,9 +66,21 @@ def main() -> None:
     if args.snapshots and cfg.snapshot_every:  # every rank needs the run's fingerprint
         inputs = input_hashes()
         snapshots = resume.Snapshots(args.snapshots, resume.fingerprint(cfg, inputs, dist.world_size()))
-    result = train(cfg, model, stream, val_tokens, val_bytes, device, log, snapshots)
+    collected = []
+
+    def calibrate(trained: GPT) -> None:
+        collected.append(calibration.collect_hessians(trained, stream, cfg.calib_batches, cfg.micro_batch_seqs,
+                                                      cfg.seq_len, device, dist.autocast_dtype(device)))
+
+    result = train(cfg, model, stream, val_tokens, val_bytes, device, log, snapshots,
+                   calibrate=calibrate if cfg.calib_batches else None)
     if live:
         checkpoint.save_model(args.out, model)
+        calib = collected[0] if collected else calibration.Calibration({}, {}, {}, {}, 0, 0.0)
+        calibration.save_hessians(args.hessians, calib, {"device": str(device), "world_size": str(dist.world_size())})
+        if collected:
+            print(f"train: Hessians of {len(calib.hessians)} weights from {calib.tokens:,} train tokens per process "
+                  f"in {result.calib_seconds:.2f} s -> {args.hessians}")
         if snapshots:
             snapshots.remove()  # the run is complete: nothing left to resume
         summary = {**dataclasses.asdict(result), "num_params": num_params,
@@ -74,7 +90,7 @@ def main() -> None:
         live.end()
         print(f"train: {result.steps} steps in {result.train_seconds:.1f} s "
               f"({result.tokens_per_second:,.0f} tok/s, {result.tokens_per_second_per_gpu:,.0f} per process), "
-              f"val_bpb_prequant {result.val_bpb_prequant:.4f}, "
+              f"+ calibration {result.calib_seconds:.2f} s, val_bpb_prequant {result.val_bpb_prequant:.4f}, "
               f"stage {time.perf_counter() - start:.1f} s")
         for warning in run_warnings(cfg, result):
             print(f"train: WARNING: {warning}")

@@ -12,7 +12,7 @@ from pgolf_core.artifact import (
     read_reference, unpack_artifact, write_reference,
 )
 from pgolf_core.compress import CODEC_IDS
-from pgolf_core.config import QuantizeConfig
+from pgolf_core.config import CategoryBits, QuantizeConfig
 from pgolf_core.quant import QuantizedModel, QuantizedTensor, dequantize
 from pgolf_core.quant.rtn import quantize_rtn
 
@@ -35,7 +35,7 @@ def _state(seed=0):
 
 @pytest.fixture(scope="module")
 def qm():
-    return quantize_rtn(_state(), QuantizeConfig(bits=6, clip_percentile=99.9, passthrough_max_numel=200))
+    return quantize_rtn(_state(), QuantizeConfig(bits=CategoryBits(attention=6, mlp=6, embedding=6, other=6), clip_percentile=99.9, passthrough_max_numel=200))
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,13 @@ def test_flipped_byte_in_named_places_is_rejected(packed):
         unpack_artifact(_flip(blob, 0))
     with pytest.raises(ValueError, match="unsupported artifact format version"):
         unpack_artifact(_flip(blob, 8))
+
+
+def test_an_old_version_artifact_is_refused_with_a_message(packed):
+    blob = bytearray(packed[0])
+    blob[8:10] = (1).to_bytes(2, "little")
+    with pytest.raises(ValueError, match="format version 1 .* re-run the quantize stage"):
+        unpack_artifact(bytes(blob))
 
 
 def test_every_flipped_byte_is_rejected(packed):

@@ -84,9 +84,13 @@ def test_full_run_writes_every_metric(repo):
     assert metrics["ngrams.json"]["val_bpb_unigram"] > metrics["ngrams.json"]["val_bpb_bigram"]
     assert train["steps"] == 4 and {"train_seconds", "tokens_per_second", "ms_per_step", "val_bpb_prequant",
                                     "peak_mem_mib", "world_size", "seed"} <= set(train)
+    assert train["calib_seconds"] > 0 and train["within_budget"]
+    assert train["train_plus_calib_seconds"] == pytest.approx(train["train_seconds"] + train["calib_seconds"])
     verify = metrics["verify.json"]
     assert verify["fits_16mb"] and verify["roundtrip_exact"] and verify["broken_rules"] == []
     assert verify["artifact_bytes"] == verify["code_bytes"] + verify["model_bytes"]
+    assert verify["quant_damage"] == pytest.approx(verify["val_bpb_roundtrip"] - verify["val_bpb_float"], abs=1e-12)
+    assert verify["val_bpb_float"] == pytest.approx(train["val_bpb_prequant"], rel=1e-6)  # same weights, same windows
     assert "pgolf_core/model.py" in verify["code_files"] and "pgolf_core/train.py" not in verify["code_files"]
     ev = metrics["eval.json"]
     assert ev["val_bpb"] == ev["val_bpb_sliding"] and ev["tokens_scored"] == metrics["tokenize.json"]["val"]["tokens"] - 1
@@ -103,6 +107,31 @@ def test_second_repro_reruns_nothing(repo):
 def test_train_change_reruns_train_and_what_follows(repo):
     set_params(repo, "train", matrix_lr=0.03)
     assert ran_stages(dvc(repo, "repro").stdout) == {"train", "quantize", "verify", "evaluate"}
+
+
+def test_gptq_reruns_quantize_and_after_and_never_retrains(repo):
+    set_params(repo, "quantize", method="gptq", clip="sdclip")
+    assert ran_stages(dvc(repo, "repro").stdout) == {"quantize", "verify", "evaluate"}
+    quant = json.loads((repo / "metrics/quantize.json").read_text())
+    verify = json.loads((repo / "metrics/verify.json").read_text())
+    assert quant["method"] == "gptq" and verify["roundtrip_exact"] and verify["broken_rules"] == []
+    set_params(repo, "quantize", method="rtn", clip="percentile")
+    dvc(repo, "repro")
+
+
+def test_gptq_without_hessians_is_refused_naming_the_key(repo, tmp_path):
+    from pgolf_core import calibration
+
+    calibration.save_hessians(tmp_path / "none.safetensors", calibration.Calibration({}, {}, {}, {}, 0, 0.0))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["quantize"].update(method="gptq")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = run(repo, sys.executable, "-m", "stages.quantize", "--params", str(tmp_path / "params.yaml"),
+              "--model", "data/train/model.safetensors", "--hessians", str(tmp_path / "none.safetensors"),
+              "--out", str(tmp_path / "artifact"), "--reference", str(tmp_path / "ref.safetensors"),
+              "--metrics", str(tmp_path / "q.json"), check=False)
+    assert out.returncode != 0 and "train.calib_batches > 0" in out.stderr
+    assert not (tmp_path / "artifact").exists() and not (tmp_path / "q.json").exists()
 
 
 def test_evaluate_change_reruns_only_evaluate(repo):
@@ -132,8 +161,8 @@ def test_unknown_params_key_fails_the_stage_and_names_it(repo):
 
 def _verify(repo, artifact_dir, reference="data/quant/reference.safetensors", params="params.yaml"):
     return run(repo, sys.executable, "-m", "stages.verify", "--params", params, "--artifact", str(artifact_dir),
-               "--reference", reference, "--shards", "data/shards", "--tokenizer", "data/tokenizer",
-               "--train-metrics", "metrics/train/metrics.json", "--quant-metrics", "metrics/quantize.json",
+               "--reference", reference, "--model", "data/train/model.safetensors", "--shards", "data/shards",
+               "--tokenizer", "data/tokenizer", "--train-metrics", "metrics/train/metrics.json",
                "--metrics", str(artifact_dir / "verify.json"), check=False)
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pgolf_core.config import QuantizeConfig
+from pgolf_core.config import CategoryBits, QuantizeConfig
 from pgolf_core.quant import dequantize
 from pgolf_core.quant.rtn import qmax_for, quantize_matrix, quantize_rtn, row_clip, row_scales
 
@@ -43,7 +43,7 @@ def test_scales_are_fp16_and_dequant_uses_them_exactly():
     assert torch.equal(scale.float().half(), scale)  # round trips: fp16-representable
     ideal = row_clip(w, 99.9) / qmax_for(6)
     assert ((scale.float() - ideal).abs() <= ideal * 2**-10).all()  # nearest fp16
-    qm = quantize_rtn({"m": w}, QuantizeConfig(bits=6, clip_percentile=99.9, passthrough_max_numel=16))
+    qm = quantize_rtn({"m": w}, QuantizeConfig(bits=CategoryBits(attention=6, mlp=6, embedding=6, other=6), clip_percentile=99.9, passthrough_max_numel=16))
     assert torch.equal(dequantize(qm)["m"], q.float() * scale.float()[:, None])
 
 

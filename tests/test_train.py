@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pgolf_core import config, data, resume, tokenizer
+from pgolf_core import calibration, config, data, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
 from pgolf_core.train import compile_model, model_config, run_warnings, train
@@ -195,7 +195,8 @@ def torchrun_train(tmp_path, name: str, nproc: int, train_params: dict, shards, 
     params.write_text(yaml.safe_dump({"train": train_params}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stages.train", "--params", str(params), "--shards", str(shards), "--tokenizer", str(tokenizer_dir),
-           "--out", str(out / "model.safetensors"), "--metrics", str(out / "metrics"), *extra]
+           "--out", str(out / "model.safetensors"), "--hessians", str(out / "hessians.safetensors"),
+           "--metrics", str(out / "metrics"), *extra]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**_env(), **(env or {})})
     assert run.returncode == 0, run.stderr[-3000:]
     with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:
@@ -216,6 +217,8 @@ def test_torchrun_two_processes_match_one(tmp_path, shards, tiny_tokenizer_dir):
         summary = json.loads((out / "metrics" / "metrics.json").read_text())
         assert summary["world_size"] == nproc
         assert summary["tokens_per_second_per_gpu"] == pytest.approx(summary["tokens_per_second"] / nproc)
+        assert summary["calib_seconds"] > 0  # every rank collects its own; rank 0's are written
+        assert "blocks.0.mlp.down.weight" in calibration.load_hessians(out / "hessians.safetensors")
     assert len(curves[1]) == len(curves[2]) == 5
     np.testing.assert_allclose(curves[2], curves[1], rtol=1e-4)
 

@@ -1,18 +1,35 @@
 """Quantized weights: the container every quantizer returns and the artifact stores.
 
-Quantizers (RTN now, GPTQ later) differ only in how they choose the integers; they all
-hand back a `QuantizedModel`, so packing, the reference file and the exact round-trip
-check never depend on which one ran. Dequantization lives here for the same reason.
-Each quantizer is its own module (`quant.rtn`, later `quant.gptq`), imported by name.
+Quantizers (`quant.rtn`, `quant.gptq`) differ only in how they choose the integers; they
+all hand back a `QuantizedModel`, so packing, the reference file and the exact round-trip
+check never depend on which one ran. Dequantization lives here for the same reason, and
+so does the one rule that puts a weight in a category (its width, its clip, its storage
+group in the artifact).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 KINDS = ("int8", "fp16")  # per-row integers with fp16 scales, or fp16 passthrough
+CATEGORY_PATTERNS = (  # first match wins; a matrix matching none is "other"
+    ("embedding", r"(^|\.)(tok_emb|lm_head)\."),
+    ("attention", r"\.attn\."),
+    ("mlp", r"\.mlp\."),
+)
+CATEGORIES = ("embedding", "attention", "mlp", "other")
+
+
+def category_of(name: str) -> str:
+    """The category of a weight by its parameter name: "embedding" (the tied embedding,
+    which is also the output head), "attention", "mlp" or "other"."""
+    for category, pattern in CATEGORY_PATTERNS:
+        if re.search(pattern, name):
+            return category
+    return "other"
 
 
 @dataclass(frozen=True, kw_only=True)

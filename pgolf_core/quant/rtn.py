@@ -1,10 +1,12 @@
-"""Per-row symmetric round-to-nearest (RTN) quantization with percentile clipping.
+"""Per-row symmetric round-to-nearest (RTN) quantization, and the grid every quantizer shares.
 
-The baseline every smarter quantizer is measured against, and the grid they share:
-one fp16 scale per output row, integers in +-(2**(bits-1) - 1). The scale is rounded
-to fp16 *before* the integers are computed, so `q * scale` in the artifact reproduces
-exactly what was measured here. `row_scales` and `quantize_rows` are public so GPTQ can
-use the same grid.
+RTN is the baseline every smarter quantizer is measured against. The grid: one fp16
+scale per output row, integers in +-(2**(bits-1) - 1), the width per weight category.
+The row's clip is a percentile of |w| or SDClip's k standard deviations (#1394: the
+compressed size of a Gaussian row tracks b - log2 k, so k, not the width, is the knob
+that fills the byte budget). The scale is rounded to fp16 *before* the integers are
+computed, so `q * scale` in the artifact reproduces exactly what was measured here.
+`row_grid` is public so GPTQ quantizes on exactly the grid RTN would use.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from pgolf_core.config import QuantizeConfig
-from pgolf_core.quant import QuantizedModel, QuantizedTensor
+from pgolf_core.quant import QuantizedModel, QuantizedTensor, category_of
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -38,6 +40,21 @@ def row_clip(w: torch.Tensor, clip_percentile: float) -> torch.Tensor:
     hi = min(lo + 1, s.shape[1] - 1)
     frac = pos - lo
     return s[:, lo] * (1.0 - frac) + s[:, hi] * frac
+
+
+def sdclip(w: torch.Tensor, k: float) -> torch.Tensor:
+    """Per-row clip value (rows,) float32: k times the row's standard deviation (unbiased,
+    as torch.std). A constant row (std 0) falls back to its max |w|, so a nonzero constant
+    keeps its value instead of collapsing to zero."""
+    w = w.float()
+    std = w.std(dim=1) if w.shape[1] > 1 else torch.zeros(w.shape[0])
+    return torch.where(std > 0, k * std, w.abs().amax(dim=1))
+
+
+def row_grid(w: torch.Tensor, bits: int, cfg: QuantizeConfig, k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clip float32 (rows,), fp16 scale (rows,)) of a matrix: the grid RTN and GPTQ share."""
+    clip = sdclip(w, k) if cfg.clip == "sdclip" else row_clip(w, cfg.clip_percentile)
+    return clip, row_scales(clip, bits)
 
 
 def row_scales(clip: torch.Tensor, bits: int) -> torch.Tensor:
@@ -71,7 +88,7 @@ def quantize_rows(w: torch.Tensor, scale: torch.Tensor, clip: torch.Tensor, bits
 
 
 def quantize_matrix(w: torch.Tensor, bits: int, clip_percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RTN of one 2-D matrix (rows, cols) -> (q int8 (rows, cols), scale fp16 (rows,))."""
+    """RTN of one 2-D matrix (rows, cols) with a percentile clip -> (q int8, scale fp16 (rows,))."""
     clip = row_clip(w, clip_percentile)
     scale = row_scales(clip, bits)
     return quantize_rows(w, scale, clip, bits), scale
@@ -82,28 +99,40 @@ def is_quantized(t: torch.Tensor, passthrough_max_numel: int) -> bool:
     return t.ndim == 2 and t.numel() > passthrough_max_numel
 
 
+def quantize_state(state: dict[str, torch.Tensor], cfg: QuantizeConfig, method: str, quantize_one) -> QuantizedModel:
+    """The loop every quantizer shares: check each tensor, route it (integers or fp16
+    passthrough), give an integer matrix its category's width and grid (`row_grid`), and
+    let `quantize_one(name, w, bits, clip, scale)` choose its integers."""
+    out: dict[str, QuantizedTensor] = {}
+    for name, t in state.items():
+        check_tensor(name, t)
+        shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
+        if is_quantized(t, cfg.passthrough_max_numel):
+            category = category_of(name)
+            bits = getattr(cfg.bits, category)
+            try:
+                clip, scale = row_grid(t, bits, cfg, getattr(cfg.sdclip_k, category))
+            except ValueError as e:
+                raise ValueError(f"tensor {name!r}: {e}") from e
+            q = quantize_one(name, t, bits, clip, scale)
+            out[name] = QuantizedTensor(shape=shape, dtype=dtype, bits=bits, q=q, scale=scale)
+        else:
+            out[name] = QuantizedTensor(shape=shape, dtype=dtype, data=_to_fp16(name, t))
+    return QuantizedModel(tensors=out, method=method)
+
+
 def quantize_rtn(state: dict[str, torch.Tensor], cfg: QuantizeConfig) -> QuantizedModel:
-    """Quantize a state dict: large 2-D float tensors -> int8 per row, the rest -> fp16.
+    """Quantize a state dict: large 2-D float tensors -> integers per row (rounded to the
+    nearest grid point), the rest -> fp16.
 
     Raises ValueError naming the tensor for non-float or non-finite values, or a
     passthrough value beyond the fp16 range.
     """
-    out: dict[str, QuantizedTensor] = {}
-    for name, t in state.items():
-        _check_tensor(name, t)
-        shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
-        if is_quantized(t, cfg.passthrough_max_numel):
-            try:
-                q, scale = quantize_matrix(t, cfg.bits, cfg.clip_percentile)
-            except ValueError as e:
-                raise ValueError(f"tensor {name!r}: {e}") from e
-            out[name] = QuantizedTensor(shape=shape, dtype=dtype, bits=cfg.bits, q=q, scale=scale)
-        else:
-            out[name] = QuantizedTensor(shape=shape, dtype=dtype, data=_to_fp16(name, t))
-    return QuantizedModel(tensors=out, method="rtn")
+    return quantize_state(state, cfg, "rtn", lambda name, w, bits, clip, scale: quantize_rows(w, scale, clip, bits))
 
 
-def _check_tensor(name: str, t: torch.Tensor) -> None:
+def check_tensor(name: str, t: torch.Tensor) -> None:
+    """Refuses, naming the tensor, weights that are not floating point or not finite."""
     if not t.is_floating_point():
         raise ValueError(f"tensor {name!r}: expected a floating-point tensor, found {t.dtype}")
     bad = (~torch.isfinite(t)).sum().item()

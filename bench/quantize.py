@@ -1,0 +1,175 @@
+"""Quantization damage and bytes of a profile's model: RTN against GPTQ on the same grid.
+
+Trains the profile's model once on the dev corpus (`../shared/data/build_dev_corpus.py`;
+the first 250 documents are validation) at a small batch for at most one epoch, with the
+EMA off so the saved weights are the trained ones, collects GPTQ's Hessians right after
+training as the train stage does (`calib_batches` batches of the profile's micro-batch,
+so `calib_seconds` is the time one rank of the profile's run would spend), saves model
+and Hessians, then quantizes the same weights with RTN and with GPTQ using the profile's
+SDClip scales and widths: the difference between the two is GPTQ's error propagation
+alone. Each is packed as the quantize stage packs it and scored as verify scores it
+(non-overlapping windows of the profile's verify.seq_len), with sliding windows too
+unless --no-sliding. These are dev-corpus figures, not FineWeb's.
+
+    python -m bench.quantize --profile profiles/record_1xh100.yaml --workdir data/dev_run --steps 70
+
+Writes bench/results/quantize.json (GPU runs; `--out` elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.train_dev_run import prepare
+from pgolf_core import calibration, checkpoint, codesize, config, data, dist, tokenizer
+from pgolf_core.artifact import load_model, pack_artifact
+from pgolf_core.bpb import val_byte_counts
+from pgolf_core.eval.sliding import val_bpb
+from pgolf_core.model import GPT
+from pgolf_core.quant.gptq import quantize_gptq
+from pgolf_core.quant.rtn import quantize_rtn
+from pgolf_core.train import model_config, set_seed, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at most this many bytes
+
+
+def train_once(cfg: config.TrainConfig, shards: Path, sp, device, calib_seqs: int, work: Path) -> dict:
+    """Train, collect Hessians in the same run, save both under `work`; the run's figures."""
+    set_seed(cfg.seed)
+    model = GPT(model_config(cfg, sp.vocab_size())).to(device)
+    stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
+    val = data.load_split(shards, "val", sp.vocab_size())
+    collected = []
+
+    def calibrate(trained: GPT) -> None:
+        collected.append(calibration.collect_hessians(trained, stream, cfg.calib_batches, calib_seqs, cfg.seq_len,
+                                                      device, dist.autocast_dtype(device)))
+
+    result = train(cfg, model, stream, val, val_byte_counts(sp, shards, val), device, calibrate=calibrate)
+    checkpoint.save_model(work / "model.safetensors", model)
+    calibration.save_hessians(work / "hessians.safetensors", collected[0])
+    return {"steps": result.steps, "train_tokens": stream.num_tokens, "train_seconds": result.train_seconds,
+            "calib_seconds": result.calib_seconds, "calib_tokens": collected[0].tokens,
+            "num_params": sum(p.numel() for p in model.parameters())}
+
+
+def score(model, val, val_bytes, device, window: int, stride: int, batch_seqs: int) -> float:
+    bpb, _ = val_bpb(model.to(device), val, val_bytes, window=window, stride=stride, batch_seqs=batch_seqs,
+                     device=device, autocast_dtype=dist.autocast_dtype(device), progress=True)
+    return bpb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="profiles/record_1xh100.yaml")
+    parser.add_argument("--corpus", default="data/dev_corpus/docs.jsonl")
+    parser.add_argument("--workdir", default=None, help="keeps tokenizer, shards, model and Hessians between runs")
+    parser.add_argument("--batch-tokens", type=int, default=131072)
+    parser.add_argument("--steps", type=int, default=70, help="capped at one epoch of the corpus")
+    parser.add_argument("--micro-batch-seqs", type=int, default=32)
+    parser.add_argument("--reuse", action="store_true", help="quantize the model and Hessians already in --workdir")
+    parser.add_argument("--no-sliding", action="store_true", help="score non-overlapping windows only")
+    parser.add_argument("--val-tokens", type=int, default=0, help="score only the first N val tokens (0 = all; CPU smoke runs)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a quantize key")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
+    args = parser.parse_args()
+
+    overrides = config.read_profile(args.profile)
+    tok_cfg = config.build_section("tokenize", overrides.get("tokenize", {}))
+    profile_train = config.build_section("train", overrides.get("train", {}))
+    quant_cfg = config.build_section("quantize", config.merge_nested(overrides.get("quantize", {}),
+                                                                 _nested(config.parse_assignments(args.set))))
+    verify_cfg = config.build_section("verify", overrides.get("verify", {}))
+    eval_cfg = config.build_section("evaluate", overrides.get("evaluate", {}))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="pgolf-quantize-"))
+    shards, tok_dir = prepare(work, Path(args.corpus), tok_cfg.vocab_size)
+    sp = tokenizer.load_tokenizer(tok_dir)
+    epoch_steps = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size()).num_tokens // args.batch_tokens
+    cfg = config.build_section("train", {
+        **overrides.get("train", {}), "batch_tokens": args.batch_tokens, "iterations": min(args.steps, epoch_steps),
+        "schedule": "steps", "max_wallclock_seconds": 0.0, "calib_reserve_seconds": 0.0, "ema_decay": 0.0,
+        "val_every": 0, "val_tokens": 0, "log_every": 10, "micro_batch_seqs": args.micro_batch_seqs,
+        "compile": False, "snapshot_every": 0})
+    device = dist.select_device(cfg.device if torch.cuda.is_available() else "cpu")
+    run = None if args.reuse else train_once(cfg, shards, sp, device, profile_train.micro_batch_seqs, work)
+
+    state, mcfg = checkpoint.read_model_file(work / "model.safetensors")
+    hessians = calibration.load_hessians(work / "hessians.safetensors")
+    val = data.load_split(shards, "val", sp.vocab_size())
+    val_bytes = val_byte_counts(sp, shards, val)
+    if args.val_tokens:
+        val, val_bytes = val[: args.val_tokens], val_bytes[: args.val_tokens]
+    windows = {"": (verify_cfg.seq_len, verify_cfg.seq_len)}
+    if not args.no_sliding:
+        windows["_sliding"] = (eval_cfg.seq_len, eval_cfg.stride)
+    code_bytes, _ = codesize.code_bytes()
+    record = {"val_tokens": int(len(val)), **(run or {})}
+    float_model = checkpoint.build_model(state, mcfg)
+    for suffix, (window, stride) in windows.items():
+        record[f"val_bpb_float{suffix}"] = score(float_model, val, val_bytes, device, window, stride,
+                                                 verify_cfg.batch_seqs)
+    for method in ("rtn", "gptq"):
+        start = time.perf_counter()
+        qm = quantize_gptq(state, hessians, quant_cfg, device) if method == "gptq" else quantize_rtn(state, quant_cfg)
+        record[f"{method}_seconds"] = time.perf_counter() - start
+        blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), quant_cfg.compressors)
+        record[f"model_bytes_{method}"] = report["model_bytes"]
+        record[f"bytes_per_group_{method}"] = report["bytes_per_group"]
+        path = work / f"model_{method}.bin"
+        path.write_bytes(blob)
+        model = load_model(path)
+        for suffix, (window, stride) in windows.items():
+            bpb = score(model, val, val_bytes, device, window, stride, verify_cfg.batch_seqs)
+            record[f"val_bpb_{method}{suffix}"] = bpb
+            record[f"damage_{method}{suffix}"] = bpb - record[f"val_bpb_float{suffix}"]
+    record.update({
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m bench.quantize", *sys.argv[1:]]),
+        "git_commit": _git_commit(), "corpus": args.corpus + " (dev corpus, not FineWeb)",
+        "code_bytes": code_bytes,
+        "artifact_bytes_gptq": record["model_bytes_gptq"] + code_bytes,
+        "fits_target_gptq": record["model_bytes_gptq"] + code_bytes <= TARGET_ARTIFACT_BYTES,
+        "gptq_damage_over_rtn": record["damage_gptq"] / record["damage_rtn"] if record["damage_rtn"] else None,
+        "gptq_seconds": record["gptq_seconds"],
+        "calib_reserve_seconds_of_profile": profile_train.calib_reserve_seconds,
+        "params": {"profile": args.profile, "quantize": dataclasses.asdict(quant_cfg), "train_steps": cfg.iterations,
+                   "batch_tokens": cfg.batch_tokens, "calib_batches": cfg.calib_batches,
+                   "calib_seqs": profile_train.micro_batch_seqs, "seq_len": cfg.seq_len, "ema_decay": 0.0},
+    })
+    print(json.dumps(record))
+    if device.type == "cuda" or args.out != parser.get_default("out"):
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _nested(flat: dict) -> dict:
+    """{"bits.mlp": 5} -> {"bits": {"mlp": 5}} (dotted keys as `dvc exp run -S` writes them)."""
+    out: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _git_commit() -> str | None:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return out.stdout.strip() or None
+
+
+if __name__ == "__main__":
+    main()
