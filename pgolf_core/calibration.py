@@ -81,7 +81,8 @@ def collect_hessians(model: GPT, stream: TokenStream, batches: int, seqs: int, s
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             if sums[name] is None:
                 sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            sums[name].addmm_(x.t(), x)
+            with torch.autocast(x.device.type, enabled=False):  # the forward's autocast must not round XᵀX to bf16
+                sums[name].addmm_(x.t(), x)
             rows[name] += x.shape[0]
             calls[name] += 1
         return hook
