@@ -103,6 +103,7 @@ def main() -> None:
         "compile": False, "snapshot_every": 0})
     device = dist.select_device(cfg.device if torch.cuda.is_available() else "cpu")
     run = None if args.reuse else train_once(cfg, shards, sp, device, profile_train.micro_batch_seqs, work)
+    print(f"quantize bench: trained {run}", flush=True)
 
     state, mcfg = checkpoint.read_model_file(work / "model.safetensors")
     hessians = calibration.load_hessians(work / "hessians.safetensors")
@@ -133,6 +134,8 @@ def main() -> None:
             bpb = score(model, val, val_bytes, device, window, stride, verify_cfg.batch_seqs)
             record[f"val_bpb_{method}{suffix}"] = bpb
             record[f"damage_{method}{suffix}"] = bpb - record[f"val_bpb_float{suffix}"]
+            print(f"quantize bench: {method}{suffix} val_bpb {bpb:.5f} (float {record[f'val_bpb_float{suffix}']:.5f}), "
+                  f"{record[f'model_bytes_{method}']:,} bytes, {record[f'{method}_seconds']:.1f} s", flush=True)
     record.update({
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
