@@ -52,3 +52,26 @@ def test_assignments_read_as_yaml_and_keys_are_checked_by_the_section():
         config.parse_assignments(["matrix_lr"])
     with pytest.raises(ValueError, match="did you mean 'matrix_lr'"):
         config.build_section("train", config.parse_assignments(["matrx_lr=0.1"]))
+
+
+def test_artifact_cap_may_be_lowered_never_raised():
+    assert config.build_section("verify", {"max_artifact_bytes": 15_950_000}).max_artifact_bytes == 15_950_000
+    for bad in (16_000_001, 17_000_000, 0):
+        with pytest.raises(ValueError, match=f"verify.max_artifact_bytes={bad}: must lie in \\(0, 16,000,000\\]"):
+            config.build_section("verify", {"max_artifact_bytes": bad})
+
+
+def test_nested_quantize_keys_build_check_and_merge(tmp_path):
+    cfg = config.load_section(write(tmp_path, {"quantize": {"bits": {"mlp": 5}, "sdclip_k": {"embedding": 20}}}),
+                              "quantize")
+    assert (cfg.bits.mlp, cfg.bits.attention, cfg.sdclip_k.embedding) == (5, 8, 20.0)
+    with pytest.raises(ValueError, match="params 'quantize.bits' must be a mapping of attention, mlp"):
+        config.build_section("quantize", {"bits": 6})  # the old single width
+    with pytest.raises(ValueError, match="unknown params key quantize.bits.mlpp \\(did you mean 'mlp'\\?\\)"):
+        config.build_section("quantize", {"bits": {"mlpp": 6}})
+    with pytest.raises(ValueError, match="quantize.bits.attention=4: must be 5, 6, 7 or 8"):
+        config.build_section("quantize", {"bits": {"attention": 4}})
+    with pytest.raises(ValueError, match="quantize.method='awq'"):
+        config.build_section("quantize", {"method": "awq"})
+    base = {"quantize": {"bits": {"mlp": 6, "attention": 6}}}
+    assert config.merge_nested(base, {"quantize": {"bits": {"mlp": 5}}}) == {"quantize": {"bits": {"mlp": 5, "attention": 6}}}
