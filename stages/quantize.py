@@ -10,7 +10,7 @@ from pathlib import Path
 from pgolf_core.artifact import pack_artifact, write_reference
 from pgolf_core.checkpoint import read_model_file
 from pgolf_core.config import load_section
-from pgolf_core.io import atomic_path, provenance, sha256_files, write_json_atomic
+from pgolf_core.io import atomic_path, sha256_files, write_stage_report
 from pgolf_core.quant.rtn import quantize_rtn
 
 
@@ -34,9 +34,8 @@ def quantize(params: Path, model: Path, out: Path, reference: Path, metrics: Pat
         "compressor_per_group": report["compressor_per_group"],
         "num_quantized_tensors": kinds.count("int8"),
         "num_passthrough_tensors": kinds.count("fp16"),
-        "provenance": provenance({"model": sha256_files([model])}),
     }
-    write_json_atomic(metrics, result)
+    write_stage_report(metrics, result, {"model": sha256_files([model])})
     return result
 
 

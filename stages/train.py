@@ -67,8 +67,8 @@ def main() -> None:
         checkpoint.save_model(args.out, model)
         if snapshots:
             snapshots.remove()  # the run is complete: nothing left to resume
-        summary = {**dataclasses.asdict(result), "num_params": num_params,
-                   "provenance": io.provenance(inputs or input_hashes())}
+        summary, labels = io.split_figures({**dataclasses.asdict(result), "num_params": num_params})
+        io.write_provenance(args.metrics, inputs or input_hashes(), labels=labels)
         live.summary = summary  # metrics.json = the final summary, not the last step's values
         live.make_summary()
         live.end()
