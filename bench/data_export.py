@@ -7,16 +7,14 @@ measures in fresh subprocesses (so peak RSS is each run's own):
   - the full export (read JSONL, encode, write shards) with 1 and 2 worker processes.
 Prints one JSON line and writes bench/results/data_export.json.
 
-    python bench/data_export.py --source data/dev_corpus/docs.jsonl --input-mb 1024
+    python -m bench.data_export --source data/dev_corpus/docs.jsonl --input-mb 1024
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -24,18 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+from bench.header import RESULTS, header
 
 
 def build_input(source: str, target_mb: float, out: Path) -> float:
@@ -86,7 +73,7 @@ def child_export(model: str, jsonl: str, workers: int, out_dir: str) -> dict:
 
 def run_child(*args: str) -> dict:
     """Run this script in child mode; its result plus the peak RSS of it and its workers."""
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "bench.data_export", "--child", *args], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
@@ -123,9 +110,7 @@ def main() -> None:
     sp_rate = sp["mb"] / sp["seconds"]
     rate = {w: r["mb"] / r["seconds"] for w, r in runs.items()}
     result = {
-        "device": cpu_name(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        **header(),
         "input_mb": round(input_mb, 1),
         "source": args.source,
         "vocab_size": args.vocab_size,
@@ -142,8 +127,8 @@ def main() -> None:
     }
     line = json.dumps(result)
     print(line)
-    (ROOT / "bench" / "results").mkdir(parents=True, exist_ok=True)
-    (ROOT / "bench" / "results" / "data_export.json").write_text(json.dumps(result, indent=2) + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "data_export.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

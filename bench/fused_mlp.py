@@ -10,27 +10,23 @@ epilogue. Both paths are checked against a float64 reference on the same inputs.
 The record step runs 8 micro-batches of 11 MLP passes (17 looped), so the step saving is
 about 88 (136) times the per-pass saving; `predicted_step_saving_ms` states that.
 
-    python bench/fused_mlp.py                                  # H100: times, errors, JSON
-    python bench/fused_mlp.py --device cpu --check-only        # CPU: the checks, interpreted
+    python -m bench.fused_mlp                                  # H100: times, errors, JSON
+    python -m bench.fused_mlp --device cpu --check-only        # CPU: the checks, interpreted
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.timing import median_ms  # noqa: E402
-from pgolf_core import fused_mlp  # noqa: E402
+from bench.header import RESULTS, header
+from bench.timing import median_ms
+from pgolf_core import fused_mlp
 
 SLOPE = 0.5
 PASSES_PER_STEP = {"unlooped": 8 * 11, "looped": 8 * 17}
@@ -52,7 +48,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--check-only", action="store_true", help="only the correctness checks (CPU: interpreted)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "fused_mlp.json"))
+    parser.add_argument("--out", default=str(RESULTS / "fused_mlp.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu":  # Triton runs on the CPU only interpreted, and without bfloat16
@@ -94,9 +90,7 @@ def main() -> None:
         ms = median_ms(lambda fn=fn: step(fn), args.repeats)
         rows[name].update(ms_fwd_bwd=round(ms, 3), tflops=round(12 * M * D * H / ms / 1e9, 1),
                           peak_mem_mib=round(torch.cuda.max_memory_allocated() / 2**20))
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "command": " ".join(["python", *sys.argv]),
+    result = {**header(device.type),
               "shape": {"tokens": M, "dim": D, "hidden": H}, "dtype": str(dtype).removeprefix("torch."),
               "torch": torch.__version__, "paths": rows}
     if not args.check_only:

@@ -1,26 +1,23 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the trainer in one device call. Carry data/dev_run, built on
-# any machine by `python bench/train_dev_run.py --workdir data/dev_run --prepare-only`.
-#   bash bench/gpu_session.sh [attention] [parts] [fusedmlp] [muon] [throughput] [A/B parts below] [dev]
+# Every GPU measurement of the trainer in one device call, run from the repository root.
+# Carry data/dev_run, built on any machine by
+# `python -m bench.train_dev_run --workdir data/dev_run --prepare-only`.
+#   bash bench/gpu_session.sh [fusedmlp] [muon] [throughput] [A/B parts below] [dev runs below]
 # (default: throughput dev, about 8 minutes cold: each compiles the record step for about
 # 200 s; dev runs last, so a slow compile cuts it, not the throughput figures). The
 # compile caches live in data/ (git-ignored), which a warm machine keeps between calls: a
-# later call recompiles only what changed. A/B parts, each against
-# `throughput`: plainloss (the loss), f32residual (the float32 residual stream),
-# tunekernels (Inductor's coordinate-descent tuning), autotune (max-autotune-no-cudagraphs:
-# a long compile, run it alone), expandable (the allocator's expandable segments),
-# fusedmlpstep (the fused Triton MLP, whose kernels `fusedmlp` times against cuBLAS),
-# fusedcestep (the Triton loss, which `parts` times alone against Inductor's),
-# mixorder (Inductor's mix-order reductions back on; the profiles turn them off: on
-# 2026-11-24 they made the looped step 3 % slower),
-# docmask against docmaskoff (document masking by FlexAttention on 1,000-token documents);
-# reference (the reference system of issue #4's targets, profiles/pr1477_8xh100.yaml:
-# its unlooped and run-average rates compare with the 850 K and 715 K its own script ran at);
-# dev runs: devdocmask and devf32residual against dev (quality of those two switches),
-# devfusedmlp and devfusedce (the fused MLP, the Triton loss end to end: same curve as dev, no recompiles).
-# Into $OUT (or bench/out): session.log (all output), each part's JSON result and the
-# throughput's two profiler tables; at most 8 files, the device tool's limit. Each part
-# has its own time limit, so a failure in one still leaves the others' results.
+# later call recompiles only what changed. A/B parts, each a train key set on the record
+# profile, against `throughput`: f32residual (the float32 residual stream), tunekernels
+# (Inductor's coordinate-descent tuning), autotune (max-autotune-no-cudagraphs: a long
+# compile, run it alone), expandable (the allocator's expandable segments), fusedmlpstep
+# (the fused Triton MLP, whose kernels `fusedmlp` times against cuBLAS), fusedcestep (the
+# Triton loss), mixorder (Inductor's mix-order reductions back on), docmask against
+# docmaskoff (document masking by FlexAttention on 1,000-token documents); reference
+# (profiles/pr1477_8xh100.yaml, the reference system of issue #4's targets). Dev runs:
+# devdocmask, devf32residual, devfusedmlp and devfusedce against dev (same curve, no
+# recompiles). Into $OUT (or bench/out): session.log (all output), each part's JSON
+# result and the throughput's two profiler tables; at most 8 files, the device tool's
+# limit. Each part has its own time limit, so a failure in one still leaves the others'.
 set -u
 OUT=${OUT:-bench/out}
 PARTS=${*:-throughput dev}
@@ -42,18 +39,15 @@ part() {
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 RECORD=profiles/record_8xh100.yaml
-part attention attention_kernels.json 200 python3 bench/attention_kernels.py
-part parts step_parts.json 120 python3 bench/step_parts.py
-part fusedmlp fused_mlp.json 200 python3 bench/fused_mlp.py
-part muon muon_shard.json 120 python3 bench/muon_shard.py --profile $RECORD  # the optimizer step, whole and one of 8 shares
-part throughput train_throughput.json 280 python3 bench/train_throughput.py --profile $RECORD --trace "$OUT/trace.txt"
-part reference train_throughput_pr1477.json 280 python3 bench/train_throughput.py \
+part fusedmlp fused_mlp.json 200 python3 -m bench.fused_mlp
+part muon muon_shard.json 120 python3 -m bench.muon_shard --profile $RECORD  # the optimizer step, whole and one of 8 shares
+part throughput train_throughput.json 280 python3 -m bench.train_throughput --profile $RECORD --trace "$OUT/trace.txt"
+part reference train_throughput_pr1477.json 280 python3 -m bench.train_throughput \
     --profile profiles/pr1477_8xh100.yaml --out bench/results/train_throughput_pr1477.json
-# ab NAME LIMIT ARGS...: an A/B run of train_throughput.py, its JSON named after the part
+# ab NAME LIMIT ARGS...: an A/B run of bench.train_throughput, its JSON named after the part
 ab() { local name=$1 limit=$2; shift 2
-    part "$name" "train_throughput_$name.json" "$limit" python3 bench/train_throughput.py --profile $RECORD \
+    part "$name" "train_throughput_$name.json" "$limit" python3 -m bench.train_throughput --profile $RECORD \
         --out "bench/results/train_throughput_$name.json" "$@"; }
-ab plainloss 280 --loss plain
 ab f32residual 280 --set low_precision_residual=false
 ab tunekernels 500 --set compile_tune_kernels=true
 ab docmask 300 --set doc_mask=true --doc-len 1000
@@ -63,12 +57,16 @@ ab fusedmlpstep 280 --set fused_mlp=true
 ab fusedcestep 280 --set fused_ce=true
 ab mixorder 280 --set compile_mix_order_reduction=true --trace "$OUT/trace_mixorder.txt"  # traces name the kernels
 part expandable train_throughput_expandable.json 280 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
-    python3 bench/train_throughput.py --profile $RECORD --out bench/results/train_throughput_expandable.json
+    python3 -m bench.train_throughput --profile $RECORD --out bench/results/train_throughput_expandable.json
 # dev NAME JSON ARGS...: the short real run on the dev corpus (75 steps of 131,072 tokens)
 dev() { local name=$1 json=$2; shift 2
-    part "$name" "$json" 300 python3 bench/train_dev_run.py --profile $RECORD --workdir data/dev_run \
+    part "$name" "$json" 300 python3 -m bench.train_dev_run --profile $RECORD --workdir data/dev_run \
         --batch-tokens 131072 --steps 75 --out "bench/results/$json" "$@"; }
 dev dev train_dev_run.json
+# quantize: the record-size model trained once on the dev corpus (EMA off, one epoch at most),
+# Hessians collected as one rank of the record run would, then RTN and GPTQ on the same grid
+part quantize quantize.json 420 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
+    --workdir data/dev_run --steps 75
 dev devdocmask train_dev_run_docmask.json --set doc_mask=true
 dev devf32residual train_dev_run_f32residual.json --set low_precision_residual=false
 dev devfusedmlp train_dev_run_fusedmlp.json --set fused_mlp=true

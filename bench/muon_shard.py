@@ -15,30 +15,26 @@ device's time inside them, which is what a step costs in training, where the hos
 ahead of the GPU. On 2026-11-24 an H100 ran the whole step in 5.6 ms and a share in as
 long, which fits launches, not kernels, setting the time of a step run alone.
 
-    python bench/muon_shard.py --profile profiles/record_8xh100.yaml
-    python bench/muon_shard.py --profile profiles/cpu.yaml --device cpu --repeats 2   # smoke run
+    python -m bench.muon_shard --profile profiles/record_8xh100.yaml
+    python -m bench.muon_shard --profile profiles/cpu.yaml --device cpu --repeats 2   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import sys
 from pathlib import Path
 from unittest import mock
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench.timing import host_ms, kernel_ms, median_ms  # noqa: E402
-from pgolf_core import config, dist  # noqa: E402
-from pgolf_core.model import GPT  # noqa: E402
-from pgolf_core.optim import Muon, newton_schulz_batches, param_groups, shard_block_size  # noqa: E402
-from pgolf_core.train import model_config  # noqa: E402
+from bench.header import RESULTS, header
+from bench.timing import host_ms, kernel_ms, median_ms
+from pgolf_core import config, dist
+from pgolf_core.model import GPT
+from pgolf_core.optim import Muon, newton_schulz_batches, param_groups, shard_block_size
+from pgolf_core.train import model_config
 
 
 class Finished:
@@ -90,7 +86,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--world", type=int, default=8, help="processes the step is sharded over")
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "muon_shard.json"),
+    parser.add_argument("--out", default=str(RESULTS / "muon_shard.json"),
                         help="where a GPU run writes its JSON")
     args = parser.parse_args()
 
@@ -130,9 +126,7 @@ def main() -> None:
             by_rank.append(timed(sharded))
     ms_rank, host_rank, kernel_rank = (list(times) for times in zip(*by_rank))
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+        **header(device.type),
         "world": args.world,
         "ms_whole": round(ms_whole, 3),
         "ms_share_per_rank": [round(ms, 3) for ms in ms_rank],

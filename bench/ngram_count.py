@@ -8,29 +8,25 @@ top table) plus the derivation of the bigram and unigram tables, generation excl
 The 2-process figure runs two such processes at once, each on half the tokens (the
 `ngrams.num_workers: 2` case; merging their tables is not timed).
 
-    python bench/ngram_count.py                 # 1e9 tokens, vocab 8192, 8 buckets/token
-    python bench/ngram_count.py --tokens 1e8    # quicker
+    python -m bench.ngram_count                 # 1e9 tokens, vocab 8192, 8 buckets/token
+    python -m bench.ngram_count --tokens 1e8    # quicker
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import multiprocessing
 import os
 import resource
-import shlex
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
+from bench.header import RESULTS, header
 from pgolf_core import ngram_count, ngrams
 
-RESULTS = Path(__file__).resolve().parent / "results" / "ngram_count.json"
 BOS = 1
 ZIPF_EXPONENT = 1.1
 LUT_BITS = 20  # Zipf sampling by table lookup: 2**20 slots, each a token id
@@ -112,13 +108,6 @@ def count(num_tokens: int, vocab_size: int, buckets: int, chunk_tokens: int, see
     }
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=float, default=1e9, help="synthetic tokens counted per run")
@@ -132,9 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()[0]
     single = count(num_tokens, *config, seed=1, save=True)
     result = {
-        "device": cpu_model(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join(["python", "bench/ngram_count.py", *sys.argv[1:]]),
+        **header(),
         "tokens_per_second": single["tokens_per_second"],
         "peak_rss_mib": single["peak_rss_mib"],
         "tokens": num_tokens,
@@ -159,8 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["load_average_1min"] = [load_before, os.getloadavg()[0]]  # other work on the machine, before/after
     line = json.dumps(result)
     print(line)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(line + "\n")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "ngram_count.json").write_text(line + "\n")
     return result
 
 

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench.header import RESULTS, header
 from bench.train_dev_run import prepare
 from pgolf_core import calibration, checkpoint, codesize, config, data, dist, tokenizer
 from pgolf_core.artifact import load_model, pack_artifact
@@ -38,15 +36,15 @@ from pgolf_core.eval.sliding import val_bpb
 from pgolf_core.model import GPT
 from pgolf_core.quant.gptq import quantize_gptq
 from pgolf_core.quant.rtn import quantize_rtn
-from pgolf_core.train import model_config, set_seed, train
+from pgolf_core.train import model_config, select_kernels, set_seed, train
 
-ROOT = Path(__file__).resolve().parents[1]
 TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at most this many bytes
 
 
 def train_once(cfg: config.TrainConfig, shards: Path, sp, device, calib_seqs: int, work: Path) -> dict:
     """Train, collect Hessians in the same run, save both under `work`; the run's figures."""
     set_seed(cfg.seed)
+    select_kernels(cfg)
     model = GPT(model_config(cfg, sp.vocab_size())).to(device)
     stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
     val = data.load_split(shards, "val", sp.vocab_size())
@@ -82,7 +80,7 @@ def main() -> None:
     parser.add_argument("--no-sliding", action="store_true", help="score non-overlapping windows only")
     parser.add_argument("--val-tokens", type=int, default=0, help="score only the first N val tokens (0 = all; CPU smoke runs)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a quantize key")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
+    parser.add_argument("--out", default=str(RESULTS / "quantize.json"))
     args = parser.parse_args()
 
     overrides = config.read_profile(args.profile)
@@ -136,11 +134,9 @@ def main() -> None:
             record[f"damage_{method}{suffix}"] = bpb - record[f"val_bpb_float{suffix}"]
             print(f"quantize bench: {method}{suffix} val_bpb {bpb:.5f} (float {record[f'val_bpb_float{suffix}']:.5f}), "
                   f"{record[f'model_bytes_{method}']:,} bytes, {record[f'{method}_seconds']:.1f} s", flush=True)
+    record = {**header(device.type), **record}
     record.update({
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m bench.quantize", *sys.argv[1:]]),
-        "git_commit": _git_commit(), "corpus": args.corpus + " (dev corpus, not FineWeb)",
+        "corpus": args.corpus + " (dev corpus, not FineWeb)",
         "code_bytes": code_bytes,
         "artifact_bytes_gptq": record["model_bytes_gptq"] + code_bytes,
         "fits_target_gptq": record["model_bytes_gptq"] + code_bytes <= TARGET_ARTIFACT_BYTES,
@@ -167,11 +163,6 @@ def _nested(flat: dict) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
-
-
-def _git_commit() -> str | None:
-    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() or None
 
 
 if __name__ == "__main__":

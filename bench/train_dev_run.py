@@ -11,28 +11,23 @@ decay of 0.9965, 75 steps leave 0.9965^75 = 77 % of their weight there, so compa
 `last_eval_before_ema`, the curve's last val_bpb of the trained weights.
 Writes bench/results/train_dev_run.json (GPU runs).
 
-    python bench/train_dev_run.py --profile profiles/record_8xh100.yaml --batch-tokens 131072 --steps 75
+    python -m bench.train_dev_run --profile profiles/record_8xh100.yaml --batch-tokens 131072 --steps 75
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pgolf_core import config, corpus, data, dist, export, fused_ce, fused_mlp, kernels, tokenizer  # noqa: E402
-from pgolf_core.bpb import val_byte_counts  # noqa: E402
-from pgolf_core.model import GPT  # noqa: E402
-from pgolf_core.train import model_config, select_kernels, set_seed, train  # noqa: E402
+from bench.header import RESULTS, header
+from pgolf_core import config, corpus, data, dist, export, fused_ce, fused_mlp, kernels, tokenizer
+from pgolf_core.bpb import val_byte_counts
+from pgolf_core.model import GPT
+from pgolf_core.train import model_config, select_kernels, set_seed, train
 
 
 def prepare(work: Path, corpus_path: Path, vocab_size: int) -> tuple[Path, Path]:
@@ -61,7 +56,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a train key of the profile (A/B runs), e.g. --set doc_mask=true")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_dev_run.json"),
+    parser.add_argument("--out", default=str(RESULTS / "train_dev_run.json"),
                         help="where a GPU run writes its JSON")
     parser.add_argument("--prepare-only", action="store_true",
                         help="only build tokenizer and shards in --workdir (CPU; carry them to the GPU)")
@@ -96,9 +91,7 @@ def main() -> None:
 
     result = train(cfg, model, stream, val, val_byte_counts(sp, shards, val), device, log)
     record = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+        **header(device.type),
         "corpus": args.corpus, "train_tokens": stream.num_tokens, "val_tokens": int(len(val)),
         "steps": result.steps, "tokens_per_second": round(result.tokens_per_second),
         "val_bpb_prequant": result.val_bpb_prequant,  # the EMA's weights: on a short run, near the init

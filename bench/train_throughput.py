@@ -2,7 +2,9 @@
 
 Builds the model and optimizers exactly as the train stage does (`pgolf_core.train`),
 compiles it, warms up both loop states (so neither recompiles while timed), then times
-full optimizer steps of the profile's global batch with the recurrence off and on.
+full optimizer steps of the profile's global batch with the recurrence off and on. It
+sets no process-wide switch the trainer does not (float32 matmuls keep PyTorch's default
+precision, no TF32, as in training): an A/B is a train key of the profile, `--set KEY=VALUE`.
 
 FLOPs per token (stated, for MFU): 6 * (matmul weights on the token's path, counting a
 looped layer once per pass, plus the d x V output head) + 6 * L_virtual * T * d for
@@ -14,30 +16,24 @@ loop switching on at `loop_start_frac`: the figure the reference's "715 K averag
 run with looping on for its second half" is (issue #4; `--profile
 profiles/pr1477_8xh100.yaml` measures that system itself).
 
-    python bench/train_throughput.py --profile profiles/record_8xh100.yaml
-    python bench/train_throughput.py --profile profiles/cpu.yaml --device cpu --steps 2   # smoke run
+    python -m bench.train_throughput --profile profiles/record_8xh100.yaml
+    python -m bench.train_throughput --profile profiles/cpu.yaml --device cpu --steps 2   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pgolf_core import config, fused_ce, fused_mlp, kernels  # noqa: E402
-from pgolf_core import model as model_module  # noqa: E402
-from pgolf_core.loss import softcap_nll  # noqa: E402
-from pgolf_core.model import GPT, layer_sequence  # noqa: E402
-from pgolf_core.optim import build_optimizers  # noqa: E402
-from pgolf_core.train import compile_model, compiled_graphs, model_config, select_kernels, train_step  # noqa: E402
+from bench.header import RESULTS, header
+from pgolf_core import config, fused_ce, fused_mlp, kernels
+from pgolf_core.model import GPT, layer_sequence
+from pgolf_core.optim import build_optimizers
+from pgolf_core.train import compile_model, compiled_graphs, model_config, select_kernels, train_step
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
@@ -109,23 +105,16 @@ def main() -> None:
                         help="override a train key of the profile (A/B runs), e.g. --set compile_tune_kernels=true")
     parser.add_argument("--doc-len", type=int, default=0,
                         help="mean document length: BOS tokens at that rate (0: uniform random tokens)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "train_throughput.json"),
+    parser.add_argument("--out", default=str(RESULTS / "train_throughput.json"),
                         help="where a GPU run writes its JSON")
-    parser.add_argument("--loss", choices=("fused", "plain"), default="fused",
-                        help="training loss path: fused softcapped CE (the trainer's) or the plain composition (A/B)")
     parser.add_argument("--trace", default=None, help="write profiler tables of 2 steps per loop state (NAME_unlooped.txt, NAME_looped.txt)")
     args = parser.parse_args()
 
     overrides = config.read_profile(args.profile)
-    if args.loss == "plain":  # what the trainer ran before loss.fused_softcap_nll, for comparison
-        model_module.fused_softcap_nll = softcap_nll
     cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
     select_kernels(cfg)  # --set flash_attn=false: SDPA; fused_mlp=true / fused_ce=true: the Triton MLP / loss
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
     model = GPT(model_config(cfg, vocab)).to(device)
     step_model = model if args.no_compile or not cfg.compile else compile_model(model, cfg)
@@ -165,9 +154,7 @@ def main() -> None:
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     plain, looped = figures[False], figures.get(True, figures[False])
     result = {
-        "device": name,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
+        **header(device.type),
         "tokens_per_second": round(plain["tokens_per_second"]),
         "tokens_per_second_looped": round(looped["tokens_per_second"]),
         "tokens_per_second_run_average": round(run_average(
@@ -192,7 +179,6 @@ def main() -> None:
         "compile_mix_order_reduction": cfg.compile_mix_order_reduction,
         "overrides": args.set,
         "doc_len": args.doc_len,
-        "loss": args.loss,
         "config": {"profile": args.profile, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
                    "schedule": cfg.schedule, "loop_start_frac": cfg.loop_start_frac,
                    "virtual_layers_looped": sum(map(len, layer_sequence(model.cfg, True))),

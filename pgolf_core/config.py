@@ -70,7 +70,9 @@ class TokenizeConfig:
     max_documents: int = 0  # keep only the first N documents (0 = all); for quick profiles
     min_doc_chars: int = 200  # embedded corpus: shorter docstrings are dropped
     vocab_size: int = 1024  # SentencePiece BPE vocabulary (8192 in the GPU profiles)
-    case_transform: str = "none"  # "caseops": factor letter case into operators (lossless)
+    # "caseops": factor letter case into operators (lossless). On the CPU pipeline at equal
+    # steps it lowered val_bpb by 0.033 (embedded corpus) and 0.043 (dev corpus), 2026-11-23
+    case_transform: str = "none"
     shard_tokens: int = 10_000_000  # tokens per train shard file
     tokenizer_train_documents: int = 0  # train documents the tokenizer learns from (0 = all)
     num_threads: int = 2  # SentencePiece training threads
@@ -159,7 +161,11 @@ class TrainConfig:
     loop_start_frac: float = 0.35  # fraction of training after which the loop switches on
     parallel_mode: str = "none"  # "none", "merge" (two lanes, learned merge) or "routed"
     parallel_start: int = 0  # first physical decoder layer run in parallel lanes
-    low_precision_residual: bool = False  # GPU: residual stream in bf16 like the records' bf16 weights (half the bytes)
+    # GPU: the residual stream in bf16, like the records' bf16 weights: half its bytes, 17 % of
+    # Inductor's elementwise bytes in the record step. On the CPU model under bf16 autocast it
+    # cost nothing measurable (val_bpb +0.0002 +- 0.0024 over 3 seeds, 2026-11-23); the record-
+    # scale curve (gpu_session.sh devf32residual) is still open. On in the record profiles.
+    low_precision_residual: bool = False
     doc_mask: bool = False  # attention never crosses a BOS (the records' varlen attention, 04-10+)
     # data
     seq_len: int = 256  # tokens per training sequence
@@ -204,9 +210,21 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode: "default" or "max-autotune-no-cudagraphs" (Triton matmuls with fused epilogues)
     flash_attn: bool = True  # FlashAttention 4 (via FlexAttention) in compiled CUDA runs, when flash_attn.cute is installed
     compile_tune_kernels: bool = False  # Inductor tunes its own kernels' block sizes (coordinate descent; slower compile)
-    compile_mix_order_reduction: bool = True  # Inductor's default: norm backward and per-channel weight grads in one kernel (spills on sm_90, bench/NOTES.md)
-    fused_mlp: bool = False  # CUDA training steps: MLP up-projection + activation in one Triton matmul (needs triton)
-    fused_ce: bool = False  # CUDA training steps: the soft-capped cross-entropy in two Triton kernels (needs triton)
+    # Inductor's default: a norm's backward and the per-channel weight gradients in one kernel.
+    # Off in the record profiles: in the record's backward those kernels spill on sm_90 (255
+    # registers, ~180 KB shared memory; torch 2.11 predates the fix, PyTorch #179494), and
+    # on an H100 they made the looped step 3.2 % slower (2026-11-24, at 2ce279e)
+    compile_mix_order_reduction: bool = True
+    # CUDA training steps: MLP up-projection + activation in one Triton matmul (needs triton).
+    # On an H100 the step ran 2.2 % (unlooped) and 2.4 % (looped) faster (2026-11-24); off
+    # until its compiled sm_90 kernels match float64 and its training curve matches the
+    # plain MLP's (gpu_session.sh fusedmlp devfusedmlp)
+    fused_mlp: bool = False
+    # CUDA training steps: the soft-capped cross-entropy in two Triton kernels (needs triton).
+    # Its sm_90 code spends 22-26 instructions per logit forward against the 34-44 of
+    # Inductor's loss, which is issue-bound: 2-5 ms/step predicted; off until a GPU times it
+    # (gpu_session.sh fusedcestep)
+    fused_ce: bool = False
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""Atomic file output, content hashes and the provenance block of every metrics file.
+"""Atomic file output, content hashes, and what a stage reports: its figures (the
+metrics file DVC compares) and its provenance (`metrics/provenance/<stage>.json`).
 
 An interrupted stage must never leave a file that looks complete: everything is
 written under a temporary name in the destination's folder and renamed into place.
@@ -74,13 +75,56 @@ def sha256_tree(root: str | Path) -> str:
     return sha256_files(sorted(p for p in root.rglob("*") if p.is_file()))
 
 
+def write_stage_report(metrics_path: str | Path, report: dict, data_sha256: dict[str, str], **extra) -> None:
+    """A stage's report split in two files. The metrics file keeps the figures, numbers
+    and flags, which `dvc metrics diff` and `dvc exp show` compare; its provenance file
+    (`provenance_path`: an output DVC does not cache and not a metric) gets what produced
+    them, the report's other values (`labels`: modes, codecs, reasons) and `extra`."""
+    figures, labels = split_figures(report)
+    write_json_atomic(metrics_path, figures)
+    write_provenance(metrics_path, data_sha256, labels=labels, **extra)
+
+
+def write_provenance(metrics_path: str | Path, data_sha256: dict[str, str], **extra) -> None:
+    write_json_atomic(provenance_path(metrics_path), {**provenance(data_sha256), **extra})
+
+
+def provenance_path(metrics_path: str | Path) -> Path:
+    """Where the provenance of a metrics file (or of DVCLive's folder) goes: beside it, in
+    `provenance/`, named after it: metrics/quantize.json -> metrics/provenance/quantize.json,
+    metrics/train -> metrics/provenance/train.json. Derived, so that every stage and every
+    test that runs one finds it without another argument."""
+    metrics_path = Path(metrics_path)
+    return metrics_path.parent / "provenance" / f"{metrics_path.stem}.json"
+
+
+def split_figures(report: dict) -> tuple[dict, dict]:
+    """(figures, labels): the report's numbers and booleans, nested as they were, and its
+    other values (strings, lists, None). DVC lists a changed string as a metric, so a hash
+    or a name in a metrics file is noise in every comparison."""
+    figures, labels = {}, {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            inner_figures, inner_labels = split_figures(value)
+            if inner_figures:
+                figures[key] = inner_figures
+            if inner_labels:
+                labels[key] = inner_labels
+        elif isinstance(value, (bool, int, float)):
+            figures[key] = value
+        else:
+            labels[key] = value
+    return figures, labels
+
+
 def provenance(data_sha256: dict[str, str] | None = None) -> dict:
-    """What produced a metrics file: code commit, versions, device, input hashes."""
+    """What produced a stage's figures: code commit and whether the tree was dirty (then
+    the commit alone does not say what ran), versions, device, input hashes."""
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
     return {
-        "git_commit": _git_commit(),
+        **git_state(),
         "python_version": platform.python_version(),
         "torch_version": torch.__version__,
         "cuda_version": torch.version.cuda,
@@ -91,11 +135,16 @@ def provenance(data_sha256: dict[str, str] | None = None) -> dict:
     }
 
 
-def _git_commit() -> str | None:
+def git_state() -> dict:
+    """`git_commit` of HEAD and `dirty`: tracked files differ from it (untracked files do
+    not count). Both None outside a git checkout."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
+        commit = _git("rev-parse", "HEAD").strip()
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no").strip())
     except (OSError, subprocess.SubprocessError):
-        return None
+        return {"git_commit": None, "dirty": None}
+    return {"git_commit": commit, "dirty": dirty}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True).stdout

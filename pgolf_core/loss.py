@@ -7,7 +7,7 @@ written out. Run eagerly, it makes the gradient in the forward pass and keeps on
 48 x 2048 x 8192 = 805 M of them). Compiled, Inductor's partitioner keeps the bf16 logits
 instead and recomputes the gradient in the backward, which is the floor: one read of the
 logits forward (`capped_logsumexp` needs no maximum) and one read and one write backward
-(bench/NOTES.md). `pgolf_core.fused_ce` makes the same passes in two Triton kernels with
+(counted in its sm_90 code). `pgolf_core.fused_ce` makes the same passes in two Triton kernels with
 fewer instructions per logit (`train.fused_ce`).
 
 Gradient: with s = c tanh(z / c), p = softmax(s), nll = logsumexp(s) - s_y,

@@ -270,7 +270,7 @@ def configure_inductor(cfg: TrainConfig) -> None:
     reduction kernels are about half of the record step on an H100). With
     `compile_mix_order_reduction` off, a norm's backward and the per-channel weight
     gradients that sum over tokens are separate kernels: 2 % more bytes, but the fused
-    ones hold too much for sm_90's registers in the record's backward (bench/NOTES.md)."""
+    ones spill on sm_90 in the record's backward (`TrainConfig.compile_mix_order_reduction`)."""
     from torch._inductor import config as inductor_config
 
     inductor_config.coordinate_descent_tuning = cfg.compile_tune_kernels

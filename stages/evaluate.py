@@ -50,7 +50,7 @@ def main() -> None:
     metrics = evaluate(cfg, model, val_tokens, val_byte_counts(sp, args.shards, val_tokens), device)
     if dist.is_main():
         inputs = {"artifact": io.sha256_tree(args.artifact), "shards": io.sha256_tree(args.shards)}
-        io.write_json_atomic(args.metrics, {**metrics, "provenance": io.provenance(inputs)})
+        io.write_stage_report(args.metrics, metrics, inputs)
     dist.shutdown()
 
 

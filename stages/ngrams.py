@@ -13,7 +13,7 @@ from pgolf_core import ngram_count, ngrams
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.config import load_section
 from pgolf_core.data import list_shards, load_split, read_header
-from pgolf_core.io import atomic_path, provenance, sha256_tree, write_json_atomic
+from pgolf_core.io import atomic_path, sha256_tree, write_stage_report
 from pgolf_core.tokenizer import load_tokenizer
 
 ORDER_NAMES = {1: "unigram", 2: "bigram", 3: "trigram", 4: "order4", 5: "order5"}
@@ -57,9 +57,8 @@ def run_ngrams(params: Path, shards: Path, tokenizer: Path, out: Path, metrics: 
         "hash_fallback": tables.hash_fallback,
         **{f"order{order}_buckets_counted": b for order, b in enumerate(tables.buckets, start=3)},
         "top_order_keys": tables.top.num_keys,
-        "provenance": provenance({"shards": sha256_tree(shards)}),
     }
-    write_json_atomic(metrics, result)
+    write_stage_report(metrics, result, {"shards": sha256_tree(shards)})
     print(f"ngrams: scored {len(val_tokens):,} val tokens in {score_seconds:.1f} s: val_bpb "
           + ", ".join(f"order {k} {v:.4f}" for k, v in scores.items()) + f" -> {metrics}")
     return result

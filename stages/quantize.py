@@ -14,7 +14,7 @@ from pgolf_core.calibration import load_hessians
 from pgolf_core.checkpoint import read_model_file
 from pgolf_core.config import load_section
 from pgolf_core.dist import select_device
-from pgolf_core.io import atomic_path, provenance, sha256_files, write_json_atomic
+from pgolf_core.io import atomic_path, sha256_files, write_stage_report
 from pgolf_core.quant.gptq import quantize_gptq
 from pgolf_core.quant.rtn import is_quantized, quantize_rtn
 
@@ -51,9 +51,8 @@ def quantize(params: Path, model: Path, hessians: Path, out: Path, reference: Pa
         "bits_per_group": dataclasses.asdict(cfg.bits),
         "num_quantized_tensors": kinds.count("int8"),
         "num_passthrough_tensors": kinds.count("fp16"),
-        "provenance": provenance({"model": sha256_files([model])}),
     }
-    write_json_atomic(metrics, result)
+    write_stage_report(metrics, result, {"model": sha256_files([model])})
     return result
 
 

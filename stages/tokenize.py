@@ -66,7 +66,7 @@ def main() -> None:
     metrics.update(python_version=platform.python_version(), tokenize_seconds=round(time.perf_counter() - start, 3))
     print(f"tokenize: {metrics['train']['tokens']:,} train / {metrics['val']['tokens']:,} val tokens "
           f"in {metrics['tokenize_seconds']:.1f} s")
-    io.write_json_atomic(args.metrics, {**metrics, "provenance": io.provenance({"corpus": metrics["corpus_sha256"]})})
+    io.write_stage_report(args.metrics, metrics, {"corpus": metrics["corpus_sha256"]})
 
 
 if __name__ == "__main__":

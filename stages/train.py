@@ -83,8 +83,8 @@ def main() -> None:
                   f"in {result.calib_seconds:.2f} s -> {args.hessians}")
         if snapshots:
             snapshots.remove()  # the run is complete: nothing left to resume
-        summary = {**dataclasses.asdict(result), "num_params": num_params,
-                   "provenance": io.provenance(inputs or input_hashes())}
+        summary, labels = io.split_figures({**dataclasses.asdict(result), "num_params": num_params})
+        io.write_provenance(args.metrics, inputs or input_hashes(), labels=labels)
         live.summary = summary  # metrics.json = the final summary, not the last step's values
         live.make_summary()
         live.end()

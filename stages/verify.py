@@ -80,7 +80,8 @@ def main() -> None:
     except ValueError as e:  # unreadable, tampered or mismatched inputs: no metrics to write
         sys.exit(f"verify FAILED: {e}")
     inputs = {"artifact": io.sha256_tree(args.artifact), "shards": io.sha256_tree(args.shards)}
-    io.write_json_atomic(args.metrics, {**metrics, "broken_rules": broken, "provenance": io.provenance(inputs)})
+    code_files = metrics.pop("code_files")  # what code_bytes counted: provenance, not figures to compare
+    io.write_stage_report(args.metrics, metrics, inputs, broken_rules=broken, code_files=code_files)
     print(f"verify: {metrics['artifact_bytes']:,} bytes ({metrics['code_bytes']:,} code + "
           f"{metrics['model_bytes']:,} model), round trip exact: {metrics['roundtrip_exact']}, "
           f"val_bpb float {metrics['val_bpb_float']:.4f} -> round trip {metrics['val_bpb_roundtrip']:.4f} "

@@ -1,5 +1,5 @@
 """What the tests of our Triton kernels (pgolf_core.fused_mlp, pgolf_core.fused_ce) share:
-ptxas's verdict on their sm_90 code (bench/inductor_h100_kernels.py compiles it), the
+ptxas's verdict on their sm_90 code (compiled by `sm90`), the
 interpreter switched on with each launch recorded, and comparing a model's training step
 with and without them."""
 
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from bench.inductor_h100_kernels import ptxas_usage
+from sm90 import ptxas_usage
+
 from pgolf_core.model import GPT
 
 H100_SHARED_MEMORY = 232_448  # bytes of shared memory one block may use on sm_90

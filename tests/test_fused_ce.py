@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from bench.inductor_h100_kernels import compile_for_h100, path_counts, sass
 from kernel_checks import losses_and_grads, model_without_zero_weights, ptxas_report, recorded_launches, rel
+from sm90 import compile_for_h100, path_counts, sass
 
 from pgolf_core import fused_ce
 from pgolf_core.loss import softcap_nll
@@ -105,7 +105,7 @@ def test_every_config_compiles_for_hopper_without_spills(monkeypatch, tmp_path, 
     autotuned configuration: they compile for sm_90 and keep everything in registers, and
     their machine code has one path, three special-function operations per logit (two exp2
     and a reciprocal: tanh is not libdevice's) and fewer instructions than Inductor's
-    kernels (34-44 and 42-52 per logit by path, bench/results/loss_kernels_h100.json)."""
+    kernels (34-44 and 42-52 per logit by path: the figures at the `train.fused_ce` switch)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # compile for real, never a cached kernel
     tuner = fused_ce._kernels(False)[0 if forward else 1]

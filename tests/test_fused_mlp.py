@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench.inductor_h100_kernels import compile_for_h100
 from kernel_checks import (H100_SHARED_MEMORY, losses_and_grads, model_without_zero_weights, ptxas_report,
                            recorded_launches, rel)
+from sm90 import compile_for_h100
 
 from pgolf_core import fused_mlp
 from pgolf_core.model import GPT

@@ -271,9 +271,11 @@ def test_stage_writes_metrics(tmp_path):
     ])
     metrics = json.loads((tmp_path / "metrics" / "ngrams.json").read_text())
     for key in ("val_bpb_unigram", "val_bpb_bigram", "val_bpb_trigram", "val_bpb_order4", "table_bytes",
-                "train_tokens", "val_tokens", "val_bytes", "count_seconds", "score_seconds", "count_layout",
-                "hash_fallback", "order3_buckets_counted", "order4_buckets_counted", "provenance"):
+                "train_tokens", "val_tokens", "val_bytes", "count_seconds", "score_seconds",
+                "hash_fallback", "order3_buckets_counted", "order4_buckets_counted"):
         assert key in metrics, key
+    provenance = json.loads((tmp_path / "metrics" / "provenance" / "ngrams.json").read_text())
+    assert provenance["labels"]["count_layout"] in ("dense", "sparse") and "shards" in provenance["data_sha256"]
     assert "val_bpb_order5" not in metrics and metrics["hash_fallback"] is False
     assert metrics["val_bpb_unigram"] > metrics["val_bpb_bigram"] > 0
     assert metrics["table_bytes"] == (tmp_path / "ngrams" / ngrams.TABLES_FILE).stat().st_size

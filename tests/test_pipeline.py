@@ -87,17 +87,43 @@ def test_full_run_writes_every_metric(repo):
     assert train["calib_seconds"] > 0 and train["within_budget"]
     assert train["train_plus_calib_seconds"] == pytest.approx(train["train_seconds"] + train["calib_seconds"])
     verify = metrics["verify.json"]
-    assert verify["fits_16mb"] and verify["roundtrip_exact"] and verify["broken_rules"] == []
+    assert verify["fits_16mb"] and verify["roundtrip_exact"]
     assert verify["artifact_bytes"] == verify["code_bytes"] + verify["model_bytes"]
     assert verify["quant_damage"] == pytest.approx(verify["val_bpb_roundtrip"] - verify["val_bpb_float"], abs=1e-12)
     assert verify["val_bpb_float"] == pytest.approx(train["val_bpb_prequant"], rel=1e-6)  # same weights, same windows
-    assert "pgolf_core/model.py" in verify["code_files"] and "pgolf_core/train.py" not in verify["code_files"]
     ev = metrics["eval.json"]
     assert ev["val_bpb"] == ev["val_bpb_sliding"] and ev["tokens_scored"] == metrics["tokenize.json"]["val"]["tokens"] - 1
     assert ev["val_bpb_nonoverlap"] == pytest.approx(verify["val_bpb_roundtrip"], rel=1e-9)
-    for m in (*metrics.values(), train):
-        assert {"git_commit", "python_version", "torch_version", "device", "data_sha256"} <= set(m["provenance"])
     assert (repo / "metrics/train/plots/metrics/train_loss.tsv").is_file()
+
+
+def test_provenance_is_beside_the_metrics_which_hold_only_figures(repo):
+    """`dvc metrics diff` and `dvc exp show` list every changed value of a metrics file: a
+    commit, a hash or a name there is noise. Each stage's provenance (commit with a dirty
+    flag, versions, input hashes, its non-numeric labels) is metrics/provenance/<name>.json."""
+    names = {"tokenize": "tokenize.json", "ngrams": "ngrams.json", "train": "train/metrics.json",
+             "quantize": "quantize.json", "verify": "verify.json", "eval": "eval.json"}
+
+    def leaves(value):
+        if isinstance(value, dict):
+            for inner in value.values():
+                yield from leaves(inner)
+        else:
+            yield value
+
+    for stem, name in names.items():
+        figures = json.loads((repo / "metrics" / name).read_text())
+        assert all(isinstance(v, (bool, int, float)) for v in leaves(figures)), name
+        provenance = json.loads((repo / "metrics" / "provenance" / f"{stem}.json").read_text())
+        assert {"git_commit", "dirty", "python_version", "torch_version", "device", "data_sha256"} <= set(provenance)
+        assert provenance["dirty"] in (True, False) and len(provenance["git_commit"]) == 40
+    labels = {stem: json.loads((repo / "metrics/provenance" / f"{stem}.json").read_text()).get("labels", {})
+              for stem in names}
+    assert labels["eval"]["final_mode"] == "sliding" and labels["train"]["stopped_by"] == "iterations"
+    assert labels["tokenize"]["corpus_sha256"] and labels["quantize"]["compressor_per_group"]
+    verify = json.loads((repo / "metrics/provenance/verify.json").read_text())
+    assert verify["broken_rules"] == []
+    assert "pgolf_core/model.py" in verify["code_files"] and "pgolf_core/train.py" not in verify["code_files"]
 
 
 def test_second_repro_reruns_nothing(repo):
@@ -112,9 +138,10 @@ def test_train_change_reruns_train_and_what_follows(repo):
 def test_gptq_reruns_quantize_and_after_and_never_retrains(repo):
     set_params(repo, "quantize", method="gptq", clip="sdclip")
     assert ran_stages(dvc(repo, "repro").stdout) == {"quantize", "verify", "evaluate"}
-    quant = json.loads((repo / "metrics/quantize.json").read_text())
+    quant = json.loads((repo / "metrics/provenance/quantize.json").read_text())["labels"]
     verify = json.loads((repo / "metrics/verify.json").read_text())
-    assert quant["method"] == "gptq" and verify["roundtrip_exact"] and verify["broken_rules"] == []
+    assert quant["method"] == "gptq" and verify["roundtrip_exact"]
+    assert json.loads((repo / "metrics/provenance/verify.json").read_text())["broken_rules"] == []
     set_params(repo, "quantize", method="rtn", clip="percentile")
     dvc(repo, "repro")
 
@@ -198,7 +225,8 @@ def test_verify_rejects_an_oversized_artifact_and_a_blown_time_budget(repo, tmp_
     out = _verify(repo, artifact_dir, params=str(tmp_path / "params.yaml"))
     assert out.returncode != 0 and "> 1,000" in out.stderr and "train + calibration took" in out.stderr
     written = json.loads((artifact_dir / "verify.json").read_text())
-    assert written["fits_16mb"] is False and len(written["broken_rules"]) == 2
+    assert written["fits_16mb"] is False
+    assert len(json.loads((artifact_dir / "provenance" / "verify.json").read_text())["broken_rules"]) == 2
 
 
 def test_evaluate_refuses_a_tokenizer_of_another_vocab(repo, tmp_path, tiny_tokenizer_dir):
