@@ -120,7 +120,7 @@ def decode(data: bytes, matrices: list[tuple[int, int, int, str]], fp16_start: i
             p = perms[at: at + rows]
             at += rows
             if not np.array_equal(np.sort(p), np.arange(rows)):
-                raise ValueError(f"layout {_name(layout)}: the stored row order of the matrix at byte {offset} "
+                raise ValueError(f"layout {_name(layout)}: the stored row order of tensor {name!r} "
                                  "is not a permutation")
             restored = np.empty_like(m)
             restored[p] = m
