@@ -11,6 +11,14 @@ alone. Each is packed as the quantize stage packs it and scored as verify scores
 (non-overlapping windows of the profile's verify.seq_len), with sliding windows too
 unless --no-sliding. These are dev-corpus figures, not FineWeb's.
 
+Then, from the same GPTQ integers, Quantization II's options one at a time: + LQER
+(`--lqer-rank`, `--lqer-top-k`; record 4 and 3), + the int8 attention gate, both, each
+scored (keys val_bpb_gptq_lqer, model_bytes_gptq_lqer, ..._gate, ..._lqer_gate, with the
+bytes LQER costs and the damage it removes); and each layout of `--layouts` packed alone
+(model_bytes_gptq_<layout>, val_bpb_gptq_<layout>: layouts are lossless, which the
+round trip checks, so their val_bpb is GPTQ's, not re-scored). `--layouts ''` and
+`--no-variants` keep a CPU smoke run cheap.
+
     python -m bench.quantize --profile profiles/record_1xh100.yaml --workdir data/dev_run --steps 70
 
 Writes bench/results/quantize.json (GPU runs; `--out` elsewhere).
@@ -30,11 +38,12 @@ import torch
 from bench.header import RESULTS, header
 from bench.train_dev_run import prepare
 from pgolf_core import calibration, checkpoint, codesize, config, data, dist, tokenizer
-from pgolf_core.artifact import load_model, pack_artifact
+from pgolf_core.artifact import compare_exact, load_model, pack_artifact, unpack_artifact
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.eval.sliding import val_bpb
 from pgolf_core.model import GPT
 from pgolf_core.quant.gptq import quantize_gptq
+from pgolf_core.quant.pipeline import quantize_model
 from pgolf_core.quant.rtn import quantize_rtn
 from pgolf_core.train import model_config, select_kernels, set_seed, train
 
@@ -79,6 +88,11 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="quantize the model and Hessians already in --workdir")
     parser.add_argument("--no-sliding", action="store_true", help="score non-overlapping windows only")
     parser.add_argument("--val-tokens", type=int, default=0, help="score only the first N val tokens (0 = all; CPU smoke runs)")
+    parser.add_argument("--lqer-rank", type=int, default=4)
+    parser.add_argument("--lqer-top-k", type=int, default=3)
+    parser.add_argument("--layouts", default="row,col,row+shuffle,col+shuffle,row+nn+shuffle,col+nn+shuffle",
+                        help="comma-separated layouts packed alone from the GPTQ integers ('' = none)")
+    parser.add_argument("--no-variants", action="store_true", help="skip the LQER and gate variants")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a quantize key")
     parser.add_argument("--out", default=str(RESULTS / "quantize.json"))
     args = parser.parse_args()
@@ -122,6 +136,7 @@ def main() -> None:
         start = time.perf_counter()
         qm = quantize_gptq(state, hessians, quant_cfg, device) if method == "gptq" else quantize_rtn(state, quant_cfg)
         record[f"{method}_seconds"] = time.perf_counter() - start
+        gptq_qm = qm  # the loop ends on gptq: the layouts below pack these integers
         blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), quant_cfg.compressors)
         record[f"model_bytes_{method}"] = report["model_bytes"]
         record[f"bytes_per_group_{method}"] = report["bytes_per_group"]
@@ -134,6 +149,46 @@ def main() -> None:
             record[f"damage_{method}{suffix}"] = bpb - record[f"val_bpb_float{suffix}"]
             print(f"quantize bench: {method}{suffix} val_bpb {bpb:.5f} (float {record[f'val_bpb_float{suffix}']:.5f}), "
                   f"{record[f'model_bytes_{method}']:,} bytes, {record[f'{method}_seconds']:.1f} s", flush=True)
+    variants = {} if args.no_variants else {
+        "gptq_lqer": {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k},
+        "gptq_gate": {"gate_int8": True},
+        "gptq_lqer_gate": {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k, "gate_int8": True}}
+    for key, change in variants.items():
+        vcfg = dataclasses.replace(quant_cfg, method="gptq", **change)
+        start = time.perf_counter()
+        qm, steps = quantize_model(state, vcfg, hessians, device)
+        record[f"{key}_seconds"] = time.perf_counter() - start
+        blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), vcfg.compressors)
+        record[f"model_bytes_{key}"] = report["model_bytes"]
+        record[f"bytes_per_group_{key}"] = report["bytes_per_group"]
+        if steps["lqer"]:
+            record[f"lqer_{key}"] = steps["lqer"]
+        path = work / f"model_{key}.bin"
+        path.write_bytes(blob)
+        model = load_model(path)
+        for suffix, (window, stride) in windows.items():
+            bpb = score(model, val, val_bytes, device, window, stride, verify_cfg.batch_seqs)
+            record[f"val_bpb_{key}{suffix}"] = bpb
+            record[f"damage_{key}{suffix}"] = bpb - record[f"val_bpb_float{suffix}"]
+    if "gptq_lqer" in variants:
+        record["lqer_bytes"] = record["model_bytes_gptq_lqer"] - record["model_bytes_gptq"]
+        record["lqer_damage_removed"] = record["damage_gptq"] - record["damage_gptq_lqer"]
+    layouts = [x for x in args.layouts.split(",") if x]
+    if layouts:
+        qm = gptq_qm
+        for layout in layouts:
+            config.check_layout_name("--layouts", layout)
+            start = time.perf_counter()
+            blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), quant_cfg.compressors, [layout])
+            key = "gptq_" + layout.replace("+", "_")
+            record[f"pack_seconds_{key}"] = time.perf_counter() - start
+            if compare_exact(unpack_artifact(blob)[0], qm):
+                raise RuntimeError(f"layout {layout!r} did not round-trip the GPTQ integers")
+            record[f"model_bytes_{key}"] = report["model_bytes"]
+            record[f"codec_per_group_{key}"] = report["compressor_per_group"]
+            for suffix in windows:
+                record[f"val_bpb_{key}{suffix}"] = record[f"val_bpb_gptq{suffix}"]  # lossless: same weights
+        record["best_layout"] = min(layouts, key=lambda x: record["model_bytes_gptq_" + x.replace("+", "_")])
     record = {**header(device.type), **record}
     record.update({
         "corpus": args.corpus + " (dev corpus, not FineWeb)",

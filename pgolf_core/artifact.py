@@ -7,12 +7,12 @@ with whichever configured codec is smallest for it. Everything needed to rebuild
 model is inside (the model config travels in the header), and any flipped, missing or
 extra byte is rejected before a single weight is used.
 
-Byte layout (little-endian), format version 2 (version 1, RTN at one width for every
-matrix, is refused with a message: re-run the quantize stage):
+Byte layout (little-endian), format version 3 (versions 1 and 2, without layouts and
+LQER, are refused with a message: re-run the quantize stage):
 
     offset  size  field
     0       8     magic b"PGOLFART"
-    8       2     uint16 format version (2)
+    8       2     uint16 format version (3)
     10      8     uint64 total artifact length in bytes, digest included
     18      4     uint32 H = length of the compressed header
     22      H     header: zlib-9 compressed UTF-8 JSON (below)
@@ -23,26 +23,34 @@ Header JSON:
     {"method": "rtn" | "gptq", "model_config": {...},
      "bits_per_category": {"embedding": 7, "attention": 6, ...} (every integer tensor of a
                           category has its width; checked on reading),
-     "groups":  [{"name", "codec" (id, see compress.CODEC_IDS), "raw_bytes",
-                  "stored_bytes", "crc32" (of the uncompressed payload)}, ...],
+     "groups":  [{"name", "codec" (id, see compress.CODEC_IDS), "layout" (see layout.py),
+                  "raw_bytes", "stored_bytes", "crc32" (of the canonical payload)}, ...],
      "tensors": [{"name", "kind" ("int8" | "fp16"), "shape", "dtype" (original), "group",
-                  int8: "bits", "q": [offset, nbytes], "scale": [offset, nbytes];
+                  int8: "bits", "q": [offset, nbytes], "scale": [offset, nbytes],
+                        optional "lqer": {"rank", "a", "b", "a_scale", "b_scale": [offset, nbytes]}
+                        (all four in group "lqer");
                   fp16: "data": [offset, nbytes]}, ...]}
 
-Offsets are into the group's uncompressed payload. Within a group the int8 matrices
-come first (row-major), then their fp16 scales, then fp16 passthrough data, each in
-tensor order. The sha256 catches any tampering of the stored bytes; the per-group crc32
-checks that decompression reproduced the exact payload.
+Offsets are into the group's canonical (uncompressed, untransformed) payload. Within a
+group the int8 spans come first (row-major), then the fp16 spans (scales, passthrough
+data), each in tensor order; the group's layout (column-major, row reordering with its
+permutation stored, byte shuffle of the fp16 tail) is applied to that payload before the
+codec and undone after it. The sha256 catches any tampering of the stored bytes; the
+per-group crc32 checks that decompression and the layout's inverse reproduced the exact
+payload.
 
 The quantizer's reference (integers and scales, outside the artifact) is a safetensors
-file with keys "<name>:q", "<name>:scale", "<name>:data" and the index in its metadata.
+file with keys "<name>:q", "<name>:scale", "<name>:data", "<name>:lqer_a" (…_a_scale,
+…_b, …_b_scale) and the index in its metadata.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -52,20 +60,26 @@ import safetensors.torch
 import torch
 
 from pgolf_core.checkpoint import build_model
-from pgolf_core.compress import codec_id, codec_name, compress_smallest, decompress
+from pgolf_core.compress import codec_id, codec_name, compress, decompress
 from pgolf_core.io import write_bytes_atomic
+from pgolf_core.layout import Layout, decode, encode
 from pgolf_core.model import GPT, ModelConfig
-from pgolf_core.quant import CATEGORIES, KINDS, QuantizedModel, QuantizedTensor, category_of, dequantize
+from pgolf_core.quant import (CATEGORIES, KINDS, LQER_A_RANGE, LQER_B_RANGE, LowRank, QuantizedModel,
+                              QuantizedTensor, category_of, dequantize, lqer_groups)
 from pgolf_core.quant.rtn import qmax_for
 
 MAGIC = b"PGOLFART"
-FORMAT_VERSION = 2  # 2: per-category widths (bits_per_category), GPTQ or RTN integers
+FORMAT_VERSION = 3  # 2: per-category widths, GPTQ or RTN integers; 3: + layouts per group, LQER, int8 gates
 PREFIX = struct.Struct("<8sHQI")  # magic, version, total length, header length
 DIGEST_BYTES = 32  # sha256
 PASSTHROUGH_GROUP = "passthrough"  # every fp16 tensor, whatever its name
-GROUP_ORDER = (*CATEGORIES, PASSTHROUGH_GROUP)
-REFERENCE_FORMAT = "pgolf-quant-reference-1"
+LQER_GROUP = "lqer"  # every LQER factor and its scales
+GROUP_ORDER = (*CATEGORIES, LQER_GROUP, PASSTHROUGH_GROUP)
+REFERENCE_FORMAT = "pgolf-quant-reference-2"
 _NP_DTYPES = {"int8": np.dtype("i1"), "fp16": np.dtype("<f2")}
+_SPAN_KINDS = {"q": "int8", "scale": "fp16", "data": "fp16", "a": "int8", "b": "int8", "a_scale": "fp16",
+               "b_scale": "fp16"}
+_LQER_PARTS = ("a", "a_scale", "b", "b_scale")
 
 
 def group_of(name: str, kind: str) -> str:
@@ -73,20 +87,40 @@ def group_of(name: str, kind: str) -> str:
     return PASSTHROUGH_GROUP if kind == "fp16" else category_of(name)
 
 
-def pack_artifact(qm: QuantizedModel, model_config: dict, compressors) -> tuple[bytes, dict]:
+def pack_artifact(qm: QuantizedModel, model_config: dict, compressors, layouts=("row",), *,
+                  choices: dict | None = None, cache: dict | None = None, progress=None) -> tuple[bytes, dict]:
     """Serialize `qm` and `model_config` (JSON-able) into artifact bytes (layout above).
 
+    Each group is stored in the smallest of every (layout, codec) pair from `layouts` x
+    `compressors`, or in the one pair `choices[group]` names when `choices` is given (a
+    byte search re-packs many times; trying every pair each time would cost minutes).
+    `cache`, a dict kept by the caller, remembers compressed groups by their bytes so an
+    unchanged group is not compressed twice. `progress(group)` is called per group.
+
     Returns (artifact, report); report has model_bytes (= len(artifact)), header_bytes,
-    bytes_per_group (compressed), raw_bytes_per_group and compressor_per_group.
+    and per group: bytes_per_group (compressed), raw_bytes_per_group, compressor_per_group,
+    layout_per_group, seconds_per_group (the time its choice took).
     """
     payloads, index = _layout(qm)
+    geometry = _geometry(index, {g: len(raw) for g, raw in payloads.items()})
     bits = _bits_per_category(qm)
-    groups, blobs = [], []
+    groups, blobs, seconds = [], [], {}
     for group, raw in payloads.items():
-        codec, blob = compress_smallest(raw, compressors)
-        groups.append({"name": group, "codec": codec_id(codec), "raw_bytes": len(raw),
+        start = time.perf_counter()
+        pairs = [tuple(choices[group])] if choices else list(itertools.product(layouts, compressors))
+        key = (hashlib.sha256(raw).digest(), tuple(pairs))
+        if cache is not None and key in cache:
+            layout, codec, blob = cache[key]
+        else:
+            layout, codec, blob = _smallest(raw, geometry[group], pairs)
+            if cache is not None:
+                cache[key] = (layout, codec, blob)
+        seconds[group] = time.perf_counter() - start
+        groups.append({"name": group, "codec": codec_id(codec), "layout": layout, "raw_bytes": len(raw),
                        "stored_bytes": len(blob), "crc32": zlib.crc32(raw)})
         blobs.append(blob)
+        if progress:
+            progress(group)
     header = {"method": qm.method, "model_config": model_config, "bits_per_category": bits,
               "groups": groups, "tensors": index}
     header_bytes = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
@@ -99,8 +133,24 @@ def pack_artifact(qm: QuantizedModel, model_config: dict, compressors) -> tuple[
         "bytes_per_group": {g["name"]: g["stored_bytes"] for g in groups},
         "raw_bytes_per_group": {g["name"]: g["raw_bytes"] for g in groups},
         "compressor_per_group": {g["name"]: codec_name(g["codec"]) for g in groups},
+        "layout_per_group": {g["name"]: g["layout"] for g in groups},
+        "seconds_per_group": seconds,
     }
     return artifact, report
+
+
+def _smallest(raw: bytes, geometry: tuple, pairs: list) -> tuple[str, str, bytes]:
+    """(layout, codec, blob) of the smallest compressed output among (layout, codec) `pairs`;
+    ties go to the first."""
+    best = None
+    encoded: dict[str, bytes] = {}
+    for layout, codec in pairs:
+        if layout not in encoded:
+            encoded[layout] = encode(raw, *geometry, Layout.parse(layout))
+        blob = compress(encoded[layout], codec)
+        if best is None or len(blob) < len(best[2]):
+            best = (layout, codec, blob)
+    return best
 
 
 def unpack_artifact(blob: bytes) -> tuple[QuantizedModel, dict]:
@@ -111,7 +161,7 @@ def unpack_artifact(blob: bytes) -> tuple[QuantizedModel, dict]:
     """
     header, payload = _open(blob)
     try:
-        raws = _decompress_groups(header["groups"], payload)
+        raws = _decompress_groups(header["groups"], payload, header["tensors"])
         tensors = {}
         for entry in header["tensors"]:
             name = entry["name"]
@@ -123,7 +173,7 @@ def unpack_artifact(blob: bytes) -> tuple[QuantizedModel, dict]:
         if _bits_per_category(QuantizedModel(tensors=tensors, method="")) != declared:
             raise ValueError(f"tensor widths do not match the header's bits_per_category {declared}")
         return QuantizedModel(tensors=tensors, method=header["method"]), header["model_config"]
-    except (KeyError, TypeError, IndexError) as e:
+    except (KeyError, TypeError, IndexError, AttributeError) as e:
         raise ValueError(f"artifact header is malformed: {type(e).__name__}: {e}") from e
 
 
@@ -150,8 +200,11 @@ def write_reference(path: str | Path, qm: QuantizedModel) -> None:
         if ":" in name:
             raise ValueError(f"tensor name {name!r} contains ':', which reference keys reserve")
         parts = {"data": t.data} if t.kind == "fp16" else {"q": t.q, "scale": t.scale}
+        if t.lqer is not None:
+            parts.update({f"lqer_{p}": getattr(t.lqer, p) for p in _LQER_PARTS})
         tensors.update({f"{name}:{part}": x.contiguous() for part, x in parts.items()})
-        index.append({"name": name, "kind": t.kind, "shape": list(t.shape), "dtype": t.dtype, "bits": t.bits})
+        index.append({"name": name, "kind": t.kind, "shape": list(t.shape), "dtype": t.dtype, "bits": t.bits,
+                      "lqer_rank": t.lqer.rank if t.lqer is not None else 0})
     meta = {"format": REFERENCE_FORMAT, "method": qm.method, "index": json.dumps(index)}
     write_bytes_atomic(path, safetensors.torch.save(tensors, metadata=meta))
 
@@ -170,7 +223,13 @@ def read_reference(path: str | Path) -> QuantizedModel:
     try:
         for e in json.loads(meta["index"]):
             parts = {p: stored.pop(f"{e['name']}:{p}", None) for p in ("q", "scale", "data")}
-            t = QuantizedTensor(shape=tuple(e["shape"]), dtype=e["dtype"], bits=e["bits"], **parts)
+            lqer = None
+            if e["lqer_rank"]:
+                found = {p: stored.pop(f"{e['name']}:lqer_{p}", None) for p in _LQER_PARTS}
+                if any(x is None for x in found.values()):
+                    raise ValueError(f"{path}: tensor {e['name']!r} declares an LQER correction but lacks its factors")
+                lqer = LowRank(**found)
+            t = QuantizedTensor(shape=tuple(e["shape"]), dtype=e["dtype"], bits=e["bits"], lqer=lqer, **parts)
             tensors[e["name"]] = _check_tensor(e["name"], t, e["kind"], str(path))
     except (KeyError, TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: malformed reference index ({type(e).__name__}: {e})") from e
@@ -180,7 +239,7 @@ def read_reference(path: str | Path) -> QuantizedModel:
 
 
 def compare_exact(a: QuantizedModel, b: QuantizedModel) -> list[str]:
-    """Names whose kind, shape, bits, integers, scales or passthrough bits differ (sorted).
+    """Names whose kind, shape, bits, integers, scales, LQER factors or passthrough bits differ (sorted).
 
     A name present in only one model counts as a difference; [] means bit-identical.
     """
@@ -194,7 +253,10 @@ def _same_tensor(x: QuantizedTensor, y: QuantizedTensor) -> bool:
         return False
     if x.kind == "fp16":
         return _same_bits(x.data, y.data)
-    return _same_bits(x.q, y.q) and _same_bits(x.scale, y.scale)
+    if (x.lqer is None) != (y.lqer is None):
+        return False
+    same_lqer = x.lqer is None or all(_same_bits(getattr(x.lqer, p), getattr(y.lqer, p)) for p in _LQER_PARTS)
+    return same_lqer and _same_bits(x.q, y.q) and _same_bits(x.scale, y.scale)
 
 
 def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -207,7 +269,7 @@ def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
 
 def _layout(qm: QuantizedModel) -> tuple[dict[str, bytes], list[dict]]:
     """Group payloads (in GROUP_ORDER) and the tensor index with offsets into them."""
-    parts: dict[str, list] = {g: [] for g in GROUP_ORDER}  # group -> [(rank, entry, key, bytes)]
+    parts: dict[str, list] = {g: [] for g in GROUP_ORDER}  # group -> [(rank, span holder, key, bytes)]
     index = []
     for name, t in qm.tensors.items():
         entry = {"name": name, "kind": t.kind, "shape": list(t.shape), "dtype": t.dtype,
@@ -216,19 +278,54 @@ def _layout(qm: QuantizedModel) -> tuple[dict[str, bytes], list[dict]]:
             entry["bits"] = t.bits
             parts[entry["group"]] += [(0, entry, "q", _to_bytes(t.q, "int8")),
                                       (1, entry, "scale", _to_bytes(t.scale, "fp16"))]
+            if t.lqer is not None:
+                lq = entry["lqer"] = {"rank": t.lqer.rank}
+                parts[LQER_GROUP] += [(0 if _SPAN_KINDS[p] == "int8" else 1, lq, p,
+                                       _to_bytes(getattr(t.lqer, p), _SPAN_KINDS[p])) for p in _LQER_PARTS]
         else:
             parts[entry["group"]].append((2, entry, "data", _to_bytes(t.data, "fp16")))
         index.append(entry)
     payloads = {}
     for group, items in parts.items():
         offset, chunks = 0, []
-        for _, entry, key, data in sorted(items, key=lambda item: item[0]):  # stable: tensor order kept
-            entry[key] = [offset, len(data)]
+        for _, holder, key, data in sorted(items, key=lambda item: item[0]):  # stable: tensor order kept
+            holder[key] = [offset, len(data)]
             offset += len(data)
             chunks.append(data)
         if chunks:
             payloads[group] = b"".join(chunks)
     return payloads, index
+
+
+def _spans(index: list[dict]):
+    """Every stored span of the index: (group, offset, nbytes, tensor name, key)."""
+    for e in index:
+        for key in ("q", "scale", "data"):
+            if key in e:
+                yield e["group"], *e[key], e["name"], key
+        if "lqer" in e:
+            for key in _LQER_PARTS:
+                yield LQER_GROUP, *e["lqer"][key], e["name"], key
+
+
+def _geometry(index: list[dict], raw_len: dict[str, int]) -> dict[str, tuple[list, int]]:
+    """Per group, what a layout needs: the (offset, rows, cols, name) of each integer matrix `q`
+    (LQER factors and gates are left in place: they are tiny) and where the fp16 tail starts."""
+    out = {g: ([], n) for g, n in raw_len.items()}
+    for group, offset, nbytes, name, key in _spans(index):
+        if group not in out:
+            raise ValueError(f"artifact tensor {name!r} {key}: group {group!r} is not in the artifact")
+        matrices, fp16_start = out[group]
+        if _SPAN_KINDS[key] == "fp16":
+            out[group] = (matrices, min(fp16_start, offset))
+    for e in index:
+        if "q" in e and category_of(e["name"]) != "gate":
+            if len(e["shape"]) != 2 or not all(isinstance(n, int) and n >= 0 for n in e["shape"]):
+                raise ValueError(f"artifact tensor {e['name']!r}: an int8 matrix needs a 2-D shape, "
+                                 f"found {e['shape']}")
+            rows, cols = e["shape"]
+            out[e["group"]][0].append((e["q"][0], rows, cols, e["name"]))
+    return out
 
 
 def _to_bytes(x: torch.Tensor, kind: str) -> bytes:
@@ -244,8 +341,9 @@ def _open(blob: bytes) -> tuple[dict, memoryview]:
         raise ValueError(f"artifact truncated: {len(blob)} bytes, shorter than the fixed "
                          f"{PREFIX.size + DIGEST_BYTES}-byte prefix and digest")
     _, version, total, header_len = PREFIX.unpack_from(blob)
-    if version == 1:
-        raise ValueError("artifact format version 1 (one RTN width for every matrix) was written by an older "
+    if version in (1, 2):
+        what = "one RTN width for every matrix" if version == 1 else "no layouts, LQER or int8 gates"
+        raise ValueError(f"artifact format version {version} ({what}) was written by an older "
                          f"pgolf; this one reads version {FORMAT_VERSION}: re-run the quantize stage")
     if version != FORMAT_VERSION:
         raise ValueError(f"unsupported artifact format version {version}, expected {FORMAT_VERSION}")
@@ -267,8 +365,9 @@ def _open(blob: bytes) -> tuple[dict, memoryview]:
     return header, body[end:]
 
 
-def _decompress_groups(groups: list[dict], payload: memoryview) -> dict[str, bytes]:
-    """Uncompressed payload per group name; checks sizes and crc32 of each."""
+def _decompress_groups(groups: list[dict], payload: memoryview, index: list[dict]) -> dict[str, bytes]:
+    """Canonical payload per group name (decompressed, layout undone); checks sizes and crc32 of each."""
+    geometry = _geometry(index, {g["name"]: g["raw_bytes"] for g in groups})
     stored = sum(g["stored_bytes"] for g in groups)
     if stored != len(payload):
         raise ValueError(f"artifact groups declare {stored} stored bytes, the payload holds {len(payload)}")
@@ -278,7 +377,7 @@ def _decompress_groups(groups: list[dict], payload: memoryview) -> dict[str, byt
         chunk = bytes(payload[offset: offset + g["stored_bytes"]])
         offset += g["stored_bytes"]
         try:
-            raw = decompress(chunk, codec)
+            raw = decode(decompress(chunk, codec), *geometry[name], g["raw_bytes"], Layout.parse(g["layout"]))
         except ValueError as e:
             raise ValueError(f"artifact group {name!r} cannot be decompressed: {e}") from e
         if len(raw) != g["raw_bytes"] or zlib.crc32(raw) != g["crc32"]:
@@ -303,7 +402,18 @@ def _read_tensor(entry: dict, raws: dict[str, bytes]) -> QuantizedTensor:
         rows = shape[0] if shape else 0
         q = _slice(raw, entry, "q", "int8", shape)
         scale = _slice(raw, entry, "scale", "fp16", (rows,))
-        t = QuantizedTensor(shape=shape, dtype=entry["dtype"], bits=entry["bits"], q=q, scale=scale)
+        lqer = None
+        if "lqer" in entry:
+            lq, rank = entry["lqer"], entry["lqer"]["rank"]
+            if not isinstance(rank, int) or rank < 1 or len(shape) != 2:
+                raise ValueError(f"artifact tensor {name!r}: invalid LQER rank {rank!r} for shape {list(shape)}")
+            geometry = {"a": (shape[0], rank), "a_scale": (1,), "b": (rank, shape[1]),
+                        "b_scale": (lqer_groups(rank, shape[1]),)}
+            if LQER_GROUP not in raws:
+                raise ValueError(f"artifact tensor {name!r}: group {LQER_GROUP!r} is not in the artifact")
+            lqer = LowRank(**{p: _slice(raws[LQER_GROUP], {**lq, "name": name}, p, _SPAN_KINDS[p], geometry[p])
+                              for p in _LQER_PARTS})
+        t = QuantizedTensor(shape=shape, dtype=entry["dtype"], bits=entry["bits"], q=q, scale=scale, lqer=lqer)
     return _check_tensor(name, t, kind, "artifact")
 
 
@@ -324,8 +434,8 @@ def _slice(raw: bytes, entry: dict, key: str, kind: str, shape: tuple) -> torch.
 def _check_tiling(index: list[dict], raws: dict[str, bytes]) -> None:
     """The index's [offset, nbytes] spans cover each group's payload exactly once."""
     spans: dict[str, list] = {g: [] for g in raws}
-    for e in index:
-        spans[e["group"]] += [(*e[key], e["name"], key) for key in ("q", "scale", "data") if key in e]
+    for group, offset, nbytes, name, key in _spans(index):
+        spans[group].append((offset, nbytes, name, key))
     for group, items in spans.items():
         end = 0
         for offset, nbytes, name, key in sorted(items):
@@ -359,7 +469,25 @@ def _check_tensor(name: str, t: QuantizedTensor, kind: str, where: str) -> Quant
     peak = t.q.to(torch.int16).abs().max().item() if t.q.numel() else 0
     if peak > qmax_for(t.bits):
         raise ValueError(f"{where}: tensor {name!r} has |q| {peak} > {qmax_for(t.bits)} for {t.bits} bits")
+    if t.lqer is not None:
+        _check_low_rank(name, t.lqer, t.shape, where)
     return t
+
+
+def _check_low_rank(name: str, lq: LowRank, shape: tuple, where: str) -> None:
+    """LQER factors: int8 on their grids, fp16 scales, shapes that multiply to `shape`."""
+    rank = lq.a.shape[1] if lq.a.ndim == 2 else -1
+    expected = {"a": (torch.int8, (shape[0], rank)), "b": (torch.int8, (rank, shape[1])),
+                "a_scale": (torch.float16, (1,)), "b_scale": (torch.float16, (lqer_groups(rank, shape[1]),))}
+    for part, (dtype, want) in expected.items():
+        x = getattr(lq, part)
+        if rank < 1 or x.dtype != dtype or tuple(x.shape) != want:
+            raise ValueError(f"{where}: tensor {name!r} LQER {part} is {x.dtype} {list(x.shape)}, "
+                             f"expected {dtype} {list(want)}")
+    for part, (lo, hi) in (("a", LQER_A_RANGE), ("b", LQER_B_RANGE)):
+        x = getattr(lq, part)
+        if x.numel() and (x.min().item() < lo or x.max().item() > hi):
+            raise ValueError(f"{where}: tensor {name!r} LQER {part} leaves its grid [{lo}, {hi}]")
 
 
 def read_artifact(path: str | Path) -> bytes:

@@ -18,7 +18,9 @@ import yaml
 
 EVAL_MODES = ("nonoverlap", "sliding")
 TOKENIZE_SOURCES = ("embedded", "jsonl", "docs_cache", "published")
-COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")
+COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")  # the default set: pure Python wheels, always available
+ALL_COMPRESSORS = (*COMPRESSORS, "lrzip")  # lrzip (ZPAQ) runs the system binary, where one exists
+LAYOUT_ORDERS = ("row", "col")  # layouts: an order, then optionally "+nn" and/or "+shuffle" (artifact_layout)
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA-graph modes: the host already runs ahead of the GPU
 QUANT_METHODS = ("rtn", "gptq")
 CLIP_METHODS = ("percentile", "sdclip")
@@ -289,6 +291,12 @@ class QuantizeConfig:
     act_order: bool = True  # gptq: columns in order of decreasing H_jj (the most sensitive first)
     passthrough_max_numel: int = 4096  # tensors this small (and all 1-D) stay fp16
     compressors: list = field(default_factory=lambda: list(COMPRESSORS))  # the smallest wins
+    layouts: list = field(default_factory=lambda: ["row"])  # per group, the smallest (layout, codec) wins
+    gate_int8: bool = False  # attention gates as int8 rows (scale max|row|/127) instead of fp16 (04-19)
+    lqer_rank: int = 0  # rank of the low-rank correction of the quantization error (0 = off; 04-27: 4)
+    lqer_top_k: int = 3  # LQER corrects the k matrices of largest ||W - Wq||_F (04-27: 3)
+    prune_fraction: float = 0.0  # zero this fraction of each quantized matrix by |w| before quantizing
+    fit_bytes: int = 0  # zero +-1 integers of least damage until artifact + code <= this (decimal; 0 = off)
 
     def __post_init__(self):
         _choice("quantize.method", self.method, QUANT_METHODS)
@@ -301,7 +309,30 @@ class QuantizeConfig:
         if not self.compressors:
             raise ValueError("quantize.compressors is empty: name at least one of " + ", ".join(COMPRESSORS))
         for name in self.compressors:
-            _choice("quantize.compressors[]", name, COMPRESSORS)
+            _choice("quantize.compressors[]", name, ALL_COMPRESSORS)
+        if not self.layouts:
+            raise ValueError("quantize.layouts is empty: name at least one, e.g. 'row'")
+        for name in self.layouts:
+            check_layout_name("quantize.layouts[]", name)
+        if self.lqer_rank < 0:
+            raise ValueError(f"quantize.lqer_rank={self.lqer_rank}: must be >= 0 (0 = off)")
+        _positive("quantize.lqer_top_k", self.lqer_top_k)
+        if not 0.0 <= self.prune_fraction < 1.0:
+            raise ValueError(f"quantize.prune_fraction={self.prune_fraction}: must lie in [0, 1)")
+        if not 0 <= self.fit_bytes <= CHALLENGE_ARTIFACT_BYTES:
+            raise ValueError(f"quantize.fit_bytes={self.fit_bytes}: must lie in [0, {CHALLENGE_ARTIFACT_BYTES:,}] "
+                             "(decimal bytes of artifact + code; 0 = off)")
+
+
+def check_layout_name(key: str, name: str) -> None:
+    """A layout is "row" or "col", then optionally "+nn" (rows reordered), then optionally
+    "+shuffle" (fp16 bytes split even/odd), e.g. "col+nn+shuffle"; anything else is refused."""
+    parts = name.split("+") if isinstance(name, str) else []
+    rest = parts[1:]
+    ok = bool(parts) and parts[0] in LAYOUT_ORDERS and rest in ([], ["nn"], ["shuffle"], ["nn", "shuffle"])
+    if not ok:
+        raise ValueError(f"{key}={name!r}: expected 'row' or 'col', optionally followed by '+nn' and/or "
+                         "'+shuffle' in that order (e.g. 'col+nn+shuffle')")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -9,32 +9,36 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pgolf_core.artifact import pack_artifact, write_reference
+from pgolf_core.artifact import write_reference
 from pgolf_core.calibration import load_hessians
 from pgolf_core.checkpoint import read_model_file
+from pgolf_core.codesize import code_bytes
 from pgolf_core.config import load_section
 from pgolf_core.dist import select_device
 from pgolf_core.io import atomic_path, sha256_files, write_stage_report
-from pgolf_core.quant.gptq import quantize_gptq
-from pgolf_core.quant.rtn import is_quantized, quantize_rtn
+from pgolf_core.quant.fit import pack_to_fit
+from pgolf_core.quant.pipeline import quantize_model
+from pgolf_core.quant.rtn import is_quantized
 
 
 def quantize(params: Path, model: Path, hessians: Path, out: Path, reference: Path, metrics: Path) -> dict:
     cfg = load_section(params, "quantize")
     state, model_config = read_model_file(model)
     start = time.perf_counter()
+    found = None
     if cfg.method == "gptq":
         found = load_hessians(hessians)
         if not found:
             raise ValueError(f"quantize.method 'gptq' needs Hessians, and {hessians} holds none: set "
                              "train.calib_batches > 0 (and rerun train), or quantize.method: rtn")
-        matrices = sum(is_quantized(t, cfg.passthrough_max_numel) and name in found for name, t in state.items())
-        with tqdm(total=matrices, desc="gptq", unit="matrix") as bar:
-            qm = quantize_gptq(state, found, cfg, select_device("auto"), progress=lambda name: bar.update(1))
-    else:
-        qm = quantize_rtn(state, cfg)
+    matrices = sum(is_quantized(t, cfg.passthrough_max_numel) and name in (found or {}) for name, t in state.items())
+    with tqdm(total=matrices, desc=cfg.method, unit="matrix", disable=not matrices) as bar:
+        qm, steps = quantize_model(state, cfg, found, select_device("auto"), progress=lambda name: bar.update(1))
     quantize_seconds = time.perf_counter() - start
-    blob, report = pack_artifact(qm, dataclasses.asdict(model_config), cfg.compressors)
+    code = code_bytes()[0] if cfg.fit_bytes else 0  # only the byte target needs the code counted here
+    with tqdm(desc="pack" if not cfg.fit_bytes else "fit_bytes probes", unit="probe") as bar:
+        qm, blob, report, fit = pack_to_fit(qm, dataclasses.asdict(model_config), cfg.compressors, cfg.layouts,
+                                            cfg.fit_bytes, code, progress=lambda n, size: bar.update(1))
     pack_seconds = time.perf_counter() - start - quantize_seconds
     with atomic_path(out) as tmp:
         tmp.mkdir()
@@ -48,6 +52,10 @@ def quantize(params: Path, model: Path, hessians: Path, out: Path, reference: Pa
         "compress_seconds": pack_seconds,
         "bytes_per_group": report["bytes_per_group"],
         "compressor_per_group": report["compressor_per_group"],
+        "layout_per_group": report["layout_per_group"],
+        "seconds_per_group": report["seconds_per_group"],
+        "lqer": steps["lqer"],
+        "fit": fit,
         "bits_per_group": dataclasses.asdict(cfg.bits),
         "num_quantized_tensors": kinds.count("int8"),
         "num_passthrough_tensors": kinds.count("fp16"),
@@ -69,7 +77,10 @@ def main() -> None:
           f"tensors in {r['quantize_seconds']:.2f} s, packed in {r['compress_seconds']:.2f} s "
           f"-> {a.out / 'model.bin'} {r['model_bytes']:,} bytes")
     for group, size in r["bytes_per_group"].items():
-        print(f"  {group:12s} {size:>12,} bytes  {r['compressor_per_group'][group]}")
+        print(f"  {group:12s} {size:>12,} bytes  {r['compressor_per_group'][group]:7s} {r['layout_per_group'][group]}")
+    if r["fit"]["zeroed"]:
+        print(f"  fit_bytes: zeroed {r['fit']['zeroed']:,} of {r['fit']['candidates']:,} +-1 integers in "
+              f"{r['fit']['probes']} probes -> {r['fit']['artifact_bytes']:,} bytes with code")
 
 
 if __name__ == "__main__":

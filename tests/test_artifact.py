@@ -12,7 +12,7 @@ from pgolf_core.artifact import (
     read_reference, unpack_artifact, write_reference,
 )
 from pgolf_core.compress import CODEC_IDS
-from pgolf_core.config import CategoryBits, QuantizeConfig
+from pgolf_core.config import COMPRESSORS, CategoryBits, QuantizeConfig
 from pgolf_core.quant import QuantizedModel, QuantizedTensor, dequantize
 from pgolf_core.quant.rtn import quantize_rtn
 
@@ -40,7 +40,7 @@ def qm():
 
 @pytest.fixture(scope="module")
 def packed(qm):
-    return pack_artifact(qm, MODEL_CONFIG, list(CODEC_IDS))
+    return pack_artifact(qm, MODEL_CONFIG, list(COMPRESSORS))
 
 
 def _reseal(blob: bytes, edit) -> bytes:
@@ -86,7 +86,7 @@ def test_group_table():
 
 
 def test_packing_is_deterministic(qm, packed):
-    assert pack_artifact(qm, MODEL_CONFIG, list(CODEC_IDS))[0] == packed[0]
+    assert pack_artifact(qm, MODEL_CONFIG, list(COMPRESSORS))[0] == packed[0]
 
 
 def _flip(blob: bytes, pos: int) -> bytes:

@@ -4,7 +4,10 @@ import random
 
 import pytest
 
-from pgolf_core.compress import CODEC_IDS, codec_id, codec_name, compress, compress_smallest, decompress
+from pgolf_core.compress import (CODEC_IDS, codec_id, codec_name, compress, compress_smallest, decompress,
+                                  lrzip_binary)
+
+AVAILABLE = [name for name in CODEC_IDS if name != "lrzip" or lrzip_binary()]  # lrzip only where installed
 
 
 def _data(n=20000, seed=0):
@@ -12,7 +15,7 @@ def _data(n=20000, seed=0):
     return bytes(rng.choice(b"\x00\x01\x02\xfe\xff\x7f") for _ in range(n)) + b"pgolf" * 500
 
 
-@pytest.mark.parametrize("name", list(CODEC_IDS))
+@pytest.mark.parametrize("name", AVAILABLE)
 def test_round_trip(name):
     data = _data()
     blob = compress(data, name)
@@ -21,7 +24,7 @@ def test_round_trip(name):
     assert decompress(compress(b"", name), name) == b""
 
 
-@pytest.mark.parametrize("name", list(CODEC_IDS))
+@pytest.mark.parametrize("name", AVAILABLE)
 def test_corrupt_data_names_the_codec(name):
     with pytest.raises(ValueError, match=name):
         decompress(b"\x13\x37not compressed at all" * 3, name)
@@ -38,8 +41,8 @@ def test_unknown_codec_is_refused():
 
 def test_compress_smallest_picks_the_minimum():
     data = _data(seed=1)
-    sizes = {name: len(compress(data, name)) for name in CODEC_IDS}
-    name, blob = compress_smallest(data, list(CODEC_IDS))
+    sizes = {name: len(compress(data, name)) for name in AVAILABLE}
+    name, blob = compress_smallest(data, AVAILABLE)
     assert len(blob) == min(sizes.values()) and sizes[name] == len(blob)
     assert decompress(blob, name) == data
     only, _ = compress_smallest(data, ["zlib"])
@@ -51,3 +54,11 @@ def test_compress_smallest_picks_the_minimum():
 def test_codec_ids_round_trip():
     for name in CODEC_IDS:
         assert codec_name(codec_id(name)) == name
+
+
+def test_lrzip_missing_gives_a_clear_message(monkeypatch):
+    monkeypatch.setenv("PATH", "")  # no binary can be found on an empty PATH
+    assert lrzip_binary() is None
+    for run in (lambda: compress(b"abc", "lrzip"), lambda: decompress(b"abc", "lrzip")):
+        with pytest.raises(ValueError, match="lrzip.*no lrzip binary is on PATH.*quantize.compressors"):
+            run()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from pgolf_core.config import QuantizeConfig
-from pgolf_core.quant import QuantizedModel, QuantizedTensor, category_of
+from pgolf_core.quant import GATE_BITS, QuantizedModel, QuantizedTensor, category_of
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -102,12 +102,16 @@ def is_quantized(t: torch.Tensor, passthrough_max_numel: int) -> bool:
 def quantize_state(state: dict[str, torch.Tensor], cfg: QuantizeConfig, method: str, quantize_one) -> QuantizedModel:
     """The loop every quantizer shares: check each tensor, route it (integers or fp16
     passthrough), give an integer matrix its category's width and grid (`row_grid`), and
-    let `quantize_one(name, w, bits, clip, scale)` choose its integers."""
+    let `quantize_one(name, w, bits, clip, scale)` choose its integers. Attention gates
+    are routed by `cfg.gate_int8` alone (`quantize_gate`), whatever their size."""
     out: dict[str, QuantizedTensor] = {}
     for name, t in state.items():
         check_tensor(name, t)
         shape, dtype = tuple(t.shape), str(t.dtype).removeprefix("torch.")
-        if is_quantized(t, cfg.passthrough_max_numel):
+        if category_of(name) == "gate":
+            out[name] = quantize_gate(name, t) if cfg.gate_int8 else \
+                QuantizedTensor(shape=shape, dtype=dtype, data=_to_fp16(name, t))
+        elif is_quantized(t, cfg.passthrough_max_numel):
             category = category_of(name)
             bits = getattr(cfg.bits, category)
             try:
@@ -119,6 +123,20 @@ def quantize_state(state: dict[str, torch.Tensor], cfg: QuantizeConfig, method: 
         else:
             out[name] = QuantizedTensor(shape=shape, dtype=dtype, data=_to_fp16(name, t))
     return QuantizedModel(tensors=out, method=method)
+
+
+def quantize_gate(name: str, w: torch.Tensor) -> QuantizedTensor:
+    """The attention gate as int8 per row, scale max|row|/127 in fp16 (04-19's
+    GATED_ATTN_QUANT_GATE): it feeds a sigmoid, so 8 bits lose nothing visible and halve
+    its fp16 bytes. The gate is tiny, so GPTQ is not worth its Hessian here."""
+    if w.ndim != 2:
+        raise ValueError(f"tensor {name!r}: an attention gate must be 2-D (heads, inputs) for quantize.gate_int8, "
+                         f"found shape {list(w.shape)}")
+    clip = w.abs().float().amax(dim=1)
+    scale = row_scales(clip, GATE_BITS)
+    q = quantize_rows(w, scale, clip, GATE_BITS)
+    return QuantizedTensor(shape=tuple(w.shape), dtype=str(w.dtype).removeprefix("torch."), bits=GATE_BITS,
+                           q=q, scale=scale)
 
 
 def quantize_rtn(state: dict[str, torch.Tensor], cfg: QuantizeConfig) -> QuantizedModel:

@@ -1,0 +1,102 @@
+"""Magnitude pruning removes exactly its fraction; the ±1 candidates come in order of
+least damage; fit_bytes lands at or under its target with the code counted."""
+
+import numpy as np
+import pytest
+import torch
+
+from _quant_models import MODEL_CONFIG, random_state
+from pgolf_core.artifact import compare_exact, pack_artifact, unpack_artifact
+from pgolf_core.codesize import code_bytes
+from pgolf_core.config import CategoryBits, QuantizeConfig
+from pgolf_core.quant.fit import pack_to_fit
+from pgolf_core.quant.pipeline import quantize_model
+from pgolf_core.quant.prune import prune_matrix, prune_state, unit_candidates, zero_cheapest
+from pgolf_core.quant.rtn import quantize_rtn
+
+CFG = QuantizeConfig(bits=CategoryBits(attention=5, mlp=5, embedding=5, other=5), clip="sdclip",
+                     passthrough_max_numel=100)
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.03, 0.25])
+def test_magnitude_pruning_removes_exactly_the_fraction(fraction):
+    w = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    out = prune_matrix(w, fraction)
+    zeroed = out == 0
+    assert int(zeroed.sum()) == round(fraction * w.numel())
+    assert w[zeroed].abs().max() <= w[~zeroed].abs().min()  # the smallest magnitudes went
+    assert torch.equal(out[~zeroed], w[~zeroed])
+
+
+def test_prune_state_touches_only_quantized_matrices():
+    state = random_state()
+    pruned = prune_state(state, 0.1, passthrough_max_numel=100)
+    for name, t in state.items():
+        quantized = t.ndim == 2 and t.numel() > 100 and not name.endswith(".gate")
+        assert int((pruned[name] == 0).sum()) == (round(0.1 * t.numel()) if quantized else 0), name
+    qm, _ = quantize_model(state, QuantizeConfig(prune_fraction=0.1, passthrough_max_numel=100))
+    q = qm.tensors["blocks.0.mlp.fc.weight"].q
+    assert int((q == 0).sum()) >= round(0.1 * q.numel())
+
+
+def test_candidates_are_the_unit_integers_by_least_damage():
+    qm = quantize_rtn(random_state(seed=2), CFG)
+    cand = unit_candidates(qm)
+    units = sum(int((t.q.abs() == 1).sum()) for n, t in qm.tensors.items() if t.kind == "int8")
+    assert len(cand) == units > 0
+    damage = [float(qm.tensors[cand.names[i]].scale[f // qm.tensors[cand.names[i]].q.shape[1]].double()) ** 2
+              for i, f in zip(cand.tensor.tolist(), cand.flat.tolist())]
+    assert damage == sorted(damage)
+    n = len(cand) // 3
+    pruned = zero_cheapest(qm, cand, n)
+    changed = sum(int((pruned.tensors[k].q != qm.tensors[k].q).sum()) for k in qm.tensors if qm.tensors[k].kind == "int8")
+    assert changed == n
+    left = unit_candidates(pruned)
+    assert len(left) == len(cand) - n
+    worst_zeroed = max(damage[:n])
+    assert all(float(pruned.tensors[left.names[i]].scale[f // pruned.tensors[left.names[i]].q.shape[1]].double()) ** 2
+               >= worst_zeroed for i, f in zip(left.tensor.tolist(), left.flat.tolist()))
+
+
+@pytest.fixture(scope="module")
+def code():
+    return code_bytes()[0]
+
+
+def test_fit_bytes_lands_at_or_under_its_target_with_code_counted(code):
+    qm = quantize_rtn(random_state(seed=4, scale=0.05), CFG)
+    _, base = pack_artifact(qm, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"])
+    target = code + base["model_bytes"] - 150
+    packed, blob, report, fit = pack_to_fit(qm, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"], target, code)
+    assert len(blob) + code <= target and fit["artifact_bytes"] == len(blob) + code
+    assert report["model_bytes"] == len(blob)
+    assert 0 < fit["zeroed"] < fit["candidates"] and fit["probes"] >= 1
+    back, _ = unpack_artifact(blob)
+    assert compare_exact(back, packed) == []
+    assert compare_exact(back, zero_cheapest(qm, unit_candidates(qm), fit["zeroed"])) == []
+    # a clearly smaller count would not have fit: the search does not zero far more than needed
+    fewer = zero_cheapest(qm, unit_candidates(qm), fit["zeroed"] // 2)
+    assert len(pack_artifact(fewer, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"])[0]) + code > target
+
+
+def test_fit_bytes_off_or_already_under_zeroes_nothing(code):
+    qm = quantize_rtn(random_state(seed=4), CFG)
+    blob0, _ = pack_artifact(qm, MODEL_CONFIG, ["zlib"])
+    for target in (0, len(blob0) + code):
+        packed, blob, _, fit = pack_to_fit(qm, MODEL_CONFIG, ["zlib"], ["row"], target, code)
+        assert fit["zeroed"] == 0 and blob == blob0 and packed is qm
+
+
+def test_unreachable_fit_bytes_names_the_key(code):
+    qm = quantize_rtn(random_state(seed=4), CFG)
+    with pytest.raises(ValueError, match="quantize.fit_bytes=.*out of reach"):
+        pack_to_fit(qm, MODEL_CONFIG, ["zlib"], ["row"], code + 500, code)
+
+
+def test_prune_and_fit_keys_are_checked():
+    with pytest.raises(ValueError, match="quantize.prune_fraction"):
+        QuantizeConfig(prune_fraction=1.0)
+    with pytest.raises(ValueError, match="quantize.fit_bytes"):
+        QuantizeConfig(fit_bytes=16_000_001)
+    with pytest.raises(ValueError, match="quantize.lqer_rank"):
+        QuantizeConfig(lqer_rank=-1)
