@@ -60,7 +60,7 @@ import safetensors.torch
 import torch
 
 from pgolf_core.checkpoint import build_model
-from pgolf_core.compress import codec_id, codec_name, compress, decompress
+from pgolf_core.compress import codec_id, codec_name, compress_many, decompress
 from pgolf_core.io import write_bytes_atomic
 from pgolf_core.layout import Layout, decode, encode
 from pgolf_core.model import GPT, ModelConfig
@@ -99,23 +99,36 @@ def pack_artifact(qm: QuantizedModel, model_config: dict, compressors, layouts=(
 
     Returns (artifact, report); report has model_bytes (= len(artifact)), header_bytes,
     and per group: bytes_per_group (compressed), raw_bytes_per_group, compressor_per_group,
-    layout_per_group, seconds_per_group (the time its choice took).
+    layout_per_group, seconds_per_group (compression seconds of its attempts, summed; the
+    attempts of all groups run in parallel processes when the artifact is large).
     """
     payloads, index = _layout(qm)
     geometry = _geometry(index, {g: len(raw) for g, raw in payloads.items()})
     bits = _bits_per_category(qm)
-    groups, blobs, seconds = [], [], {}
+    pairs_of = {group: [tuple(choices[group])] if choices else list(itertools.product(layouts, compressors))
+                for group in payloads}
+    keys = {group: (hashlib.sha256(raw).digest(), tuple(pairs_of[group])) for group, raw in payloads.items()}
+    todo = [g for g in payloads if cache is None or keys[g] not in cache]
+    chosen, seconds = {}, {}
+    jobs, owners = [], []  # every (layout, codec) attempt of every group to compress, run together
+    for group in todo:
+        encoded = {layout: encode(payloads[group], *geometry[group], Layout.parse(layout))
+                   for layout in dict.fromkeys(layout for layout, _ in pairs_of[group])}
+        for layout, codec in pairs_of[group]:
+            jobs.append((encoded[layout], codec))
+            owners.append((group, layout, codec))
+    for (group, layout, codec), (blob, spent) in zip(owners, compress_many(jobs)):
+        seconds[group] = seconds.get(group, 0.0) + spent
+        if group not in chosen or len(blob) < len(chosen[group][2]):  # ties go to the first pair
+            chosen[group] = (layout, codec, blob)
+    groups, blobs = [], []
     for group, raw in payloads.items():
-        start = time.perf_counter()
-        pairs = [tuple(choices[group])] if choices else list(itertools.product(layouts, compressors))
-        key = (hashlib.sha256(raw).digest(), tuple(pairs))
-        if cache is not None and key in cache:
-            layout, codec, blob = cache[key]
-        else:
-            layout, codec, blob = _smallest(raw, geometry[group], pairs)
+        if group in chosen:
             if cache is not None:
-                cache[key] = (layout, codec, blob)
-        seconds[group] = time.perf_counter() - start
+                cache[keys[group]] = chosen[group]
+        else:
+            chosen[group], seconds[group] = cache[keys[group]], 0.0
+        layout, codec, blob = chosen[group]
         groups.append({"name": group, "codec": codec_id(codec), "layout": layout, "raw_bytes": len(raw),
                        "stored_bytes": len(blob), "crc32": zlib.crc32(raw)})
         blobs.append(blob)
@@ -137,20 +150,6 @@ def pack_artifact(qm: QuantizedModel, model_config: dict, compressors, layouts=(
         "seconds_per_group": seconds,
     }
     return artifact, report
-
-
-def _smallest(raw: bytes, geometry: tuple, pairs: list) -> tuple[str, str, bytes]:
-    """(layout, codec, blob) of the smallest compressed output among (layout, codec) `pairs`;
-    ties go to the first."""
-    best = None
-    encoded: dict[str, bytes] = {}
-    for layout, codec in pairs:
-        if layout not in encoded:
-            encoded[layout] = encode(raw, *geometry, Layout.parse(layout))
-        blob = compress(encoded[layout], codec)
-        if best is None or len(blob) < len(best[2]):
-            best = (layout, codec, blob)
-    return best
 
 
 def unpack_artifact(blob: bytes) -> tuple[QuantizedModel, dict]:
