@@ -4,7 +4,8 @@ Shapes: B batch, T time, D model_dim, H query heads, K kv heads, G = H / K, E he
 Options (TECHNIQUES.md §2.3, §2.7): partial rotary embedding (`rope_dims` of E), a
 learned per-head query gain, XSA (remove from each head's output its component along
 the token's own value vector), a sparse sigmoid output gate per head, value
-embeddings added to v, and value residual (mix layer 0's v into later layers' v).
+embeddings added to v (one table, or two with a scale each per layer), and value
+residual (mix layer 0's v into later layers' v, linearly or through a sigmoid gate).
 """
 
 from __future__ import annotations
@@ -56,22 +57,36 @@ class Attention(nn.Module):
         self.qk_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init)) if cfg.qk_gain_init else None
         self.gate = nn.Parameter(torch.zeros(cfg.num_heads, GATE_INPUT_DIMS)) if cfg.attn_gate else None
         self.gate_scale = cfg.attn_gate_scale
-        self.value_embed_scale = nn.Parameter(torch.ones(1)) if layer in cfg.value_embed_layers else None
-        self.value_mix = nn.Parameter(torch.full((2,), 0.5)) if cfg.value_residual and layer > 0 else None
+        self.value_embed_tables = cfg.value_embed_tables
+        self.value_embed_scale = nn.Parameter(torch.ones(cfg.value_embed_tables)) \
+            if layer in cfg.value_embed_layers else None
+        residual = cfg.value_residual and layer > 0
+        self.value_mix = nn.Parameter(torch.full((2,), 0.5)) \
+            if residual and cfg.value_residual_mode == "linear" else None
+        # #569's gated form: one logit per layer, sigmoid(-1.5) = 18 % of v0 at start, so
+        # the later layers begin close to their own values and learn how much to share
+        self.value_gate = nn.Parameter(torch.full((1,), -1.5)) \
+            if residual and cfg.value_residual_mode == "gated" else None
 
     def forward(self, x: torch.Tensor, v0: torch.Tensor | None = None, value_embed: torch.Tensor | None = None,
                 mask=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, T, D) normalized input -> (output (B, T, D), this layer's raw v (B, T, K*E)).
-        `mask`: a `kernels.attention_mask` (None: plain causal)."""
+        `value_embed`: (B, T, K*E), or (2, B, T, K*E) with two tables; `mask`: a
+        `kernels.attention_mask` (None: plain causal)."""
         B, T, D = x.shape
         q = self.q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
         k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         v_raw = self.v(x)  # (B, T, K*E)
         v = v_raw
-        if self.value_embed_scale is not None:
+        if self.value_embed_scale is not None and self.value_embed_tables == 2:  # #1453: (2, B, T, K*E)
+            scale = self.value_embed_scale.to(v.dtype)
+            v = v + 0.1 * (scale[0] * value_embed[0] + scale[1] * value_embed[1])
+        elif self.value_embed_scale is not None:
             v = v + 0.1 * self.value_embed_scale * value_embed
         if self.value_mix is not None:
             v = self.value_mix[0] * v0 + self.value_mix[1] * v
+        elif self.value_gate is not None:  # v <- (1 - sigmoid(g)) v + sigmoid(g) v0
+            v = torch.lerp(v, v0, torch.sigmoid(self.value_gate).to(v.dtype))
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm, then positions
         if self.qk_gain is not None:

@@ -49,17 +49,17 @@ class Calibration:
 
 
 def hooked_inputs(model: GPT) -> tuple[dict[str, torch.nn.Module], dict[str, str]]:
-    """(module whose input is collected, by weight name; aliases weight -> collected weight)."""
+    """(module whose input is collected, by weight name; aliases weight -> collected weight).
+    Every linear map of the model is collected, whatever features built it (k and v alias
+    q, which reads the same input), and the head's input for the tied embedding."""
     modules, aliases = {}, {}
-    for i, block in enumerate(model.blocks):
-        attn, mlp = f"blocks.{i}.attn", f"blocks.{i}.mlp"
-        modules[f"{attn}.q.weight"] = block.attn.q
-        aliases[f"{attn}.k.weight"] = aliases[f"{attn}.v.weight"] = f"{attn}.q.weight"
-        modules[f"{attn}.out.weight"] = block.attn.out
-        modules[f"{mlp}.up.weight"] = block.mlp.up
-        modules[f"{mlp}.down.weight"] = block.mlp.down
-    if model.cfg.value_embed_layers:
-        modules["value_proj.weight"] = model.value_proj
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        if name.endswith((".attn.k", ".attn.v")):
+            aliases[f"{name}.weight"] = f"{name[:-1]}q.weight"
+        else:
+            modules[f"{name}.weight"] = module
     modules[HEAD_WEIGHT] = model.head_input
     return modules, aliases
 

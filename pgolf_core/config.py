@@ -152,17 +152,22 @@ class TrainConfig:
     unet_skips: bool = False  # encoder -> decoder skips with learned gates
     xsa_last_n: int = 0  # exclusive self-attention in the last N layers
     smear_gate: bool = False  # previous-token smear on embeddings, masked at BOS
+    smear_gate_mode: str = "input"  # "input" (04-16 #1667: lambda * sigmoid(w . x[:12])) or "channel" (03-19: a gate per channel)
     attn_gate: bool = False  # sparse sigmoid gate per head on the attention output
     attn_gate_scale: float = 1.0
     value_embed_layers: list = field(default_factory=list)  # layers given value embeddings
     value_embed_dim: int = 128
+    value_embed_tables: int = 1  # 1, or 2: two value-embedding tables with a scale each per layer (#1453)
     value_residual: bool = False  # later layers mix layer 0's v into theirs
+    value_residual_mode: str = "linear"  # "linear" (l0*v0 + l1*v) or "gated" (sigmoid gate per layer, init -1.5; #569)
+    bigram_buckets: int = 0  # BigramHash buckets of (previous, current) token pairs (0 = off; 2048 in #569, 6144 in #687)
+    bigram_dim: int = 128  # BigramHash table width (projected to model_dim)
     num_loops: int = 0  # depth recurrence: extra passes over layers loop_start..loop_end (0 = off)
     loop_start: int = 0
     loop_end: int = 0
     loop_start_frac: float = 0.35  # fraction of training after which the loop switches on
-    parallel_mode: str = "none"  # "none", "merge" (two lanes, learned merge) or "routed"
-    parallel_start: int = 0  # first physical decoder layer run in parallel lanes
+    parallel_mode: str = "none"  # "none", "merge" (two lanes, learned merge), "routed" or "gptj" (one stream)
+    parallel_start: int = 0  # first physical decoder layer run in parallel
     # GPU: the residual stream in bf16, like the records' bf16 weights: half its bytes, 17 % of
     # Inductor's elementwise bytes in the record step. On the CPU model under bf16 autocast it
     # cost nothing measurable (val_bpb +0.0002 +- 0.0024 over 3 seeds, 2026-11-23); the record-
@@ -250,7 +255,15 @@ class TrainConfig:
             )
         _choice("train.schedule", self.schedule, ("steps", "wallclock"))
         _choice("train.mlp_activation", self.mlp_activation, ("relu2", "leaky_relu2"))
-        _choice("train.parallel_mode", self.parallel_mode, ("none", "merge", "routed"))
+        _choice("train.parallel_mode", self.parallel_mode, ("none", "merge", "routed", "gptj"))
+        _choice("train.smear_gate_mode", self.smear_gate_mode, ("input", "channel"))
+        _choice("train.value_residual_mode", self.value_residual_mode, ("linear", "gated"))
+        _choice("train.value_embed_tables", self.value_embed_tables, (1, 2))
+        if self.value_embed_tables == 2 and not self.value_embed_layers:
+            raise ValueError("train.value_embed_tables=2 needs train.value_embed_layers (no layer would read them)")
+        if self.bigram_buckets < 0 or self.bigram_buckets == 1:
+            raise ValueError(f"train.bigram_buckets={self.bigram_buckets}: must be 0 (off) or at least 2")
+        _positive("train.bigram_dim", self.bigram_dim)
         _choice("train.ns_coefficients", self.ns_coefficients, ("quintic", "polar_express"))
         if not 0.0 <= self.loop_start_frac <= 1.0:
             raise ValueError(f"train.loop_start_frac={self.loop_start_frac}: must lie in [0, 1]")

@@ -7,9 +7,10 @@ Shapes: B batch, T time, D model_dim, V vocab. RMSNorm has no weight anywhere; t
 learned per-channel `attn_scale` / `mlp_scale` gains weight each residual branch.
 Output and down projections start at zero, so every block starts as the identity.
 Features: U-Net skips with learned gates, depth recurrence (a span of layers re-run
-once `looping` is switched on), two forms of parallel residual lanes, layer-wise norm
-scale 1/sqrt(layer+1), a residual mix with the embedding x0, SmearGate (never across
-a BOS), LeakyReLU(0.5)^2, document-masked attention, and the attention options of
+once `looping` is switched on), two forms of parallel residual lanes and GPT-J's
+single-stream parallel block, layer-wise norm scale 1/sqrt(layer+1), a residual mix
+with the embedding x0, SmearGate in two forms (never across a BOS), BigramHash,
+LeakyReLU(0.5)^2, document-masked attention, and the attention options of
 `attention.py`.
 """
 
@@ -29,7 +30,13 @@ from pgolf_core.kernels import attention_mask
 from pgolf_core.loss import fused_softcap_nll, softcap, softcap_nll
 
 MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
-PARALLEL_MODES = ("none", "merge", "routed")
+PARALLEL_MODES = ("none", "merge", "routed", "gptj")
+LANE_MODES = ("merge", "routed")  # the parallel modes that split the stream into two lanes
+SMEAR_GATE_MODES = ("input", "channel")
+VALUE_RESIDUAL_MODES = ("linear", "gated")
+# BigramHash's multipliers (TECHNIQUES.md §2.7, the 03-19..03-31 records): the bucket of
+# position t is (36313 * tok_t XOR 27191 * tok_{t-1}) mod (buckets - 1).
+BIGRAM_MUL_CURRENT, BIGRAM_MUL_PREVIOUS = 36313, 27191
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,17 +57,24 @@ class ModelConfig:
     resid_mix: bool = False  # block input = m0 * x + m1 * x0 (per channel; m0=1, m1=0 at init)
     unet_skips: bool = False  # encoder outputs feed the decoder through learned gates
     xsa_last_n: int = 0  # exclusive self-attention in the last N layers
-    smear_gate: bool = False  # x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1}, not across BOS
+    smear_gate: bool = False  # previous-token smear on the embeddings, never across a BOS
+    smear_gate_mode: str = "input"  # "input": x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1} (#1667);
+    #   "channel": x_t <- (1 - sigmoid(g)) * x_t + sigmoid(g) * x_{t-1}, g per channel (03-19, #65/#569)
     attn_gate: bool = False  # sparse sigmoid gate per head on the attention output
     attn_gate_scale: float = 1.0
     value_embed_layers: tuple = ()  # layers whose v gets a shared value embedding
     value_embed_dim: int = 128
+    value_embed_tables: int = 1  # 2: two tables, each with its own scale per layer (#1453)
     value_residual: bool = False  # later layers mix layer 0's v into theirs
+    value_residual_mode: str = "linear"  # "linear": l0 * v0 + l1 * v; "gated": lerp(v, v0, sigmoid(g)) (#569)
+    bigram_buckets: int = 0  # BigramHash: hashed (previous, current) token buckets added to the embedding (0 = off)
+    bigram_dim: int = 128  # BigramHash table width, projected to model_dim
     loop_start: int = 0  # depth recurrence: layers loop_start..loop_end re-run num_loops times
     loop_end: int = 0
     num_loops: int = 0  # 0 = no recurrence
-    parallel_mode: str = "none"  # "merge" (two lanes, learned merge) or "routed" (learned routing)
-    parallel_start: int = 0  # first physical layer (in the decoder) that runs in parallel lanes
+    parallel_mode: str = "none"  # "merge" (two lanes, learned merge), "routed" (learned routing) or
+    #   "gptj" (one stream: attention and MLP both read the block input)
+    parallel_start: int = 0  # first physical layer (in the decoder) that runs in parallel
     low_precision_residual: bool = False  # under autocast the residual stream is in its dtype, not float32
     doc_mask: bool = False  # attention never crosses a BOS (the records' varlen attention)
     bos_id: int = 1
@@ -69,13 +83,22 @@ class ModelConfig:
         object.__setattr__(self, "value_embed_layers", tuple(self.value_embed_layers))
         if self.mlp_activation not in MLP_ACTIVATIONS:
             raise ValueError(f"mlp_activation={self.mlp_activation!r}: must be one of {MLP_ACTIVATIONS}")
-        if self.parallel_mode not in PARALLEL_MODES:
-            raise ValueError(f"parallel_mode={self.parallel_mode!r}: must be one of {PARALLEL_MODES}")
+        for name, allowed in (("parallel_mode", PARALLEL_MODES), ("smear_gate_mode", SMEAR_GATE_MODES),
+                              ("value_residual_mode", VALUE_RESIDUAL_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {allowed}")
+        if self.value_embed_tables not in (1, 2):
+            raise ValueError(f"value_embed_tables={self.value_embed_tables}: must be 1 or 2")
+        if self.value_embed_tables == 2 and not self.value_embed_layers:
+            raise ValueError("value_embed_tables=2 needs value_embed_layers: no layer would read the tables")
+        if self.bigram_buckets and (self.bigram_buckets < 2 or self.bigram_dim <= 0):
+            raise ValueError(f"bigram_buckets={self.bigram_buckets}, bigram_dim={self.bigram_dim}: "
+                             "BigramHash needs at least 2 buckets (one is position 0's) and a positive width")
         if self.rope_dims % 2 or self.rope_dims > self.head_dim:
             raise ValueError(f"rope_dims={self.rope_dims}: must be even and at most head_dim={self.head_dim}")
         if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
             raise ValueError(f"loop span {self.loop_start}..{self.loop_end} is not inside 0..{self.num_layers - 1}")
-        if (self.smear_gate or self.attn_gate) and self.model_dim < GATE_INPUT_DIMS:
+        if ((self.smear_gate and self.smear_gate_mode == "input") or self.attn_gate) and self.model_dim < GATE_INPUT_DIMS:
             raise ValueError(f"gates read {GATE_INPUT_DIMS} channels; model_dim={self.model_dim} is smaller")
         if any(not 0 <= i < self.num_layers for i in self.value_embed_layers):
             raise ValueError(f"value_embed_layers={self.value_embed_layers} outside 0..{self.num_layers - 1}")
@@ -131,6 +154,42 @@ class MLP(nn.Module):
         return self.down(h.square())
 
 
+class BigramHash(nn.Module):
+    """A hashed table of (previous token, current token) pairs, projected to the model
+    width and added to the token embedding (#569: 2,048 buckets; #687: 6,144; TECHNIQUES
+    §2.7). It gives the first layer a bigram feature at the cost of one lookup, where the
+    attention would otherwise spend capacity learning to copy the previous token.
+
+    The bucket of position t reads tokens t and t-1 only (never the target t+1). Position
+    0 and every BOS go to the last bucket, which no pair hashes to: a window's first token
+    has no previous token, and a document's BOS must not see the previous document (the
+    records only special-cased position 0; the BOS rule is the SmearGate fix of #1851
+    applied here, so that a document-masked model stays document-independent).
+
+    The table starts N(0, 0.02) and the projection at zero, so the model starts as the
+    plain one and the projection gets gradient from the first step (a zero table too
+    would leave both without gradient); `scale` (0.05, TECHNIQUES §2.7) is the learnable
+    output scale."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int, bos_id: int):
+        super().__init__()
+        self.buckets, self.bos_id = buckets, bos_id
+        self.table = nn.Embedding(buckets, dim)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.scale = nn.Parameter(torch.full((1,), 0.05))
+
+    def bucket_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T) bucket ids."""
+        idx = idx.long()  # 36313 * 65535 overflows int32
+        cur, prev = idx[:, 1:], idx[:, :-1]
+        hashed = torch.bitwise_xor(BIGRAM_MUL_CURRENT * cur, BIGRAM_MUL_PREVIOUS * prev) % (self.buckets - 1)
+        hashed = hashed.masked_fill(cur == self.bos_id, self.buckets - 1)
+        return torch.cat([torch.full_like(idx[:, :1], self.buckets - 1), hashed], dim=1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.proj(self.table(self.bucket_ids(idx)))
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -155,9 +214,17 @@ class Block(nn.Module):
     def mlp_branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def forward(self, x, x0, v0=None, value_embed=None, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, x0, v0=None, value_embed=None, mask=None,
+                single_stream: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """`single_stream`: the GPT-J parallel form (04-06 #1412 / 04-09 #1493, TECHNIQUES
+        §2.6): attention and MLP both read the block input and add to the one residual,
+        x + A(N(x)) + M(N(x)), instead of the MLP reading x + A(N(x)). The two branches
+        no longer wait for each other, and the records found it narrowed the
+        quantization gap."""
         x = self.mixed(x, x0)
         a, v = self.attn_branch(x, v0, value_embed, mask)
+        if single_stream:
+            return x + a + self.mlp_branch(x), v
         x = x + a
         return x + self.mlp_branch(x), v
 
@@ -178,12 +245,19 @@ class GPT(nn.Module):
         if cfg.unet_skips:
             self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
             self.skip_gates = nn.Parameter(torch.zeros(num_skips, cfg.model_dim))
-        if cfg.smear_gate:
+        if cfg.smear_gate and cfg.smear_gate_mode == "input":
             self.smear_w = nn.Parameter(torch.zeros(GATE_INPUT_DIMS))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
+        elif cfg.smear_gate:  # "channel" (03-19, #65; in #569): sigmoid(0) = an even mix at start, as there
+            self.smear_channel = nn.Parameter(torch.zeros(cfg.model_dim))
+        if cfg.bigram_buckets:
+            self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, cfg.bos_id)
         if cfg.value_embed_layers:
             self.value_embed = nn.Embedding(cfg.vocab_size, cfg.value_embed_dim)
             self.value_proj = nn.Linear(cfg.value_embed_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        if cfg.value_embed_tables == 2:  # #1453: a second table, weighed by its own scale in each layer
+            self.value_embed2 = nn.Embedding(cfg.vocab_size, cfg.value_embed_dim)
+            self.value_proj2 = nn.Linear(cfg.value_embed_dim, cfg.num_kv_heads * cfg.head_dim, bias=False)
         if cfg.parallel_mode == "merge":
             self.lane_merge = nn.Parameter(torch.full((1,), 0.5))
         elif cfg.parallel_mode == "routed":
@@ -194,7 +268,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """Embedding N(0, embed_init_std); Q, K, V, up orthogonal; out and down zero;
-        value embeddings N(0, 0.01) with a zero projection."""
+        value embeddings N(0, 0.01) and the BigramHash table N(0, 0.02), each with a zero
+        projection (so each starts as the plain model)."""
         nn.init.normal_(self.tok_emb.weight, std=self.cfg.embed_init_std)
         for block in self.blocks:
             for linear in (block.attn.q, block.attn.k, block.attn.v, block.mlp.up):
@@ -204,13 +279,27 @@ class GPT(nn.Module):
         if self.cfg.value_embed_layers:
             nn.init.normal_(self.value_embed.weight, std=0.01)
             nn.init.zeros_(self.value_proj.weight)
+        if self.cfg.value_embed_tables == 2:
+            nn.init.normal_(self.value_embed2.weight, std=0.01)
+            nn.init.zeros_(self.value_proj2.weight)
+        if self.cfg.bigram_buckets:
+            nn.init.normal_(self.bigram.table.weight, std=0.02)
+            nn.init.zeros_(self.bigram.proj.weight)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) ids -> (B, T, D) normalized embeddings x0, smeared with the previous token."""
+        """(B, T) ids -> (B, T, D) normalized embeddings x0: the token embedding plus the
+        BigramHash feature, smeared with the previous token."""
         x = self.tok_emb(idx)
+        if self.cfg.bigram_buckets:
+            x = x + self.bigram(idx)
         if self.cfg.low_precision_residual and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))  # the records' bf16 stream: half the bytes per pass
-        if self.cfg.smear_gate:
+        if self.cfg.smear_gate and self.cfg.smear_gate_mode == "channel":
+            # a fixed per-channel mix with the previous token; where the current token is a
+            # BOS the weight is 0, so a document never sees the one before it
+            gate = torch.sigmoid(self.smear_channel.to(x.dtype)) * (idx[:, 1:, None] != self.cfg.bos_id)
+            x = torch.cat([x[:, :1], torch.lerp(x[:, 1:], x[:, :-1], gate)], dim=1)
+        elif self.cfg.smear_gate:
             gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(x[..., :GATE_INPUT_DIMS] @ self.smear_w.to(x.dtype))  # (B, T)
             gate = gate * (idx != self.cfg.bos_id)  # a document's BOS never sees the previous document
             x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:, None] * x[:, :-1]], dim=1)
@@ -222,6 +311,8 @@ class GPT(nn.Module):
         the float32 logits of the whole batch never reach memory."""
         x = x0 = self.embed(idx)
         value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
+        if self.cfg.value_embed_tables == 2:  # (2, B, T, K*E): the attention weighs each with its own scale
+            value_embed = torch.stack([value_embed, self.value_proj2(self.value_embed2(idx))])
         mask = attention_mask(idx, self.cfg.bos_id, self.cfg.doc_mask)
         encoder, decoder = layer_sequence(self.cfg, self.looping)
         skips, v0, lanes = [], None, None
@@ -237,11 +328,12 @@ class GPT(nn.Module):
                     x = torch.lerp(skip, x, gate)
                 else:
                     lanes[0] = torch.lerp(skip, lanes[0], gate)
-            if lanes is not None or (self.cfg.parallel_mode != "none" and i >= self.cfg.parallel_start):
+            parallel = self.cfg.parallel_mode != "none" and i >= self.cfg.parallel_start
+            if lanes is not None or (parallel and self.cfg.parallel_mode in LANE_MODES):
                 lanes = lanes or [x, x]
                 lanes, v = self._parallel_block(i, lanes, x0, v0, value_embed, mask)
             else:
-                x, v = self.blocks[i](x, x0, v0, value_embed, mask)
+                x, v = self.blocks[i](x, x0, v0, value_embed, mask, single_stream=parallel)
             v0 = v if v0 is None else v0
         if lanes is not None:
             x = self._merge_lanes(lanes)

@@ -76,6 +76,13 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
     return ModelConfig(vocab_size=vocab_size, **{name: getattr(cfg, name) for name in fields})
 
 
+def ema_update(ema: list[torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """One EMA step after an optimizer step (TECHNIQUES.md §3.4): e <- decay * e + (1 - decay) * w
+    for every state-dict tensor, kept in float32 whatever the weights' dtype. A function
+    of its own so that a test can pin the formula."""
+    torch._foreach_lerp_(ema, [v.float() for v in model.state_dict().values()], 1.0 - decay)
+
+
 def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -194,7 +201,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
             step, synced_step, synced_elapsed, seconds_per_step, cfg.train_seconds_cap)
         window_losses.append(one_step(step, progress).detach())
         if ema is not None:
-            torch._foreach_lerp_(ema, [v.float() for v in model.state_dict().values()], 1.0 - cfg.ema_decay)
+            ema_update(ema, model, cfg.ema_decay)
         step += 1
         bar.update(1)
     clock.pause()
