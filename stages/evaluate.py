@@ -36,7 +36,9 @@ def main() -> None:
     metrics = evaluate(cfg, load_model, val_tokens, val_byte_counts(sp, args.shards, val_tokens), device,
                        progress=dist.is_main())
     if dist.is_main():
-        inputs = {"artifact": io.sha256_tree(args.artifact), "shards": io.sha256_tree(args.shards)}
+        # the validation shards only: hashing the whole folder would read every training shard
+        val_files = sorted([*args.shards.glob(data.VAL_PATTERN), *args.shards.glob(data.VAL_BYTES_PATTERN)])
+        inputs = {"artifact": io.sha256_tree(args.artifact), "val_shards": io.sha256_files(val_files)}
         io.write_json_atomic(args.metrics, {**metrics, "provenance": io.provenance(inputs)})
     budget.check_budget(cfg.final_mode, metrics["projected_8xh100_seconds"], cfg.max_eval_seconds)
     dist.shutdown()
