@@ -350,3 +350,64 @@ def test_scored_bytes_are_the_decoded_texts_utf8_length(mode, tiny_sp, embedded_
     result = score_mode(mode, model, ids, position_bytes(byte_tables(tiny_sp), ids), cfg, device=CPU)
     assert result.sums.num_targets == len(ids) - 1
     assert result.sums.num_bytes == sum(len(tiny_sp.decode(p).encode("utf-8")) for p in pieces)
+
+
+TWO_PROCESS_SCRIPT = '''
+import json, sys
+import numpy as np
+import torch
+import torch.distributed as td
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
+torch.set_num_threads(1)
+from pgolf_core import dist
+from pgolf_core.eval.run import score_mode
+from pgolf_core.eval.sliding import Ledger
+import test_ttt as t
+
+dist.init("cpu")
+stream = t._stream(300, 64, seed=3)
+out = {}
+for mode in t.ALL_MODES:
+    ledger = Ledger(len(stream))
+    result = score_mode(mode, t._model(t.ModelConfig(**t.RECORD_LIKE)), stream, t._bytes(stream), t.EVAL,
+                        device=torch.device("cpu"), ledger=ledger)
+    counts = torch.as_tensor(ledger.times_scored)
+    dist.all_reduce_sum(counts)
+    out[mode] = [result.sums.nll_nats, result.sums.num_bytes, result.sums.num_targets, counts.tolist()]
+if dist.is_main():
+    with open(sys.argv[2], "w") as f:
+        json.dump(out, f)
+dist.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_work_and_agree_with_one(tmp_path, stream):
+    """Under torchrun (2 processes, gloo) every mode scores each target once across the
+    ranks and its sums equal one process's (to the order of the gradient all-reduce)."""
+    import subprocess
+
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(root), str(tmp_path / "out.json")], cwd=tmp_path, capture_output=True,
+                         text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    for mode in ALL_MODES:
+        nll, nbytes, ntargets, counts = out[mode]
+        one = _ledger(mode, stream)[1].sums
+        assert counts[0] == 0 and set(counts[1:]) == {1}, mode
+        assert (nbytes, ntargets) == (one.num_bytes, one.num_targets)
+        assert nll == pytest.approx(one.nll_nats, rel=1e-5), mode
+
+
+def test_rounds_end_at_every_phase_whatever_the_world_size():
+    from pgolf_core.eval.lora import rounds
+
+    assert rounds(7, 1, {1}) == [[0], [1], [2], [3], [4], [5], [6]]
+    assert rounds(7, 3, {1}) == [[0, 1], [2, 3, 4], [5, 6]]
+    assert rounds(7, 4, {1, 4}) == [[0, 1], [2, 3, 4], [5, 6]]
+    assert [b for r in rounds(9, 2, {3}) for b in r] == list(range(9))

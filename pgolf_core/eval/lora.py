@@ -28,8 +28,9 @@ The queue order reads only the documents' lengths (where the BOS tokens are), as
 records' length-sorted queues do. `ttt_phased` pauses once the count of fully scored
 documents reaches each boundary and trains the whole model with SGD on the first
 `boundary` documents of the queue (all scored, by every rank: batches are dealt to
-ranks round-robin in rounds, so every rank knows which documents are done without
-exchanging them), then resumes with fresh adapters.
+ranks round-robin in rounds that end at each phase, so every rank knows which
+documents are done without exchanging them, and the result does not depend on the
+number of processes), then resumes with fresh adapters.
 """
 
 from __future__ import annotations
@@ -270,6 +271,20 @@ def phase_blocks(docs: list[tuple[int, int]], seq_len: int, chunk_tokens: int) -
     return chunks + ([current] if current else [])
 
 
+def rounds(num_batches: int, world_size: int, phase_after: set[int]) -> list[list[int]]:
+    """Batch indices per round: up to one batch per rank, a round never running past a
+    batch after which a phase trains. So a phase sees the same scored documents, and
+    every later batch the same model, whatever the number of processes (ranks idle
+    briefly at the few phase boundaries)."""
+    out, current = [], []
+    for b in range(num_batches):
+        current.append(b)
+        if len(current) == world_size or b in phase_after or b == num_batches - 1:
+            out.append(current)
+            current = []
+    return out
+
+
 def _run(model, tokens, byte_counts, cfg: EvaluateConfig, *, phased: bool, device, autocast_dtype, ledger,
          progress) -> ModeResult:
     rank, world = dist.rank(), dist.world_size()
@@ -284,14 +299,15 @@ def _run(model, tokens, byte_counts, cfg: EvaluateConfig, *, phased: bool, devic
                              autocast_dtype=autocast_dtype, rank=rank, world_size=world)
     boundaries = [b for b in cfg.phase_boundaries if b < len(queue)] if phased else []
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    rounds = math.ceil(len(batches) / world)
-    for r in tqdm(range(rounds), desc="ttt_phased" if phased else "ttt_lora", disable=not progress, unit="round"):
-        b = r * world + rank
-        if b < len(batches):
+    schedule = rounds(len(batches), world, {math.ceil(b / cfg.lora_batch_docs) - 1 for b in boundaries})
+    for r, batch_ids in enumerate(tqdm(schedule, desc="ttt_phased" if phased else "ttt_lora",
+                                       disable=not progress, unit="round")):
+        if rank < len(batch_ids):
+            b = batch_ids[rank]
             score_batch(model, lora, b, batches[b], stream, stream_bytes, sums, device=device,
                         autocast_dtype=autocast_dtype, ledger=ledger)
-        scored_docs = min(len(queue), (r + 1) * world * cfg.lora_batch_docs)
-        while boundaries and boundaries[0] <= scored_docs and r < rounds - 1:
+        scored_docs = min(len(queue), (batch_ids[-1] + 1) * cfg.lora_batch_docs)
+        while boundaries and boundaries[0] <= scored_docs and r < len(schedule) - 1:
             chunks = phase_blocks(queue[: boundaries.pop(0)], cfg.seq_len, cfg.ttt_chunk_tokens)
             for c, chunk in enumerate(chunks):  # cosine over the phase, never down to 0: every chunk trains
                 trainer.train(stream, chunk, lr=cosine_lr(cfg.phase_lr, c, len(chunks) + 1), epochs=cfg.phase_epochs)
