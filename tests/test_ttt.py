@@ -411,3 +411,23 @@ def test_rounds_end_at_every_phase_whatever_the_world_size():
     assert rounds(7, 3, {1}) == [[0, 1], [2, 3, 4], [5, 6]]
     assert rounds(7, 4, {1, 4}) == [[0, 1], [2, 3, 4], [5, 6]]
     assert [b for r in rounds(9, 2, {3}) for b in r] == list(range(9))
+
+
+def test_eval_speed_smoke_run_on_cpu(tmp_path):
+    """bench/eval_speed.py must run before a GPU session needs it (its figures come from the GPU)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "eval_speed.json"
+    run = subprocess.run([sys.executable, "bench/eval_speed.py", "--profile", "profiles/cpu.yaml", "--device", "cpu",
+                          "--tokens", "1500", "--modes", "ttt_phased", "ttt_sgd", "--set", "seq_len=32", "stride=16",
+                          "lora_rank=2", "lora_chunk_tokens=16", "ttt_chunk_tokens=512", "lora_batch_docs=1",
+                          "--doc-len", "200", "--out", str(out)], cwd=root, capture_output=True, text=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["git_commit"] and result["final_mode"] == "ttt_phased"
+    for mode in ("ttt_phased", "ttt_sgd"):
+        assert result[f"tokens_per_second_{mode}"] > 0 and result[f"projected_8xh100_seconds_{mode}"] > 0
+    assert result["phase_boundaries_scaled"] == [1]  # 833..2500 of 50,000 documents, for a handful
