@@ -375,6 +375,9 @@ for mode in t.ALL_MODES:
     counts = torch.as_tensor(ledger.times_scored)
     dist.all_reduce_sum(counts)
     out[mode] = [result.sums.nll_nats, result.sums.num_bytes, result.sums.num_targets, counts.tolist()]
+one_seq = t.dataclasses.replace(t.EVAL, ttt_batch_seqs=1)  # rank 1 has no sequence in any step
+out["one_seq"] = score_mode("ttt_sgd", t._model(t.ModelConfig(**t.RECORD_LIKE)), stream, t._bytes(stream), one_seq,
+                            device=torch.device("cpu")).sums.nll_nats
 if dist.is_main():
     with open(sys.argv[2], "w") as f:
         json.dump(out, f)
@@ -402,6 +405,9 @@ def test_two_processes_share_the_work_and_agree_with_one(tmp_path, stream):
         assert counts[0] == 0 and set(counts[1:]) == {1}, mode
         assert (nbytes, ntargets) == (one.num_bytes, one.num_targets)
         assert nll == pytest.approx(one.nll_nats, rel=1e-5), mode
+    one_seq = dataclasses.replace(EVAL, ttt_batch_seqs=1)
+    alone = score_mode("ttt_sgd", _model(ModelConfig(**RECORD_LIKE)), stream, _bytes(stream), one_seq, device=CPU)
+    assert out["one_seq"] == pytest.approx(alone.sums.nll_nats, rel=1e-5)
 
 
 def test_rounds_end_at_every_phase_whatever_the_world_size():

@@ -88,6 +88,8 @@ class SGDTrainer:
         for p in self.frozen:
             p.requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        for p in self.params:  # a rank with no sequence in a step still all-reduces (zero) gradients
+            p.grad = torch.zeros_like(p)
         self.opt = torch.optim.SGD(self.params, lr=0.0, momentum=momentum)
         self.syncs = 0
 
