@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-EVAL_MODES = ("nonoverlap", "sliding")
+EVAL_MODES = ("nonoverlap", "sliding", "ttt_sgd", "ttt_lora", "ttt_phased")
+LORA_TARGETS = ("q", "k", "v", "o", "up", "down", "head")  # pgolf_core.eval.lora.target_weights
 TOKENIZE_SOURCES = ("embedded", "jsonl", "docs_cache", "published")
 COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")  # the default set: pure Python wheels, always available
 ALL_COMPRESSORS = (*COMPRESSORS, "lrzip")  # lrzip (ZPAQ) runs the system binary, where one exists
@@ -370,11 +371,39 @@ class VerifyConfig:
 @dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     final_mode: str = "sliding"  # the mode reported as val_bpb, fixed before evaluating
-    modes: list = field(default_factory=lambda: list(EVAL_MODES))  # modes to run
+    modes: list = field(default_factory=lambda: ["nonoverlap", "sliding"])  # modes to run (EVAL_MODES)
     seq_len: int = 256  # window length (non-overlapping block length too)
     stride: int = 64  # sliding: new targets scored per window
     batch_seqs: int = 32  # windows per forward pass
     truncate_to_seq_len: bool = False  # score only ((N-1)//seq_len)*seq_len targets, as the records
+    # ttt_sgd (TECHNIQUES.md 5.3): score a chunk with sliding windows, then train on it
+    ttt_chunk_tokens: int = 32768  # targets per chunk (chunk c owns targets (cC, (c+1)C])
+    ttt_lr: float = 0.005  # SGD peak LR, cosine over chunks to 0 at the last trained chunk
+    ttt_momentum: float = 0.9
+    ttt_epochs: int = 3  # passes over each chunk
+    ttt_grad_clip: float = 1.0  # global grad-norm clip after the all-reduce (0 = off)
+    ttt_freeze_blocks: int = 0  # leading blocks kept fixed
+    ttt_batch_seqs: int = 32  # training sequences (seq_len tokens) per step, over all processes
+    # ttt_lora (TECHNIQUES.md 5.4): per-document adapters, a chunk scored then one AdamW step
+    lora_targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "down", "head"])  # LORA_TARGETS
+    lora_rank: int = 96
+    lora_alpha: float = 144.0  # adapter output scale alpha / rank
+    lora_chunk_tokens: int = 48  # targets scored per forward, then one step
+    lora_batch_docs: int = 64  # documents per batch (each its own adapters)
+    lora_lr: float = 1e-4
+    lora_beta1: float = 0.0
+    lora_beta2: float = 0.999
+    lora_eps: float = 1e-10
+    lora_weight_decay: float = 0.5
+    lora_warm_start_a: bool = False  # keep A across batches (legal; documents no longer independent)
+    # ttt_phased (TECHNIQUES.md 5.5): ttt_lora, pausing for global SGD on fully scored documents
+    phase_boundaries: list = field(default_factory=lambda: [833, 1666, 2500])  # scored-document counts
+    phase_lr: float = 0.001  # global SGD peak LR (cosine over the phase's chunks); momentum, clip, chunk as ttt_*
+    phase_epochs: int = 1
+    # budget (DESIGN.md: the final mode <= 600 s on 8xH100, artifact read to final sum)
+    warmup: bool = True  # one forward/backward on random tokens before the timer of the scoring loop
+    max_eval_seconds: float = 0.0  # fail when the final mode's 8xH100 projection exceeds it (0 = no check)
+    sync_seconds: float = 0.0002  # projection: cost of one cross-process synchronisation on 8xH100
 
     def __post_init__(self):
         for mode in self.modes:
@@ -382,10 +411,29 @@ class EvaluateConfig:
         _choice("evaluate.final_mode", self.final_mode, EVAL_MODES)
         if self.final_mode not in self.modes:
             raise ValueError(f"evaluate.final_mode={self.final_mode!r} is not in evaluate.modes={self.modes}")
-        _positive("evaluate.seq_len", self.seq_len)
-        _positive("evaluate.batch_seqs", self.batch_seqs)
+        for name in ("seq_len", "batch_seqs", "ttt_chunk_tokens", "ttt_epochs", "ttt_batch_seqs", "lora_rank",
+                     "lora_chunk_tokens", "lora_batch_docs", "phase_epochs"):
+            _positive(f"evaluate.{name}", getattr(self, name))
         if not 0 < self.stride <= self.seq_len:
             raise ValueError(f"evaluate.stride={self.stride}: must lie in [1, seq_len={self.seq_len}]")
+        if self.lora_chunk_tokens > self.seq_len:
+            raise ValueError(f"evaluate.lora_chunk_tokens={self.lora_chunk_tokens}: a chunk is scored in one "
+                             f"window, so it must not exceed evaluate.seq_len={self.seq_len}")
+        for name in ("ttt_freeze_blocks", "ttt_grad_clip", "ttt_lr", "lora_lr", "lora_weight_decay", "phase_lr",
+                     "max_eval_seconds", "sync_seconds"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"evaluate.{name}={getattr(self, name)}: must be >= 0")
+        for name in ("ttt_momentum", "lora_beta1", "lora_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"evaluate.{name}={getattr(self, name)}: must lie in [0, 1)")
+        if not self.lora_targets:
+            raise ValueError("evaluate.lora_targets is empty: name at least one of " + ", ".join(LORA_TARGETS))
+        for name in self.lora_targets:
+            _choice("evaluate.lora_targets[]", name, LORA_TARGETS)
+        if any(not isinstance(b, int) or b <= 0 for b in self.phase_boundaries) or \
+                list(self.phase_boundaries) != sorted(set(self.phase_boundaries)):
+            raise ValueError(f"evaluate.phase_boundaries={self.phase_boundaries}: must be increasing positive "
+                             "document counts")
 
 
 SECTIONS: dict[str, type] = {

@@ -1,37 +1,18 @@
-"""Stage `evaluate`: exact val_bpb of the artifact's model in every configured mode.
+"""Stage `evaluate`: exact val_bpb of the artifact's model in every configured mode
+(`pgolf_core.eval.run`), each timed from reading the artifact to its final sum.
 
 `val_bpb` is the mode named by `evaluate.final_mode`, fixed before any mode runs:
-picking the best mode afterwards would be selection on the validation set.
+picking the best mode afterwards would be selection on the validation set. The metrics
+are written before the budget check, so a run that breaks the budget still shows why.
 """
 
 import argparse
-import time
 from pathlib import Path
 
 from pgolf_core import artifact, config, data, dist, io, tokenizer
 from pgolf_core.bpb import val_byte_counts
-from pgolf_core.eval.sliding import val_bpb
-
-STRIDES = {"nonoverlap": lambda cfg: cfg.seq_len, "sliding": lambda cfg: cfg.stride}
-
-
-def evaluate(cfg: config.EvaluateConfig, model, val_tokens, val_bytes, device) -> dict:
-    if cfg.truncate_to_seq_len:
-        end = (len(val_tokens) - 1) // cfg.seq_len * cfg.seq_len + 1
-        val_tokens, val_bytes = val_tokens[:end], val_bytes[:end]
-    autocast = dist.autocast_dtype(device)
-    metrics = {}
-    for mode in cfg.modes:
-        start = time.perf_counter()
-        metrics[f"val_bpb_{mode}"], total = val_bpb(
-            model, val_tokens, val_bytes, window=cfg.seq_len, stride=STRIDES[mode](cfg), batch_seqs=cfg.batch_seqs,
-            device=device, autocast_dtype=autocast, progress=dist.is_main())
-        metrics[f"eval_seconds_{mode}"] = time.perf_counter() - start
-        metrics["tokens_scored"] = total.num_targets
-        print(f"evaluate: {mode} val_bpb {metrics[f'val_bpb_{mode}']:.4f} over {total.num_targets:,} "
-              f"targets / {total.num_bytes:,} bytes in {metrics[f'eval_seconds_{mode}']:.1f} s")
-    metrics["eval_seconds"] = sum(v for k, v in metrics.items() if k.startswith("eval_seconds_"))
-    return {"val_bpb": metrics[f"val_bpb_{cfg.final_mode}"], "final_mode": cfg.final_mode, **metrics}
+from pgolf_core.eval import budget
+from pgolf_core.eval.run import evaluate
 
 
 def main() -> None:
@@ -43,14 +24,23 @@ def main() -> None:
     device = dist.select_device("auto")
     dist.init(device.type)
     sp = tokenizer.load_tokenizer(args.tokenizer)
-    model = artifact.load_model(args.artifact / "model.bin").to(device)
-    if model.cfg.vocab_size != sp.vocab_size():
-        raise ValueError(f"model vocab {model.cfg.vocab_size} != tokenizer vocab {sp.vocab_size()} ({args.tokenizer})")
+
+    def load_model():
+        model = artifact.load_model(args.artifact / "model.bin").to(device)
+        if model.cfg.vocab_size != sp.vocab_size():
+            raise ValueError(f"model vocab {model.cfg.vocab_size} != tokenizer vocab {sp.vocab_size()} "
+                             f"({args.tokenizer})")
+        return model
+
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
-    metrics = evaluate(cfg, model, val_tokens, val_byte_counts(sp, args.shards, val_tokens), device)
+    metrics = evaluate(cfg, load_model, val_tokens, val_byte_counts(sp, args.shards, val_tokens), device,
+                       progress=dist.is_main())
     if dist.is_main():
-        inputs = {"artifact": io.sha256_tree(args.artifact), "shards": io.sha256_tree(args.shards)}
+        # the validation shards only: hashing the whole folder would read every training shard
+        val_files = sorted([*args.shards.glob(data.VAL_PATTERN), *args.shards.glob(data.VAL_BYTES_PATTERN)])
+        inputs = {"artifact": io.sha256_tree(args.artifact), "val_shards": io.sha256_files(val_files)}
         io.write_stage_report(args.metrics, metrics, inputs)
+    budget.check_budget(cfg.final_mode, metrics["projected_8xh100_seconds"], cfg.max_eval_seconds)
     dist.shutdown()
 
 

@@ -58,25 +58,45 @@ def plan_windows(num_tokens: int, window: int, stride: int) -> tuple[int, list[W
     return length, windows
 
 
+class Ledger:
+    """Per-target record of what an evaluation scored: the NLL of each stream position
+    (NaN until scored) and how many times it was scored. Tests read it to prove that
+    every target is scored exactly once and that a loss depends only on earlier tokens;
+    the modes fill it only when given one (it costs a device-to-host copy per batch)."""
+
+    def __init__(self, num_tokens: int):
+        self.nll = np.full(num_tokens, np.nan, dtype=np.float64)
+        self.times_scored = np.zeros(num_tokens, dtype=np.int64)
+
+    def add(self, positions: torch.Tensor, nll: torch.Tensor) -> None:
+        pos = positions.detach().cpu().numpy().ravel()
+        self.nll[pos] = nll.detach().double().cpu().numpy().ravel()
+        np.add.at(self.times_scored, pos, 1)
+
+
+def add_scores(sums: torch.Tensor, nll: torch.Tensor, nbytes: torch.Tensor, scored: torch.Tensor,
+               positions: torch.Tensor, ledger: Ledger | None) -> None:
+    """Accumulate the scored entries of a batch into `sums` (nll, bytes, targets; float64)."""
+    nll = nll.detach().double()
+    sums += torch.stack([nll[scored].sum(), nbytes[scored].sum().double(), scored.sum().double()])
+    if ledger is not None:
+        ledger.add(positions[scored], nll[scored])
+
+
 @torch.no_grad()
-def score_windows(model, tokens: np.ndarray, byte_counts: np.ndarray, *, window: int, stride: int,
-                  batch_seqs: int, device, rank: int = 0, world_size: int = 1,
-                  autocast_dtype: torch.dtype | None = None, progress: bool = False) -> ScoreSums:
-    """Sum NLL and bytes over this rank's share of the windows (windows[rank::world_size]).
-    `byte_counts[j]` is the byte count of the target at stream position j (`bpb`)."""
-    if len(byte_counts) != len(tokens):
-        raise ValueError(f"{len(byte_counts)} byte counts for a stream of {len(tokens)} tokens")
-    length, windows = plan_windows(len(tokens), window, stride)
-    mine = windows[rank::world_size]
-    stream = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
-    stream_bytes = torch.as_tensor(np.asarray(byte_counts, dtype=np.int64))
+def score_window_list(model, stream: torch.Tensor, stream_bytes: torch.Tensor, length: int, windows: list[Window], *,
+                      batch_seqs: int, device, autocast_dtype: torch.dtype | None = None,
+                      ledger: Ledger | None = None, progress: bool = False, desc: str = "score") -> torch.Tensor:
+    """Score `windows` (all of `length` inputs) of a CPU int64 token stream with no gradient;
+    returns the float64 sums (nll, bytes, targets) on `device`. Shared by sliding scoring and
+    by test-time training, which scores each chunk's windows before training on it."""
     offsets = torch.arange(length + 1)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    batches = range(0, len(mine), batch_seqs)
-    for i in tqdm(batches, desc=f"score w={window} s={stride}", disable=not progress, unit="batch"):
-        chunk = mine[i : i + batch_seqs]
+    batches = range(0, len(windows), batch_seqs)
+    for i in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
+        chunk = windows[i : i + batch_seqs]
         starts = torch.tensor([w.start for w in chunk])
         positions = starts[:, None] + offsets  # (b, length + 1)
         seqs = stream[positions].to(device)
@@ -86,17 +106,39 @@ def score_windows(model, tokens: np.ndarray, byte_counts: np.ndarray, *, window:
             [length - w.num_scored for w in chunk], device=device)[:, None]  # (b, length)
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             logits = model(inputs)
-        nll = token_nll(logits, targets).double()
-        sums += torch.stack([nll[scored].sum(), nbytes[scored].sum().double(), scored.sum().double()])
+        add_scores(sums, token_nll(logits, targets), nbytes, scored, positions[:, 1:].to(device), ledger)
     model.train(was_training)
+    return sums
+
+
+def stream_tensors(tokens: np.ndarray, byte_counts: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token stream and its per-position byte counts as CPU int64 tensors."""
+    if len(byte_counts) != len(tokens):
+        raise ValueError(f"{len(byte_counts)} byte counts for a stream of {len(tokens)} tokens")
+    return (torch.as_tensor(np.asarray(tokens, dtype=np.int64)),
+            torch.as_tensor(np.asarray(byte_counts, dtype=np.int64)))
+
+
+def score_windows(model, tokens: np.ndarray, byte_counts: np.ndarray, *, window: int, stride: int,
+                  batch_seqs: int, device, rank: int = 0, world_size: int = 1,
+                  autocast_dtype: torch.dtype | None = None, progress: bool = False,
+                  ledger: Ledger | None = None) -> ScoreSums:
+    """Sum NLL and bytes over this rank's share of the windows (windows[rank::world_size]).
+    `byte_counts[j]` is the byte count of the target at stream position j (`bpb`)."""
+    stream, stream_bytes = stream_tensors(tokens, byte_counts)
+    length, windows = plan_windows(len(tokens), window, stride)
+    sums = score_window_list(model, stream, stream_bytes, length, windows[rank::world_size], batch_seqs=batch_seqs,
+                             device=device, autocast_dtype=autocast_dtype, ledger=ledger, progress=progress,
+                             desc=f"score w={window} s={stride}")
     return ScoreSums.from_tensor(sums.cpu())
 
 
 def val_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, *, window: int, stride: int, batch_seqs: int,
-            device, autocast_dtype: torch.dtype | None = None, progress: bool = False) -> tuple[float, ScoreSums]:
+            device, autocast_dtype: torch.dtype | None = None, progress: bool = False,
+            ledger: Ledger | None = None) -> tuple[float, ScoreSums]:
     """Bits per byte over all targets of `tokens`, windows shared across ranks and the sums reduced."""
     sums = score_windows(model, tokens, byte_counts, window=window, stride=stride, batch_seqs=batch_seqs,
                          device=device, rank=dist.rank(), world_size=dist.world_size(),
-                         autocast_dtype=autocast_dtype, progress=progress)
+                         autocast_dtype=autocast_dtype, progress=progress, ledger=ledger)
     total = ScoreSums.from_tensor(dist.all_reduce_sum(sums.as_tensor(device)).cpu())
     return bits_per_byte(total.nll_nats, total.num_bytes), total

@@ -1,0 +1,151 @@
+"""Benchmark: evaluation speed of each mode on this device, projected to 8xH100 for the
+40,540,160-token FineWeb validation set (DESIGN.md: `tokens_per_second_<mode>`,
+`projected_8xh100_seconds_<mode>`).
+
+Each mode runs as `evaluate` runs it (`pgolf_core.eval.run`: a fresh model per mode,
+the warm-up on random tokens, then the scoring loop) over the first `--tokens` tokens of
+the validation stream: the val shards when `--shards` is given, else synthetic documents
+of geometric length (mean `--doc-len`, FineWeb's about 811 tokens) with random tokens.
+The model is the artifact (`--artifact`), a trained float checkpoint (`--model`), or the
+profile's architecture at initialisation (speed only: TTT's arithmetic does not depend
+on the weights). `ttt_phased`'s boundaries are scaled by the slice's share of the 50,000
+validation documents, so its phases train the same share of tokens. The projection is
+`pgolf_core.eval.budget`'s model (stated in the JSON); the setup (model load, warm-up) is
+counted once, the loop scaled to the full set.
+
+    python -m bench.eval_speed --profile profiles/record_8xh100.yaml --model data/train/model.safetensors \
+        --shards data/shards --tokens 4000000
+    python -m bench.eval_speed --profile profiles/cpu.yaml --device cpu --tokens 3000 \
+        --set seq_len=64 stride=32 lora_rank=4 --out /tmp/eval_speed.json   # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.header import RESULTS, header
+from pgolf_core import artifact, checkpoint, config, data, tokenizer
+from pgolf_core.bpb import bits_per_byte, val_byte_counts
+from pgolf_core.eval import budget
+from pgolf_core.eval.run import score_mode, truncated, warm_up
+from pgolf_core.model import GPT
+from pgolf_core.train import model_config
+
+FINEWEB_VAL_TOKENS = 40_540_160
+FINEWEB_VAL_DOCUMENTS = 50_000
+
+
+def synthetic_stream(num_tokens: int, vocab: int, bos: int, doc_len: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(bos + 1, vocab, num_tokens)
+    tokens[rng.random(num_tokens) < 1.0 / doc_len] = bos
+    tokens[0] = bos
+    return tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
+    parser.add_argument("--artifact", default=None, help="an artifact's model.bin")
+    parser.add_argument("--model", default=None, help="a float checkpoint (data/train/model.safetensors)")
+    parser.add_argument("--shards", default=None, help="read the val shards here instead of synthetic tokens")
+    parser.add_argument("--tokens", type=int, default=4_000_000, help="validation tokens timed per mode")
+    parser.add_argument("--doc-len", type=float, default=811.0, help="synthetic documents' mean length")
+    parser.add_argument("--modes", nargs="*", default=None, help="default: the profile's evaluate.modes")
+    parser.add_argument("--set", nargs="*", default=[], help="evaluate.KEY=VALUE overrides")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tokenizer", default=None,
+                        help="with --shards: count real bytes and report val_bpb_<mode> of the timed slice")
+    parser.add_argument("--out", default=str(RESULTS / "eval_speed.json"))
+    args = parser.parse_args()
+
+    overrides = config.read_profile(args.profile)
+    values = {**overrides.get("evaluate", {}), **config.parse_assignments(args.set)}
+    if args.modes:
+        values.update(modes=args.modes, final_mode=args.modes[0])
+    cfg = config.build_section("evaluate", values)
+    train_cfg = config.build_section("train", overrides.get("train", {}))
+    vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
+    device = torch.device(args.device)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+
+    def load() -> GPT:
+        if args.artifact:
+            return artifact.load_model(args.artifact).to(device)
+        if args.model:
+            state, model_cfg = checkpoint.read_model_file(args.model)
+            return checkpoint.build_model(state, model_cfg).to(device)
+        torch.manual_seed(0)
+        return GPT(model_config(train_cfg, vocab)).to(device)
+
+    probe = load()
+    bos, vocab = probe.cfg.bos_id, probe.cfg.vocab_size
+    num_params = sum(p.numel() for p in probe.parameters())
+    del probe
+    if args.shards:
+        tokens = data.load_split(args.shards, "val", vocab)[: args.tokens].astype(np.int64)
+    else:
+        tokens = synthetic_stream(args.tokens, vocab, bos, args.doc_len)
+    if args.shards and args.tokenizer:
+        byte_counts = val_byte_counts(tokenizer.load_tokenizer(args.tokenizer), args.shards,
+                                      data.load_split(args.shards, "val", vocab))[: len(tokens)]
+    else:
+        byte_counts = np.ones(len(tokens), dtype=np.int64)  # speed only: bytes do not change the work
+        byte_counts[0] = 0
+    tokens, byte_counts = truncated(cfg, tokens, byte_counts)
+    docs = int((tokens == bos).sum())
+    share = docs / FINEWEB_VAL_DOCUMENTS
+    scaled = sorted({max(1, round(b * share)) for b in cfg.phase_boundaries})
+    cfg = dataclasses.replace(cfg, phase_boundaries=scaled)
+
+    result = header(device.type)
+    per_mode = {}
+    for mode in cfg.modes:
+        start = time.perf_counter()
+        model = load()
+        warm_up(model, mode, cfg, device, autocast)
+        loop_start = time.perf_counter()
+        sums = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast,
+                          progress=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        end = time.perf_counter()
+        timing = budget.ModeTiming(loop_start - start, end - loop_start, 1, sums.syncs, sums.sums.num_targets)
+        result[f"tokens_per_second_{mode}"] = round(timing.tokens / timing.loop_seconds)
+        result[f"projected_8xh100_seconds_{mode}"] = round(
+            budget.project_8xh100(timing, cfg.sync_seconds, tokens=FINEWEB_VAL_TOKENS), 1)
+        per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2), "loop_seconds": round(timing.loop_seconds, 2),
+                          "syncs": timing.syncs, "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets}
+        if args.shards and args.tokenizer:  # the quality of the timed slice (dev-corpus figures off FineWeb)
+            result[f"val_bpb_{mode}"] = bits_per_byte(sums.sums.nll_nats, sums.sums.num_bytes)
+        print(f"eval_speed: {mode} {result[f'tokens_per_second_{mode}']:,} tok/s, 8xH100 projection "
+              f"{result[f'projected_8xh100_seconds_{mode}']} s", file=sys.stderr)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result.update({
+        "final_mode": cfg.final_mode,
+        "final_mode_within_600s": result[f"projected_8xh100_seconds_{cfg.final_mode}"] <= 600.0,
+        "projection_model": budget.PROJECTION_MODEL, "projected_tokens": FINEWEB_VAL_TOKENS,
+        "timed_tokens": int(len(tokens) - 1), "timed_documents": docs, "phase_boundaries_scaled": scaled,
+        "per_mode": per_mode,
+        "config": {"profile": args.profile, "model": args.artifact or args.model or "initialisation",
+                   "tokens": "val shards" if args.shards else f"synthetic, mean document {args.doc_len}",
+                   "num_params": num_params, "evaluate": config.to_dict(cfg), "torch": torch.__version__},
+    })
+    line = json.dumps(result)
+    print(line)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

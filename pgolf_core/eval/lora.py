@@ -1,0 +1,317 @@
+"""Document LoRA test-time training (`ttt_lora`, TECHNIQUES.md 5.4) and phased global
+TTT (`ttt_phased`, 5.5).
+
+Documents run from one BOS to the next, that BOS included as the last target (the
+first document starts at position 0 when the stream does not open with a BOS), so the
+documents' targets partition 1..N-1. They are queued longest first and batched
+`lora_batch_docs` at a time; each document of a batch has its own rank-r adapters on
+every weight the params name. A document's targets are taken in chunks of
+`lora_chunk_tokens`: a chunk is scored in one forward over a window of at most
+`seq_len` tokens of the same document ending at the chunk's last target, and only
+then, if the document has later chunks, that same loss makes one AdamW step of its
+adapters. Adapters and optimizer state are fresh for every batch (with
+`lora_warm_start_a`, A carries over and only B restarts at zero: legal, since A was
+trained only on scored tokens, but a document's score then depends on the documents
+of earlier batches).
+
+Adapters act on the model's own forward: a `TorchFunctionMode` adds x A^T B^T (alpha/r)
+to the output of every `F.linear` call whose weight is an adapted one, so every feature
+of the model's forward (gates, XSA, lanes, looping, value embeddings, whatever is added
+later) is present in the TTT forward as it is in scoring: the 04-23 record lost a gate
+in its hand-written TTT forward and scored 1.908. A weight called more than once per
+forward (a looped layer) gets one adapter per call, as the records' per-virtual-layer
+slots. The head is the tied embedding's F.linear.
+
+Ordering and causality: a document's losses depend on the artifact, its own earlier
+tokens and, with warm-started A or `ttt_phased`, on documents earlier in the queue.
+The queue order reads only the documents' lengths (where the BOS tokens are), as the
+records' length-sorted queues do. `ttt_phased` pauses once the count of fully scored
+documents reaches each boundary and trains the whole model with SGD on the first
+`boundary` documents of the queue (all scored, by every rank: batches are dealt to
+ranks round-robin in rounds that end at each phase, so every rank knows which
+documents are done without exchanging them, and the result does not depend on the
+number of processes), then resumes with fresh adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from tqdm import tqdm
+
+from pgolf_core import dist
+from pgolf_core.config import EvaluateConfig
+from pgolf_core.eval.sliding import Ledger, ScoreSums, add_scores, stream_tensors
+from pgolf_core.eval.ttt import Block, ModeResult, SGDTrainer, cosine_lr, span_blocks
+from pgolf_core.loss import token_nll
+
+ADAPTER_SEED = 20260410  # adapters' A of batch b are drawn from a generator seeded ADAPTER_SEED + b
+
+
+def target_weights(model, names) -> dict[str, list[torch.nn.Parameter]]:
+    """The weights each `evaluate.lora_targets` name adapts (config.LORA_TARGETS)."""
+    table = {
+        "q": [b.attn.q.weight for b in model.blocks], "k": [b.attn.k.weight for b in model.blocks],
+        "v": [b.attn.v.weight for b in model.blocks], "o": [b.attn.out.weight for b in model.blocks],
+        "up": [b.mlp.up.weight for b in model.blocks], "down": [b.mlp.down.weight for b in model.blocks],
+        "head": [model.tok_emb.weight],
+    }
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"evaluate.lora_targets: unknown {unknown} (valid: {sorted(table)})")
+    return {n: table[n] for n in names}
+
+
+def _linear_weight(args, kwargs):
+    return args[1] if len(args) > 1 else kwargs.get("weight")
+
+
+class _CountLinearCalls(TorchFunctionMode):
+    def __init__(self, keys):
+        super().__init__()
+        self.calls = dict.fromkeys(keys, 0)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear and id(_linear_weight(args, kwargs)) in self.calls:
+            self.calls[id(_linear_weight(args, kwargs))] += 1
+        return func(*args, **kwargs)
+
+
+def count_slots(model, weights: list[torch.nn.Parameter], device) -> dict[int, int]:
+    """How many times one forward calls F.linear with each weight (looped layers: once
+    per pass). Fails, naming the weight, when the forward never does: its adapter would
+    be silently absent."""
+    counter = _CountLinearCalls([id(w) for w in weights])
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 2, dtype=torch.long, device=device))
+    names = {id(p): n for n, p in model.named_parameters()}
+    missing = [names.get(k, "?") for k, n in counter.calls.items() if n == 0]
+    if missing:
+        raise ValueError(f"the model's forward never calls F.linear with {missing}: cannot adapt them")
+    return counter.calls
+
+
+class LoraMode(TorchFunctionMode):
+    """Adds each document's adapter output to every adapted F.linear of the forward.
+    `adapters[id(weight)] = (A, B)`, A (slots, docs, r, in), B (slots, docs, out, r);
+    `select(rows)` before each forward picks the documents of its batch rows and
+    restarts the per-weight call counters that pick the slot."""
+
+    def __init__(self, adapters: dict[int, tuple[torch.Tensor, torch.Tensor]], scale: float):
+        super().__init__()
+        self.adapters, self.scale = adapters, scale
+        self.rows: torch.Tensor | None = None
+        self.calls = dict.fromkeys(adapters, 0)
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.rows = rows
+        self.calls = dict.fromkeys(self.adapters, 0)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is not F.linear or id(_linear_weight(args, kwargs)) not in self.adapters:
+            return out
+        key = id(_linear_weight(args, kwargs))
+        A, B = self.adapters[key]
+        slot = self.calls[key]
+        if slot >= A.size(0):
+            raise RuntimeError(f"a forward called an adapted weight {slot + 1} times; it has {A.size(0)} slots")
+        self.calls[key] = slot + 1
+        a, b = A[slot], B[slot]
+        if self.rows is not None:
+            a, b = a[self.rows], b[self.rows]
+        x = args[0]
+        return out + self.scale * ((x @ a.transpose(-1, -2)) @ b.transpose(-1, -2))
+
+
+def documents(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
+    """(start, end) per document: tokens start..end, targets start+1..end (see module doc)."""
+    n = len(tokens)
+    starts = sorted({0} | {int(i) for i in np.flatnonzero(np.asarray(tokens) == bos_id) if 0 < i < n - 1})
+    return list(zip(starts, starts[1:] + [n - 1]))
+
+
+def queue_order(docs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Longest first (ties in stream order), as the records' queues."""
+    return sorted(docs, key=lambda d: (-(d[1] - d[0]), d[0]))
+
+
+class DocumentLora:
+    """The adapters of one batch of documents and their optimizer, for the weights named
+    by `cfg.lora_targets`; `fresh(batch_index, num_docs)` starts a batch."""
+
+    def __init__(self, model, cfg: EvaluateConfig, device):
+        self.model, self.cfg, self.device = model, cfg, device
+        self.weights = [w for ws in target_weights(model, cfg.lora_targets).values() for w in ws]
+        self.slots = count_slots(model, self.weights, device)
+        self.dtype = model.tok_emb.weight.dtype
+        self.kept_a: dict[int, torch.Tensor] = {}
+        self.mode = LoraMode({}, cfg.lora_alpha / cfg.lora_rank)
+        self.opt = None
+
+    def fresh(self, batch_index: int, num_docs: int) -> None:
+        """New adapters for a batch: A ~ U(+-1/sqrt(in)) (or the previous batch's A with
+        `lora_warm_start_a`), B = 0, and a fresh AdamW."""
+        gen = torch.Generator().manual_seed(ADAPTER_SEED + batch_index)
+        r, adapters = self.cfg.lora_rank, {}
+        for w in self.weights:
+            out_dim, in_dim = w.shape
+            slots = self.slots[id(w)]
+            if self.cfg.lora_warm_start_a and id(w) in self.kept_a:
+                a = self.kept_a[id(w)][:, :num_docs].clone()
+            else:
+                bound = 1.0 / math.sqrt(in_dim)
+                a = (torch.rand(slots, num_docs, r, in_dim, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+                a = a.to(self.device, self.dtype)
+            b = torch.zeros(slots, num_docs, out_dim, r, device=self.device, dtype=self.dtype)
+            adapters[id(w)] = (a.requires_grad_(True), b.requires_grad_(True))
+        self.mode = LoraMode(adapters, self.cfg.lora_alpha / r)
+        params = [t for pair in adapters.values() for t in pair]
+        self.opt = torch.optim.AdamW(params, lr=self.cfg.lora_lr, betas=(self.cfg.lora_beta1, self.cfg.lora_beta2),
+                                     eps=self.cfg.lora_eps, weight_decay=self.cfg.lora_weight_decay)
+
+    def end_batch(self) -> None:
+        if self.cfg.lora_warm_start_a:
+            self.kept_a = {k: a.detach() for k, (a, _) in self.mode.adapters.items()}
+
+
+@contextlib.contextmanager
+def _frozen(model):
+    """The base model takes no gradient while adapters train."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[int, int]], stream: torch.Tensor,
+                stream_bytes: torch.Tensor, sums: torch.Tensor, *, device, autocast_dtype, ledger: Ledger | None) -> None:
+    """Score-then-step over the chunks of one batch of documents, all in lockstep."""
+    cfg = lora.cfg
+    K, L = cfg.lora_chunk_tokens, cfg.seq_len
+    lora.fresh(batch_index, len(docs))
+    chunks = [math.ceil((e - s) / K) for s, e in docs]
+    model.eval()
+    with _frozen(model), lora.mode:
+        for j in range(max(chunks)):
+            rows = [i for i in range(len(docs)) if chunks[i] > j]
+            spans = []  # (window start, window length, scored targets) per row
+            for i in rows:
+                s, e = docs[i]
+                a = s + j * K
+                end = min(a + K, e)
+                w = max(s, end - L)
+                spans.append((w, end - w, end - a))
+            T = max(length for _, length, _ in spans)
+            offsets = torch.arange(T + 1)
+            starts = torch.tensor([w for w, _, _ in spans])[:, None]
+            lengths = torch.tensor([length for _, length, _ in spans])[:, None]
+            positions = (starts + offsets).clamp(max=len(stream) - 1)
+            seqs = torch.where(offsets <= lengths, stream[positions], 0).to(device)  # padded with 0, never the future
+            k = offsets[None, 1:] - 1  # target index in the row
+            scored = ((k >= lengths - torch.tensor([n for _, _, n in spans])[:, None]) & (k < lengths)).to(device)
+            nbytes = stream_bytes[positions[:, 1:]].to(device)
+            lora.mode.select(torch.tensor(rows, device=device))
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(seqs[:, :-1])
+            nll = token_nll(logits, seqs[:, 1:])
+            add_scores(sums, nll, nbytes, scored, positions[:, 1:].to(device), ledger)
+            later = torch.tensor([chunks[i] > j + 1 for i in rows], device=device)
+            if later.any():  # each document's mean loss over the chunk it just scored
+                per_doc = (nll * scored).sum(1) / scored.sum(1)
+                lora.opt.zero_grad(set_to_none=True)
+                (per_doc * later).sum().backward()
+                lora.opt.step()
+    lora.end_batch()
+
+
+def _batches(queue: list, size: int) -> list[list]:
+    return [queue[i : i + size] for i in range(0, len(queue), size)]
+
+
+def ttt_lora(model, tokens: np.ndarray, byte_counts: np.ndarray, cfg: EvaluateConfig, *, device,
+             autocast_dtype: torch.dtype | None = None, ledger: Ledger | None = None,
+             progress: bool = False) -> ModeResult:
+    """Document LoRA TTT over the whole stream; batches dealt to ranks round-robin."""
+    return _run(model, tokens, byte_counts, cfg, phased=False, device=device, autocast_dtype=autocast_dtype,
+                ledger=ledger, progress=progress)
+
+
+def ttt_phased(model, tokens: np.ndarray, byte_counts: np.ndarray, cfg: EvaluateConfig, *, device,
+               autocast_dtype: torch.dtype | None = None, ledger: Ledger | None = None,
+               progress: bool = False) -> ModeResult:
+    """`ttt_lora` with global SGD phases at `cfg.phase_boundaries` scored documents."""
+    return _run(model, tokens, byte_counts, cfg, phased=True, device=device, autocast_dtype=autocast_dtype,
+                ledger=ledger, progress=progress)
+
+
+def phase_blocks(docs: list[tuple[int, int]], seq_len: int, chunk_tokens: int) -> list[list[Block]]:
+    """The phase's training data: each document cut into blocks of at most seq_len targets
+    (no block crosses a document), grouped in queue order into chunks of about
+    `chunk_tokens` targets."""
+    chunks, current, size = [], [], 0
+    for s, e in docs:
+        for block in span_blocks(s, e, seq_len):
+            current.append(block)
+            size += block.length
+            if size >= chunk_tokens:
+                chunks.append(current)
+                current, size = [], 0
+    return chunks + ([current] if current else [])
+
+
+def rounds(num_batches: int, world_size: int, phase_after: set[int]) -> list[list[int]]:
+    """Batch indices per round: up to one batch per rank, a round never running past a
+    batch after which a phase trains. So a phase sees the same scored documents, and
+    every later batch the same model, whatever the number of processes (ranks idle
+    briefly at the few phase boundaries)."""
+    out, current = [], []
+    for b in range(num_batches):
+        current.append(b)
+        if len(current) == world_size or b in phase_after or b == num_batches - 1:
+            out.append(current)
+            current = []
+    return out
+
+
+def _run(model, tokens, byte_counts, cfg: EvaluateConfig, *, phased: bool, device, autocast_dtype, ledger,
+         progress) -> ModeResult:
+    rank, world = dist.rank(), dist.world_size()
+    stream, stream_bytes = stream_tensors(tokens, byte_counts)
+    queue = queue_order(documents(tokens, model.cfg.bos_id))
+    batches = _batches(queue, cfg.lora_batch_docs)
+    lora = DocumentLora(model, cfg, device)
+    trainer = None
+    if phased:
+        trainer = SGDTrainer(model, momentum=cfg.ttt_momentum, grad_clip=cfg.ttt_grad_clip,
+                             freeze_blocks=cfg.ttt_freeze_blocks, batch_seqs=cfg.ttt_batch_seqs, device=device,
+                             autocast_dtype=autocast_dtype, rank=rank, world_size=world)
+    boundaries = [b for b in cfg.phase_boundaries if b < len(queue)] if phased else []
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    schedule = rounds(len(batches), world, {math.ceil(b / cfg.lora_batch_docs) - 1 for b in boundaries})
+    for r, batch_ids in enumerate(tqdm(schedule, desc="ttt_phased" if phased else "ttt_lora",
+                                       disable=not progress, unit="round")):
+        if rank < len(batch_ids):
+            b = batch_ids[rank]
+            score_batch(model, lora, b, batches[b], stream, stream_bytes, sums, device=device,
+                        autocast_dtype=autocast_dtype, ledger=ledger)
+        scored_docs = min(len(queue), (batch_ids[-1] + 1) * cfg.lora_batch_docs)
+        while boundaries and boundaries[0] <= scored_docs and r < len(schedule) - 1:
+            chunks = phase_blocks(queue[: boundaries.pop(0)], cfg.seq_len, cfg.ttt_chunk_tokens)
+            for c, chunk in enumerate(chunks):  # cosine over the phase, never down to 0: every chunk trains
+                trainer.train(stream, chunk, lr=cosine_lr(cfg.phase_lr, c, len(chunks) + 1), epochs=cfg.phase_epochs)
+    if trainer is not None:
+        trainer.restore()
+    total = ScoreSums.from_tensor(dist.all_reduce_sum(sums).cpu())
+    return ModeResult(total, (trainer.syncs if trainer else 0) + 1)

@@ -1,0 +1,162 @@
+"""Score-first test-time training of the full model with SGD (`ttt_sgd`, TECHNIQUES.md 5.3).
+
+The validation targets 1..N-1 are cut into chunks of C targets: chunk c owns targets
+(cC, (c+1)C]. Each sliding window (the same windows as the `sliding` mode) belongs to the
+chunk holding its first scored target. For each chunk in order: (1) score its windows
+with no gradient and add them to the totals, then (2), unless it is the last chunk,
+train on the chunk's tokens (inputs tokens[cC : end], targets up to its last target)
+for some epochs of SGD with momentum, LR cosine over chunks, gradient clipping.
+
+Why this is causal: a window of chunk c scores targets > cC only, with a model trained
+on chunks < c, whose tokens all lie at positions <= cC. Every training target has been
+scored before the step that uses it (a window may score a few targets past its chunk's
+end; those are scored earlier still). The last chunk is never trained on: nothing is
+scored after it. The model trains in float32 from the dequantized artifact and is never
+re-quantized (the artifact is what is scored against the 16 MB limit, not this state).
+
+Under torchrun every rank holds the whole stream: a chunk's windows are shared
+(windows[rank::world]) and each step's global batch of sequences is shared, the
+gradients summed over ranks before clipping, so every rank keeps the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pgolf_core import dist
+from pgolf_core.config import EvaluateConfig
+from pgolf_core.eval.sliding import Ledger, ScoreSums, Window, plan_windows, score_window_list, stream_tensors
+
+
+@dataclass(frozen=True)
+class Block:
+    """A training sequence: inputs stream[start : start + length], targets one further."""
+    start: int
+    length: int
+
+
+@dataclass
+class ModeResult:
+    """What a mode returns: its sums over all ranks and how many cross-process
+    synchronisations (gradient all-reduces, phase gathers) its loop made, for the
+    8xH100 projection (`budget`)."""
+    sums: ScoreSums
+    syncs: int = 0
+
+
+def num_chunks(num_tokens: int, chunk_tokens: int) -> int:
+    return math.ceil((num_tokens - 1) / chunk_tokens)
+
+
+def windows_by_chunk(windows: list[Window], length: int, num_tokens: int, chunk_tokens: int) -> list[list[Window]]:
+    """Group windows by the chunk of their first scored target (target t is in chunk (t-1)//C)."""
+    groups: list[list[Window]] = [[] for _ in range(num_chunks(num_tokens, chunk_tokens))]
+    for w in windows:
+        first = w.start + length - w.num_scored + 1
+        groups[(first - 1) // chunk_tokens].append(w)
+    return groups
+
+
+def span_blocks(start: int, end: int, seq_len: int) -> list[Block]:
+    """Training blocks whose targets are exactly stream positions start+1..end."""
+    return [Block(s, min(seq_len, end - s)) for s in range(start, end, seq_len)]
+
+
+def cosine_lr(peak: float, index: int, count: int) -> float:
+    """0.5 peak (1 + cos(pi i / (n - 1))) for chunk i of n: the peak at the first chunk, 0 at
+    the last one (which is never trained on), as the records schedule it."""
+    return peak if count <= 1 else 0.5 * peak * (1.0 + math.cos(math.pi * index / (count - 1)))
+
+
+class SGDTrainer:
+    """SGD with momentum over the model's parameters, leading blocks optionally frozen;
+    momentum persists across chunks (and across phases of `ttt_phased`). Built once per
+    evaluation; `restore()` gives the frozen blocks their gradients back."""
+
+    def __init__(self, model, *, momentum: float, grad_clip: float, freeze_blocks: int, batch_seqs: int,
+                 device, autocast_dtype: torch.dtype | None, rank: int, world_size: int):
+        if freeze_blocks > len(model.blocks):
+            raise ValueError(f"evaluate.ttt_freeze_blocks={freeze_blocks}: the model has {len(model.blocks)} blocks")
+        self.model, self.grad_clip, self.batch_seqs = model, grad_clip, batch_seqs
+        self.device, self.autocast_dtype, self.rank, self.world_size = device, autocast_dtype, rank, world_size
+        self.frozen = [p for b in model.blocks[:freeze_blocks] for p in b.parameters()]
+        for p in self.frozen:
+            p.requires_grad_(False)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        for p in self.params:  # a rank with no sequence in a step still all-reduces (zero) gradients
+            p.grad = torch.zeros_like(p)
+        self.opt = torch.optim.SGD(self.params, lr=0.0, momentum=momentum)
+        self.syncs = 0
+
+    def restore(self) -> None:
+        for p in self.frozen:
+            p.requires_grad_(True)
+
+    def train(self, stream: torch.Tensor, blocks: list[Block], *, lr: float, epochs: int) -> None:
+        """`epochs` passes over `blocks` in global batches of `batch_seqs` (rank r takes
+        every world-th block of a batch); loss = mean NLL over the batch's targets."""
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        for _ in range(epochs):
+            for i in range(0, len(blocks), self.batch_seqs):
+                batch = blocks[i : i + self.batch_seqs]
+                self._step(stream, batch[self.rank :: self.world_size], sum(b.length for b in batch))
+        self.model.eval()
+
+    def _step(self, stream: torch.Tensor, mine: list[Block], total_targets: int) -> None:
+        self.opt.zero_grad(set_to_none=False)
+        if mine:
+            length = max(b.length for b in mine)
+            offsets = torch.arange(length + 1)
+            lengths = torch.tensor([b.length for b in mine])[:, None]
+            positions = (torch.tensor([b.start for b in mine])[:, None] + offsets).clamp(max=len(stream) - 1)
+            # a shorter block is padded with token 0, never with the tokens that follow it
+            seqs = torch.where(offsets[None, :] <= lengths, stream[positions], 0).to(self.device)
+            valid = (offsets[None, 1:] <= lengths).to(self.device)
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
+                                enabled=self.autocast_dtype is not None):
+                nll = self.model(seqs[:, :-1], seqs[:, 1:])
+            (nll.float() * valid).sum().div(total_targets).backward()
+        if self.world_size > 1:
+            grads = [p.grad for p in self.params]
+            flat = dist.all_reduce_sum(torch.cat([g.flatten() for g in grads]))
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
+                offset += g.numel()
+            self.syncs += 1
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+
+
+def ttt_sgd(model, tokens: np.ndarray, byte_counts: np.ndarray, cfg: EvaluateConfig, *, device,
+            autocast_dtype: torch.dtype | None = None, ledger: Ledger | None = None,
+            progress: bool = False) -> ModeResult:
+    """Score-first full-model TTT over the whole stream; returns the sums over all ranks."""
+    rank, world = dist.rank(), dist.world_size()
+    stream, stream_bytes = stream_tensors(tokens, byte_counts)
+    length, windows = plan_windows(len(tokens), cfg.seq_len, cfg.stride)
+    groups = windows_by_chunk(windows, length, len(tokens), cfg.ttt_chunk_tokens)
+    trainer = SGDTrainer(model, momentum=cfg.ttt_momentum, grad_clip=cfg.ttt_grad_clip,
+                         freeze_blocks=cfg.ttt_freeze_blocks, batch_seqs=cfg.ttt_batch_seqs, device=device,
+                         autocast_dtype=autocast_dtype, rank=rank, world_size=world)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    model.eval()
+    for c in tqdm(range(len(groups)), desc="ttt_sgd chunks", disable=not progress, unit="chunk"):
+        sums += score_window_list(model, stream, stream_bytes, length, groups[c][rank::world],
+                                  batch_seqs=cfg.batch_seqs, device=device, autocast_dtype=autocast_dtype,
+                                  ledger=ledger)
+        if c < len(groups) - 1:  # the last chunk is never trained on: nothing is scored after it
+            end = min((c + 1) * cfg.ttt_chunk_tokens, len(tokens) - 1)
+            trainer.train(stream, span_blocks(c * cfg.ttt_chunk_tokens, end, cfg.seq_len),
+                          lr=cosine_lr(cfg.ttt_lr, c, len(groups)), epochs=cfg.ttt_epochs)
+    trainer.restore()
+    total = ScoreSums.from_tensor(dist.all_reduce_sum(sums).cpu())
+    return ModeResult(total, trainer.syncs + 1)

@@ -1,0 +1,440 @@
+"""Test-time training modes (pgolf_core.eval.ttt, .lora, .run): causality by perturbation,
+exact accounting, adapters on the model's own forward against a float64 merged-weight
+reference, and the budget. CPU, fp32, tiny models."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf_core import data
+from pgolf_core.bpb import byte_tables, position_bytes
+from pgolf_core.config import EvaluateConfig
+from pgolf_core.eval import budget
+from pgolf_core.eval.lora import DocumentLora, documents, queue_order, target_weights
+from pgolf_core.eval.run import evaluate, score_mode
+from pgolf_core.eval.sliding import Ledger
+from pgolf_core.eval.ttt import cosine_lr, span_blocks, windows_by_chunk
+from pgolf_core.eval.sliding import plan_windows
+from pgolf_core.model import GPT, ModelConfig
+
+CPU = torch.device("cpu")
+BOS = 1
+ALL_MODES = ("nonoverlap", "sliding", "ttt_sgd", "ttt_lora", "ttt_phased")
+STREAM_MODES = ("nonoverlap", "sliding", "ttt_sgd")  # order = stream order
+DOC_MODES = ("ttt_lora", "ttt_phased")  # order = the length-sorted document queue
+
+# every model switch on, at tiny sizes (the record profile's features)
+RECORD_LIKE = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2, rope_dims=4,
+                   mlp_activation="leaky_relu2", qk_gain_init=5.0, ln_scale=True, resid_mix=True, unet_skips=True,
+                   xsa_last_n=4, smear_gate=True, attn_gate=True, attn_gate_scale=0.5, value_embed_layers=(2, 3),
+                   value_embed_dim=16, value_residual=True, num_loops=1, loop_start=1, loop_end=2,
+                   parallel_mode="routed", parallel_start=2, bos_id=BOS)
+
+EVAL = EvaluateConfig(modes=list(ALL_MODES), seq_len=24, stride=6, batch_seqs=5, ttt_chunk_tokens=60, ttt_lr=0.05,
+                      ttt_epochs=2, ttt_batch_seqs=3, lora_rank=4, lora_alpha=8.0, lora_chunk_tokens=7,
+                      lora_batch_docs=3, lora_lr=0.02, lora_weight_decay=0.1, phase_boundaries=[3, 6],
+                      phase_lr=0.05, warmup=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matmuls: a second thread only adds contention on a shared 2-core machine (30x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _model(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """A model away from its zero-initialised projections, so every branch matters."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+def _stream(n: int, vocab: int, seed: int) -> np.ndarray:
+    """Random tokens with BOS-opened documents of assorted lengths."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, vocab, n)
+    tokens[np.sort(rng.choice(np.arange(1, n - 1), 9, replace=False))] = BOS
+    tokens[0] = BOS
+    return tokens
+
+
+def _bytes(tokens: np.ndarray) -> np.ndarray:
+    counts = (np.asarray(tokens) % 3 + (np.asarray(tokens) != BOS)).astype(np.int64)
+    counts[0] = 0
+    return counts
+
+
+def _ledger(mode: str, tokens: np.ndarray, cfg=EVAL, model_cfg=None) -> tuple[Ledger, object]:
+    model = _model(model_cfg or ModelConfig(**RECORD_LIKE))
+    ledger = Ledger(len(tokens))
+    result = score_mode(mode, model, tokens, _bytes(tokens), cfg, device=CPU, ledger=ledger)
+    return ledger, result
+
+
+@pytest.fixture(scope="module")
+def stream() -> np.ndarray:
+    return _stream(300, 64, seed=3)
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_every_target_is_scored_once_and_the_sums_are_the_ledgers(mode, stream):
+    ledger, result = _ledger(mode, stream)
+    assert ledger.times_scored[0] == 0 and (ledger.times_scored[1:] == 1).all()
+    assert result.sums.num_targets == len(stream) - 1
+    assert result.sums.num_bytes == int(_bytes(stream)[1:].sum())
+    assert result.sums.nll_nats == pytest.approx(ledger.nll[1:].sum(), rel=1e-12)
+
+
+def _perturb_after(tokens: np.ndarray, positions: np.ndarray, seed: int, keep_bos: bool) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = tokens.copy()
+    fresh = rng.integers(0 if not keep_bos else 2, 64, len(positions))
+    out[positions] = np.where(fresh == out[positions], (fresh + 1 - 2) % 62 + 2, fresh)
+    if keep_bos:
+        out[positions[tokens[positions] == BOS]] = BOS  # the document boundaries (the queue's order) stay
+    return out
+
+
+def _stream_cut_points(n: int, chunk: int, rng) -> list[int]:
+    ends = [c for c in range(chunk, n - 1, chunk)]
+    return sorted({p for c in ends for p in (c - 1, c, c + 1)} | set(rng.integers(2, n - 2, 3).tolist()))
+
+
+@pytest.mark.parametrize("mode", STREAM_MODES)
+def test_losses_up_to_p_ignore_every_later_token(mode, stream):
+    """Perturb every token after p (BOS tokens included): every loss of a target <= p is
+    bit-identical, and some later loss moved (the perturbation was seen)."""
+    base, _ = _ledger(mode, stream)
+    rng = np.random.default_rng(7)
+    for p in _stream_cut_points(len(stream), EVAL.ttt_chunk_tokens, rng)[::2]:
+        changed = _perturb_after(stream, np.arange(p + 1, len(stream)), seed=p, keep_bos=False)
+        after, _ = _ledger(mode, changed)
+        assert np.array_equal(base.nll[1 : p + 1], after.nll[1 : p + 1]), f"{mode}: a loss up to {p} moved"
+        assert not np.array_equal(base.nll[p + 1 :], after.nll[p + 1 :])
+
+
+def _queue_positions(tokens: np.ndarray) -> list[tuple[int, int]]:
+    """(document, target position) in the order the document modes score them."""
+    return [(d, t) for d, (s, e) in enumerate(queue_order(documents(tokens, BOS))) for t in range(s + 1, e + 1)]
+
+
+@pytest.mark.parametrize("mode", DOC_MODES)
+def test_document_losses_ignore_every_later_token_of_the_queue(mode, stream):
+    """Order = the length-sorted queue, then position: perturb every non-BOS token after p in
+    that order (the rest of p's document and every document later in the queue); every
+    loss before p in that order is bit-identical. p inside chunks and at chunk ends +-1."""
+    base, _ = _ledger(mode, stream)
+    order = _queue_positions(stream)
+    docs = queue_order(documents(stream, BOS))
+    rng = np.random.default_rng(11)
+    picks = []
+    for d in (1, 5):  # a document of the first batch; one after the first phase (boundary 3, batches of 3)
+        s, e = docs[d]
+        k = EVAL.lora_chunk_tokens
+        picks += [p for p in (s + k - 1, s + k, s + k + 1, int(rng.integers(s + 1, e + 1))) if s < p <= e]
+    assert len(picks) >= 5
+    for p in picks:
+        index = next(i for i, (_, t) in enumerate(order) if t == p)
+        later = np.array([t for _, t in order[index + 1 :]])
+        before = np.array([t for _, t in order[: index + 1]])
+        # later targets and the inputs before them, but no token an earlier target is
+        later_inputs = np.setdiff1d(np.concatenate([later - 1, later]), before)
+        changed = _perturb_after(stream, later_inputs, seed=p, keep_bos=True)
+        after, _ = _ledger(mode, changed)
+        assert np.array_equal(base.nll[before], after.nll[before]), f"{mode}: a loss before {p} moved"
+        assert not np.array_equal(base.nll[later], after.nll[later])
+
+
+def test_ttt_changes_the_scores_after_the_first_chunk_and_document(stream):
+    """Non-vacuity: each TTT mode scores its first chunk / the first chunk of every document
+    exactly as plain scoring does, and later targets differently (it trained)."""
+    sliding, _ = _ledger("sliding", stream)
+    sgd, _ = _ledger("ttt_sgd", stream)
+    first = EVAL.ttt_chunk_tokens
+    assert np.array_equal(sliding.nll[1 : first + 1], sgd.nll[1 : first + 1])
+    assert not np.allclose(sliding.nll[first + EVAL.seq_len :], sgd.nll[first + EVAL.seq_len :], rtol=1e-4)
+    lora, _ = _ledger("ttt_lora", stream)
+    phased, _ = _ledger("ttt_phased", stream)
+    assert not np.allclose(lora.nll[1:], phased.nll[1:], rtol=1e-4)  # the phases trained the model
+    model = _model(ModelConfig(**RECORD_LIKE))
+    for s, e in documents(stream, BOS):  # a document's first chunk: the base model on the document alone
+        end = min(s + EVAL.lora_chunk_tokens, e)
+        x = torch.as_tensor(stream[s : end + 1])[None]
+        with torch.no_grad():
+            ref = model(x[:, :-1], x[:, 1:])[0].double().numpy()
+        np.testing.assert_allclose(lora.nll[s + 1 : end + 1], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_documents_partition_the_targets():
+    for tokens in (np.array([1, 5, 6, 1, 7, 1, 1, 8, 9]), np.array([5, 6, 1, 7, 8, 1]), np.array([4, 5, 6])):
+        docs = documents(tokens, BOS)
+        targets = [t for s, e in docs for t in range(s + 1, e + 1)]
+        assert targets == list(range(1, len(tokens)))
+        assert all(tokens[s] == BOS or s == 0 for s, _ in docs)
+    assert documents(np.array([1, 5, 6, 1, 7, 1, 1, 8, 9]), BOS) == [(0, 3), (3, 5), (5, 6), (6, 8)]
+
+
+def test_chunks_own_their_targets_and_the_lr_is_cosine():
+    length, windows = plan_windows(101, 16, 4)
+    groups = windows_by_chunk(windows, length, 101, 30)
+    assert len(groups) == 4 and sum(len(g) for g in groups) == len(windows)
+    for c, group in enumerate(groups):
+        for w in group:
+            assert c * 30 < w.start + length - w.num_scored + 1 <= (c + 1) * 30
+    blocks = span_blocks(30, 60, 16)
+    assert [(b.start, b.length) for b in blocks] == [(30, 16), (46, 14)]
+    assert cosine_lr(1.0, 0, 5) == 1.0 and cosine_lr(1.0, 4, 5) == pytest.approx(0.0, abs=1e-15)
+    assert cosine_lr(1.0, 2, 5) == pytest.approx(0.5)
+
+
+def _lora(model, cfg, docs):
+    lora = DocumentLora(model, cfg, CPU)
+    lora.fresh(0, docs)
+    return lora
+
+
+def test_lora_with_b_zero_is_the_plain_forward_with_every_switch_on():
+    cfg = ModelConfig(**RECORD_LIKE, doc_mask=True)
+    model = _model(cfg)
+    idx = torch.as_tensor(_stream(40, 64, seed=5)).view(2, 20)
+    with torch.no_grad():
+        plain = model(idx)
+    lora = _lora(model, dataclasses.replace(EVAL, lora_targets=["q", "k", "v", "o", "up", "down", "head"]), 2)
+    lora.mode.select(torch.arange(2))
+    with torch.no_grad(), lora.mode:
+        adapted = model(idx)
+    assert torch.equal(plain, adapted)
+    slots = {n: [lora.slots[id(w)] for w in ws] for n, ws in target_weights(model, ["q", "head"]).items()}
+    assert slots == {"q": [1, 2, 2, 1], "head": [1]}  # looped layers 1-2 run twice: one adapter per pass
+
+
+def test_adapters_equal_merged_weights_in_float64():
+    """Each document's adapters act as W + (alpha/r) B A on its own row, every pass: checked
+    against a separately built float64 model with those weights merged in."""
+    cfg = ModelConfig(**{**RECORD_LIKE, "num_loops": 0})
+    model = _model(cfg).double()
+    ecfg = dataclasses.replace(EVAL, lora_targets=["q", "k", "v", "o", "up", "down"], lora_rank=3, lora_alpha=6.0)
+    lora = _lora(model, ecfg, 2)
+    gen = torch.Generator().manual_seed(9)
+    for a, b in lora.mode.adapters.values():
+        with torch.no_grad():
+            b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64) * 0.3)
+    idx = torch.as_tensor(_stream(30, 64, seed=6)).view(2, 15)
+    lora.mode.select(torch.arange(2))
+    with torch.no_grad(), lora.mode:
+        adapted = model(idx)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for row in range(2):
+        merged = _model(cfg).double()
+        state = merged.state_dict()
+        for key, (a, b) in lora.mode.adapters.items():
+            state[names[key]] = state[names[key]] + 2.0 * b[0, row] @ a[0, row]
+        merged.load_state_dict(state)
+        with torch.no_grad():
+            ref = merged(idx[row : row + 1])
+        torch.testing.assert_close(adapted[row : row + 1], ref, rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(adapted[row : row + 1], model(idx[row : row + 1]), atol=1e-3)
+
+
+def test_the_head_adapter_changes_the_logits():
+    model = _model(ModelConfig(**RECORD_LIKE))
+    lora = _lora(model, dataclasses.replace(EVAL, lora_targets=["head"]), 1)
+    (a, b), = lora.mode.adapters.values()
+    with torch.no_grad():
+        b.fill_(0.5)
+    idx = torch.as_tensor(_stream(12, 64, seed=1))[None]
+    lora.mode.select(torch.arange(1))
+    with torch.no_grad():
+        plain = model(idx)
+        with lora.mode:
+            adapted = model(idx)
+    assert not torch.allclose(plain, adapted, atol=1e-3)
+
+
+def test_evaluate_reloads_the_artifact_per_mode_and_reports_the_budget(stream):
+    loads = []
+
+    def load():
+        loads.append(1)
+        return _model(ModelConfig(**RECORD_LIKE))
+
+    cfg = dataclasses.replace(EVAL, final_mode="ttt_sgd", modes=["sliding", "ttt_sgd", "nonoverlap"], warmup=True)
+    metrics = evaluate(cfg, load, stream, _bytes(stream), CPU)
+    assert len(loads) == 3 and metrics["val_bpb"] == metrics["val_bpb_ttt_sgd"]
+    alone, _ = _ledger("sliding", stream)
+    assert metrics["val_bpb_sliding"] == pytest.approx(alone.nll[1:].sum() / np.log(2) / _bytes(stream)[1:].sum())
+    for mode in cfg.modes:
+        assert metrics[f"eval_seconds_{mode}"] >= 0 and metrics[f"projected_8xh100_seconds_{mode}"] > 0
+    assert 0 < metrics["eval_seconds_timed_as_records"] <= metrics["eval_seconds_ttt_sgd"]
+    assert metrics["projected_8xh100_seconds"] == metrics["projected_8xh100_seconds_ttt_sgd"]
+    assert metrics["tokens_scored"] == len(stream) - 1
+
+
+def test_projection_model_and_budget_check():
+    t = budget.ModeTiming(setup_seconds=30.0, loop_seconds=800.0, world_size=1, syncs=1000, tokens=1000)
+    assert budget.project_8xh100(t, 0.001) == pytest.approx(30 + 100 + 1)
+    assert budget.project_8xh100(t, 0.001, tokens=2000) == pytest.approx(30 + 2 * 101)
+    eight = dataclasses.replace(t, world_size=8)
+    assert budget.project_8xh100(eight, 0.001) == pytest.approx(830)  # measured on 8: as measured
+    budget.check_budget("ttt_phased", 599.0, 600.0)
+    budget.check_budget("ttt_phased", 10_000.0, 0.0)  # no limit set
+    with pytest.raises(RuntimeError, match="evaluate.max_eval_seconds"):
+        budget.check_budget("ttt_phased", 601.0, 600.0)
+
+
+def test_config_names_the_bad_key():
+    with pytest.raises(ValueError, match="evaluate.lora_targets"):
+        EvaluateConfig(lora_targets=["q", "gate"])
+    with pytest.raises(ValueError, match="evaluate.final_mode"):
+        EvaluateConfig(final_mode="ttt_lora")
+    with pytest.raises(ValueError, match="evaluate.lora_chunk_tokens"):
+        EvaluateConfig(seq_len=32, stride=8, lora_chunk_tokens=48)
+    with pytest.raises(ValueError, match="evaluate.phase_boundaries"):
+        EvaluateConfig(phase_boundaries=[10, 5])
+
+
+def test_the_stage_reads_no_training_shard(tmp_path, monkeypatch, tiny_sp, tiny_tokenizer_dir, embedded_docs):
+    """Every file the evaluate stage opens, recorded through an audit hook: validation
+    shards, the tokenizer and the artifact only, with train shards lying beside them."""
+    from stages import evaluate as stage
+
+    ids = [tok for doc in embedded_docs[:3] for tok in [tiny_sp.bos_id()] + tiny_sp.encode(doc[:300])]
+    shards = tmp_path / "shards"
+    data.write_split(shards, "val", np.array(ids, dtype=np.uint16), 10_000)
+    data.write_split(shards, "train", np.array(ids * 2, dtype=np.uint16), 10_000)
+    params = tmp_path / "params.yaml"
+    params.write_text("evaluate: {modes: [sliding, ttt_sgd, ttt_lora, ttt_phased], final_mode: ttt_phased, "
+                      "seq_len: 32, stride: 16, ttt_chunk_tokens: 64, lora_rank: 2, lora_chunk_tokens: 16, "
+                      "lora_batch_docs: 2, phase_boundaries: [2]}\n")
+    model_cfg = ModelConfig(vocab_size=tiny_sp.vocab_size(), num_layers=2, model_dim=16, num_heads=2,
+                            num_kv_heads=1, mlp_mult=2, bos_id=tiny_sp.bos_id())
+    monkeypatch.setattr(stage.artifact, "load_model", lambda path: (open(path, "rb").close(), GPT(model_cfg))[1])
+    (tmp_path / "artifact").mkdir()
+    (tmp_path / "artifact" / "model.bin").write_bytes(b"stand-in")
+    opened = []
+    recording = [True]
+    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if recording[0] and event == "open" else None)
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--params", str(params), "--artifact", str(tmp_path / "artifact"),
+                                      "--shards", str(shards), "--tokenizer", str(tiny_tokenizer_dir),
+                                      "--metrics", str(tmp_path / "eval.json")])
+    try:
+        stage.main()
+    finally:
+        recording[0] = False
+    read = [Path(p).name for p in opened if p.startswith(str(shards))]
+    assert any(n.startswith("fineweb_val_") for n in read), read
+    assert not any(n.startswith("fineweb_train_") for n in read), read
+    metrics = json.loads((tmp_path / "eval.json").read_text())
+    labels = json.loads((tmp_path / "provenance" / "eval.json").read_text())["labels"]
+    assert metrics["tokens_scored"] == len(ids) - 1 and labels["final_mode"] == "ttt_phased"
+    assert metrics["val_bpb"] == metrics["val_bpb_ttt_phased"] > 0
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_scored_bytes_are_the_decoded_texts_utf8_length(mode, tiny_sp, embedded_docs):
+    pieces = [tiny_sp.encode(doc[:200]) for doc in embedded_docs[10:15]]
+    ids = np.array([tok for p in pieces for tok in [tiny_sp.bos_id()] + p])
+    model = GPT(ModelConfig(vocab_size=tiny_sp.vocab_size(), num_layers=1, model_dim=16, num_heads=2,
+                            num_kv_heads=1, mlp_mult=2, bos_id=tiny_sp.bos_id()))
+    cfg = dataclasses.replace(EVAL, ttt_chunk_tokens=100, lora_batch_docs=2, phase_boundaries=[2])
+    result = score_mode(mode, model, ids, position_bytes(byte_tables(tiny_sp), ids), cfg, device=CPU)
+    assert result.sums.num_targets == len(ids) - 1
+    assert result.sums.num_bytes == sum(len(tiny_sp.decode(p).encode("utf-8")) for p in pieces)
+
+
+TWO_PROCESS_SCRIPT = '''
+import json, sys
+import numpy as np
+import torch
+import torch.distributed as td
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
+torch.set_num_threads(1)
+from pgolf_core import dist
+from pgolf_core.eval.run import score_mode
+from pgolf_core.eval.sliding import Ledger
+import test_ttt as t
+
+dist.init("cpu")
+stream = t._stream(300, 64, seed=3)
+out = {}
+for mode in t.ALL_MODES:
+    ledger = Ledger(len(stream))
+    result = score_mode(mode, t._model(t.ModelConfig(**t.RECORD_LIKE)), stream, t._bytes(stream), t.EVAL,
+                        device=torch.device("cpu"), ledger=ledger)
+    counts = torch.as_tensor(ledger.times_scored)
+    dist.all_reduce_sum(counts)
+    out[mode] = [result.sums.nll_nats, result.sums.num_bytes, result.sums.num_targets, counts.tolist()]
+one_seq = t.dataclasses.replace(t.EVAL, ttt_batch_seqs=1)  # rank 1 has no sequence in any step
+out["one_seq"] = score_mode("ttt_sgd", t._model(t.ModelConfig(**t.RECORD_LIKE)), stream, t._bytes(stream), one_seq,
+                            device=torch.device("cpu")).sums.nll_nats
+if dist.is_main():
+    with open(sys.argv[2], "w") as f:
+        json.dump(out, f)
+dist.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_work_and_agree_with_one(tmp_path, stream):
+    """Under torchrun (2 processes, gloo) every mode scores each target once across the
+    ranks and its sums equal one process's (to the order of the gradient all-reduce)."""
+    import subprocess
+
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(root), str(tmp_path / "out.json")], cwd=tmp_path, capture_output=True,
+                         text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads((tmp_path / "out.json").read_text())
+    for mode in ALL_MODES:
+        nll, nbytes, ntargets, counts = out[mode]
+        one = _ledger(mode, stream)[1].sums
+        assert counts[0] == 0 and set(counts[1:]) == {1}, mode
+        assert (nbytes, ntargets) == (one.num_bytes, one.num_targets)
+        assert nll == pytest.approx(one.nll_nats, rel=1e-5), mode
+    one_seq = dataclasses.replace(EVAL, ttt_batch_seqs=1)
+    alone = score_mode("ttt_sgd", _model(ModelConfig(**RECORD_LIKE)), stream, _bytes(stream), one_seq, device=CPU)
+    assert out["one_seq"] == pytest.approx(alone.sums.nll_nats, rel=1e-5)
+
+
+def test_rounds_end_at_every_phase_whatever_the_world_size():
+    from pgolf_core.eval.lora import rounds
+
+    assert rounds(7, 1, {1}) == [[0], [1], [2], [3], [4], [5], [6]]
+    assert rounds(7, 3, {1}) == [[0, 1], [2, 3, 4], [5, 6]]
+    assert rounds(7, 4, {1, 4}) == [[0, 1], [2, 3, 4], [5, 6]]
+    assert [b for r in rounds(9, 2, {3}) for b in r] == list(range(9))
+
+
+def test_eval_speed_smoke_run_on_cpu(tmp_path):
+    """bench/eval_speed.py must run before a GPU session needs it (its figures come from the GPU)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "eval_speed.json"
+    run = subprocess.run([sys.executable, "-m", "bench.eval_speed", "--profile", "profiles/cpu.yaml", "--device", "cpu",
+                          "--tokens", "1500", "--modes", "ttt_phased", "ttt_sgd", "--set", "seq_len=32", "stride=16",
+                          "lora_rank=2", "lora_chunk_tokens=16", "ttt_chunk_tokens=512", "lora_batch_docs=1",
+                          "--doc-len", "200", "--out", str(out)], cwd=root, capture_output=True, text=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    assert result["command"].startswith("python -m bench.eval_speed") and result["git_commit"] and result["final_mode"] == "ttt_phased"
+    for mode in ("ttt_phased", "ttt_sgd"):
+        assert result[f"tokens_per_second_{mode}"] > 0 and result[f"projected_8xh100_seconds_{mode}"] > 0
+    assert result["phase_boundaries_scaled"] == [1]  # 833..2500 of 50,000 documents, for a handful
