@@ -127,7 +127,9 @@ def main() -> None:
         if args.shards and args.tokenizer:  # the quality of the timed slice (dev-corpus figures off FineWeb)
             result[f"val_bpb_{mode}"] = bits_per_byte(sums.sums.nll_nats, sums.sums.num_bytes)
         print(f"eval_speed: {mode} {result[f'tokens_per_second_{mode}']:,} tok/s, 8xH100 projection "
-              f"{result[f'projected_8xh100_seconds_{mode}']} s", file=sys.stderr)
+              f"{result[f'projected_8xh100_seconds_{mode}']} s, val_bpb {result.get(f'val_bpb_{mode}')}, "
+              f"{per_mode[mode]}", file=sys.stderr, flush=True)
+
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -66,7 +66,12 @@ dev dev train_dev_run.json
 # quantize: the record-size model trained once on the dev corpus (EMA off, one epoch at most),
 # Hessians collected as one rank of the record run would, then RTN and GPTQ on the same grid
 part quantize quantize.json 420 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
-    --workdir data/dev_run --steps 75
+    --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants lqer
+# evalspeed (after quantize): each evaluation mode on that GPTQ artifact, over the first 200,000
+# dev val tokens: tokens/s, the 8xH100 projection and val_bpb of the slice
+part evalspeed eval_speed.json 240 python3 -m bench.eval_speed --profile $RECORD --device cuda \
+    --artifact data/dev_run/model_gptq.bin --shards data/dev_run/shards_8192 \
+    --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes sliding ttt_sgd ttt_phased
 dev devdocmask train_dev_run_docmask.json --set doc_mask=true
 dev devf32residual train_dev_run_f32residual.json --set low_precision_residual=false
 dev devfusedmlp train_dev_run_fusedmlp.json --set fused_mlp=true

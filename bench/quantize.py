@@ -17,7 +17,7 @@ scored (keys val_bpb_gptq_lqer, model_bytes_gptq_lqer, ..._gate, ..._lqer_gate, 
 bytes LQER costs and the damage it removes); and each layout of `--layouts` packed alone
 (model_bytes_gptq_<layout>, val_bpb_gptq_<layout>: layouts are lossless, which the
 round trip checks, so their val_bpb is GPTQ's, not re-scored). `--layouts ''` and
-`--no-variants` keep a CPU smoke run cheap.
+`--variants` (none given: none) keep a run cheap.
 
     python -m bench.quantize --profile profiles/record_1xh100.yaml --workdir data/dev_run --steps 70
 
@@ -47,6 +47,7 @@ from pgolf_core.quant.pipeline import quantize_model
 from pgolf_core.quant.rtn import quantize_rtn
 from pgolf_core.train import model_config, select_kernels, set_seed, train
 
+VARIANTS = ("lqer", "gate", "lqer_gate")
 TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at most this many bytes
 
 
@@ -92,7 +93,8 @@ def main() -> None:
     parser.add_argument("--lqer-top-k", type=int, default=3)
     parser.add_argument("--layouts", default="row,col,row+shuffle,col+shuffle,row+nn+shuffle,col+nn+shuffle",
                         help="comma-separated layouts packed alone from the GPTQ integers ('' = none)")
-    parser.add_argument("--no-variants", action="store_true", help="skip the LQER and gate variants")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="Quantization II options scored on top of GPTQ (none listed: none)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a quantize key")
     parser.add_argument("--out", default=str(RESULTS / "quantize.json"))
     args = parser.parse_args()
@@ -149,10 +151,9 @@ def main() -> None:
             record[f"damage_{method}{suffix}"] = bpb - record[f"val_bpb_float{suffix}"]
             print(f"quantize bench: {method}{suffix} val_bpb {bpb:.5f} (float {record[f'val_bpb_float{suffix}']:.5f}), "
                   f"{record[f'model_bytes_{method}']:,} bytes, {record[f'{method}_seconds']:.1f} s", flush=True)
-    variants = {} if args.no_variants else {
-        "gptq_lqer": {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k},
-        "gptq_gate": {"gate_int8": True},
-        "gptq_lqer_gate": {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k, "gate_int8": True}}
+    lqer = {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k}
+    options = {"lqer": lqer, "gate": {"gate_int8": True}, "lqer_gate": {**lqer, "gate_int8": True}}
+    variants = {f"gptq_{name}": options[name] for name in args.variants}
     for key, change in variants.items():
         vcfg = dataclasses.replace(quant_cfg, method="gptq", **change)
         start = time.perf_counter()
