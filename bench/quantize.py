@@ -134,36 +134,13 @@ def main() -> None:
     for suffix, (window, stride) in windows.items():
         record[f"val_bpb_float{suffix}"] = score(float_model, val, val_bytes, device, window, stride,
                                                  verify_cfg.batch_seqs)
-    for method in ("rtn", "gptq"):
-        start = time.perf_counter()
-        qm = quantize_gptq(state, hessians, quant_cfg, device) if method == "gptq" else quantize_rtn(state, quant_cfg)
-        record[f"{method}_seconds"] = time.perf_counter() - start
-        gptq_qm = qm  # the loop ends on gptq: the layouts below pack these integers
-        blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), quant_cfg.compressors)
-        record[f"model_bytes_{method}"] = report["model_bytes"]
-        record[f"bytes_per_group_{method}"] = report["bytes_per_group"]
-        path = work / f"model_{method}.bin"
-        path.write_bytes(blob)
-        model = load_model(path)
-        for suffix, (window, stride) in windows.items():
-            bpb = score(model, val, val_bytes, device, window, stride, verify_cfg.batch_seqs)
-            record[f"val_bpb_{method}{suffix}"] = bpb
-            record[f"damage_{method}{suffix}"] = bpb - record[f"val_bpb_float{suffix}"]
-            print(f"quantize bench: {method}{suffix} val_bpb {bpb:.5f} (float {record[f'val_bpb_float{suffix}']:.5f}), "
-                  f"{record[f'model_bytes_{method}']:,} bytes, {record[f'{method}_seconds']:.1f} s", flush=True)
-    lqer = {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k}
-    options = {"lqer": lqer, "gate": {"gate_int8": True}, "lqer_gate": {**lqer, "gate_int8": True}}
-    variants = {f"gptq_{name}": options[name] for name in args.variants}
-    for key, change in variants.items():
-        vcfg = dataclasses.replace(quant_cfg, method="gptq", **change)
-        start = time.perf_counter()
-        qm, steps = quantize_model(state, vcfg, hessians, device)
-        record[f"{key}_seconds"] = time.perf_counter() - start
-        blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), vcfg.compressors)
+
+    def measure(key: str, qm, seconds: float, compressors) -> None:
+        """Pack `qm` as the stage packs it, reload it from the bytes and score it as verify does."""
+        record[f"{key}_seconds"] = seconds
+        blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), compressors)
         record[f"model_bytes_{key}"] = report["model_bytes"]
         record[f"bytes_per_group_{key}"] = report["bytes_per_group"]
-        if steps["lqer"]:
-            record[f"lqer_{key}"] = steps["lqer"]
         path = work / f"model_{key}.bin"
         path.write_bytes(blob)
         model = load_model(path)
@@ -171,6 +148,24 @@ def main() -> None:
             bpb = score(model, val, val_bytes, device, window, stride, verify_cfg.batch_seqs)
             record[f"val_bpb_{key}{suffix}"] = bpb
             record[f"damage_{key}{suffix}"] = bpb - record[f"val_bpb_float{suffix}"]
+            print(f"quantize bench: {key}{suffix} val_bpb {bpb:.5f} (float {record[f'val_bpb_float{suffix}']:.5f}), "
+                  f"{record[f'model_bytes_{key}']:,} bytes, {seconds:.1f} s", flush=True)
+
+    for method in ("rtn", "gptq"):
+        start = time.perf_counter()
+        qm = quantize_gptq(state, hessians, quant_cfg, device) if method == "gptq" else quantize_rtn(state, quant_cfg)
+        gptq_qm = qm  # the loop ends on gptq: the layouts below pack these integers
+        measure(method, qm, time.perf_counter() - start, quant_cfg.compressors)
+    lqer = {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k}
+    options = {"lqer": lqer, "gate": {"gate_int8": True}, "lqer_gate": {**lqer, "gate_int8": True}}
+    variants = {f"gptq_{name}": options[name] for name in args.variants}
+    for key, change in variants.items():
+        vcfg = dataclasses.replace(quant_cfg, method="gptq", **change)
+        start = time.perf_counter()
+        qm, steps = quantize_model(state, vcfg, hessians, device)
+        if steps["lqer"]:
+            record[f"lqer_{key}"] = steps["lqer"]
+        measure(key, qm, time.perf_counter() - start, vcfg.compressors)
     if "gptq_lqer" in variants:
         record["lqer_bytes"] = record["model_bytes_gptq_lqer"] - record["model_bytes_gptq"]
         record["lqer_damage_removed"] = record["damage_gptq"] - record["damage_gptq_lqer"]
