@@ -25,12 +25,7 @@ def quantize(params: Path, model: Path, hessians: Path, out: Path, reference: Pa
     cfg = load_section(params, "quantize")
     state, model_config = read_model_file(model)
     start = time.perf_counter()
-    found = None
-    if cfg.method == "gptq":
-        found = load_hessians(hessians)
-        if not found:
-            raise ValueError(f"quantize.method 'gptq' needs Hessians, and {hessians} holds none: set "
-                             "train.calib_batches > 0 (and rerun train), or quantize.method: rtn")
+    found = load_hessians(hessians) if cfg.method == "gptq" else None  # none: quantize_model names the key
     matrices = sum(is_quantized(t, cfg.passthrough_max_numel) and name in (found or {}) for name, t in state.items())
     with tqdm(total=matrices, desc=cfg.method, unit="matrix", disable=not matrices) as bar:
         qm, steps = quantize_model(state, cfg, found, select_device("auto"), progress=lambda name: bar.update(1))
