@@ -37,7 +37,6 @@ from pgolf_core.bpb import bits_per_byte, val_byte_counts
 from pgolf_core.eval import budget
 from pgolf_core.eval.run import score_mode, truncated, warm_up
 from pgolf_core.model import GPT
-from pgolf_core.train import model_config
 
 FINEWEB_VAL_TOKENS = 40_540_160
 FINEWEB_VAL_DOCUMENTS = 50_000
@@ -84,7 +83,7 @@ def main() -> None:
             state, model_cfg = checkpoint.read_model_file(args.model)
             return checkpoint.build_model(state, model_cfg).to(device)
         torch.manual_seed(0)
-        return GPT(model_config(train_cfg, vocab)).to(device)
+        return GPT(train_cfg.model.with_vocab(vocab)).to(device)
 
     probe = load()
     bos, vocab = probe.cfg.bos_id, probe.cfg.vocab_size

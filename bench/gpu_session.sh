@@ -48,14 +48,14 @@ part reference train_throughput_pr1477.json 280 python3 -m bench.train_throughpu
 ab() { local name=$1 limit=$2; shift 2
     part "$name" "train_throughput_$name.json" "$limit" python3 -m bench.train_throughput --profile $RECORD \
         --out "bench/results/train_throughput_$name.json" "$@"; }
-ab f32residual 280 --set low_precision_residual=false
-ab tunekernels 500 --set compile_tune_kernels=true
-ab docmask 300 --set doc_mask=true --doc-len 1000
+ab f32residual 280 --set model.low_precision_residual=false
+ab tunekernels 500 --set runtime.compile_tune_kernels=true
+ab docmask 300 --set model.doc_mask=true --doc-len 1000
 ab docmaskoff 280 --doc-len 1000
-ab autotune 560 --set compile_mode=max-autotune-no-cudagraphs
-ab fusedmlpstep 280 --set fused_mlp=true
-ab fusedcestep 280 --set fused_ce=true
-ab mixorder 280 --set compile_mix_order_reduction=true --trace "$OUT/trace_mixorder.txt"  # traces name the kernels
+ab autotune 560 --set runtime.compile_mode=max-autotune-no-cudagraphs
+ab fusedmlpstep 280 --set runtime.fused_mlp=true
+ab fusedcestep 280 --set runtime.fused_ce=true
+ab mixorder 280 --set runtime.compile_mix_order_reduction=true --trace "$OUT/trace_mixorder.txt"  # traces name the kernels
 part expandable train_throughput_expandable.json 280 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 -m bench.train_throughput --profile $RECORD --out bench/results/train_throughput_expandable.json
 # dev NAME JSON ARGS...: the short real run on the dev corpus (75 steps of 131,072 tokens)
@@ -72,8 +72,8 @@ part quantize quantize.json 420 python3 -m bench.quantize --profile profiles/rec
 part evalspeed eval_speed.json 240 python3 -m bench.eval_speed --profile $RECORD --device cuda \
     --artifact data/dev_run/model_gptq.bin --shards data/dev_run/shards_8192 \
     --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes sliding ttt_sgd ttt_phased
-dev devdocmask train_dev_run_docmask.json --set doc_mask=true
-dev devf32residual train_dev_run_f32residual.json --set low_precision_residual=false
-dev devfusedmlp train_dev_run_fusedmlp.json --set fused_mlp=true
-dev devfusedce train_dev_run_fusedce.json --set fused_ce=true
+dev devdocmask train_dev_run_docmask.json --set model.doc_mask=true
+dev devf32residual train_dev_run_f32residual.json --set model.low_precision_residual=false
+dev devfusedmlp train_dev_run_fusedmlp.json --set runtime.fused_mlp=true
+dev devfusedce train_dev_run_fusedce.json --set runtime.fused_ce=true
 ls -la "$OUT"

@@ -1,5 +1,5 @@
 """Benchmark: a profile's Muon step, whole, against one process's share of it under
-`torchrun --nproc_per_node=W` with `train.muon_shard` (W = 8 by default).
+`torchrun --nproc_per_node=W` with `train.optimizer.muon_shard` (W = 8 by default).
 
 One GPU cannot run the all-gather, so each process's share is timed alone: `pgolf_core.dist`
 is told it is rank r of W and its all-gather becomes a copy of the block into its own
@@ -34,7 +34,6 @@ from bench.timing import host_ms, kernel_ms, median_ms
 from pgolf_core import config, dist
 from pgolf_core.model import GPT
 from pgolf_core.optim import Muon, newton_schulz_batches, param_groups, shard_block_size
-from pgolf_core.train import model_config
 
 
 class Finished:
@@ -56,7 +55,7 @@ def as_rank(rank: int, world: int, received: list[int]):
 
 
 def owners(shapes: list[torch.Size], world: int) -> list[int]:
-    """The rank that orthogonalizes each matrix under `train.muon_shard`."""
+    """The rank that orthogonalizes each matrix under `train.optimizer.muon_shard`."""
     owner = [0] * len(shapes)
     for parts in newton_schulz_batches(shapes).values():
         order = [i for _, members in parts for i in members]
@@ -96,14 +95,14 @@ def main() -> None:
     device = torch.device(args.device)
     ns_dtype = dist.autocast_dtype(device) or torch.float32  # as the trainer: bf16 iterations on a GPU
     torch.manual_seed(0)
-    matrices = param_groups(GPT(model_config(cfg, vocab)).to(device))["matrices"]
+    matrices = param_groups(GPT(cfg.model.with_vocab(vocab)).to(device))["matrices"]
     for p in matrices:
         p.grad = torch.randn_like(p)
 
     def make_muon(params, shard: bool) -> Muon:
-        return Muon(params, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.weight_decay,
-                    ns_steps=cfg.ns_steps, ns_dtype=ns_dtype, ns_coefficients=cfg.ns_coefficients,
-                    row_normalize=cfg.muon_row_normalize, shard=shard)
+        return Muon(params, lr=cfg.optimizer.matrix_lr, momentum=cfg.optimizer.muon_momentum, weight_decay=cfg.optimizer.weight_decay,
+                    ns_steps=cfg.optimizer.ns_steps, ns_dtype=ns_dtype, ns_coefficients=cfg.optimizer.ns_coefficients,
+                    row_normalize=cfg.optimizer.muon_row_normalize, shard=shard)
 
     def muon(shard: bool) -> Muon:
         opt = make_muon(matrices, shard)
@@ -145,8 +144,8 @@ def main() -> None:
         "batches": {f"{small}x{big}": sum(len(members) for _, members in parts)
                     for (small, big), parts in newton_schulz_batches([p.shape for p in matrices]).items()},
         "ns_dtype": str(ns_dtype).removeprefix("torch."),
-        "config": {"profile": args.profile, "ns_steps": cfg.ns_steps, "ns_coefficients": cfg.ns_coefficients,
-                   "muon_row_normalize": cfg.muon_row_normalize, "num_matrices": len(matrices),
+        "config": {"profile": args.profile, "ns_steps": cfg.optimizer.ns_steps, "ns_coefficients": cfg.optimizer.ns_coefficients,
+                   "muon_row_normalize": cfg.optimizer.muon_row_normalize, "num_matrices": len(matrices),
                    "matrix_params": sum(p.numel() for p in matrices), "torch": torch.__version__},
     }
     print(json.dumps(result))

@@ -45,7 +45,7 @@ from pgolf_core.model import GPT
 from pgolf_core.quant.gptq import quantize_gptq
 from pgolf_core.quant.pipeline import quantize_model
 from pgolf_core.quant.rtn import quantize_rtn
-from pgolf_core.train import model_config, select_kernels, set_seed, train
+from pgolf_core.train import select_kernels, set_seed, train
 
 VARIANTS = ("lqer", "gate", "lqer_gate")
 TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at most this many bytes
@@ -54,8 +54,8 @@ TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at m
 def train_once(cfg: config.TrainConfig, shards: Path, sp, device, calib_seqs: int, work: Path) -> dict:
     """Train, collect Hessians in the same run, save both under `work`; the run's figures."""
     set_seed(cfg.seed)
-    select_kernels(cfg)
-    model = GPT(model_config(cfg, sp.vocab_size())).to(device)
+    select_kernels(cfg.runtime)
+    model = GPT(cfg.model.with_vocab(sp.vocab_size())).to(device)
     stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
     val = data.load_split(shards, "val", sp.vocab_size())
     collected = []
@@ -103,19 +103,19 @@ def main() -> None:
     tok_cfg = config.build_section("tokenize", overrides.get("tokenize", {}))
     profile_train = config.build_section("train", overrides.get("train", {}))
     quant_cfg = config.build_section("quantize", config.merge_nested(overrides.get("quantize", {}),
-                                                                 _nested(config.parse_assignments(args.set))))
+                                                                 config.parse_assignments(args.set)))
     verify_cfg = config.build_section("verify", overrides.get("verify", {}))
     eval_cfg = config.build_section("evaluate", overrides.get("evaluate", {}))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pgolf-quantize-"))
     shards, tok_dir = prepare(work, Path(args.corpus), tok_cfg.vocab_size)
     sp = tokenizer.load_tokenizer(tok_dir)
     epoch_steps = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size()).num_tokens // args.batch_tokens
-    cfg = config.build_section("train", {
-        **overrides.get("train", {}), "batch_tokens": args.batch_tokens, "iterations": min(args.steps, epoch_steps),
-        "schedule": "steps", "max_wallclock_seconds": 0.0, "calib_reserve_seconds": 0.0, "ema_decay": 0.0,
-        "val_every": 0, "val_tokens": 0, "log_every": 10, "micro_batch_seqs": args.micro_batch_seqs,
-        "compile": False, "snapshot_every": 0})
-    device = dist.select_device(cfg.device if torch.cuda.is_available() else "cpu")
+    cfg = config.build_section("train", config.merge_nested(overrides.get("train", {}), {
+        "batch_tokens": args.batch_tokens, "micro_batch_seqs": args.micro_batch_seqs, "optimizer": {"ema_decay": 0.0},
+        "schedule": {"mode": "steps", "iterations": min(args.steps, epoch_steps), "max_wallclock_seconds": 0.0,
+                     "calib_reserve_seconds": 0.0},
+        "runtime": {"val_every": 0, "val_tokens": 0, "log_every": 10, "compile": False, "snapshot_every": 0}}))
+    device = dist.select_device(cfg.runtime.device if torch.cuda.is_available() else "cpu")
     run = None if args.reuse else train_once(cfg, shards, sp, device, profile_train.micro_batch_seqs, work)
     print(f"quantize bench: trained {run}", flush=True)
 
@@ -193,8 +193,8 @@ def main() -> None:
         "fits_target_gptq": record["model_bytes_gptq"] + code_bytes <= TARGET_ARTIFACT_BYTES,
         "gptq_damage_over_rtn": record["damage_gptq"] / record["damage_rtn"] if record["damage_rtn"] else None,
         "gptq_seconds": record["gptq_seconds"],
-        "calib_reserve_seconds_of_profile": profile_train.calib_reserve_seconds,
-        "params": {"profile": args.profile, "quantize": dataclasses.asdict(quant_cfg), "train_steps": cfg.iterations,
+        "calib_reserve_seconds_of_profile": profile_train.schedule.calib_reserve_seconds,
+        "params": {"profile": args.profile, "quantize": dataclasses.asdict(quant_cfg), "train_steps": cfg.schedule.iterations,
                    "batch_tokens": cfg.batch_tokens, "calib_batches": cfg.calib_batches,
                    "calib_seqs": profile_train.micro_batch_seqs, "seq_len": cfg.seq_len, "ema_decay": 0.0},
     })
@@ -202,18 +202,6 @@ def main() -> None:
     if device.type == "cuda" or args.out != parser.get_default("out"):
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def _nested(flat: dict) -> dict:
-    """{"bits.mlp": 5} -> {"bits": {"mlp": 5}} (dotted keys as `dvc exp run -S` writes them)."""
-    out: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
 
 
 if __name__ == "__main__":

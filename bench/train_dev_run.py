@@ -27,7 +27,7 @@ from bench.header import RESULTS, header
 from pgolf_core import config, corpus, data, dist, export, fused_ce, fused_mlp, kernels, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
-from pgolf_core.train import model_config, select_kernels, set_seed, train
+from pgolf_core.train import select_kernels, set_seed, train
 
 
 def prepare(work: Path, corpus_path: Path, vocab_size: int) -> tuple[Path, Path]:
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--val-every", type=int, default=5)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a train key of the profile (A/B runs), e.g. --set doc_mask=true")
+                        help="override a train key of the profile (A/B runs), e.g. --set model.doc_mask=true")
     parser.add_argument("--out", default=str(RESULTS / "train_dev_run.json"),
                         help="where a GPU run writes its JSON")
     parser.add_argument("--prepare-only", action="store_true",
@@ -64,20 +64,21 @@ def main() -> None:
 
     overrides = config.read_profile(args.profile)
     tok_cfg = config.build_section("tokenize", overrides.get("tokenize", {}))
-    train_overrides = {**overrides.get("train", {}), "batch_tokens": args.batch_tokens, "iterations": args.steps,
-                       "schedule": "steps", "max_wallclock_seconds": 0.0, "calib_reserve_seconds": 0.0,
-                       "val_every": args.val_every, "val_tokens": 0, "log_every": 1, "device": args.device,
-                       "micro_batch_seqs": args.micro_batch_seqs, **config.parse_assignments(args.set)}
-    cfg = config.build_section("train", train_overrides)
+    run_settings = {"batch_tokens": args.batch_tokens, "micro_batch_seqs": args.micro_batch_seqs,
+                    "schedule": {"mode": "steps", "iterations": args.steps, "max_wallclock_seconds": 0.0,
+                                 "calib_reserve_seconds": 0.0},
+                    "runtime": {"val_every": args.val_every, "val_tokens": 0, "log_every": 1, "device": args.device}}
+    cfg = config.build_section("train", config.merge_nested(config.merge_nested(overrides.get("train", {}), run_settings),
+                                                            config.parse_assignments(args.set)))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="pgolf-dev-run-"))
     shards, tok_dir = prepare(work, Path(args.corpus), tok_cfg.vocab_size)
     if args.prepare_only:
         return
     sp = tokenizer.load_tokenizer(tok_dir)
-    device = dist.select_device(cfg.device)
+    device = dist.select_device(cfg.runtime.device)
     set_seed(cfg.seed)
-    select_kernels(cfg)
-    model = GPT(model_config(cfg, sp.vocab_size())).to(device)
+    select_kernels(cfg.runtime)
+    model = GPT(cfg.model.with_vocab(sp.vocab_size())).to(device)
     stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
     val = data.load_split(shards, "val", sp.vocab_size())
     curve, switch_step = [], None
@@ -97,10 +98,10 @@ def main() -> None:
         "val_bpb_prequant": result.val_bpb_prequant,  # the EMA's weights: on a short run, near the init
         "last_eval_before_ema": next(({"step": c["step"], "val_bpb": c["val_bpb"]}
                                       for c in reversed(curve) if "val_bpb" in c), None),
-        "attention_path": kernels.attention_path(device, cfg.doc_mask, cfg.compile),
-        "fused_mlp": fused_mlp.active(device), "fused_ce": fused_ce.active(device, cfg.logit_softcap),
+        "attention_path": kernels.attention_path(device, cfg.model.doc_mask, cfg.runtime.compile),
+        "fused_mlp": fused_mlp.active(device), "fused_ce": fused_ce.active(device, cfg.model.logit_softcap),
         "overrides": args.set,
-        "loop_switch_step": switch_step, "loop_start_frac": cfg.loop_start_frac,
+        "loop_switch_step": switch_step, "loop_start_frac": cfg.schedule.loop_start_frac,
         "graphs_compiled_after_start": result.graphs_compiled_in_run,  # after the warm-up
         "curve": curve,
     }

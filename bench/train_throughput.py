@@ -33,7 +33,7 @@ from bench.header import RESULTS, header
 from pgolf_core import config, fused_ce, fused_mlp, kernels
 from pgolf_core.model import GPT, layer_sequence
 from pgolf_core.optim import build_optimizers
-from pgolf_core.train import compile_model, compiled_graphs, model_config, select_kernels, train_step
+from pgolf_core.train import compile_model, compiled_graphs, select_kernels, train_step
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per loop state (compilation)")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a train key of the profile (A/B runs), e.g. --set compile_tune_kernels=true")
+                        help="override a train key of the profile (A/B runs), e.g. --set runtime.compile_tune_kernels=true")
     parser.add_argument("--doc-len", type=int, default=0,
                         help="mean document length: BOS tokens at that rate (0: uniform random tokens)")
     parser.add_argument("--out", default=str(RESULTS / "train_throughput.json"),
@@ -111,14 +111,15 @@ def main() -> None:
     args = parser.parse_args()
 
     overrides = config.read_profile(args.profile)
-    cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
+    cfg = config.build_section("train", config.merge_nested(overrides.get("train", {}), config.parse_assignments(args.set)))
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
-    select_kernels(cfg)  # --set flash_attn=false: SDPA; fused_mlp=true / fused_ce=true: the Triton MLP / loss
+    # --set runtime.flash_attn=false: SDPA; runtime.fused_mlp=true / runtime.fused_ce=true: the Triton MLP / loss
+    select_kernels(cfg.runtime)
     torch.manual_seed(0)
-    model = GPT(model_config(cfg, vocab)).to(device)
-    step_model = model if args.no_compile or not cfg.compile else compile_model(model, cfg)
-    optimizers = build_optimizers(model, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = GPT(cfg.model.with_vocab(vocab)).to(device)
+    step_model = model if args.no_compile or not cfg.runtime.compile else compile_model(model, cfg.runtime)
+    optimizers = build_optimizers(model, cfg.optimizer, torch.bfloat16 if device.type == "cuda" else torch.float32)
     autocast = torch.bfloat16 if device.type == "cuda" else None
     rows = cfg.batch_tokens // cfg.seq_len
     x = torch.randint(0, vocab, (rows, cfg.seq_len), device=device)
@@ -131,12 +132,12 @@ def main() -> None:
         train_step(step_model, optimizers, x, y, cfg, autocast)
 
     figures = {}
-    for looping in ([False, True] if cfg.num_loops else [False]):
+    for looping in ([False, True] if cfg.model.num_loops else [False]):
         model.looping = looping
         for _ in range(args.warmup):
             step()
     graphs_before_timing = compiled_graphs()
-    for looping in ([False, True] if cfg.num_loops else [False]):
+    for looping in ([False, True] if cfg.model.num_loops else [False]):
         model.looping = looping
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -159,7 +160,7 @@ def main() -> None:
         "tokens_per_second_looped": round(looped["tokens_per_second"]),
         "tokens_per_second_run_average": round(run_average(
             plain["tokens_per_second"], looped["tokens_per_second"],
-            cfg.loop_start_frac if cfg.num_loops else 1.0, cfg.schedule)),
+            cfg.schedule.loop_start_frac if cfg.model.num_loops else 1.0, cfg.schedule.mode)),
         "ms_per_step": round(1000 * plain["seconds"], 2),
         "ms_per_step_looped": round(1000 * looped["seconds"], 2),
         "mfu": round(plain["flops_per_token"] * plain["tokens_per_second"] / peak, 4) if peak else None,
@@ -169,18 +170,18 @@ def main() -> None:
         "peak_mem_mib_looped": looped["peak_mem_mib"],
         "allocator_during_timed_steps": {"unlooped": plain["allocator_during_timed_steps"],
                                          "looped": looped["allocator_during_timed_steps"]},
-        "attention_path": kernels.attention_path(device, cfg.doc_mask, step_model is not model),
+        "attention_path": kernels.attention_path(device, cfg.model.doc_mask, step_model is not model),
         "fused_mlp": fused_mlp.active(device),
-        "fused_ce": fused_ce.active(device, cfg.logit_softcap),
+        "fused_ce": fused_ce.active(device, cfg.model.logit_softcap),
         "compiled": step_model is not model,
         "graphs_compiled_after_warmup": compiled_graphs() - graphs_before_timing,  # one in a timed step is timed
-        "compile_mode": cfg.compile_mode,
-        "compile_tune_kernels": cfg.compile_tune_kernels,
-        "compile_mix_order_reduction": cfg.compile_mix_order_reduction,
+        "compile_mode": cfg.runtime.compile_mode,
+        "compile_tune_kernels": cfg.runtime.compile_tune_kernels,
+        "compile_mix_order_reduction": cfg.runtime.compile_mix_order_reduction,
         "overrides": args.set,
         "doc_len": args.doc_len,
         "config": {"profile": args.profile, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len,
-                   "schedule": cfg.schedule, "loop_start_frac": cfg.loop_start_frac,
+                   "schedule": cfg.schedule.mode, "loop_start_frac": cfg.schedule.loop_start_frac,
                    "virtual_layers_looped": sum(map(len, layer_sequence(model.cfg, True))),
                    "micro_batch_seqs": cfg.micro_batch_seqs, "num_params": sum(p.numel() for p in model.parameters()),
                    "torch": torch.__version__},

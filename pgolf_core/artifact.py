@@ -63,7 +63,8 @@ from pgolf_core.checkpoint import build_model
 from pgolf_core.compress import codec_id, codec_name, compress_many, decompress
 from pgolf_core.io import write_bytes_atomic
 from pgolf_core.layout import Layout, decode, encode
-from pgolf_core.model import GPT, ModelConfig
+from pgolf_core.config import ModelConfig
+from pgolf_core.model import GPT
 from pgolf_core.quant import (CATEGORIES, KINDS, LQER_A_RANGE, LQER_B_RANGE, LowRank, QuantizedModel,
                               QuantizedTensor, category_of, dequantize, lqer_groups)
 from pgolf_core.quant.rtn import qmax_for

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pgolf_core.config import GATE_INPUT_DIMS
 from pgolf_core.kernels import causal_attention
-
-GATE_INPUT_DIMS = 12  # the sparse output gate reads the first 12 channels of its input
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from pgolf_core import io
-from pgolf_core.model import GPT, ModelConfig
+from pgolf_core.config import ModelConfig
+from pgolf_core.model import GPT
 
 CONFIG_KEY = "model_config"
 

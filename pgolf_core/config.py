@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import yaml
 
 EVAL_MODES = ("nonoverlap", "sliding", "ttt_sgd", "ttt_lora", "ttt_phased")
 LORA_TARGETS = ("q", "k", "v", "o", "up", "down", "head")  # pgolf_core.eval.lora.target_weights
@@ -134,40 +133,53 @@ class NgramConfig:
         return (self.order3_buckets, self.order4_buckets, self.order5_buckets)[: self.max_order - 2]
 
 
+GATE_INPUT_DIMS = 12  # the sparse attention gate and the input SmearGate read the first 12 channels of their input
+MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
+PARALLEL_MODES = ("none", "merge", "routed", "gptj")
+SMEAR_GATE_MODES = ("input", "channel")
+VALUE_RESIDUAL_MODES = ("linear", "gated")
+BOS_ID = 1  # the challenge data's BOS (pgolf_core.tokenizer checks every tokenizer against it)
+
+
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    # model
+class ModelConfig:
+    """`train.model`: the architecture, exactly what `model.GPT` takes (and what a model
+    file's metadata records). Every feature of the records (TECHNIQUES.md §2) is a switch,
+    off by default, so the plain model is the baseline."""
+
+    vocab_size: int = 0  # 0: the tokenizer's (the train stage fills it in); otherwise it must equal it
     num_layers: int = 4
     model_dim: int = 128
     num_heads: int = 4
     num_kv_heads: int = 2  # grouped-query attention: num_heads % num_kv_heads == 0
     mlp_mult: int = 4  # MLP hidden = mlp_mult * model_dim
     rope_base: float = 10000.0
-    logit_softcap: float = 30.0  # logits = c * tanh(logits / c)
-    # model features of the records (TECHNIQUES.md §2), all off in the CPU default
     rope_dims: int = 0  # rotary channels per head (0 = all; 16 of 64 in the record)
+    logit_softcap: float = 30.0  # logits = c * tanh(logits / c)
+    embed_init_std: float = 0.005  # the tied embedding's initial N(0, std)
     mlp_activation: str = "relu2"  # "relu2" or "leaky_relu2" (slope 0.5, squared)
     qk_gain_init: float = 0.0  # learned per-head query gain, initial value (0 = none; 5.0 record)
-    ln_scale: bool = False  # block inputs scaled by 1/sqrt(layer + 1)
-    resid_mix: bool = False  # block input = m0 * x + m1 * x0
-    unet_skips: bool = False  # encoder -> decoder skips with learned gates
+    ln_scale: bool = False  # normed block inputs scaled by 1/sqrt(layer + 1)
+    resid_mix: bool = False  # block input = m0 * x + m1 * x0 (per channel; m0=1, m1=0 at init)
+    unet_skips: bool = False  # encoder outputs feed the decoder through learned gates
     xsa_last_n: int = 0  # exclusive self-attention in the last N layers
-    smear_gate: bool = False  # previous-token smear on embeddings, masked at BOS
-    smear_gate_mode: str = "input"  # "input" (04-16 #1667: lambda * sigmoid(w . x[:12])) or "channel" (03-19: a gate per channel)
+    smear_gate: bool = False  # previous-token smear on the embeddings, never across a BOS
+    # "input": x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1} (04-16, #1667);
+    # "channel": x_t <- (1 - sigmoid(g)) * x_t + sigmoid(g) * x_{t-1}, g per channel (03-19, #65/#569)
+    smear_gate_mode: str = "input"
     attn_gate: bool = False  # sparse sigmoid gate per head on the attention output
     attn_gate_scale: float = 1.0
-    value_embed_layers: list = field(default_factory=list)  # layers given value embeddings
+    value_embed_layers: tuple = ()  # layers whose v gets a shared value embedding
     value_embed_dim: int = 128
-    value_embed_tables: int = 1  # 1, or 2: two value-embedding tables with a scale each per layer (#1453)
+    value_embed_tables: int = 1  # 1, or 2: two tables with a scale each per layer (#1453)
     value_residual: bool = False  # later layers mix layer 0's v into theirs
-    value_residual_mode: str = "linear"  # "linear" (l0*v0 + l1*v) or "gated" (sigmoid gate per layer, init -1.5; #569)
+    value_residual_mode: str = "linear"  # "linear": l0 * v0 + l1 * v; "gated": lerp(v, v0, sigmoid(g)), g init -1.5 (#569)
     bigram_buckets: int = 0  # BigramHash buckets of (previous, current) token pairs (0 = off; 2048 in #569, 6144 in #687)
     bigram_dim: int = 128  # BigramHash table width (projected to model_dim)
     num_loops: int = 0  # depth recurrence: extra passes over layers loop_start..loop_end (0 = off)
     loop_start: int = 0
     loop_end: int = 0
-    loop_start_frac: float = 0.35  # fraction of training after which the loop switches on
-    parallel_mode: str = "none"  # "none", "merge" (two lanes, learned merge), "routed" or "gptj" (one stream)
+    parallel_mode: str = "none"  # "none", "merge" (two lanes, learned merge), "routed" (learned routing) or "gptj" (one stream)
     parallel_start: int = 0  # first physical decoder layer run in parallel
     # GPU: the residual stream in bf16, like the records' bf16 weights: half its bytes, 17 % of
     # Inductor's elementwise bytes in the record step. On the CPU model under bf16 autocast it
@@ -175,20 +187,73 @@ class TrainConfig:
     # scale curve (gpu_session.sh devf32residual) is still open. On in the record profiles.
     low_precision_residual: bool = False
     doc_mask: bool = False  # attention never crosses a BOS (the records' varlen attention, 04-10+)
-    # data
-    seq_len: int = 256  # tokens per training sequence
-    batch_tokens: int = 8192  # global tokens per optimizer step, whatever the world size
-    micro_batch_seqs: int = 32  # sequences per forward pass per process (accumulation fills the rest)
-    # schedule
-    iterations: int = 250  # optimizer steps (schedule: steps)
-    schedule: str = "steps"  # "steps" (comparable across machines) or "wallclock" (fills the cap)
-    max_wallclock_seconds: float = 0.0  # hard cap on timed training (0 = none; 600 in the challenge)
-    calib_reserve_seconds: float = 0.0  # of the cap, kept for GPTQ calibration (counts in the budget)
-    calib_batches: int = 8  # GPTQ Hessians: batches of micro_batch_seqs x seq_len train tokens per process, read after training (0 = none)
-    warmup_steps: int = 0  # linear LR warm-up
-    warmdown_frac: float = 0.4  # final fraction of the run with LR decaying linearly
-    min_lr_frac: float = 0.0  # LR floor as a fraction of the peak
-    # optimiser
+    bos_id: int = BOS_ID  # the id that starts every document (fixed by the data format)
+
+    def __post_init__(self):
+        object.__setattr__(self, "value_embed_layers", tuple(self.value_embed_layers))
+        key = "train.model."
+        if self.vocab_size < 0:
+            raise ValueError(f"{key}vocab_size={self.vocab_size}: must be >= 0 (0 = the tokenizer's)")
+        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "value_embed_dim",
+                     "bigram_dim"):
+            _positive(key + name, getattr(self, name))
+        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
+            raise ValueError(f"{key}model_dim={self.model_dim} must split into {key}num_heads={self.num_heads} "
+                             "heads of even size (rotary pairs)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{key}num_heads={self.num_heads} is not a multiple of "
+                             f"{key}num_kv_heads={self.num_kv_heads}")
+        _choice(key + "mlp_activation", self.mlp_activation, MLP_ACTIVATIONS)
+        _choice(key + "parallel_mode", self.parallel_mode, PARALLEL_MODES)
+        _choice(key + "smear_gate_mode", self.smear_gate_mode, SMEAR_GATE_MODES)
+        _choice(key + "value_residual_mode", self.value_residual_mode, VALUE_RESIDUAL_MODES)
+        _choice(key + "value_embed_tables", self.value_embed_tables, (1, 2))
+        if self.value_embed_tables == 2 and not self.value_embed_layers:
+            raise ValueError(f"{key}value_embed_tables=2 needs {key}value_embed_layers: no layer would read the tables")
+        if self.bigram_buckets < 0 or self.bigram_buckets == 1:
+            raise ValueError(f"{key}bigram_buckets={self.bigram_buckets}: must be 0 (off) or at least 2 "
+                             "(one bucket is position 0's)")
+        if self.rope_dims % 2 or not 0 <= self.rope_dims <= self.head_dim:
+            raise ValueError(f"{key}rope_dims={self.rope_dims}: must be even and at most head_dim={self.head_dim}")
+        if self.num_loops < 0:
+            raise ValueError(f"{key}num_loops={self.num_loops}: must be >= 0 (0 = no recurrence)")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            raise ValueError(f"{key}loop_start..loop_end = {self.loop_start}..{self.loop_end} is not inside "
+                             f"0..{self.num_layers - 1}")
+        if ((self.smear_gate and self.smear_gate_mode == "input") or self.attn_gate) and self.model_dim < GATE_INPUT_DIMS:
+            raise ValueError(f"gates read {GATE_INPUT_DIMS} channels; {key}model_dim={self.model_dim} is smaller")
+        if any(not 0 <= i < self.num_layers for i in self.value_embed_layers):
+            raise ValueError(f"{key}value_embed_layers={list(self.value_embed_layers)} outside 0..{self.num_layers - 1}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    def with_vocab(self, vocab_size: int) -> "ModelConfig":
+        """This config for a tokenizer of `vocab_size` pieces: fills in 0, refuses a mismatch."""
+        if self.vocab_size not in (0, vocab_size):
+            raise ValueError(f"train.model.vocab_size={self.vocab_size} but the tokenizer has {vocab_size} pieces "
+                             "(set it to 0 to take the tokenizer's)")
+        return dataclasses.replace(self, vocab_size=vocab_size)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"model config has unknown fields {unknown} (written by a newer pgolf?)")
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """`train.optimizer`: Muon on the 2-D block matrices, Adam on the embedding and the
+    vectors, the gradient clip and the weight EMA."""
+
     matrix_lr: float = 0.02  # Muon, 2-D block matrices
     embed_lr: float = 0.03  # Adam, tied embedding
     scalar_lr: float = 0.02  # Adam, norms' gains and other vectors
@@ -208,21 +273,72 @@ class TrainConfig:
     adam_beta2: float = 0.95
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
     ema_decay: float = 0.99  # EMA of weights; the EMA weights are what is saved (0 = off)
-    # bookkeeping
-    log_every: int = 1  # steps between loss logs and wall-clock checks (each is a host sync)
-    val_every: int = 50  # steps between validations (0 = only at the end)
-    val_tokens: int = 65536  # validation tokens scored at periodic checks (0 = all)
-    snapshot_every: int = 0  # steps between resumable snapshots of the run (0 = none)
-    seed: int = 1337
+
+    def __post_init__(self):
+        key = "train.optimizer."
+        _positive(key + "ns_steps", self.ns_steps)
+        _choice(key + "ns_coefficients", self.ns_coefficients, ("quintic", "polar_express"))
+        for name in ("matrix_lr", "embed_lr", "scalar_lr", "weight_decay", "embed_weight_decay",
+                     "scalar_weight_decay", "grad_clip", "muon_momentum_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{key}{name}={getattr(self, name)}: must be >= 0")
+        for name in ("muon_momentum", "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "ema_decay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{key}{name}={getattr(self, name)}: must lie in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScheduleConfig:
+    """`train.schedule`: how long training runs and how the learning rate and the loop
+    switch follow its progress (steps done, or wall-clock seconds used)."""
+
+    mode: str = "steps"  # "steps" (comparable across machines) or "wallclock" (fills the cap)
+    iterations: int = 250  # optimizer steps (mode "steps"; an upper bound in "wallclock")
+    max_wallclock_seconds: float = 0.0  # hard cap on timed training (0 = none; 600 in the challenge)
+    calib_reserve_seconds: float = 0.0  # of the cap, kept for GPTQ calibration (counts in the budget)
+    warmup_steps: int = 0  # linear LR warm-up
+    warmdown_frac: float = 0.4  # final fraction of the run with LR decaying linearly
+    min_lr_frac: float = 0.0  # LR floor as a fraction of the peak
+    loop_start_frac: float = 0.35  # fraction of training after which depth recurrence switches on
+
+    def __post_init__(self):
+        key = "train.schedule."
+        _choice(key + "mode", self.mode, ("steps", "wallclock"))
+        _positive(key + "iterations", self.iterations)
+        if self.warmup_steps < 0:
+            raise ValueError(f"{key}warmup_steps={self.warmup_steps}: must be >= 0")
+        for name in ("warmdown_frac", "min_lr_frac", "loop_start_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{key}{name}={getattr(self, name)}: must lie in [0, 1]")
+        if self.max_wallclock_seconds < 0 or self.calib_reserve_seconds < 0:
+            raise ValueError(f"{key}max_wallclock_seconds and {key}calib_reserve_seconds must be >= 0")
+        if self.max_wallclock_seconds and self.calib_reserve_seconds >= self.max_wallclock_seconds:
+            raise ValueError(f"{key}calib_reserve_seconds={self.calib_reserve_seconds} leaves no training time "
+                             f"in {key}max_wallclock_seconds={self.max_wallclock_seconds}")
+        if self.mode == "wallclock" and self.max_wallclock_seconds <= 0:
+            raise ValueError(f"{key}mode 'wallclock' needs {key}max_wallclock_seconds > 0")
+
+    @property
+    def train_seconds_cap(self) -> float:
+        """Seconds of timed training: the wall-clock cap minus the calibration reserve."""
+        return self.max_wallclock_seconds - self.calib_reserve_seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """`train.runtime`: where and how the steps run, and what the run reports. None of
+    these changes the math (kernels and compilation change summation order only)."""
+
+    device: str = "auto"  # "auto", "cpu" or "cuda"
     compile: bool = False  # torch.compile the model (GPU profiles)
     compile_mode: str = "default"  # torch.compile mode: "default" or "max-autotune-no-cudagraphs" (Triton matmuls with fused epilogues)
-    flash_attn: bool = True  # FlashAttention 4 (via FlexAttention) in compiled CUDA runs, when flash_attn.cute is installed
     compile_tune_kernels: bool = False  # Inductor tunes its own kernels' block sizes (coordinate descent; slower compile)
     # Inductor's default: a norm's backward and the per-channel weight gradients in one kernel.
     # Off in the record profiles: in the record's backward those kernels spill on sm_90 (255
     # registers, ~180 KB shared memory; torch 2.11 predates the fix, PyTorch #179494), and
     # on an H100 they made the looped step 3.2 % slower (2026-11-24, at 2ce279e)
     compile_mix_order_reduction: bool = True
+    flash_attn: bool = True  # FlashAttention 4 (via FlexAttention) in compiled CUDA runs, when flash_attn.cute is installed
     # CUDA training steps: MLP up-projection + activation in one Triton matmul (needs triton).
     # On an H100 the step ran 2.2 % (unlooped) and 2.4 % (looped) faster (2026-11-24); off
     # until its compiled sm_90 kernels match float64 and its training curve matches the
@@ -233,64 +349,43 @@ class TrainConfig:
     # Inductor's loss, which is issue-bound: 2-5 ms/step predicted; off until a GPU times it
     # (gpu_session.sh fusedcestep)
     fused_ce: bool = False
-    device: str = "auto"  # "auto", "cpu" or "cuda"
+    log_every: int = 1  # steps between loss logs and wall-clock checks (each is a host sync)
+    val_every: int = 50  # steps between validations (0 = only at the end)
+    val_tokens: int = 65536  # validation tokens scored at periodic checks (0 = all)
+    snapshot_every: int = 0  # steps between resumable snapshots of the run (0 = none)
 
     def __post_init__(self):
-        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                     "seq_len", "batch_tokens", "micro_batch_seqs", "iterations", "log_every"):
+        key = "train.runtime."
+        _choice(key + "device", self.device, ("auto", "cpu", "cuda"))
+        _choice(key + "compile_mode", self.compile_mode, COMPILE_MODES)
+        _positive(key + "log_every", self.log_every)
+        for name in ("val_every", "val_tokens", "snapshot_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{key}{name}={getattr(self, name)}: must be >= 0 (0 = off)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """`train`: the model, its optimizer, the schedule and the runtime, plus what they
+    share: the batch geometry, the seed and the calibration that follows training."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    seq_len: int = 256  # tokens per training sequence
+    batch_tokens: int = 8192  # global tokens per optimizer step, whatever the world size
+    micro_batch_seqs: int = 32  # sequences per forward pass per process (accumulation fills the rest)
+    calib_batches: int = 8  # GPTQ Hessians: batches of micro_batch_seqs x seq_len train tokens per process, read after training (0 = none)
+    seed: int = 1337
+
+    def __post_init__(self):
+        for name in ("seq_len", "batch_tokens", "micro_batch_seqs"):
             _positive(f"train.{name}", getattr(self, name))
-        if self.model_dim % self.num_heads or (self.model_dim // self.num_heads) % 2:
-            raise ValueError(
-                f"train.model_dim={self.model_dim} must split into train.num_heads="
-                f"{self.num_heads} heads of even size (rotary pairs)"
-            )
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"train.num_heads={self.num_heads} is not a multiple of "
-                f"train.num_kv_heads={self.num_kv_heads}"
-            )
         if self.batch_tokens % self.seq_len:
-            raise ValueError(
-                f"train.batch_tokens={self.batch_tokens} is not a multiple of "
-                f"train.seq_len={self.seq_len}"
-            )
-        _choice("train.schedule", self.schedule, ("steps", "wallclock"))
-        _choice("train.mlp_activation", self.mlp_activation, ("relu2", "leaky_relu2"))
-        _choice("train.parallel_mode", self.parallel_mode, ("none", "merge", "routed", "gptj"))
-        _choice("train.smear_gate_mode", self.smear_gate_mode, ("input", "channel"))
-        _choice("train.value_residual_mode", self.value_residual_mode, ("linear", "gated"))
-        _choice("train.value_embed_tables", self.value_embed_tables, (1, 2))
-        if self.value_embed_tables == 2 and not self.value_embed_layers:
-            raise ValueError("train.value_embed_tables=2 needs train.value_embed_layers (no layer would read them)")
-        if self.bigram_buckets < 0 or self.bigram_buckets == 1:
-            raise ValueError(f"train.bigram_buckets={self.bigram_buckets}: must be 0 (off) or at least 2")
-        _positive("train.bigram_dim", self.bigram_dim)
-        _choice("train.ns_coefficients", self.ns_coefficients, ("quintic", "polar_express"))
-        if not 0.0 <= self.loop_start_frac <= 1.0:
-            raise ValueError(f"train.loop_start_frac={self.loop_start_frac}: must lie in [0, 1]")
-        if self.max_wallclock_seconds and self.calib_reserve_seconds >= self.max_wallclock_seconds:
-            raise ValueError(f"train.calib_reserve_seconds={self.calib_reserve_seconds} leaves no training time "
-                             f"in train.max_wallclock_seconds={self.max_wallclock_seconds}")
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+            raise ValueError(f"train.batch_tokens={self.batch_tokens} is not a multiple of train.seq_len={self.seq_len}")
         if self.calib_batches < 0:
             raise ValueError(f"train.calib_batches={self.calib_batches}: must be >= 0 (0 collects no Hessians)")
-        _choice("train.compile_mode", self.compile_mode, COMPILE_MODES)
-        if self.schedule == "wallclock" and self.max_wallclock_seconds <= 0:
-            raise ValueError("train.schedule 'wallclock' needs train.max_wallclock_seconds > 0")
-        for name in ("warmdown_frac", "min_lr_frac"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"train.{name}={getattr(self, name)}: must lie in [0, 1]")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"train.ema_decay={self.ema_decay}: must lie in [0, 1)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.model_dim // self.num_heads
-
-    @property
-    def train_seconds_cap(self) -> float:
-        """Seconds of timed training: the wall-clock cap minus the calibration reserve."""
-        return self.max_wallclock_seconds - self.calib_reserve_seconds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -436,6 +531,9 @@ class EvaluateConfig:
                              "document counts")
 
 
+# A key whose scalar value became a subsection: where the value lives now.
+_MOVED_SCALARS: dict[type, dict[str, str]] = {TrainConfig: {"schedule": "mode"}}
+
 SECTIONS: dict[str, type] = {
     "tokenize": TokenizeConfig,
     "ngrams": NgramConfig,
@@ -452,7 +550,7 @@ def load_params(path: str | Path) -> dict:
     params = _read_mapping(path, "params file")
     unknown = sorted(set(params) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"{path}: unknown section {unknown[0]!r}{_nearest(unknown[0], SECTIONS)}")
+        raise ValueError(f"{path}: unknown section {unknown[0]!r}{_nearest(unknown[0], list(SECTIONS))}")
     return params
 
 
@@ -468,41 +566,93 @@ def build_section(section: str, values: dict):
 
 def _build(prefix: str, cls: type, values):
     """`cls` from a mapping, nested dataclass fields from nested mappings; errors carry the
-    dotted key (`quantize.bits.mlp`)."""
+    dotted key (`quantize.bits.mlp`). A key that moved into a subsection is refused with
+    its new place (`train.matrix_lr moved to train.optimizer.matrix_lr`)."""
     if not isinstance(values, dict):
         raise ValueError(f"params {prefix!r} must be a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}, "
                          f"found {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     for key, value in values.items():
         if key not in fields:
-            raise ValueError(f"unknown params key {prefix}.{key}{_nearest(key, fields)}")
-        values = {**values, key: _coerce(f"{prefix}.{key}", value, fields[key], cls)}
+            moved = _moved_to(cls, key)
+            if moved:
+                raise ValueError(f"params key {prefix}.{key} moved to {prefix}.{moved}")
+            raise ValueError(f"unknown params key {prefix}.{key}{_nearest(key, _nested_names(cls))}")
+        if dataclasses.is_dataclass(hints[key]) and not isinstance(value, dict) and key in _MOVED_SCALARS.get(cls, {}):
+            raise ValueError(f"params key {prefix}.{key} is a section now: its value moved to "
+                             f"{prefix}.{key}.{_MOVED_SCALARS[cls][key]}")
+        values = {**values, key: _coerce(f"{prefix}.{key}", value, hints[key])}
     return cls(**values)
 
 
+def _nested_names(cls: type) -> dict[str, str]:
+    """Every key a mapping for `cls` may hold, and each subsection's keys by their dotted
+    path (so that a near miss of a nested key is named with its place)."""
+    names = {f.name: f.name for f in dataclasses.fields(cls)}
+    for leaf in _leaf_keys("", cls):
+        names.setdefault(leaf.rsplit(".", 1)[-1], leaf.lstrip("."))
+    return names
+
+
+def _moved_to(cls: type, key: str) -> str:
+    """The dotted place of `key` inside one of `cls`'s subsections ("" when none has it)."""
+    for f in dataclasses.fields(cls):
+        sub = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(sub):
+            if key in {g.name for g in dataclasses.fields(sub)}:
+                return f"{f.name}.{key}"
+            deeper = _moved_to(sub, key)
+            if deeper:
+                return f"{f.name}.{deeper}"
+    return ""
+
+
 def parse_assignments(assignments: list[str]) -> dict:
-    """["key=value", ...] -> {key: value}, values read as YAML (like `dvc exp run -S`);
-    the keys are checked when the dict builds a section."""
-    values = {}
+    """["a.b=value", ...] -> {"a": {"b": value}}, values read as YAML (like `dvc exp run
+    -S`, whose dotted keys name nested mappings); the keys are checked when the mapping
+    builds a section."""
+    import yaml  # noqa: PLC0415 - only the params tooling reads YAML (see _read_mapping)
+
+    values: dict = {}
     for item in assignments:
         key, sep, value = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ValueError(f"{item!r} is not KEY=VALUE")
-        values[key.strip()] = yaml.safe_load(value)
+        *parents, leaf = key.strip().split(".")
+        node = values
+        for name in parents:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{item!r}: {name} was given a value and subkeys both")
+        node[leaf] = yaml.safe_load(value)
     return values
 
 
 def section_keys(section: str) -> list[str]:
-    """Leaf keys of a section, as `dvc.yaml` lists them (`train.matrix_lr`)."""
-    return [f"{section}.{f.name}" for f in dataclasses.fields(SECTIONS[section])]
+    """Leaf keys of a section, dotted as `dvc exp run -S` takes them (`train.optimizer.matrix_lr`)."""
+    return _leaf_keys(section, SECTIONS[section])
+
+
+def _leaf_keys(prefix: str, cls: type) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        sub = hints[f.name]
+        keys += _leaf_keys(f"{prefix}.{f.name}", sub) if dataclasses.is_dataclass(sub) else [f"{prefix}.{f.name}"]
+    return keys
 
 
 def to_dict(config) -> dict:
-    return dataclasses.asdict(config)
+    """A config as plain YAML-able values (tuples as lists), subsections as mappings."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else list(value) if isinstance(value, tuple) else value
+    return out
 
 
-def _coerce(key: str, value, fld: dataclasses.Field, cls: type):
-    expected = typing.get_type_hints(cls)[fld.name]
+def _coerce(key: str, value, expected):
     if dataclasses.is_dataclass(expected):
         return _build(key, expected, value)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
@@ -511,12 +661,18 @@ def _coerce(key: str, value, fld: dataclasses.Field, cls: type):
         raise ValueError(f"params key {key}: expected true/false, found {value!r}")
     if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"params key {key}: expected an integer, found {value!r}")
-    if expected in (float, str, list) and not isinstance(value, expected):
-        raise ValueError(f"params key {key}: expected {expected.__name__}, found {value!r}")
+    if expected is tuple and isinstance(value, list):
+        return tuple(value)
+    if expected in (float, str, list, tuple) and not isinstance(value, expected):
+        raise ValueError(f"params key {key}: expected {'list' if expected is tuple else expected.__name__}, "
+                         f"found {value!r}")
     return value
 
 
 def _read_mapping(path: Path, what: str) -> dict:
+    import yaml  # noqa: PLC0415 - here, not at the top: the model imports ModelConfig, and code that only
+    # builds models (an exported submission script) must not need PyYAML
+
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
     with open(path, encoding="utf-8") as f:
@@ -527,8 +683,11 @@ def _read_mapping(path: Path, what: str) -> dict:
 
 
 def _nearest(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(choices))})"
+    """" (did you mean 'x'?)" for the closest of `choices` (a mapping: its keys are matched,
+    its values shown), else the valid names."""
+    shown = choices if isinstance(choices, dict) else {c: c for c in choices}
+    close = difflib.get_close_matches(name, list(shown), n=1, cutoff=0.5)
+    return f" (did you mean {shown[close[0]]!r}?)" if close else f" (valid: {', '.join(sorted(set(shown.values())))})"
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -556,7 +715,7 @@ def read_profile(path: str | Path) -> dict:
     merged = read_profile(path.parent / values.pop("base")) if "base" in values else {}
     for section, overrides in values.items():
         if section not in SECTIONS:
-            raise ValueError(f"{path}: unknown section {section!r}{_nearest(section, SECTIONS)}")
+            raise ValueError(f"{path}: unknown section {section!r}{_nearest(section, list(SECTIONS))}")
         merged[section] = merge_nested(merged.get(section, {}), overrides or {})
     return merged
 
@@ -572,6 +731,8 @@ def merge_nested(base: dict, overrides: dict) -> dict:
 def apply_profile(profile: str | Path, params_path: str | Path) -> dict:
     """Write params.yaml = every section's defaults overridden by the profile, all keys
     spelt out (so DVC tracks each one); returns the typed configs by section."""
+    import yaml  # noqa: PLC0415 - see _read_mapping
+
     overrides = read_profile(profile)
     configs = {name: build_section(name, overrides.get(name) or {}) for name in SECTIONS}
     text = yaml.safe_dump({name: to_dict(cfg) for name, cfg in configs.items()}, sort_keys=False,

@@ -41,7 +41,7 @@ _device_type: str | None = None  # where the kernels run: "cuda", "cpu" (interpr
 
 
 def use_fused_ce(enabled: bool) -> None:
-    """Turn the Triton loss on or off for the process (the `train.fused_ce` switch); warns
+    """Turn the Triton loss on or off for the process (the `train.runtime.fused_ce` switch); warns
     when asked for but Triton is not installed. On for CUDA tensors, or for CPU tensors
     when Triton's interpreter is on (`TRITON_INTERPRET=1`) at the call."""
     global _device_type

@@ -41,7 +41,7 @@ _device_type: str | None = None  # where the fused path runs: "cuda", "cpu" (int
 
 
 def use_fused_mlp(enabled: bool) -> None:
-    """Turn the fused path on or off for the process (the `train.fused_mlp` switch); warns
+    """Turn the fused path on or off for the process (the `train.runtime.fused_mlp` switch); warns
     when asked for but Triton is not installed. On for CUDA tensors, or for CPU tensors
     when Triton's interpreter is on (`TRITON_INTERPRET=1`) at the call."""
     global _device_type

@@ -8,7 +8,7 @@ written out. Run eagerly, it makes the gradient in the forward pass and keeps on
 instead and recomputes the gradient in the backward, which is the floor: one read of the
 logits forward (`capped_logsumexp` needs no maximum) and one read and one write backward
 (counted in its sm_90 code). `pgolf_core.fused_ce` makes the same passes in two Triton kernels with
-fewer instructions per logit (`train.fused_ce`).
+fewer instructions per logit (`train.runtime.fused_ce`).
 
 Gradient: with s = c tanh(z / c), p = softmax(s), nll = logsumexp(s) - s_y,
 d nll / d z = (p - onehot(y)) * (1 - (s / c)^2).

@@ -16,108 +16,21 @@ LeakyReLU(0.5)^2, document-masked attention, and the attention options of
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pgolf_core.attention import GATE_INPUT_DIMS, Attention, rms_norm
+from pgolf_core.attention import Attention, rms_norm
+from pgolf_core.config import GATE_INPUT_DIMS, ModelConfig
 from pgolf_core.kernels import attention_mask
 from pgolf_core.loss import fused_softcap_nll, softcap, softcap_nll
 
-MLP_ACTIVATIONS = ("relu2", "leaky_relu2")
-PARALLEL_MODES = ("none", "merge", "routed", "gptj")
 LANE_MODES = ("merge", "routed")  # the parallel modes that split the stream into two lanes
-SMEAR_GATE_MODES = ("input", "channel")
-VALUE_RESIDUAL_MODES = ("linear", "gated")
 # BigramHash's multipliers (TECHNIQUES.md §2.7, the 03-19..03-31 records): the bucket of
 # position t is (36313 * tok_t XOR 27191 * tok_{t-1}) mod (buckets - 1).
 BIGRAM_MUL_CURRENT, BIGRAM_MUL_PREVIOUS = 36313, 27191
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    vocab_size: int
-    num_layers: int
-    model_dim: int
-    num_heads: int
-    num_kv_heads: int
-    mlp_mult: int
-    rope_base: float = 10000.0
-    rope_dims: int = 0  # rotary channels per head (0 = all)
-    logit_softcap: float = 30.0
-    embed_init_std: float = 0.005
-    mlp_activation: str = "relu2"  # or "leaky_relu2": leaky_relu(x, 0.5)^2
-    qk_gain_init: float = 0.0  # learned per-head query gain, initial value (0 = none)
-    ln_scale: bool = False  # normed block inputs scaled by 1/sqrt(layer + 1)
-    resid_mix: bool = False  # block input = m0 * x + m1 * x0 (per channel; m0=1, m1=0 at init)
-    unet_skips: bool = False  # encoder outputs feed the decoder through learned gates
-    xsa_last_n: int = 0  # exclusive self-attention in the last N layers
-    smear_gate: bool = False  # previous-token smear on the embeddings, never across a BOS
-    smear_gate_mode: str = "input"  # "input": x_t += lambda * sigmoid(w . x_t[:12]) * x_{t-1} (#1667);
-    #   "channel": x_t <- (1 - sigmoid(g)) * x_t + sigmoid(g) * x_{t-1}, g per channel (03-19, #65/#569)
-    attn_gate: bool = False  # sparse sigmoid gate per head on the attention output
-    attn_gate_scale: float = 1.0
-    value_embed_layers: tuple = ()  # layers whose v gets a shared value embedding
-    value_embed_dim: int = 128
-    value_embed_tables: int = 1  # 2: two tables, each with its own scale per layer (#1453)
-    value_residual: bool = False  # later layers mix layer 0's v into theirs
-    value_residual_mode: str = "linear"  # "linear": l0 * v0 + l1 * v; "gated": lerp(v, v0, sigmoid(g)) (#569)
-    bigram_buckets: int = 0  # BigramHash: hashed (previous, current) token buckets added to the embedding (0 = off)
-    bigram_dim: int = 128  # BigramHash table width, projected to model_dim
-    loop_start: int = 0  # depth recurrence: layers loop_start..loop_end re-run num_loops times
-    loop_end: int = 0
-    num_loops: int = 0  # 0 = no recurrence
-    parallel_mode: str = "none"  # "merge" (two lanes, learned merge), "routed" (learned routing) or
-    #   "gptj" (one stream: attention and MLP both read the block input)
-    parallel_start: int = 0  # first physical layer (in the decoder) that runs in parallel
-    low_precision_residual: bool = False  # under autocast the residual stream is in its dtype, not float32
-    doc_mask: bool = False  # attention never crosses a BOS (the records' varlen attention)
-    bos_id: int = 1
-
-    def __post_init__(self):
-        object.__setattr__(self, "value_embed_layers", tuple(self.value_embed_layers))
-        if self.mlp_activation not in MLP_ACTIVATIONS:
-            raise ValueError(f"mlp_activation={self.mlp_activation!r}: must be one of {MLP_ACTIVATIONS}")
-        for name, allowed in (("parallel_mode", PARALLEL_MODES), ("smear_gate_mode", SMEAR_GATE_MODES),
-                              ("value_residual_mode", VALUE_RESIDUAL_MODES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}: must be one of {allowed}")
-        if self.value_embed_tables not in (1, 2):
-            raise ValueError(f"value_embed_tables={self.value_embed_tables}: must be 1 or 2")
-        if self.value_embed_tables == 2 and not self.value_embed_layers:
-            raise ValueError("value_embed_tables=2 needs value_embed_layers: no layer would read the tables")
-        if self.bigram_buckets and (self.bigram_buckets < 2 or self.bigram_dim <= 0):
-            raise ValueError(f"bigram_buckets={self.bigram_buckets}, bigram_dim={self.bigram_dim}: "
-                             "BigramHash needs at least 2 buckets (one is position 0's) and a positive width")
-        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
-            raise ValueError(f"rope_dims={self.rope_dims}: must be even and at most head_dim={self.head_dim}")
-        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
-            raise ValueError(f"loop span {self.loop_start}..{self.loop_end} is not inside 0..{self.num_layers - 1}")
-        if ((self.smear_gate and self.smear_gate_mode == "input") or self.attn_gate) and self.model_dim < GATE_INPUT_DIMS:
-            raise ValueError(f"gates read {GATE_INPUT_DIMS} channels; model_dim={self.model_dim} is smaller")
-        if any(not 0 <= i < self.num_layers for i in self.value_embed_layers):
-            raise ValueError(f"value_embed_layers={self.value_embed_layers} outside 0..{self.num_layers - 1}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.model_dim // self.num_heads
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "ModelConfig":
-        values = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"model config has unknown fields {unknown} (written by a newer pgolf?)")
-        return cls(**values)
 
 
 def layer_sequence(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int]]:
@@ -135,7 +48,7 @@ def layer_sequence(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int
 
 
 class MLP(nn.Module):
-    # pgolf_core.fused_mlp, while `train.fused_mlp` has it switched on: training's fused
+    # pgolf_core.fused_mlp, while `train.runtime.fused_mlp` has it switched on: training's fused
     # kernels. Set from there, so that evaluation code never loads them.
     training_kernels = None
 
@@ -230,12 +143,15 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    # pgolf_core.fused_ce, while `train.fused_ce` has it switched on: training's Triton
+    # pgolf_core.fused_ce, while `train.runtime.fused_ce` has it switched on: training's Triton
     # loss. Set from there, so that evaluation code never loads it.
     loss_kernels = None
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError(f"vocab_size={cfg.vocab_size}: a model needs its tokenizer's vocabulary "
+                             "(ModelConfig.with_vocab; train.model.vocab_size 0 means the tokenizer's)")
         self.cfg = cfg
         self.looping = cfg.num_loops > 0  # the trainer switches it on part-way; evaluation runs looped
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pgolf_core import dist
+from pgolf_core.config import OptimizerConfig, ScheduleConfig
 
 # Quintic Newton–Schulz coefficients from Keller Jordan's Muon. They overshoot on
 # purpose: small singular values grow fast, and after 5 steps every singular value of
@@ -184,7 +185,7 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return roles
 
 
-def build_optimizers(model: nn.Module, cfg, ns_dtype: torch.dtype) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, cfg: OptimizerConfig, ns_dtype: torch.dtype) -> list[torch.optim.Optimizer]:
     """Muon over the matrices, AdamW (decoupled decay) over embedding and scalars; `initial_lr` is kept in
     every group so the schedule can rescale it."""
     roles = param_groups(model)
@@ -203,10 +204,10 @@ def build_optimizers(model: nn.Module, cfg, ns_dtype: torch.dtype) -> list[torch
     return [muon, adam]
 
 
-def lr_multiplier(step: int, progress: float, cfg) -> float:
+def lr_multiplier(step: int, progress: float, cfg: ScheduleConfig) -> float:
     """Linear warm-up over `warmup_steps`, flat, then linear warm-down over the last
     `warmdown_frac` of the run to a floor of `min_lr_frac`. `progress` in [0, 1] is
-    step/iterations or elapsed/max_wallclock_seconds, as `cfg.schedule` says."""
+    step/iterations or elapsed/max_wallclock_seconds, as `cfg.mode` says."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.warmdown_frac > 0 and progress > 1.0 - cfg.warmdown_frac:
@@ -214,7 +215,7 @@ def lr_multiplier(step: int, progress: float, cfg) -> float:
     return 1.0
 
 
-def muon_momentum(step: int, cfg) -> float:
+def muon_momentum(step: int, cfg: OptimizerConfig) -> float:
     """Momentum ramps linearly from `muon_momentum_warmup_start` to `muon_momentum`."""
     if cfg.muon_momentum_warmup_steps <= 0:
         return cfg.muon_momentum

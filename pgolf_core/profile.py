@@ -17,8 +17,8 @@ def main() -> None:
     args = parser.parse_args()
     configs = apply_profile(args.profile, args.params)
     train = configs["train"]
-    print(f"{args.params} <- {args.profile}: {train.num_layers} layers x {train.model_dim}, "
-          f"vocab {configs['tokenize'].vocab_size}, {train.batch_tokens:,} tokens/step, schedule {train.schedule}")
+    print(f"{args.params} <- {args.profile}: {train.model.num_layers} layers x {train.model.model_dim}, "
+          f"vocab {configs['tokenize'].vocab_size}, {train.batch_tokens:,} tokens/step, schedule {train.schedule.mode}")
 
 
 if __name__ == "__main__":

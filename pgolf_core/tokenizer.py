@@ -15,9 +15,10 @@ import numpy as np
 import sentencepiece as spm
 
 from pgolf_core.bpb import SPACE_MARK
+from pgolf_core.config import BOS_ID
 
 MODEL_FILE = "tokenizer.model"
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+PAD_ID, EOS_ID, UNK_ID = 0, 2, 3  # and BOS_ID = 1, which the model config owns
 
 
 def train_tokenizer(docs: list[str], vocab_size: int, num_threads: int = 1,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import resource
 import time
 from dataclasses import dataclass
@@ -24,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pgolf_core import dist, fused_ce, fused_mlp, kernels
-from pgolf_core.config import TrainConfig
+from pgolf_core.config import RuntimeConfig, TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
-from pgolf_core.model import GPT, ModelConfig
+from pgolf_core.model import GPT
 from pgolf_core.optim import apply_schedule, build_optimizers, lr_multiplier, muon_momentum
 from pgolf_core.resume import Snapshot, Snapshots
 
@@ -56,24 +55,18 @@ class TrainResult:
 def run_warnings(cfg: TrainConfig, result: TrainResult) -> list[str]:
     """What makes this run not the one its params describe."""
     warnings = []
-    if cfg.schedule == "steps" and result.stopped_by == "wallclock":
-        warnings.append(f"the {cfg.max_wallclock_seconds:.0f} s wall-clock cap stopped a step-scheduled run at step "
-                        f"{result.steps} of {cfg.iterations}: its metrics depend on this machine's speed and load")
+    if cfg.schedule.mode == "steps" and result.stopped_by == "wallclock":
+        warnings.append(f"the {cfg.schedule.max_wallclock_seconds:.0f} s wall-clock cap stopped a step-scheduled run at step "
+                        f"{result.steps} of {cfg.schedule.iterations}: its metrics depend on this machine's speed and load")
     if not result.within_budget:
         warnings.append(f"train + calibration took {result.train_plus_calib_seconds:.1f} s > the "
-                        f"{cfg.max_wallclock_seconds:.0f} s budget: calibration ({result.calib_seconds:.1f} s) "
-                        f"overran train.calib_reserve_seconds={cfg.calib_reserve_seconds}; raise the reserve "
+                        f"{cfg.schedule.max_wallclock_seconds:.0f} s budget: calibration ({result.calib_seconds:.1f} s) "
+                        f"overran train.schedule.calib_reserve_seconds={cfg.schedule.calib_reserve_seconds}; raise the reserve "
                         "or lower train.calib_batches")
     if result.graphs_compiled_in_run:
         warnings.append(f"torch.compile built {result.graphs_compiled_in_run} graph(s) inside the timed run "
                         "(a guard the warm-up missed): their compile time counted against the wall clock")
     return warnings
-
-
-def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
-    """The model part of the train section (every TrainConfig field ModelConfig has)."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)} & {f.name for f in dataclasses.fields(cfg)}
-    return ModelConfig(vocab_size=vocab_size, **{name: getattr(cfg, name) for name in fields})
 
 
 def ema_update(ema: list[torch.Tensor], model: torch.nn.Module, decay: float) -> None:
@@ -124,13 +117,13 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     first_row, end_row = rank * seqs_per_step // world, (rank + 1) * seqs_per_step // world
     autocast_dtype = dist.autocast_dtype(device)
     step_model = DistributedDataParallel(model) if world > 1 else model
-    if cfg.compile:
-        step_model = compile_model(step_model, cfg)
-    optimizers = build_optimizers(model, cfg, autocast_dtype or torch.float32)  # Newton-Schulz precision
+    if cfg.runtime.compile:
+        step_model = compile_model(step_model, cfg.runtime)
+    optimizers = build_optimizers(model, cfg.optimizer, autocast_dtype or torch.float32)  # Newton-Schulz precision
 
     def one_step(step: int, progress: float) -> torch.Tensor:
-        apply_schedule(optimizers, lr_multiplier(step, progress, cfg), muon_momentum(step, cfg))
-        model.looping = model.cfg.num_loops > 0 and progress >= cfg.loop_start_frac
+        apply_schedule(optimizers, lr_multiplier(step, progress, cfg.schedule), muon_momentum(step, cfg.optimizer))
+        model.looping = model.cfg.num_loops > 0 and progress >= cfg.schedule.loop_start_frac
         span = torch.as_tensor(stream.next_batch(cfg.batch_tokens, first_row * cfg.seq_len, end_row * cfg.seq_len))
         if device.type == "cuda":
             span = span.pin_memory()
@@ -138,11 +131,11 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         x, y = span[:-1].view(-1, cfg.seq_len), span[1:].view(-1, cfg.seq_len)
         return train_step(step_model, optimizers, x, y, cfg, autocast_dtype)
 
-    if cfg.compile:
+    if cfg.runtime.compile:
         _warm_up_and_restore(model, optimizers, stream, one_step)
     graphs_before_run = compiled_graphs()
-    ema = [v.detach().float().clone() for v in model.state_dict().values()] if cfg.ema_decay else None
-    val_end = cfg.val_tokens + 1 if cfg.val_tokens else len(val_tokens)
+    ema = [v.detach().float().clone() for v in model.state_dict().values()] if cfg.optimizer.ema_decay else None
+    val_end = cfg.runtime.val_tokens + 1 if cfg.runtime.val_tokens else len(val_tokens)
     step, elapsed, progress, loss, window_losses, clock = 0, 0.0, 0.0, float("nan"), [], Stopwatch()
     if snapshots is not None:
         snapshot, why = snapshots.load()
@@ -156,21 +149,21 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     start_step, near_cap = step, False
     elapsed_at_start = synced_elapsed = clock.total
     synced_step, seconds_per_step = step, 0.0
-    bar = tqdm(total=cfg.iterations, initial=step, desc="train", unit="step", disable=not dist.is_main())
+    bar = tqdm(total=cfg.schedule.iterations, initial=step, desc="train", unit="step", disable=not dist.is_main())
     clock.resume()
     while True:
-        at_val = bool(cfg.val_every) and step % cfg.val_every == 0 and step > 0
-        at_snapshot = snapshots is not None and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0 \
-            and start_step < step < cfg.iterations
-        if step % cfg.log_every == 0 or at_val or at_snapshot or near_cap or step >= cfg.iterations:
+        at_val = bool(cfg.runtime.val_every) and step % cfg.runtime.val_every == 0 and step > 0
+        at_snapshot = snapshots is not None and cfg.runtime.snapshot_every > 0 and step % cfg.runtime.snapshot_every == 0 \
+            and start_step < step < cfg.schedule.iterations
+        if step % cfg.runtime.log_every == 0 or at_val or at_snapshot or near_cap or step >= cfg.schedule.iterations:
             _sync(device)
             elapsed = float(dist.all_reduce_max(torch.tensor([clock.read()], dtype=torch.float64)).item())
             synced_step, synced_elapsed = step, elapsed
             if step > start_step:
                 seconds_per_step = (elapsed - elapsed_at_start) / (step - start_step)
             # Within `log_every` steps of the cap, check it every step: stop at most one step late.
-            near_cap = cfg.max_wallclock_seconds > 0 and \
-                elapsed + cfg.log_every * seconds_per_step >= cfg.train_seconds_cap
+            near_cap = cfg.schedule.max_wallclock_seconds > 0 and \
+                elapsed + cfg.runtime.log_every * seconds_per_step >= cfg.schedule.train_seconds_cap
             if window_losses:
                 loss = float(dist.all_reduce_sum(torch.stack(window_losses).double().mean().cpu())) / world
                 window_losses = []
@@ -178,9 +171,9 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
                     raise FloatingPointError(f"train loss became {loss} by step {step}: lower the learning rates")
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{step * cfg.batch_tokens / elapsed:,.0f}")
                 if log:
-                    log(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, cfg),
+                    log(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, cfg.schedule),
                                "tokens_per_second": step * cfg.batch_tokens / elapsed, "looping": float(model.looping)})
-        done = step >= cfg.iterations or (cfg.max_wallclock_seconds > 0 and elapsed >= cfg.train_seconds_cap)
+        done = step >= cfg.schedule.iterations or (cfg.schedule.max_wallclock_seconds > 0 and elapsed >= cfg.schedule.train_seconds_cap)
         if at_snapshot and not done:
             clock.pause()
             if dist.is_main():
@@ -197,11 +190,11 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
             clock.resume()
         if done:
             break
-        progress = step / cfg.iterations if cfg.schedule == "steps" else wallclock_progress(
-            step, synced_step, synced_elapsed, seconds_per_step, cfg.train_seconds_cap)
+        progress = step / cfg.schedule.iterations if cfg.schedule.mode == "steps" else wallclock_progress(
+            step, synced_step, synced_elapsed, seconds_per_step, cfg.schedule.train_seconds_cap)
         window_losses.append(one_step(step, progress).detach())
         if ema is not None:
-            ema_update(ema, model, cfg.ema_decay)
+            ema_update(ema, model, cfg.optimizer.ema_decay)
         step += 1
         bar.update(1)
     clock.pause()
@@ -227,10 +220,10 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         tokens_per_second_per_gpu=step * cfg.batch_tokens / max(elapsed, 1e-9) / world,
         ms_per_step=1000 * elapsed / max(step, 1), val_bpb_prequant=final_bpb, final_train_loss=loss,
         peak_mem_mib=_peak_mem_mib(device), world_size=world, seed=cfg.seed,
-        stopped_by="iterations" if step >= cfg.iterations else "wallclock",
+        stopped_by="iterations" if step >= cfg.schedule.iterations else "wallclock",
         graphs_compiled_in_run=compiled_graphs() - graphs_before_run,
         calib_seconds=calib_seconds, train_plus_calib_seconds=elapsed + calib_seconds,
-        within_budget=cfg.max_wallclock_seconds <= 0 or elapsed + calib_seconds <= cfg.max_wallclock_seconds,
+        within_budget=cfg.schedule.max_wallclock_seconds <= 0 or elapsed + calib_seconds <= cfg.schedule.max_wallclock_seconds,
     )
 
 
@@ -250,15 +243,15 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -
             loss.backward()
         total += loss.detach()
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if cfg.optimizer.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
     return total
 
 
-def compile_model(module: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+def compile_model(module: torch.nn.Module, cfg: RuntimeConfig) -> torch.nn.Module:
     """torch.compile with the run's mode and Inductor options (`configure_inductor`).
     `fullgraph` on one process: a graph break in the model raises instead of silently
     splitting the step. Under DDP it cannot be: dynamo leaves DDP's own forward out of the
@@ -271,13 +264,13 @@ def compile_model(module: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
                          fullgraph=not isinstance(module, DistributedDataParallel), dynamic=False)
 
 
-def configure_inductor(cfg: TrainConfig) -> None:
+def configure_inductor(cfg: RuntimeConfig) -> None:
     """Inductor's process-wide options from the run's switches. `compile_tune_kernels`:
     coordinate-descent tuning of Inductor's generated kernels (the elementwise and
     reduction kernels are about half of the record step on an H100). With
     `compile_mix_order_reduction` off, a norm's backward and the per-channel weight
     gradients that sum over tokens are separate kernels: 2 % more bytes, but the fused
-    ones spill on sm_90 in the record's backward (`TrainConfig.compile_mix_order_reduction`)."""
+    ones spill on sm_90 in the record's backward (`RuntimeConfig.compile_mix_order_reduction`)."""
     from torch._inductor import config as inductor_config
 
     inductor_config.coordinate_descent_tuning = cfg.compile_tune_kernels
@@ -285,7 +278,7 @@ def configure_inductor(cfg: TrainConfig) -> None:
         inductor_config.triton.mix_order_reduction = cfg.compile_mix_order_reduction  # a torch without them raises
 
 
-def select_kernels(cfg: TrainConfig) -> None:
+def select_kernels(cfg: RuntimeConfig) -> None:
     """Apply the run's kernel switches, which are process-wide: FA4 attention
     (`flash_attn`), the fused MLP (`fused_mlp`) and the Triton loss (`fused_ce`). None
     changes the math."""

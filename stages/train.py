@@ -15,7 +15,7 @@ from dvclive import Live
 from pgolf_core import calibration, checkpoint, config, data, dist, fused_ce, fused_mlp, io, kernels, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
-from pgolf_core.train import model_config, run_warnings, select_kernels, set_seed, train
+from pgolf_core.train import run_warnings, select_kernels, set_seed, train
 
 
 def main() -> None:
@@ -28,10 +28,10 @@ def main() -> None:
                         help="GPTQ Hessians (.safetensors); written empty of tensors when train.calib_batches is 0")
     parser.add_argument("--metrics", type=Path, required=True, help="DVCLive folder")
     parser.add_argument("--snapshots", type=Path, default=None,
-                        help="folder for resumable snapshots (train.snapshot_every); not a DVC output")
+                        help="folder for resumable snapshots (train.runtime.snapshot_every); not a DVC output")
     args = parser.parse_args()
     cfg = config.load_section(args.params, "train")
-    device = dist.select_device(cfg.device)
+    device = dist.select_device(cfg.runtime.device)
     dist.init(device.type)
     set_seed(cfg.seed)
     sp = tokenizer.load_tokenizer(args.tokenizer)
@@ -39,18 +39,18 @@ def main() -> None:
     stream = data.TokenStream(train_files, sp.vocab_size())
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
     val_bytes = val_byte_counts(sp, args.shards, val_tokens)
-    select_kernels(cfg)
-    model = GPT(model_config(cfg, sp.vocab_size())).to(device)
+    select_kernels(cfg.runtime)
+    model = GPT(cfg.model.with_vocab(sp.vocab_size())).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
     if live:
-        mix_order = "" if cfg.compile_mix_order_reduction else ", no mix-order reductions"
+        mix_order = "" if cfg.runtime.compile_mix_order_reduction else ", no mix-order reductions"
         print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
-              f"{stream.num_tokens:,} train tokens, {cfg.iterations} steps of {cfg.batch_tokens:,} tokens; "
-              f"attention {kernels.attention_path(device, cfg.doc_mask, cfg.compile)}, "
+              f"{stream.num_tokens:,} train tokens, {cfg.schedule.iterations} steps of {cfg.batch_tokens:,} tokens; "
+              f"attention {kernels.attention_path(device, cfg.model.doc_mask, cfg.runtime.compile)}, "
               f"MLP {'fused' if fused_mlp.active(device) else 'plain'}, "
-              f"loss {'Triton' if fused_ce.active(device, cfg.logit_softcap) else 'compiled' if cfg.compile else 'eager'}, "
-              f"{f'compiled ({cfg.compile_mode}{mix_order})' if cfg.compile else 'eager'}")
+              f"loss {'Triton' if fused_ce.active(device, cfg.model.logit_softcap) else 'compiled' if cfg.runtime.compile else 'eager'}, "
+              f"{f'compiled ({cfg.runtime.compile_mode}{mix_order})' if cfg.runtime.compile else 'eager'}")
 
     def log(step: int, values: dict) -> None:
         if live:
@@ -63,7 +63,7 @@ def main() -> None:
         return {"shards": io.sha256_tree(args.shards), "tokenizer": io.sha256_tree(args.tokenizer)}
 
     start, inputs, snapshots = time.perf_counter(), None, None
-    if args.snapshots and cfg.snapshot_every:  # every rank needs the run's fingerprint
+    if args.snapshots and cfg.runtime.snapshot_every:  # every rank needs the run's fingerprint
         inputs = input_hashes()
         snapshots = resume.Snapshots(args.snapshots, resume.fingerprint(cfg, inputs, dist.world_size()))
     collected = []

@@ -9,7 +9,7 @@ import torch
 from fake_hub import FakeHub
 
 from pgolf_core import corpus, tokenizer
-from pgolf_core.model import ModelConfig
+from pgolf_core.config import ModelConfig
 
 TINY_VOCAB = 512
 

@@ -34,8 +34,9 @@ def test_train_throughput_smoke_run_on_cpu():
 
 def test_train_throughput_applies_overrides():
     result = run_module("train_throughput", "--profile", "profiles/cpu.yaml", "--device", "cpu",
-                        "--steps", "1", "--warmup", "1", "--no-compile", "--set", "num_layers=2", "--set", "mlp_mult=2")
-    assert result["overrides"] == ["num_layers=2", "mlp_mult=2"]
+                        "--steps", "1", "--warmup", "1", "--no-compile", "--set", "model.num_layers=2",
+                        "--set", "model.mlp_mult=2")
+    assert result["overrides"] == ["model.num_layers=2", "model.mlp_mult=2"]
     assert result["config"]["num_params"] < 400_000  # 0.36 M; the CPU profile's 4 x 128 model has 0.85 M
 
 
@@ -44,9 +45,9 @@ def test_train_throughput_averages_a_run_that_loops_from_loop_start_frac(schedul
     """Wall-clock schedule: the looped rate holds for (1 - f) of the time; step schedule:
     for (1 - f) of the tokens. (The issue's 715 K reference is the first kind, f = 0.5.)"""
     result = run_module("train_throughput", "--profile", "profiles/cpu.yaml", "--device", "cpu",
-                        "--steps", "1", "--warmup", "1", "--no-compile", "--set", "num_layers=2",
-                        "--set", "num_loops=2", "--set", "loop_end=1", "--set", "loop_start_frac=0.25",
-                        "--set", f"schedule={schedule}", "--set", "max_wallclock_seconds=600")
+                        "--steps", "1", "--warmup", "1", "--no-compile", "--set", "model.num_layers=2",
+                        "--set", "model.num_loops=2", "--set", "model.loop_end=1", "--set", "schedule.loop_start_frac=0.25",
+                        "--set", f"schedule.mode={schedule}", "--set", "schedule.max_wallclock_seconds=600")
     unlooped, looped = result["tokens_per_second"], result["tokens_per_second_looped"]
     expected = 0.25 * unlooped + 0.75 * looped if schedule == "wallclock" else 1 / (0.25 / unlooped + 0.75 / looped)
     assert result["tokens_per_second_run_average"] == pytest.approx(expected, abs=1.0)
@@ -135,7 +136,7 @@ def test_every_gpu_session_part_calls_a_module_with_flags_and_settings_it_takes(
         settings = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
         if "--profile" in args:
             profile = config.read_profile(ROOT / args[args.index("--profile") + 1])
-            config.build_section("train", {**profile.get("train", {}), **config.parse_assignments(settings)})
+            config.build_section("train", config.merge_nested(profile.get("train", {}), config.parse_assignments(settings)))
         else:
             assert not settings, (module, settings)
 

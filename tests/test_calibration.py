@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from pgolf_core import calibration, data
-from pgolf_core.config import TrainConfig
-from pgolf_core.model import GPT, ModelConfig
+from params_helpers import train_config
+from pgolf_core.config import ModelConfig
+from pgolf_core.model import GPT
 from pgolf_core.train import TrainResult, run_warnings, train
 
 VOCAB = 64
@@ -100,9 +101,9 @@ def test_calibration_reads_no_validation_shard(tmp_path, monkeypatch):
 
 
 def _train_config(**overrides):
-    return TrainConfig(num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2, seq_len=16,
-                       batch_tokens=64, micro_batch_seqs=4, iterations=4, val_every=2, val_tokens=64,
-                       device="cpu", **overrides)
+    return train_config(dict(num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2, seq_len=16,
+                             batch_tokens=64, micro_batch_seqs=4, iterations=4, val_every=2, val_tokens=64,
+                             device="cpu", **overrides))
 
 
 def test_calibration_follows_training_before_any_evaluation(tmp_path):
@@ -117,13 +118,13 @@ def test_calibration_follows_training_before_any_evaluation(tmp_path):
                    calibrate=lambda m: events.append(("calibrate", None, None)))
     first_cal = events.index(("calibrate", None, None))
     assert events.count(("calibrate", None, None)) == 1
-    assert not any(kind == "log" and step == cfg.iterations and has_val for kind, step, has_val in events[:first_cal])
-    assert events[first_cal + 1:] == [("log", cfg.iterations, True)]  # the saved weights, scored after it
+    assert not any(kind == "log" and step == cfg.schedule.iterations and has_val for kind, step, has_val in events[:first_cal])
+    assert events[first_cal + 1:] == [("log", cfg.schedule.iterations, True)]  # the saved weights, scored after it
     assert result.calib_seconds > 0 and result.within_budget
 
 
 def test_train_plus_calibration_over_the_cap_is_a_broken_budget():
-    cfg = _train_config(max_wallclock_seconds=10.0, calib_reserve_seconds=1.0, schedule="wallclock")
+    cfg = _train_config(max_wallclock_seconds=10.0, calib_reserve_seconds=1.0, mode="wallclock")
     fields = dict(steps=4, train_seconds=8.9, tokens_per_second=1.0, tokens_per_second_per_gpu=1.0, ms_per_step=1.0,
                   val_bpb_prequant=1.0, final_train_loss=1.0, peak_mem_mib=1.0, world_size=1, seed=0,
                   stopped_by="wallclock", graphs_compiled_in_run=0, calib_seconds=0.5,

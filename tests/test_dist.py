@@ -24,7 +24,8 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, sys.argv[1])
 from pgolf_core import kernels
-from pgolf_core.model import GPT, ModelConfig
+from pgolf_core.config import ModelConfig
+from pgolf_core.model import GPT
 
 torch_dist.init_process_group("gloo")
 kernels._block_mask_wanted = lambda ids: torch.compiler.is_compiling()  # the CUDA path, on a CPU

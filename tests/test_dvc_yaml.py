@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from params_helpers import leaf_keys
+
 from pgolf_core import config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,5 +70,5 @@ def test_params_are_the_stage_config_section(stage):
 def test_params_yaml_sets_every_key_once():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for section in config.SECTIONS:
-        assert sorted(f"{section}.{k}" for k in params[section]) == sorted(config.section_keys(section))
+        assert sorted(leaf_keys(params[section], section)) == sorted(config.section_keys(section))
         config.build_section(section, params[section])  # the defaults validate

@@ -105,7 +105,7 @@ def test_every_config_compiles_for_hopper_without_spills(monkeypatch, tmp_path, 
     autotuned configuration: they compile for sm_90 and keep everything in registers, and
     their machine code has one path, three special-function operations per logit (two exp2
     and a reciprocal: tanh is not libdevice's) and fewer instructions than Inductor's
-    kernels (34-44 and 42-52 per logit by path: the figures at the `train.fused_ce` switch)."""
+    kernels (34-44 and 42-52 per logit by path: the figures at the `train.runtime.fused_ce` switch)."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # compile for real, never a cached kernel
     tuner = fused_ce._kernels(False)[0 if forward else 1]

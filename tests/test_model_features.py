@@ -8,7 +8,8 @@ import torch
 
 from pgolf_core.attention import Attention, Rotary
 from pgolf_core.loss import token_nll
-from pgolf_core.model import GPT, ModelConfig, layer_sequence
+from pgolf_core.config import ModelConfig
+from pgolf_core.model import GPT, layer_sequence
 from pgolf_core.optim import orthogonalize, param_groups
 
 BASE = dict(vocab_size=64, num_layers=6, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)

@@ -15,7 +15,9 @@ import math
 import pytest
 import torch
 
-from pgolf_core.model import GPT, ModelConfig
+from pgolf_core.config import ModelConfig
+
+from pgolf_core.model import GPT
 from pgolf_core.optim import Muon, orthogonalize
 from pgolf_core.train import ema_update
 

@@ -8,11 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from pgolf_core.config import TrainConfig
+from pgolf_core.config import ModelConfig, build_section
 from pgolf_core.loss import token_nll
-from pgolf_core.model import GPT, ModelConfig
+from pgolf_core.model import GPT
 from pgolf_core.optim import param_groups
-from pgolf_core.train import model_config
 
 BASE = dict(vocab_size=64, num_layers=6, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2)
 RECORD = dict(rope_dims=4, mlp_activation="leaky_relu2", qk_gain_init=5.0, ln_scale=True, resid_mix=True,
@@ -208,21 +207,21 @@ def test_seed_switches_trace_as_one_graph(looping):
 
 
 def test_train_config_carries_the_switches_and_names_bad_values():
-    cfg = TrainConfig(parallel_mode="gptj", value_residual=True, value_residual_mode="gated", bigram_buckets=2048,
-                      bigram_dim=64, smear_gate=True, smear_gate_mode="channel", value_embed_layers=[2, 3],
-                      value_embed_tables=2)
-    model = model_config(cfg, 1024)
+    cfg = build_section("train", {"model": dict(
+        parallel_mode="gptj", value_residual=True, value_residual_mode="gated", bigram_buckets=2048, bigram_dim=64,
+        smear_gate=True, smear_gate_mode="channel", value_embed_layers=[2, 3], value_embed_tables=2)})
+    model = cfg.model.with_vocab(1024)
     assert (model.parallel_mode, model.value_residual_mode, model.bigram_buckets, model.bigram_dim,
             model.smear_gate_mode, model.value_embed_tables) == ("gptj", "gated", 2048, 64, "channel", 2)
-    for bad, key in ((dict(value_residual_mode="sigmoid"), "train.value_residual_mode"),
-                     (dict(smear_gate_mode="per_channel"), "train.smear_gate_mode"),
-                     (dict(parallel_mode="gpt-j"), "train.parallel_mode"),
-                     (dict(value_embed_tables=3), "train.value_embed_tables"),
-                     (dict(value_embed_tables=2), "train.value_embed_layers"),
-                     (dict(bigram_buckets=1), "train.bigram_buckets"),
-                     (dict(bigram_buckets=64, bigram_dim=0), "train.bigram_dim")):
+    for bad, key in ((dict(value_residual_mode="sigmoid"), "train.model.value_residual_mode"),
+                     (dict(smear_gate_mode="per_channel"), "train.model.smear_gate_mode"),
+                     (dict(parallel_mode="gpt-j"), "train.model.parallel_mode"),
+                     (dict(value_embed_tables=3), "train.model.value_embed_tables"),
+                     (dict(value_embed_tables=2), "train.model.value_embed_layers"),
+                     (dict(bigram_buckets=1), "train.model.bigram_buckets"),
+                     (dict(bigram_buckets=64, bigram_dim=0), "train.model.bigram_dim")):
         with pytest.raises(ValueError, match=key):
-            TrainConfig(**bad)
+            build_section("train", {"model": bad})
     with pytest.raises(ValueError, match="value_embed_tables"):
         ModelConfig(**BASE, value_embed_tables=2)
     assert ModelConfig.from_json(ModelConfig(**BASE, **ALL_SEEDS).to_json()) == ModelConfig(**BASE, **ALL_SEEDS)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgolf_core.config import TrainConfig
+from pgolf_core.config import OptimizerConfig, ScheduleConfig
 from pgolf_core.model import GPT
 from pgolf_core.optim import NS_COEFFICIENTS, Muon, lr_multiplier, muon_momentum, orthogonalize, param_groups
 
@@ -159,10 +159,10 @@ def test_param_groups_cover_every_parameter_once(tiny_model_config):
 
 
 def test_schedules():
-    cfg = TrainConfig(iterations=100, warmup_steps=10, warmdown_frac=0.5, min_lr_frac=0.1,
-                      muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=10)
-    assert lr_multiplier(0, 0.0, cfg) == pytest.approx(0.1)
-    assert lr_multiplier(20, 0.2, cfg) == 1.0
-    assert lr_multiplier(75, 0.75, cfg) == pytest.approx(0.5)
-    assert lr_multiplier(99, 0.99, cfg) == pytest.approx(0.1)  # the floor
-    assert muon_momentum(0, cfg) == pytest.approx(0.85) and muon_momentum(50, cfg) == pytest.approx(0.95)
+    schedule = ScheduleConfig(iterations=100, warmup_steps=10, warmdown_frac=0.5, min_lr_frac=0.1)
+    optimizer = OptimizerConfig(muon_momentum=0.95, muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=10)
+    assert lr_multiplier(0, 0.0, schedule) == pytest.approx(0.1)
+    assert lr_multiplier(20, 0.2, schedule) == 1.0
+    assert lr_multiplier(75, 0.75, schedule) == pytest.approx(0.5)
+    assert lr_multiplier(99, 0.99, schedule) == pytest.approx(0.1)  # the floor
+    assert muon_momentum(0, optimizer) == pytest.approx(0.85) and muon_momentum(50, optimizer) == pytest.approx(0.95)

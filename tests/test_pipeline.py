@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pgolf_core import config
+
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PROFILE = {
     "tokenize": {"max_documents": 400, "val_documents": 40, "vocab_size": 480, "num_threads": 2},
     "ngrams": {},
-    "train": {"num_layers": 1, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1, "mlp_mult": 2, "seq_len": 64,
-              "batch_tokens": 1024, "micro_batch_seqs": 16, "iterations": 4, "val_every": 0, "val_tokens": 1024},
+    "train": {"model": {"num_layers": 1, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1, "mlp_mult": 2},
+              "schedule": {"iterations": 4}, "runtime": {"val_every": 0, "val_tokens": 1024},
+              "seq_len": 64, "batch_tokens": 1024, "micro_batch_seqs": 16},
     "quantize": {"passthrough_max_numel": 256},
     "verify": {"seq_len": 64},
     "evaluate": {"seq_len": 64, "stride": 32},
@@ -48,7 +51,7 @@ def ran_stages(output: str) -> set[str]:
 def set_params(repo, section, **values):
     path = repo / "params.yaml"
     params = yaml.safe_load(path.read_text())
-    params[section].update(values)
+    params[section] = config.merge_nested(params[section], values)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -131,7 +134,7 @@ def test_second_repro_reruns_nothing(repo):
 
 
 def test_train_change_reruns_train_and_what_follows(repo):
-    set_params(repo, "train", matrix_lr=0.03)
+    set_params(repo, "train", optimizer={"matrix_lr": 0.03})
     assert ran_stages(dvc(repo, "repro").stdout) == {"train", "quantize", "verify", "evaluate"}
 
 
@@ -169,9 +172,9 @@ def test_evaluate_change_reruns_only_evaluate(repo):
 def test_exp_run_override_takes_effect_and_metrics_diff_shows_it(repo):
     run(repo, "git", "add", "-A")
     run(repo, "git", "commit", "-qm", "baseline")
-    dvc(repo, "exp", "run", "-S", "train.iterations=6")
+    dvc(repo, "exp", "run", "-S", "train.schedule.iterations=6")
     assert json.loads((repo / "metrics/train/metrics.json").read_text())["steps"] == 6
-    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["iterations"] == 6
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["schedule"]["iterations"] == 6
     diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)
     assert diff["metrics/train/metrics.json"]["steps"] == {"old": 4, "new": 6, "diff": 2}
     assert "val_bpb" in diff["metrics/eval.json"]

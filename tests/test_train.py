@@ -12,7 +12,8 @@ import yaml
 from pgolf_core import calibration, config, data, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
-from pgolf_core.train import compile_model, model_config, run_warnings, train
+from pgolf_core.train import compile_model, run_warnings, train
+from params_helpers import nested, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = dict(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, seq_len=32,
@@ -28,9 +29,9 @@ def shards(tmp_path_factory, tiny_sp, embedded_docs):
 
 
 def run_train(shards, tiny_sp, snapshots=None, log=None, **overrides):
-    cfg = config.build_section("train", {**TINY_TRAIN, **overrides})
+    cfg = train_config({**TINY_TRAIN, **overrides})
     torch.manual_seed(cfg.seed)
-    model = GPT(model_config(cfg, tiny_sp.vocab_size()))
+    model = GPT(cfg.model.with_vocab(tiny_sp.vocab_size()))
     stream = data.TokenStream(data.list_shards(shards, "train"), tiny_sp.vocab_size())
     logged = []
 
@@ -63,7 +64,7 @@ def test_recurrence_switches_on_at_its_fraction_of_training(shards, tiny_sp):
 
 def test_calibration_reserve_comes_out_of_the_wallclock_cap(shards, tiny_sp):
     result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=1000.0,
-                             calib_reserve_seconds=999.6, schedule="wallclock")
+                             calib_reserve_seconds=999.6, mode="wallclock")
     assert result.stopped_by == "wallclock" and 0.4 <= result.train_seconds < 100
 
 
@@ -94,7 +95,7 @@ def step_clock(monkeypatch):
 def test_near_the_cap_the_clock_is_checked_every_step(shards, tiny_sp, step_clock):
     """A fake clock that advances 1 s per training step: with checks every 10 steps and a
     25 s cap, training stops at step 25 (checks go per-step from step 20), not at 30."""
-    result, logged, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=25.0, schedule="wallclock",
+    result, logged, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=25.0, mode="wallclock",
                                   log_every=10, val_every=0)
     assert result.stopped_by == "wallclock" and result.steps == 25 and result.train_seconds == 25.0
     assert [step for step, values in logged if "train_loss" in values] == [10, 20, 21, 22, 23, 24, 25]
@@ -109,7 +110,7 @@ def test_wallclock_schedule_runs_on_the_agreed_clock(shards, tiny_sp, step_clock
 
     step_clock.seconds_for = lambda steps: 1.0 if steps <= 30 else 2.0
     looping = step_clock.looping
-    result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=100.0, schedule="wallclock",
+    result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=100.0, mode="wallclock",
                              log_every=10, val_every=0, num_layers=3, num_loops=1, loop_start=1, loop_end=1,
                              loop_start_frac=0.35)
     assert looping.index(True) == 35 and all(looping[35:])
@@ -119,20 +120,20 @@ def test_wallclock_schedule_runs_on_the_agreed_clock(shards, tiny_sp, step_clock
 
 
 def test_wallclock_cap_stops_training(shards, tiny_sp):
-    result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=0.5, schedule="wallclock")
+    result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=0.5, mode="wallclock")
     assert result.stopped_by == "wallclock" and 0 < result.steps < 10_000 and result.train_seconds >= 0.5
 
 
 def test_a_step_scheduled_run_cut_by_the_cap_is_flagged(shards, tiny_sp, step_clock):
     """The cap still stops a `steps` run, and the run says it is not the one its params
     describe; a run that completes has nothing to say."""
-    cfg = config.build_section("train", {**TINY_TRAIN, "iterations": 10_000, "max_wallclock_seconds": 5.0})
+    cfg = train_config({**TINY_TRAIN, "iterations": 10_000, "max_wallclock_seconds": 5.0})
     result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=5.0, val_every=0)
     assert result.stopped_by == "wallclock" and result.steps == 5
     (warning,) = run_warnings(cfg, result)
     assert "stopped a step-scheduled run at step 5 of 10000" in warning
     complete, _, _ = run_train(shards, tiny_sp, iterations=3, val_every=0)
-    assert run_warnings(config.build_section("train", {**TINY_TRAIN, "iterations": 3}), complete) == []
+    assert run_warnings(train_config({**TINY_TRAIN, "iterations": 3}), complete) == []
 
 
 @pytest.fixture
@@ -170,7 +171,7 @@ def test_a_graph_compiled_inside_the_run_is_counted_and_flagged(shards, tiny_sp,
                         lambda model, optimizers, stream, one_step: one_step(0, 0.0))
     result, _, _ = run_train(shards, tiny_sp, **LOOPED_RAGGED)
     assert result.graphs_compiled_in_run == 2  # looped: full and short micro-batch
-    (warning,) = run_warnings(config.build_section("train", {**TINY_TRAIN, **LOOPED_RAGGED}), result)
+    (warning,) = run_warnings(train_config({**TINY_TRAIN, **LOOPED_RAGGED}), result)
     assert "built 2 graph(s) inside the timed run" in warning
 
 
@@ -192,7 +193,7 @@ def torchrun_train(tmp_path, name: str, nproc: int, train_params: dict, shards, 
     environment); (its output folder, its stdout, its loss curve). Fails with the run's
     stderr when it does."""
     out, params = tmp_path / name, tmp_path / f"{name}.yaml"
-    params.write_text(yaml.safe_dump({"train": train_params}))
+    params.write_text(yaml.safe_dump({"train": nested(train_params)}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stages.train", "--params", str(params), "--shards", str(shards), "--tokenizer", str(tokenizer_dir),
            "--out", str(out / "model.safetensors"), "--hessians", str(out / "hessians.safetensors"),
@@ -247,7 +248,7 @@ def test_torchrun_compiled_two_processes_match_one_eager(tmp_path, shards, tiny_
 
 @pytest.mark.slow
 def test_torchrun_compiled_fused_mlp_matches_one_eager_plain_mlp(tmp_path, shards, tiny_tokenizer_dir):
-    """`train.fused_mlp` through the train stage: DDP + torch.compile on 2 processes with
+    """`train.runtime.fused_mlp` through the train stage: DDP + torch.compile on 2 processes with
     the fused Triton MLP (run by Triton's interpreter on the CPU) against one eager process
     with the plain MLP; the loss curves agree and the log says which MLP ran."""
     curves = {}
@@ -315,10 +316,10 @@ def test_an_unreadable_snapshot_is_an_error_that_names_it(tmp_path):
 
 
 def test_the_fingerprint_changes_with_settings_inputs_and_processes():
-    cfg = config.build_section("train", TINY_TRAIN)
+    cfg = train_config(TINY_TRAIN)
     base = resume.fingerprint(cfg, {"shards": "a"}, 1)
-    assert base == resume.fingerprint(config.build_section("train", TINY_TRAIN), {"shards": "a"}, 1)
-    assert base != resume.fingerprint(config.build_section("train", {**TINY_TRAIN, "matrix_lr": 0.03}), {"shards": "a"}, 1)
+    assert base == resume.fingerprint(train_config(TINY_TRAIN), {"shards": "a"}, 1)
+    assert base != resume.fingerprint(train_config({**TINY_TRAIN, "matrix_lr": 0.03}), {"shards": "a"}, 1)
     assert base != resume.fingerprint(cfg, {"shards": "b"}, 1)
     assert base != resume.fingerprint(cfg, {"shards": "a"}, 2)
 
@@ -345,11 +346,11 @@ def test_compile_model_applies_the_configured_mode_and_kernel_tuning(monkeypatch
     monkeypatch.setattr(torch, "compile", lambda module, **options: calls.append(options) or module)
     monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
     module = torch.nn.Linear(2, 2)
-    assert compile_model(module, config.build_section("train", {})) is module
+    assert compile_model(module, train_config({}).runtime) is module
     assert calls == [dict(mode=None, fullgraph=True, dynamic=False)]  # a graph break raises; shapes stay static
     assert inductor_config.coordinate_descent_tuning is False
-    compile_model(module, config.build_section("train", {"compile_mode": "max-autotune-no-cudagraphs",
-                                                         "compile_tune_kernels": True}))
+    compile_model(module, train_config({"compile_mode": "max-autotune-no-cudagraphs",
+                                        "compile_tune_kernels": True}).runtime)
     assert calls[-1]["mode"] == "max-autotune-no-cudagraphs" and inductor_config.coordinate_descent_tuning is True
 
 
@@ -358,7 +359,7 @@ def test_compile_model_switches_inductors_mix_order_reductions(monkeypatch):
 
     monkeypatch.setattr(torch, "compile", lambda module, **options: module)
     monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
-    compile_model(torch.nn.Linear(2, 2), config.build_section("train", {"compile_mix_order_reduction": False}))
+    compile_model(torch.nn.Linear(2, 2), train_config({"compile_mix_order_reduction": False}).runtime)
     assert inductor_config.triton.mix_order_reduction is False
-    compile_model(torch.nn.Linear(2, 2), config.build_section("train", {}))
+    compile_model(torch.nn.Linear(2, 2), train_config({}).runtime)
     assert inductor_config.triton.mix_order_reduction is True  # Inductor's own default

@@ -20,7 +20,8 @@ from pgolf_core.eval.run import evaluate, score_mode
 from pgolf_core.eval.sliding import Ledger
 from pgolf_core.eval.ttt import cosine_lr, span_blocks, windows_by_chunk
 from pgolf_core.eval.sliding import plan_windows
-from pgolf_core.model import GPT, ModelConfig
+from pgolf_core.config import ModelConfig
+from pgolf_core.model import GPT
 
 CPU = torch.device("cpu")
 BOS = 1
