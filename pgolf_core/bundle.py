@@ -382,10 +382,11 @@ def self_extracting(source: str) -> str:
     def b85(payload: bytes) -> str:
         return base64.b85encode(payload).decode("ascii")  # no quote or backslash in its alphabet
 
+    # The payload on a line of its own: a traceback quotes only the line of the exec call.
     candidates = [
-        f'import lzma as L,base64 as B;exec(L.decompress(B.b85decode("{b85(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))}")))\n',
-        f'import lzma as L,base64 as B;exec(L.decompress(B.b85decode("{b85(_raw_lzma2(data))}"),L.FORMAT_RAW,None,[{{"id":L.FILTER_LZMA2}}]))\n',
-        f'import zlib as Z,base64 as B;exec(Z.decompress(B.b85decode("{b85(zlib.compress(data, 9))}")))\n',
+        f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(\n"{b85(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))}")))\n',
+        f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(\n"{b85(_raw_lzma2(data))}"),L.FORMAT_RAW,None,[{{"id":L.FILTER_LZMA2}}]))\n',
+        f'import zlib as Z,base64 as B\nexec(Z.decompress(B.b85decode(\n"{b85(zlib.compress(data, 9))}")))\n',
     ]
     return min(candidates, key=script_bytes)
 

@@ -190,6 +190,7 @@ def test_tracebacks_name_the_bundled_file_and_line(scripts):
         assert 'File "<bundle>/pgolf_core/model.py", line' in result.stderr
         assert "in __post_init__" in result.stderr and "raise ValueError(" in result.stderr
         assert "mlp_activation='nope'" in result.stderr
+        assert len(result.stderr) < 3000  # the self-extracting payload is not quoted
 
 
 def test_bundle_refuses_a_process_that_already_imported_pgolf_core(scripts):
@@ -286,7 +287,7 @@ def test_self_extracting_runs_like_the_source(tmp_path):
                 raise RuntimeError("failed as asked")
         ''') + "# padding to make compression worth it\n" * 40
     packed = bundle.self_extracting(source)
-    assert packed.startswith("import ") and packed.count("\n") == 1
+    assert packed.startswith("import ") and packed.count("\n") == 3
     assert bundle.script_bytes(packed) < bundle.script_bytes(source)
     for name, text in (("source.py", source), ("packed.py", packed)):
         (tmp_path / name).write_text(text)
@@ -296,6 +297,7 @@ def test_self_extracting_runs_like_the_source(tmp_path):
     assert runs[0].stdout == runs[1].stdout == "'#not a comment':    3 Circle ['x']\n"
     failed = subprocess.run([sys.executable, "-I", "packed.py", "fail"], cwd=tmp_path, capture_output=True, text=True)
     assert failed.returncode == 1 and "RuntimeError: failed as asked" in failed.stderr
+    assert "exec(" in failed.stderr and len(failed.stderr) < 1000  # the payload is not quoted
     namespace = runpy.run_path(str(tmp_path / "packed.py"), run_name="imported")  # not __main__: no main block
     assert namespace["label"](0) == "two\nlines"
 
