@@ -3,6 +3,7 @@
 
 import ast
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -315,3 +316,25 @@ def test_the_smaller_form_is_chosen():
 
 def test_script_bytes_counts_utf8():
     assert bundle.script_bytes("é = 1\n") == 7
+
+
+def test_triton_kernels_run_from_the_bundle(tmp_path):
+    """Triton's jit reads a kernel's source with inspect: the embedded (minified) source
+    serves it, under the interpreter on the CPU, self-extracted, in isolation."""
+    pytest.importorskip("triton")
+    call = textwrap.dedent('''
+        import json, torch
+        from pgolf_core import fused_ce
+        from pgolf_core.loss import softcap_nll
+        fused_ce.use_fused_ce(True)
+        torch.manual_seed(0)
+        logits, targets = torch.randn(3, 7, 50) * 5, torch.randint(0, 50, (3, 7))
+        error = (fused_ce.softcap_ce(logits, targets, 30.0).double() - softcap_nll(logits.double(), targets, 30.0)).abs().max()
+        print(json.dumps({"error": float(error)}))
+        ''')
+    shipped = bundle.shipped_script(("pgolf_core.fused_ce", "pgolf_core.loss"), "pgolf_core.fused_ce", call)
+    assert shipped.form == "self-extracting"
+    script = tmp_path / "kernels.py"
+    script.write_text(shipped.text)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TRITON_INTERPRET": "1"}
+    assert _report(bundle.run_isolated(script, env=env))["error"] < 1e-5
