@@ -1,0 +1,470 @@
+"""One self-contained Python script from pgolf's own modules (issue 22: the artifact is
+the submission).
+
+**Which modules.** `traced_modules` imports the entry modules in a fresh interpreter
+(`python -I`, this checkout first on `sys.path`) and lists every `pgolf_core` module it
+loaded, package `__init__`s included, sorted by name: traced like `codesize`, never a
+hand list. A bundled module that imports an unbundled `pgolf_core` module inside a
+function (which tracing cannot see) is refused by `bundle_source`, by name.
+
+**The script.** `bundle_source` embeds the traced sources in a dict {module name:
+(is package, source)} and puts an importer (a `MetaPathFinder` and `Loader` in one) at
+the front of `sys.meta_path`: the embedded modules win over any installed `pgolf_core`,
+and any other `pgolf_core` module is refused (`ModuleNotFoundError`, "not in this
+bundle"), so nothing of an installed copy can slip in. A module is compiled with the
+file name `<bundle>/pgolf_core/x.py` and its source is put in `linecache` (and served by
+the loader's `get_source`), so tracebacks show the lines and `inspect.getsource` works
+(Triton's `jit` reads kernels' source that way). The script refuses to run in a process
+that has already imported `pgolf_core`. The profile's hyperparameters are a literal
+`BAKED` dict; `main_call` runs under `if __name__ == "__main__":`.
+
+**Shipped form.** `minify` drops docstrings, comments and blank lines through `ast`
+(`ast.unparse`) and indents by one space, and checks that the result parses to the same
+AST as the source with its docstrings removed (a module that reads `__doc__` keeps its
+docstrings). `self_extracting` wraps a script as `exec(<decompress>(b85decode("...")))`
+(xz, raw LZMA2 or zlib, whichever is smallest); it runs in the wrapper's own globals, so
+`__name__` is the wrapper's and the main block runs exactly when the wrapper is run as a
+script. `shipped_script` returns the smaller of the minified and the self-extracting
+script and says which; `script_bytes` is what `code_bytes` charges: its UTF-8 bytes.
+
+**Isolation.** This venv has `pgolf_core` installed editable: setuptools' `.pth` file
+runs `__editable___pgolf_*_finder.install()`, which appends a meta path finder mapping
+`pgolf_core` to a checkout, so even `python -I` imports it. `run_isolated` therefore
+starts `python -I -c <bootstrap>`: the bootstrap removes from `sys.meta_path` every
+finder other than the standard three that finds `pgolf_core`, and from `sys.path` every
+entry where `pgolf_core` is found (an entry that also holds `torch`, i.e. a plain install
+into site-packages, is refused rather than removed), then checks that
+`importlib.util.find_spec("pgolf_core")` is None and only then runs the script with
+`runpy.run_path(..., run_name="__main__")`. In that process `pgolf_core` exists only as
+the bundle's embedded modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import io
+import json
+import lzma
+import os
+import re
+import subprocess
+import sys
+import tokenize
+import zlib
+from dataclasses import dataclass
+from importlib.util import decode_source
+from pathlib import Path
+
+ROOT_PACKAGE = "pgolf_core"
+SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the checkout whose pgolf_core is bundled
+FILENAME_PREFIX = "<bundle>/"  # bundled modules' file names: <bundle>/pgolf_core/x.py
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+# --- tracing ----------------------------------------------------------------------
+
+_PROBE = r"""
+import importlib, importlib.util, json, sys, traceback
+root, package, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+sys.path.insert(0, root)
+for name in names:
+    try:
+        missing = importlib.util.find_spec(name) is None
+    except ModuleNotFoundError:
+        missing = True
+    if missing:
+        print(json.dumps({"missing": name}))
+        sys.exit(0)
+    try:
+        importlib.import_module(name)
+    except BaseException:
+        print(json.dumps({"failed": name, "error": traceback.format_exc()}))
+        sys.exit(0)
+mods = {n: [m.__file__, hasattr(m, "__path__")] for n, m in list(sys.modules.items())
+        if (n == package or n.startswith(package + ".")) and getattr(m, "__file__", None)}
+print(json.dumps({"modules": mods}))
+"""
+
+
+def _check_names(names, what: str) -> tuple[str, ...]:
+    if isinstance(names, str):
+        raise TypeError(f"{what} must be a tuple of module names, not the string {names!r}")
+    names = tuple(names)
+    if not names:
+        raise ValueError(f"{what} is empty: nothing to bundle")
+    for name in names:
+        if not isinstance(name, str) or not _MODULE_NAME.fullmatch(name):
+            raise ValueError(f"{what}: {name!r} is not a module name")
+        if name != ROOT_PACKAGE and not name.startswith(ROOT_PACKAGE + "."):
+            raise ValueError(f"{what}: {name!r} is not a {ROOT_PACKAGE} module (only {ROOT_PACKAGE} is bundled)")
+    return names
+
+
+def _trace(entry_modules) -> dict[str, tuple[bool, Path]]:
+    """{module name: (is package, source file)} of every ROOT_PACKAGE module a fresh
+    interpreter loads when importing `entry_modules`, sorted by name."""
+    names = _check_names(entry_modules, "entry_modules")
+    out = subprocess.run([sys.executable, "-I", "-c", _PROBE, str(SOURCE_ROOT), ROOT_PACKAGE, *names],
+                         capture_output=True, text=True, check=False)
+    lines = out.stdout.strip().splitlines()
+    if out.returncode != 0 or not lines:
+        raise RuntimeError(f"tracing the imports of {names} failed in a fresh interpreter:\n{out.stderr}")
+    result = json.loads(lines[-1])
+    if "missing" in result:
+        raise ValueError(f"entry module {result['missing']!r} does not exist (no such module under {SOURCE_ROOT})")
+    if "failed" in result:
+        raise ValueError(f"entry module {result['failed']!r} fails to import in a fresh interpreter:\n{result['error']}")
+    package_dir = SOURCE_ROOT / ROOT_PACKAGE
+    traced = {}
+    for name, (file, is_package) in sorted(result["modules"].items()):
+        path = Path(file).resolve()
+        if not path.is_relative_to(package_dir) or path.suffix != ".py":
+            raise RuntimeError(f"{name} was loaded from {path}, not from {package_dir}: another {ROOT_PACKAGE} shadows this checkout's")
+        traced[name] = (is_package, path)
+    return traced
+
+
+def traced_modules(entry_modules: tuple[str, ...]) -> list[str]:
+    """The ROOT_PACKAGE modules (package `__init__`s included) a fresh interpreter loads
+    when importing `entry_modules`, sorted by name."""
+    return list(_trace(entry_modules))
+
+
+def _unbundled_imports(name: str, is_package: bool, tree: ast.Module, bundled) -> list[str]:
+    """ROOT_PACKAGE modules that module `name` imports anywhere (inside functions too)
+    and that exist as files but are not in `bundled`."""
+    base = name if is_package else name.rpartition(".")[0]
+    wanted = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            wanted += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = base.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                module = f"{parent}.{node.module}" if node.module else parent
+            else:
+                module = node.module or ""
+            wanted.append(module)
+            wanted += [f"{module}.{alias.name}" for alias in node.names]  # a submodule, when a file says so
+    missing = []
+    for module in wanted:
+        if module.partition(".")[0] != ROOT_PACKAGE or module in bundled:
+            continue
+        rel = Path(*module.split("."))
+        if (SOURCE_ROOT / rel).with_suffix(".py").is_file() or (SOURCE_ROOT / rel / "__init__.py").is_file():
+            missing.append(module)
+    return sorted(set(missing))
+
+
+# --- minification -------------------------------------------------------------------
+
+_BODY_FIELDS = ("body", "orelse", "finalbody")
+
+
+def _reads_doc(tree: ast.AST) -> bool:
+    return any((isinstance(n, ast.Name) and n.id == "__doc__") or (isinstance(n, ast.Attribute) and n.attr == "__doc__")
+               for n in ast.walk(tree))
+
+
+def strip_docstrings(tree: ast.Module) -> ast.Module:
+    """`tree` (changed in place) without docstrings and other bare string statements (no
+    effect at run time, like `python -OO`); a body left empty becomes `pass`. A module
+    that reads `__doc__` anywhere keeps them all."""
+    if _reads_doc(tree):
+        return tree
+    for node in ast.walk(tree):
+        for field in _BODY_FIELDS:
+            body = getattr(node, field, None)
+            if not isinstance(body, list) or not body or not isinstance(body[0], ast.stmt):
+                continue
+            kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                            and isinstance(s.value.value, str))]
+            if not kept and field == "body":
+                kept = [ast.Pass()]
+            setattr(node, field, kept)
+    return ast.fix_missing_locations(tree)
+
+
+def _compact_lines(text: str) -> str:
+    """`ast.unparse` output without its blank lines and with its 4-space indentation
+    reduced to 1 space, leaving the lines inside multi-line tokens (triple-quoted
+    strings) as they are."""
+    frozen = set()
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        frozen.update(range(tok.start[0] + 1, tok.end[0] + 1))
+    lines = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        if number in frozen:
+            lines.append(line)
+        elif line.strip():
+            stripped = line.lstrip(" ")
+            lines.append(" " * ((len(line) - len(stripped)) // 4) + stripped)
+    return "\n".join(lines)
+
+
+def ast_equivalent(source: str, minified: str) -> bool:
+    """True when `minified` parses to the AST of `source` with its docstrings removed
+    (as `strip_docstrings` removes them), ignoring positions."""
+    return ast.dump(strip_docstrings(ast.parse(source))) == ast.dump(ast.parse(minified))
+
+
+def minify(source: str) -> str:
+    """`source` without docstrings, comments and blank lines, indented by one space;
+    the same AST as the source with its docstrings removed (checked: ValueError if not)."""
+    tree = strip_docstrings(ast.parse(source))
+    expected = ast.dump(tree)
+    text = ast.unparse(tree)
+    if ast.dump(ast.parse(text)) != expected:
+        raise ValueError("ast.unparse did not round-trip this source (an ast.unparse bug); it cannot be minified")
+    compact = _compact_lines(text)
+    try:
+        if ast.dump(ast.parse(compact)) == expected:
+            text = compact
+    except SyntaxError:
+        pass
+    compile(text, "<minified>", "exec", dont_inherit=True)
+    return text + "\n" if text else ""
+
+
+# --- the bundle ---------------------------------------------------------------------
+
+_BOOTSTRAP = '''\
+"""Generated by pgolf_core.bundle from {count} {root} modules ({entries}). Do not edit."""
+import importlib.abc
+import importlib.machinery
+import linecache
+import sys
+import traceback
+
+_SOURCES = {{  # module name: (is package, source)
+{sources}}}
+_ROOTS = {roots!r}
+
+
+class _BundleImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """First on sys.meta_path: serves the embedded modules and refuses every other
+    module of their packages, so an installed copy can never be imported."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] not in _ROOTS:
+            return None
+        if name not in _SOURCES:
+            raise ModuleNotFoundError(f"No module named {{name!r}}: it is not in this bundle", name=name)
+        return importlib.machinery.ModuleSpec(name, self, origin=self.filename(name), is_package=_SOURCES[name][0])
+
+    @staticmethod
+    def filename(name):
+        return {prefix!r} + name.replace(".", "/") + ("/__init__.py" if _SOURCES[name][0] else ".py")
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        name = module.__name__
+        source, filename = _SOURCES[name][1], self.filename(name)
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        exec(compile(source, filename, "exec", dont_inherit=True), module.__dict__)
+
+    def get_source(self, name):
+        return _SOURCES[name][1]
+
+
+_outside = sorted(n for n in sys.modules if n.partition(".")[0] in _ROOTS)
+if _outside:
+    raise ImportError(f"{{_outside[0]}} is already imported from outside this bundle: run the bundle in a fresh interpreter")
+sys.meta_path.insert(0, _BundleImporter())
+if sys.excepthook is sys.__excepthook__:  # the built-in hook reads source lines from files only, not linecache
+    sys.excepthook = traceback.print_exception
+BAKED = {baked}
+'''
+
+
+def _baked_literal(baked: dict | None) -> str:
+    if baked is None:
+        return "None"
+    if not isinstance(baked, dict):
+        raise TypeError(f"baked must be a dict of hyperparameters, not {type(baked).__name__}")
+
+    def normal(value):
+        if isinstance(value, (list, tuple)):
+            return [normal(v) for v in value]
+        if isinstance(value, dict):
+            return {k: normal(v) for k, v in value.items()}
+        return value
+
+    try:
+        text = json.dumps(baked, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"baked is not JSON-able (finite numbers, strings, bools, None, lists, str-keyed dicts): {err}") from None
+    value = json.loads(text)
+    if value != normal(baked):
+        raise ValueError("baked changes through JSON (a dict key that is not a string?); use string keys")
+    return repr(value)
+
+
+def _main_block(main_call: str) -> str:
+    if not isinstance(main_call, str) or not main_call.strip():
+        raise ValueError("main_call is empty: the bundle would run nothing")
+    try:
+        body = ast.parse(main_call).body
+    except SyntaxError as err:
+        raise ValueError(f"main_call is not valid Python: {err}") from None
+    test = ast.parse('__name__ == "__main__"', mode="eval").body
+    return ast.unparse(ast.fix_missing_locations(ast.Module([ast.If(test, body, [])], []))) + "\n"
+
+
+def _render(entries: tuple[str, ...], traced: dict[str, tuple[bool, Path]], main_call: str,
+            baked: dict | None, minified: bool) -> str:
+    sources, problems = {}, []
+    for name, (is_package, path) in traced.items():
+        text = decode_source(path.read_bytes())
+        tree = ast.parse(text, filename=str(path))
+        problems += [f"{name} imports {m}" for m in _unbundled_imports(name, is_package, tree, traced)]
+        sources[name] = (is_package, minify(text) if minified else text)
+    if problems:
+        raise ValueError("bundled modules import unbundled ones (inside functions, which tracing misses): "
+                         + "; ".join(problems) + ". Add them to the entry modules.")
+    items = "".join(f"    {name!r}: ({pkg!r}, {src!r}),\n" for name, (pkg, src) in sources.items())
+    script = _BOOTSTRAP.format(count=len(sources), root=ROOT_PACKAGE, entries=", ".join(entries),
+                               sources=items, roots=(ROOT_PACKAGE,), prefix=FILENAME_PREFIX,
+                               baked=_baked_literal(baked))
+    script += _main_block(main_call)
+    return minify(script) if minified else script
+
+
+def _prepare(entry_modules, main_module: str, main_call: str | None):
+    entries = _check_names(entry_modules, "entry_modules")
+    (main_module,) = _check_names((main_module,), "main_module")
+    if main_module not in entries:
+        entries += (main_module,)
+    if main_call is None:
+        main_call = f"import {main_module} as _main\n_main.main(BAKED)"
+    _main_block(main_call)  # refuse a bad main_call before the (slow) trace
+    return entries, _trace(entries), main_call
+
+
+def bundle_source(entry_modules: tuple[str, ...], main_module: str, main_call: str | None = None,
+                  baked: dict | None = None, *, minified: bool = False) -> str:
+    """One Python script embedding the ROOT_PACKAGE modules that importing
+    `entry_modules` and `main_module` loads; importable under their own names with no
+    installed ROOT_PACKAGE. It defines `BAKED` (the literal of `baked`) and runs
+    `main_call` (default `import <main_module> as _main; _main.main(BAKED)`) when run as
+    a script. `minified`: each module and the script itself through `minify`."""
+    entries, traced, main_call = _prepare(entry_modules, main_module, main_call)
+    return _render(entries, traced, main_call, baked, minified)
+
+
+# --- compression and the shipped form ------------------------------------------------
+
+
+def script_bytes(text: str) -> int:
+    """A script's size as shipped and as `code_bytes` charges it: its UTF-8 bytes."""
+    return len(text.encode("utf-8"))
+
+
+def _raw_lzma2(data: bytes) -> bytes:
+    best = None
+    for lc, lp, pb in ((3, 0, 2), (3, 0, 0), (4, 0, 0), (2, 0, 0), (1, 0, 0)):
+        filt = {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": lc, "lp": lp, "pb": pb}
+        out = lzma.compress(data, format=lzma.FORMAT_RAW, filters=[filt])
+        if best is None or len(out) < len(best):
+            best = out
+    return best
+
+
+def self_extracting(source: str) -> str:
+    """A tiny script that decompresses `source` and runs it in its own globals (so its
+    `if __name__ == "__main__":` block runs exactly when this script is run as one):
+    xz, raw LZMA2 or zlib in base85, whichever gives the fewest bytes."""
+    data = source.encode("utf-8")
+
+    def b85(payload: bytes) -> str:
+        return base64.b85encode(payload).decode("ascii")  # no quote or backslash in its alphabet
+
+    # The payload on a line of its own: a traceback quotes only the line of the exec call.
+    candidates = [
+        f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(\n"{b85(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))}")))\n',
+        f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(\n"{b85(_raw_lzma2(data))}"),L.FORMAT_RAW,None,[{{"id":L.FILTER_LZMA2}}]))\n',
+        f'import zlib as Z,base64 as B\nexec(Z.decompress(B.b85decode(\n"{b85(zlib.compress(data, 9))}")))\n',
+    ]
+    return min(candidates, key=script_bytes)
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """The script as shipped, which form won ("minified" or "self-extracting"), and the
+    bytes of each form ("plain": the readable bundle, "minified", "self_extracting")."""
+
+    text: str
+    form: str
+    sizes: dict
+
+    @property
+    def bytes(self) -> int:
+        return script_bytes(self.text)
+
+
+def smaller_form(minified_source: str) -> tuple[str, str]:
+    """(script, form): `minified_source` itself or its self-extracting wrapper, whichever
+    has fewer UTF-8 bytes (the minified text on a tie: it stays readable)."""
+    packed = self_extracting(minified_source)
+    if script_bytes(packed) < script_bytes(minified_source):
+        return packed, "self-extracting"
+    return minified_source, "minified"
+
+
+def shipped_script(entry_modules: tuple[str, ...], main_module: str, main_call: str | None = None,
+                   baked: dict | None = None) -> Shipped:
+    """The bundle (see `bundle_source`) as shipped: the smaller of its minified and
+    self-extracting forms, with the bytes of every form."""
+    entries, traced, main_call = _prepare(entry_modules, main_module, main_call)
+    plain = _render(entries, traced, main_call, baked, minified=False)
+    small = _render(entries, traced, main_call, baked, minified=True)
+    text, form = smaller_form(small)
+    sizes = {"plain": script_bytes(plain), "minified": script_bytes(small),
+             "self_extracting": script_bytes(self_extracting(small))}
+    return Shipped(text=text, form=form, sizes=sizes)
+
+
+# --- running in isolation -------------------------------------------------------------
+
+_ISOLATE = r"""
+import importlib, importlib.machinery as M, importlib.util, runpy, sys
+hidden = sys.argv[1].split(",")
+if not sys.flags.isolated:
+    sys.exit("isolate: not started with -I")
+standard = (M.BuiltinImporter, M.FrozenImporter, M.PathFinder)
+def finds(finder, name, path=None):
+    find = getattr(finder, "find_spec", None)
+    return find is not None and find(name, path) is not None
+for finder in list(sys.meta_path):
+    if finder not in standard and any(finds(finder, n) for n in hidden):
+        sys.meta_path.remove(finder)  # e.g. setuptools' editable finder
+for entry in list(sys.path):
+    if any(M.PathFinder.find_spec(n, [entry]) for n in hidden):
+        if M.PathFinder.find_spec("torch", [entry]):
+            sys.exit(f"isolate: {hidden} is installed in {entry} beside torch; install it editable or not at all")
+        sys.path.remove(entry)
+sys.path_importer_cache.clear()
+importlib.invalidate_caches()
+for name in hidden:
+    if name in sys.modules or importlib.util.find_spec(name) is not None:
+        sys.exit(f"isolate: {name} is still importable")
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_isolated(script_path, args=(), env: dict | None = None, *, cwd=None, timeout: float | None = None,
+                 python: str = sys.executable) -> subprocess.CompletedProcess:
+    """Run `script_path` with `args` in a fresh `python -I` in which ROOT_PACKAGE cannot be
+    imported from anywhere (see the module docstring), in `cwd` (default: the script's
+    directory), with `env` (default: this environment without PYTHONPATH). Text output
+    captured; the exit status is not checked."""
+    script = Path(script_path).resolve()
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run([python, "-I", "-c", _ISOLATE, ROOT_PACKAGE, str(script), *map(str, args)],
+                          cwd=cwd or script.parent, env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)

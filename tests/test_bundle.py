@@ -1,0 +1,340 @@
+"""pgolf_core.bundle: one self-contained script from pgolf's own modules, run in a fresh
+`python -I` where pgolf_core itself cannot be imported."""
+
+import ast
+import json
+import os
+import runpy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from pgolf_core import bundle
+from pgolf_core.codesize import EVAL_ENTRY_MODULES
+
+TRAIN_ENTRY_MODULES = ("pgolf_core.train", "pgolf_core.calibration", "pgolf_core.quant",
+                       "pgolf_core.artifact", "pgolf_core.eval.sliding")
+NEVER_BUNDLED = ("pgolf_core.hub", "pgolf_core.ngrams", "pgolf_core.export")
+
+# A small GPT with a few of the records' features, as the bundle's BAKED hyperparameters.
+BAKED = {"vocab_size": 64, "num_layers": 2, "model_dim": 32, "num_heads": 4, "num_kv_heads": 2, "mlp_mult": 2,
+         "smear_gate": True, "unet_skips": True, "attn_gate": True, "value_embed_layers": [1], "rope_dims": 4}
+
+# Runs in the bundle (as its main_call, with BAKED from the script) and in this process.
+CHECKSUM = '''
+import importlib.util, inspect, json, sys
+import torch
+import pgolf_core.model as M
+
+
+def checksum(baked):
+    """Forward-pass sums of a seeded GPT on CPU, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(1234)
+        model = M.GPT(M.ModelConfig(**baked)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)  # zero-initialised projections would hide most of the model
+            idx = torch.randint(0, baked["vocab_size"], (2, 24))
+            out = model(idx).double()
+        return [float(out.sum()), float(out.abs().sum()), float(out[1, -1, :7].sum())]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def report(baked):
+    """Where pgolf_core comes from in this process, inside and outside the bundle."""
+    ours = sys.meta_path[0]
+    origins = {n: m.__spec__.origin for n, m in sys.modules.items() if n.partition(".")[0] == "pgolf_core"}
+    try:
+        import pgolf_core.hub
+        hub = "imported"
+    except ModuleNotFoundError as err:
+        hub = str(err)
+    # outside the bundle: without its importer and with none of its modules loaded
+    saved = {n: sys.modules.pop(n) for n in list(origins)}
+    sys.meta_path.remove(ours)
+    try:
+        spec = importlib.util.find_spec("pgolf_core")
+        outside = None if spec is None else str(spec.origin)
+    finally:
+        sys.meta_path.insert(0, ours)
+        sys.modules.update(saved)
+    return {"checksum": checksum(baked), "origins": origins, "hub": hub, "outside": outside,
+            "importer": type(ours).__name__, "embedded": sorted(globals().get("_SOURCES", ())), "isolated": sys.flags.isolated,
+            "source": inspect.getsource(M.GPT.forward).splitlines()[0].strip()}
+'''
+
+MAIN_CALL = CHECKSUM + '''
+if sys.argv[1:] == ["fail"]:
+    M.ModelConfig(**{**BAKED, "mlp_activation": "nope"})
+print(json.dumps(report(BAKED)))
+'''
+
+
+@pytest.fixture(scope="module")
+def scripts(tmp_path_factory):
+    """The GPT-checksum bundle as plain source and as shipped, each alone in an empty directory."""
+    shipped = bundle.shipped_script(EVAL_ENTRY_MODULES, "pgolf_core.model", MAIN_CALL, BAKED)
+    plain = bundle.bundle_source(EVAL_ENTRY_MODULES, "pgolf_core.model", MAIN_CALL, BAKED)
+    paths = {}
+    for name, text in (("plain", plain), ("shipped", shipped.text)):
+        directory = tmp_path_factory.mktemp(name)
+        (directory / "train_gpt.py").write_text(text, encoding="utf-8")
+        paths[name] = directory / "train_gpt.py"
+    return paths, shipped
+
+
+@pytest.fixture(scope="module")
+def expected_checksum():
+    namespace = {}
+    exec(CHECKSUM, namespace)
+    return namespace["checksum"](BAKED)
+
+
+def _report(result: subprocess.CompletedProcess) -> dict:
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# --- tracing ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entries", [EVAL_ENTRY_MODULES, TRAIN_ENTRY_MODULES], ids=["eval", "train"])
+def test_traced_modules_are_what_the_entries_import(entries):
+    traced = bundle.traced_modules(entries)
+    assert traced == sorted(traced)
+    assert set(entries) | {"pgolf_core", "pgolf_core.eval", "pgolf_core.model", "pgolf_core.quant"} <= set(traced)
+    for absent in NEVER_BUNDLED:
+        assert absent not in traced
+    assert not [m for m in traced if "bench" in m or m == "pgolf_core.bundle"]
+
+
+def test_bad_entries_are_refused_by_name():
+    with pytest.raises(ValueError, match="pgolf_core.no_such_module"):
+        bundle.traced_modules(("pgolf_core.model", "pgolf_core.no_such_module"))
+    with pytest.raises(ValueError, match="'bench.quantize' is not a pgolf_core module"):
+        bundle.traced_modules(("bench.quantize",))
+    with pytest.raises(ValueError, match="not a module name"):
+        bundle.traced_modules(("pgolf_core..model",))
+    with pytest.raises(TypeError, match="tuple of module names"):
+        bundle.traced_modules("pgolf_core.model")
+    with pytest.raises(ValueError, match="empty"):
+        bundle.traced_modules(())
+
+
+def test_bad_bundle_arguments_are_refused():
+    with pytest.raises(ValueError, match="main_call is not valid Python"):
+        bundle.bundle_source(EVAL_ENTRY_MODULES, "pgolf_core.model", "m.main(")
+    with pytest.raises(ValueError, match="main_call is empty"):
+        bundle.bundle_source(EVAL_ENTRY_MODULES, "pgolf_core.model", "  ")
+    with pytest.raises(ValueError, match="'numpy' is not a pgolf_core module"):
+        bundle.bundle_source(EVAL_ENTRY_MODULES, "numpy")
+    with pytest.raises(ValueError, match="not JSON-able"):
+        bundle._baked_literal({"lr": float("nan")})
+    with pytest.raises(ValueError, match="string keys"):
+        bundle._baked_literal({1: 2})
+    assert bundle._baked_literal({"a": (1, 2), "b": {"c": None}}) == "{'a': [1, 2], 'b': {'c': None}}"
+
+
+def test_a_lazy_import_of_an_unbundled_module_is_found():
+    tree = ast.parse("from pgolf_core import data\ndef f():\n    from pgolf_core import hub, model\n    from . import ngrams\n")
+    found = bundle._unbundled_imports("pgolf_core.x", False, tree, {"pgolf_core", "pgolf_core.data", "pgolf_core.model"})
+    assert found == ["pgolf_core.hub", "pgolf_core.ngrams"]
+
+
+# --- the bundle, run alone ----------------------------------------------------------------
+
+def test_isolated_process_cannot_import_pgolf_core(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("import pgolf_core\n")
+    result = bundle.run_isolated(probe)
+    assert result.returncode == 1
+    assert "ModuleNotFoundError: No module named 'pgolf_core'" in result.stderr
+
+
+@pytest.mark.parametrize("form", ["plain", "shipped"])
+def test_bundle_runs_isolated_and_matches_in_process(scripts, expected_checksum, form):
+    paths, _ = scripts
+    assert list(paths[form].parent.iterdir()) == [paths[form]]
+    report = _report(bundle.run_isolated(paths[form]))
+    assert report["checksum"] == expected_checksum
+    assert report["isolated"] == 1
+    assert report["importer"] == "_BundleImporter"
+    assert report["outside"] is None  # no pgolf_core anywhere but in the bundle
+    assert "pgolf_core.hub" in report["hub"] and "not in this bundle" in report["hub"]
+    assert report["embedded"] == bundle.traced_modules(EVAL_ENTRY_MODULES)
+    assert "pgolf_core.model" in report["origins"] and set(report["origins"]) <= set(report["embedded"])
+    assert all(o.startswith("<bundle>/pgolf_core/") for o in report["origins"].values())
+    assert report["source"].startswith("def forward(self, idx")  # inspect reads the embedded source
+
+
+def test_embedded_modules_win_over_an_installed_pgolf_core(scripts, expected_checksum):
+    paths, _ = scripts
+    result = subprocess.run([sys.executable, "-I", str(paths["shipped"])], cwd=paths["shipped"].parent,
+                            capture_output=True, text=True)
+    report = _report(result)
+    assert report["checksum"] == expected_checksum
+    assert all(o.startswith("<bundle>/") for o in report["origins"].values())
+    assert "not in this bundle" in report["hub"]  # an installed copy's extra modules are refused too
+
+
+def test_tracebacks_name_the_bundled_file_and_line(scripts):
+    paths, _ = scripts
+    for path in paths.values():
+        result = bundle.run_isolated(path, ["fail"])
+        assert result.returncode == 1
+        assert 'File "<bundle>/pgolf_core/model.py", line' in result.stderr
+        assert "in __post_init__" in result.stderr and "raise ValueError(" in result.stderr
+        assert "mlp_activation='nope'" in result.stderr
+        assert len(result.stderr) < 3000  # the self-extracting payload is not quoted
+
+
+def test_bundle_refuses_a_process_that_already_imported_pgolf_core(scripts):
+    paths, _ = scripts
+    code = f"import sys, runpy; sys.path.insert(0, {str(bundle.SOURCE_ROOT)!r}); import pgolf_core; runpy.run_path({str(paths['plain'])!r}, run_name='__main__')"
+    result = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "pgolf_core is already imported from outside this bundle" in result.stderr
+
+
+def test_shipped_form_is_the_smallest(scripts):
+    paths, shipped = scripts
+    sizes = shipped.sizes
+    assert sizes["self_extracting"] < sizes["minified"] < sizes["plain"]
+    assert shipped.form == "self-extracting" and shipped.bytes == sizes["self_extracting"]
+    assert bundle.script_bytes(paths["shipped"].read_text(encoding="utf-8")) == shipped.bytes
+    assert sizes["plain"] == bundle.script_bytes(paths["plain"].read_text(encoding="utf-8"))
+
+
+# --- minification and compression ---------------------------------------------------------
+
+SAMPLE = '''"""A module docstring
+over two lines."""
+
+# a comment
+import math
+
+
+class Circle:
+    """A circle."""
+
+    radius: float  # the radius
+
+    def area(self):
+        """Its area."""
+
+        return math.pi * self.radius ** 2  # pi r^2
+
+    def nothing(self):
+        """Only a docstring."""
+
+
+def label(x):
+    text = "#not a comment"
+    if x:
+        return f"{text!r}: {x:>{4}}"
+    """a bare string in a body"""
+    return """two
+lines"""
+'''
+
+
+def _run(source: str) -> list:
+    namespace = {}
+    exec(compile(source, "<test>", "exec"), namespace)
+    circle = namespace["Circle"]()
+    circle.radius = 2.0
+    return [circle.area(), circle.nothing(), namespace["label"](7), namespace["label"](0)]
+
+
+def test_minify_drops_docstrings_comments_and_blank_lines():
+    small = bundle.minify(SAMPLE)
+    assert bundle.script_bytes(small) < bundle.script_bytes(SAMPLE) / 2
+    assert "docstring" not in small and "comment\n" not in small and "pi r^2" not in small
+    assert "#not a comment" in small
+    assert "\n\n" not in small and "\n    " not in small  # indentation by one space
+    assert bundle.ast_equivalent(SAMPLE, small)
+    assert _run(small) == _run(SAMPLE)
+    assert bundle.minify(small) == small
+
+
+def test_minify_keeps_docstrings_a_module_reads():
+    source = '"""Usage: this."""\nimport argparse\n\n\ndef f():\n    """F."""\n    return argparse.ArgumentParser(description=__doc__).description\n'
+    small = bundle.minify(source)
+    namespace = {}
+    exec(small, namespace)
+    assert namespace["f"]() == "Usage: this." and namespace["f"].__doc__ == "F."
+
+
+def test_every_pgolf_core_module_minifies_to_the_same_ast():
+    for path in sorted((bundle.SOURCE_ROOT / "pgolf_core").rglob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        small = bundle.minify(source)
+        assert bundle.ast_equivalent(source, small), path
+        assert len(small) < len(source) or not source, path
+
+
+def test_self_extracting_runs_like_the_source(tmp_path):
+    source = bundle.minify(SAMPLE) + textwrap.dedent('''
+        import sys
+        if __name__ == "__main__":
+            print(label(3), Circle.__name__, sys.argv[1:])
+            if sys.argv[1:] == ["fail"]:
+                raise RuntimeError("failed as asked")
+        ''') + "# padding to make compression worth it\n" * 40
+    packed = bundle.self_extracting(source)
+    assert packed.startswith("import ") and packed.count("\n") == 3
+    assert bundle.script_bytes(packed) < bundle.script_bytes(source)
+    for name, text in (("source.py", source), ("packed.py", packed)):
+        (tmp_path / name).write_text(text)
+    runs = [subprocess.run([sys.executable, "-I", name, "x"], cwd=tmp_path, capture_output=True, text=True)
+            for name in ("source.py", "packed.py")]
+    assert runs[0].returncode == runs[1].returncode == 0
+    assert runs[0].stdout == runs[1].stdout == "'#not a comment':    3 Circle ['x']\n"
+    failed = subprocess.run([sys.executable, "-I", "packed.py", "fail"], cwd=tmp_path, capture_output=True, text=True)
+    assert failed.returncode == 1 and "RuntimeError: failed as asked" in failed.stderr
+    assert "exec(" in failed.stderr and len(failed.stderr) < 1000  # the payload is not quoted
+    namespace = runpy.run_path(str(tmp_path / "packed.py"), run_name="imported")  # not __main__: no main block
+    assert namespace["label"](0) == "two\nlines"
+
+
+def test_the_smaller_form_is_chosen():
+    tiny = "print(1)\n"
+    assert bundle.smaller_form(tiny) == (tiny, "minified")
+    big = "".join(f"x{i} = {i}\n" for i in range(500))
+    text, form = bundle.smaller_form(big)
+    assert form == "self-extracting" and bundle.script_bytes(text) < bundle.script_bytes(big)
+    namespace = {}
+    exec(text, namespace)
+    assert namespace["x499"] == 499
+
+
+def test_script_bytes_counts_utf8():
+    assert bundle.script_bytes("é = 1\n") == 7
+
+
+def test_triton_kernels_run_from_the_bundle(tmp_path):
+    """Triton's jit reads a kernel's source with inspect: the embedded (minified) source
+    serves it, under the interpreter on the CPU, self-extracted, in isolation."""
+    pytest.importorskip("triton")
+    call = textwrap.dedent('''
+        import json, torch
+        from pgolf_core import fused_ce
+        from pgolf_core.loss import softcap_nll
+        fused_ce.use_fused_ce(True)
+        torch.manual_seed(0)
+        logits, targets = torch.randn(3, 7, 50) * 5, torch.randint(0, 50, (3, 7))
+        error = (fused_ce.softcap_ce(logits, targets, 30.0).double() - softcap_nll(logits.double(), targets, 30.0)).abs().max()
+        print(json.dumps({"error": float(error)}))
+        ''')
+    shipped = bundle.shipped_script(("pgolf_core.fused_ce", "pgolf_core.loss"), "pgolf_core.fused_ce", call)
+    assert shipped.form == "self-extracting"
+    script = tmp_path / "kernels.py"
+    script.write_text(shipped.text)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TRITON_INTERPRET": "1"}
+    assert _report(bundle.run_isolated(script, env=env))["error"] < 1e-5
