@@ -1,4 +1,8 @@
-"""The training loop: one function, the same under one process and under torchrun.
+"""The training loop, the same under one process and under torchrun: `train()` reads top
+to bottom, and what it carries is owned by four small parts: `TrainingClock` (timed
+seconds, the agreed clock, the cap and the wall-clock schedule's progress, on an injected
+time source), `PeriodicValidation`, `SnapshotKeeper` (with `RunState`, what a snapshot
+holds) and `RunLog` (progress bar, loss window, the caller's log).
 
 Global batch and results do not depend on the number of processes: every process
 advances over the same global span of the stream, reads only its own rows, and accumulates
@@ -23,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from pgolf_core import dist, fused_ce, fused_mlp, kernels
-from pgolf_core.config import RuntimeConfig, TrainConfig
+from pgolf_core.config import RuntimeConfig, ScheduleConfig, TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
 from pgolf_core.model import GPT
@@ -81,25 +85,197 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
 
 
-class Stopwatch:
-    """Seconds of timed training: runs only between `resume()` and `pause()`."""
+class TrainingClock:
+    """The clock and the budget of timed training. Seconds run only between `resume()` and
+    `pause()` (validation and snapshots are paused out); `agree(step)` syncs the device and
+    takes the elapsed time all ranks agree on (their max), from which come the measured
+    rate, whether the cap is near (then the clock is checked every step, so training stops
+    at most one step late) or reached, and the wall-clock schedule's progress. The time
+    source is injected: `time.perf_counter` in a run, a hand-driven counter in tests."""
 
-    def __init__(self):
+    def __init__(self, schedule: ScheduleConfig, log_every: int, device: torch.device,
+                 now: Callable[[], float] = time.perf_counter):
+        self.schedule, self.log_every, self.device, self.now = schedule, log_every, device, now
         self.total, self.started = 0.0, None
+        self.start_step = self.synced_step = 0
+        self.elapsed_at_start = self.synced_elapsed = self.seconds_per_step = 0.0
+        self.near_cap = False
+
+    def start(self, step: int, elapsed: float) -> None:
+        """Begin (or resume, from a snapshot) at `step` with `elapsed` seconds already trained."""
+        self.total, self.start_step, self.synced_step = elapsed, step, step
+        self.elapsed_at_start = self.synced_elapsed = elapsed
+        self.resume()
 
     def resume(self) -> None:
-        self.started = time.perf_counter()
+        self.started = self.now()
 
     def pause(self) -> None:
         self.total, self.started = self.read(), None
 
+    @contextlib.contextmanager
+    def paused(self):
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume()
+
     def read(self) -> float:
-        return self.total + (time.perf_counter() - self.started if self.started is not None else 0.0)
+        """This rank's own seconds so far (not synced: for timing only what it alone ran)."""
+        return self.total + (self.now() - self.started if self.started is not None else 0.0)
+
+    def agree(self, step: int) -> float:
+        """The elapsed seconds all ranks agree on at `step` (a host sync)."""
+        _sync(self.device)
+        elapsed = float(dist.all_reduce_max(torch.tensor([self.read()], dtype=torch.float64)).item())
+        self.synced_step, self.synced_elapsed = step, elapsed
+        if step > self.start_step:
+            self.seconds_per_step = (elapsed - self.elapsed_at_start) / (step - self.start_step)
+        cap = self.schedule.max_wallclock_seconds > 0
+        self.near_cap = cap and elapsed + self.log_every * self.seconds_per_step >= self.schedule.train_seconds_cap
+        return elapsed
+
+    def over_cap(self) -> bool:
+        """Whether the agreed clock has reached the training cap (the cap minus the calibration reserve)."""
+        return self.schedule.max_wallclock_seconds > 0 and self.synced_elapsed >= self.schedule.train_seconds_cap
+
+    def progress(self, step: int) -> float:
+        """Fraction of training done at `step`: of the steps, or of the wall-clock budget."""
+        if self.schedule.mode == "steps":
+            return step / self.schedule.iterations
+        return wallclock_progress(step, self.synced_step, self.synced_elapsed, self.seconds_per_step,
+                                  self.schedule.train_seconds_cap)
+
+    def time(self, work: Callable[[], None]) -> float:
+        """Seconds `work` takes on the slowest rank, device synced on both sides."""
+        _sync(self.device)
+        start = self.now()
+        work()
+        _sync(self.device)
+        return float(dist.all_reduce_max(torch.tensor([self.now() - start], dtype=torch.float64)).item())
+
+
+class PeriodicValidation:
+    """val_bpb of the weights being trained, every `val_every` steps on the first
+    `val_tokens` validation tokens (non-overlapping windows of `seq_len`), and of the
+    final weights on the whole split."""
+
+    def __init__(self, cfg: TrainConfig, val_tokens: np.ndarray, val_bytes: np.ndarray, device: torch.device,
+                 autocast_dtype):
+        self.every, self.seq_len, self.batch_seqs = cfg.runtime.val_every, cfg.seq_len, cfg.micro_batch_seqs
+        self.tokens, self.bytes, self.device, self.autocast_dtype = val_tokens, val_bytes, device, autocast_dtype
+        self.end = cfg.runtime.val_tokens + 1 if cfg.runtime.val_tokens else len(val_tokens)
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step > 0 and step % self.every == 0
+
+    def score(self, model: GPT, looping: bool | None, whole: bool = False) -> float:
+        end = len(self.tokens) if whole else self.end
+        bpb, _ = val_bpb(model, self.tokens[:end], self.bytes[:end], window=self.seq_len, stride=self.seq_len,
+                         batch_seqs=self.batch_seqs, device=self.device, autocast_dtype=self.autocast_dtype,
+                         progress=whole and dist.is_main(), looping=looping)
+        return bpb
+
+
+class RunState:
+    """What the loop carries from step to step besides the clock: model, optimizers, data
+    position and EMA, and how they are snapshotted and restored."""
+
+    def __init__(self, model: GPT, optimizers: list, stream: TokenStream, ema: list[torch.Tensor] | None):
+        self.model, self.optimizers, self.stream, self.ema = model, optimizers, stream, ema
+
+    def snapshot(self, snapshots: Snapshots, step: int, elapsed: float) -> Snapshot:
+        return Snapshot(snapshots.fingerprint, step, elapsed, self.stream.state(), self.model.state_dict(),
+                        [opt.state_dict() for opt in self.optimizers], self.ema)
+
+    def restore(self, snapshot: Snapshot, device: torch.device) -> None:
+        _load_state(self.model, self.optimizers, self.stream, snapshot.model, snapshot.optimizers,
+                    snapshot.stream_position)
+        if self.ema is not None:
+            self.ema = [t.to(device) for t in snapshot.ema]
+
+    def update_ema(self, decay: float) -> None:
+        if self.ema is not None:
+            ema_update(self.ema, self.model, decay)
+
+    def load_ema(self) -> None:
+        """Leave the EMA weights in the model: they are what the run saves and scores."""
+        if self.ema is not None:
+            self.model.load_state_dict(dict(zip(self.model.state_dict().keys(), self.ema)))
+
+
+class SnapshotKeeper:
+    """Resumable snapshots every `snapshot_every` steps (rank 0 writes, all wait, clock paused)."""
+
+    def __init__(self, snapshots: Snapshots | None, every: int, iterations: int):
+        self.snapshots, self.every, self.iterations = snapshots, every, iterations
+        self.start_step = 0
+
+    def resume(self, state: RunState, device: torch.device) -> tuple[int, float]:
+        """(step, elapsed seconds) to start from: a snapshot of this run if one exists, else (0, 0)."""
+        step, elapsed = 0, 0.0
+        if self.snapshots is not None:
+            snapshot, why = self.snapshots.load()
+            if dist.is_main():
+                print(f"train: {why}")
+            if snapshot is not None:
+                state.restore(snapshot, device)
+                step, elapsed = snapshot.step, snapshot.elapsed
+            ranks_agree_on_step(step)
+        self.start_step = step
+        return step, elapsed
+
+    def due(self, step: int) -> bool:
+        return self.snapshots is not None and self.every > 0 and step % self.every == 0 \
+            and self.start_step < step < self.iterations
+
+    def save(self, state: RunState, step: int, elapsed: float) -> None:
+        if dist.is_main():
+            self.snapshots.save(state.snapshot(self.snapshots, step, elapsed))
+        dist.barrier()
+
+
+class RunLog:
+    """The progress bar, the window of step losses since the last report, and the
+    caller's `log(step, metrics)`. Reading a loss is a host sync, so losses stay on the
+    device until a report."""
+
+    def __init__(self, cfg: TrainConfig, log: Callable[[int, dict], None] | None, start_step: int):
+        self.cfg, self.log, self.window = cfg, log, []
+        self.loss = float("nan")
+        self.bar = tqdm(total=cfg.schedule.iterations, initial=start_step, desc="train", unit="step",
+                        disable=not dist.is_main())
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.window.append(loss.detach())
+        self.bar.update(1)
+
+    def report(self, step: int, elapsed: float, progress: float, looping: bool) -> None:
+        """The mean loss of the window across ranks, with lr, throughput and loop state."""
+        if not self.window:
+            return
+        loss = float(dist.all_reduce_sum(torch.stack(self.window).double().mean().cpu())) / dist.world_size()
+        self.window, self.loss = [], loss
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"train loss became {loss} by step {step}: lower the learning rates")
+        tokens_per_second = step * self.cfg.batch_tokens / elapsed
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}")
+        self.values(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, self.cfg.schedule),
+                           "tokens_per_second": tokens_per_second, "looping": float(looping)})
+
+    def values(self, step: int, values: dict) -> None:
+        if self.log:
+            self.log(step, values)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndarray, val_bytes: np.ndarray,
           device: torch.device, log: Callable[[int, dict], None] | None = None,
-          snapshots: Snapshots | None = None, calibrate: Callable[[GPT], None] | None = None) -> TrainResult:
+          snapshots: Snapshots | None = None, calibrate: Callable[[GPT], None] | None = None,
+          now: Callable[[], float] = time.perf_counter) -> TrainResult:
     """Train `model` in place, leave the EMA weights in it, and report. `val_bytes` are the
     byte counts per val position (`bpb.val_byte_counts`). Every `log_every` steps (and
     only then: it is the loop's one host sync) the ranks agree on the elapsed time, the
@@ -107,8 +283,9 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     state; it also receives val_bpb every `val_every` steps (clock paused). With
     `snapshots`, the run resumes from a snapshot of itself if one exists, and saves one
     every `snapshot_every` steps (clock paused). `calibrate(model)` (GPTQ's Hessians) runs
-    on the final weights right after training, before any evaluation, timed on its own
-    clock: it reads training data, so its seconds count in the training budget."""
+    on the final weights right after training, before any evaluation, timed on its own:
+    it reads training data, so its seconds count in the training budget. `now` is the
+    time source of every figure in seconds."""
     world, rank = dist.world_size(), dist.rank()
     seqs_per_step = cfg.batch_tokens // cfg.seq_len
     if seqs_per_step % world:
@@ -121,116 +298,76 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         step_model = compile_model(step_model, cfg.runtime)
     optimizers = build_optimizers(model, cfg.optimizer, autocast_dtype or torch.float32)  # Newton-Schulz precision
 
+    def looping_at(progress: float) -> bool:  # the recurrence runs from `loop_start_frac` of training on
+        return model.cfg.num_loops > 0 and progress >= cfg.schedule.loop_start_frac
+
     def one_step(step: int, progress: float) -> torch.Tensor:
         apply_schedule(optimizers, lr_multiplier(step, progress, cfg.schedule), muon_momentum(step, cfg.optimizer))
-        model.looping = model.cfg.num_loops > 0 and progress >= cfg.schedule.loop_start_frac
         span = torch.as_tensor(stream.next_batch(cfg.batch_tokens, first_row * cfg.seq_len, end_row * cfg.seq_len))
         if device.type == "cuda":
             span = span.pin_memory()
         span = span.to(device, non_blocking=True)
         x, y = span[:-1].view(-1, cfg.seq_len), span[1:].view(-1, cfg.seq_len)
-        return train_step(step_model, optimizers, x, y, cfg, autocast_dtype)
+        return train_step(step_model, optimizers, x, y, cfg, autocast_dtype, looping=looping_at(progress))
 
     if cfg.runtime.compile:
         _warm_up_and_restore(model, optimizers, stream, one_step)
     graphs_before_run = compiled_graphs()
     ema = [v.detach().float().clone() for v in model.state_dict().values()] if cfg.optimizer.ema_decay else None
-    val_end = cfg.runtime.val_tokens + 1 if cfg.runtime.val_tokens else len(val_tokens)
-    step, elapsed, progress, loss, window_losses, clock = 0, 0.0, 0.0, float("nan"), [], Stopwatch()
-    if snapshots is not None:
-        snapshot, why = snapshots.load()
-        if dist.is_main():
-            print(f"train: {why}")
-        if snapshot is not None:
-            _load_state(model, optimizers, stream, snapshot.model, snapshot.optimizers, snapshot.stream_position)
-            step, clock.total = snapshot.step, snapshot.elapsed
-            ema = [t.to(device) for t in snapshot.ema] if ema is not None else None
-        ranks_agree_on_step(step)
-    start_step, near_cap = step, False
-    elapsed_at_start = synced_elapsed = clock.total
-    synced_step, seconds_per_step = step, 0.0
-    bar = tqdm(total=cfg.schedule.iterations, initial=step, desc="train", unit="step", disable=not dist.is_main())
-    clock.resume()
+    state = RunState(model, optimizers, stream, ema)
+    keeper = SnapshotKeeper(snapshots, cfg.runtime.snapshot_every, cfg.schedule.iterations)
+    step, elapsed = keeper.resume(state, device)
+    clock = TrainingClock(cfg.schedule, cfg.runtime.log_every, device, now)
+    validation = PeriodicValidation(cfg, val_tokens, val_bytes, device, autocast_dtype)
+    run_log = RunLog(cfg, log, step)
+    progress = 0.0
+    clock.start(step, elapsed)
     while True:
-        at_val = bool(cfg.runtime.val_every) and step % cfg.runtime.val_every == 0 and step > 0
-        at_snapshot = snapshots is not None and cfg.runtime.snapshot_every > 0 and step % cfg.runtime.snapshot_every == 0 \
-            and start_step < step < cfg.schedule.iterations
-        if step % cfg.runtime.log_every == 0 or at_val or at_snapshot or near_cap or step >= cfg.schedule.iterations:
-            _sync(device)
-            elapsed = float(dist.all_reduce_max(torch.tensor([clock.read()], dtype=torch.float64)).item())
-            synced_step, synced_elapsed = step, elapsed
-            if step > start_step:
-                seconds_per_step = (elapsed - elapsed_at_start) / (step - start_step)
-            # Within `log_every` steps of the cap, check it every step: stop at most one step late.
-            near_cap = cfg.schedule.max_wallclock_seconds > 0 and \
-                elapsed + cfg.runtime.log_every * seconds_per_step >= cfg.schedule.train_seconds_cap
-            if window_losses:
-                loss = float(dist.all_reduce_sum(torch.stack(window_losses).double().mean().cpu())) / world
-                window_losses = []
-                if not np.isfinite(loss):
-                    raise FloatingPointError(f"train loss became {loss} by step {step}: lower the learning rates")
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{step * cfg.batch_tokens / elapsed:,.0f}")
-                if log:
-                    log(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, cfg.schedule),
-                               "tokens_per_second": step * cfg.batch_tokens / elapsed, "looping": float(model.looping)})
-        done = step >= cfg.schedule.iterations or (cfg.schedule.max_wallclock_seconds > 0 and elapsed >= cfg.schedule.train_seconds_cap)
+        at_val, at_snapshot = validation.due(step), keeper.due(step)
+        last = step >= cfg.schedule.iterations
+        if step % cfg.runtime.log_every == 0 or at_val or at_snapshot or clock.near_cap or last:
+            elapsed = clock.agree(step)
+            run_log.report(step, elapsed, progress, looping_at(progress))
+        done = last or clock.over_cap()
         if at_snapshot and not done:
-            clock.pause()
-            if dist.is_main():
-                snapshots.save(Snapshot(snapshots.fingerprint, step, clock.read(), stream.state(), model.state_dict(),
-                                        [opt.state_dict() for opt in optimizers], ema))
-            dist.barrier()
-            clock.resume()
+            with clock.paused():
+                keeper.save(state, step, clock.read())
         # With calibration to follow, no evaluation comes between the end of training and it.
         if log and (at_val or done) and not (done and calibrate is not None):
-            clock.pause()
-            bpb, _ = val_bpb(model, val_tokens[:val_end], val_bytes[:val_end], window=cfg.seq_len, stride=cfg.seq_len,
-                             batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype)
-            log(step, {"val_bpb": bpb})
-            clock.resume()
+            with clock.paused():
+                run_log.values(step, {"val_bpb": validation.score(model, looping_at(progress))})
         if done:
             break
-        progress = step / cfg.schedule.iterations if cfg.schedule.mode == "steps" else wallclock_progress(
-            step, synced_step, synced_elapsed, seconds_per_step, cfg.schedule.train_seconds_cap)
-        window_losses.append(one_step(step, progress).detach())
-        if ema is not None:
-            ema_update(ema, model, cfg.optimizer.ema_decay)
+        progress = clock.progress(step)
+        run_log.add(one_step(step, progress))
+        state.update_ema(cfg.optimizer.ema_decay)
         step += 1
-        bar.update(1)
     clock.pause()
-    bar.close()
-    if ema is not None:
-        model.load_state_dict(dict(zip(model.state_dict().keys(), ema)))
-    model.looping = model.cfg.num_loops > 0  # evaluation runs the model as it ended training
-    calib_seconds = 0.0
-    if calibrate is not None:
-        _sync(device)
-        calib_start = time.perf_counter()
-        calibrate(model)
-        _sync(device)
-        calib_seconds = float(dist.all_reduce_max(
-            torch.tensor([time.perf_counter() - calib_start], dtype=torch.float64)).item())
-    final_bpb, _ = val_bpb(model, val_tokens, val_bytes, window=cfg.seq_len, stride=cfg.seq_len,
-                           batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype,
-                           progress=dist.is_main())
+    run_log.close()
+    state.load_ema()
+    calib_seconds = clock.time(lambda: calibrate(model)) if calibrate is not None else 0.0
+    final_bpb = validation.score(model, looping=None, whole=True)  # the model as evaluation runs it
     if log and calibrate is not None:
         log(step, {"val_bpb": final_bpb})  # the saved (EMA) weights, scored after calibration
+    budget = cfg.schedule.max_wallclock_seconds
     return TrainResult(
         steps=step, train_seconds=elapsed, tokens_per_second=step * cfg.batch_tokens / max(elapsed, 1e-9),
         tokens_per_second_per_gpu=step * cfg.batch_tokens / max(elapsed, 1e-9) / world,
-        ms_per_step=1000 * elapsed / max(step, 1), val_bpb_prequant=final_bpb, final_train_loss=loss,
+        ms_per_step=1000 * elapsed / max(step, 1), val_bpb_prequant=final_bpb, final_train_loss=run_log.loss,
         peak_mem_mib=_peak_mem_mib(device), world_size=world, seed=cfg.seed,
         stopped_by="iterations" if step >= cfg.schedule.iterations else "wallclock",
         graphs_compiled_in_run=compiled_graphs() - graphs_before_run,
         calib_seconds=calib_seconds, train_plus_calib_seconds=elapsed + calib_seconds,
-        within_budget=cfg.schedule.max_wallclock_seconds <= 0 or elapsed + calib_seconds <= cfg.schedule.max_wallclock_seconds,
+        within_budget=budget <= 0 or elapsed + calib_seconds <= budget,
     )
 
 
-def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -> torch.Tensor:
+def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype,
+               looping: bool | None = None) -> torch.Tensor:
     """Forward/backward this rank's rows (x, y: (rows, seq_len) on the device) in
     micro-batches, then one optimizer step. Each micro loss is weighted by its share of
-    the rows, so the returned sum is the rank's mean loss (a tensor: no host sync)."""
+    the rows, so the returned sum is the rank's mean loss (a tensor: no host sync).
+    `looping`: the model's recurrence on or off (`GPT.forward`)."""
     rows = x.size(0)
     starts = list(range(0, rows, cfg.micro_batch_seqs))
     total = torch.zeros((), device=x.device)
@@ -239,7 +376,7 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -
         xb, yb = x[s : s + cfg.micro_batch_seqs], y[s : s + cfg.micro_batch_seqs]
         no_sync = step_model.no_sync() if hasattr(step_model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync, torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = step_model(xb, yb).mean() * (xb.size(0) / rows)
+            loss = step_model(xb, yb, looping=looping).mean() * (xb.size(0) / rows)
             loss.backward()
         total += loss.detach()
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]

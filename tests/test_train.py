@@ -28,7 +28,8 @@ def shards(tmp_path_factory, tiny_sp, embedded_docs):
     return directory
 
 
-def run_train(shards, tiny_sp, snapshots=None, log=None, **overrides):
+def run_train(shards, tiny_sp, snapshots=None, log=None, clock=None, **overrides):
+    """Train the tiny model; with `clock` (the `step_clock` fixture) on its hand-driven time."""
     cfg = train_config({**TINY_TRAIN, **overrides})
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model.with_vocab(tiny_sp.vocab_size()))
@@ -40,8 +41,11 @@ def run_train(shards, tiny_sp, snapshots=None, log=None, **overrides):
         if log:
             log(step, values)
     val = data.load_split(shards, "val")
+    timing = {} if clock is None else {"now": clock.now}
+    if clock is not None:
+        clock.drive(model, stream)
     result = train(cfg, model, stream, val, val_byte_counts(tiny_sp, shards, val),
-                   torch.device("cpu"), log=record, snapshots=snapshots)
+                   torch.device("cpu"), log=record, snapshots=snapshots, **timing)
     return result, logged, model
 
 
@@ -69,34 +73,40 @@ def test_calibration_reserve_comes_out_of_the_wallclock_cap(shards, tiny_sp):
 
 
 @pytest.fixture
-def step_clock(monkeypatch):
-    """The trainer's clock, faked: it advances only when a training step runs, by
-    `seconds_for(steps_so_far)`; `looping` records the model's loop state at each step."""
-    import pgolf_core.train as train_module
+def step_clock():
+    """A time source for the trainer (its injected `now`) that advances only when a
+    training step reads its batch, by `seconds_for(steps_so_far)`; `looping` records the
+    loop state each step's forward passes were given."""
 
     class StepClock:
-        now, looping = 0.0, []
-        seconds_for = staticmethod(lambda steps: 1.0)
+        def __init__(self):
+            self.time, self.looping, self.steps = 0.0, [], 0
+            self.seconds_for = lambda steps: 1.0
 
-        def perf_counter(self):
-            return self.now
-    clock = StepClock()
-    real_step = train_module.train_step
+        def now(self) -> float:
+            return self.time
 
-    def timed_step(step_model, *args, **kwargs):
-        clock.looping.append(step_model.looping)
-        clock.now += clock.seconds_for(len(clock.looping))
-        return real_step(step_model, *args, **kwargs)
-    monkeypatch.setattr(train_module, "time", clock)
-    monkeypatch.setattr(train_module, "train_step", timed_step)
-    return clock
+        def drive(self, model, stream):
+            read = stream.next_batch
+
+            def next_batch(*args, **kwargs):  # one read per training step
+                self.steps += 1
+                self.time += self.seconds_for(self.steps)
+                return read(*args, **kwargs)
+            stream.next_batch = next_batch
+
+            def forward_looping(module, args, kwargs):
+                if torch.is_grad_enabled() and len(self.looping) < self.steps:  # a step's first forward
+                    self.looping.append(bool(kwargs.get("looping")))
+            model.register_forward_pre_hook(forward_looping, with_kwargs=True)
+    return StepClock()
 
 
 def test_near_the_cap_the_clock_is_checked_every_step(shards, tiny_sp, step_clock):
     """A fake clock that advances 1 s per training step: with checks every 10 steps and a
     25 s cap, training stops at step 25 (checks go per-step from step 20), not at 30."""
     result, logged, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=25.0, mode="wallclock",
-                                  log_every=10, val_every=0)
+                                  log_every=10, val_every=0, clock=step_clock)
     assert result.stopped_by == "wallclock" and result.steps == 25 and result.train_seconds == 25.0
     assert [step for step, values in logged if "train_loss" in values] == [10, 20, 21, 22, 23, 24, 25]
 
@@ -112,7 +122,7 @@ def test_wallclock_schedule_runs_on_the_agreed_clock(shards, tiny_sp, step_clock
     looping = step_clock.looping
     result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=100.0, mode="wallclock",
                              log_every=10, val_every=0, num_layers=3, num_loops=1, loop_start=1, loop_end=1,
-                             loop_start_frac=0.35)
+                             loop_start_frac=0.35, clock=step_clock)
     assert looping.index(True) == 35 and all(looping[35:])
     assert result.steps == 65 and result.train_seconds == 100.0  # 30 x 1 s + 35 x 2 s
     assert train_module.wallclock_progress(37, 30, 30.0, 1.0, 100.0) == 0.37
@@ -128,7 +138,8 @@ def test_a_step_scheduled_run_cut_by_the_cap_is_flagged(shards, tiny_sp, step_cl
     """The cap still stops a `steps` run, and the run says it is not the one its params
     describe; a run that completes has nothing to say."""
     cfg = train_config({**TINY_TRAIN, "iterations": 10_000, "max_wallclock_seconds": 5.0})
-    result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=5.0, val_every=0)
+    result, _, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=5.0, val_every=0,
+                             clock=step_clock)
     assert result.stopped_by == "wallclock" and result.steps == 5
     (warning,) = run_warnings(cfg, result)
     assert "stopped a step-scheduled run at step 5 of 10000" in warning
