@@ -259,30 +259,32 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -
 
 
 def compile_model(module: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """torch.compile with the run's mode and Inductor options (`configure_inductor`).
+    """torch.compile with the run's mode and Inductor options (`inductor_options`).
     `fullgraph` on one process: a graph break in the model raises instead of silently
     splitting the step. Under DDP it cannot be: dynamo leaves DDP's own forward out of the
     graph by design, compiles the model inside, and splits that graph at the gradient
     buckets so the all-reduce overlaps the backward. `dynamic=False`: a ragged last
     micro-batch gets its own static graph (built in the warm-up) instead of every graph
     turning dynamic, with slower kernels."""
-    configure_inductor(cfg)
-    return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+    return torch.compile(module, options=inductor_options(cfg),
                          fullgraph=not isinstance(module, DistributedDataParallel), dynamic=False)
 
 
-def configure_inductor(cfg: TrainConfig) -> None:
-    """Inductor's process-wide options from the run's switches. `compile_tune_kernels`:
-    coordinate-descent tuning of Inductor's generated kernels (the elementwise and
-    reduction kernels are about half of the record step on an H100). With
+def inductor_options(cfg: TrainConfig) -> dict:
+    """Inductor's options for the run's compiled model (Inductor patches its config with
+    them while compiling that model only): the options of `compile_mode`, and two
+    switches. `compile_tune_kernels`: coordinate-descent tuning of Inductor's generated
+    kernels (the elementwise and reduction kernels are about half of the record step on
+    an H100); a mode that sets it wins, as it did over the process-wide setting. With
     `compile_mix_order_reduction` off, a norm's backward and the per-channel weight
     gradients that sum over tokens are separate kernels: 2 % more bytes, but the fused
     ones spill on sm_90 in the record's backward (`TrainConfig.compile_mix_order_reduction`)."""
-    from torch._inductor import config as inductor_config
+    from torch._inductor import config as inductor_config, list_mode_options
 
-    inductor_config.coordinate_descent_tuning = cfg.compile_tune_kernels
+    options = {"coordinate_descent_tuning": cfg.compile_tune_kernels}
     if cfg.compile_mix_order_reduction != getattr(inductor_config.triton, "mix_order_reduction", True):
-        inductor_config.triton.mix_order_reduction = cfg.compile_mix_order_reduction  # a torch without them raises
+        options["triton.mix_order_reduction"] = cfg.compile_mix_order_reduction  # a torch without it raises
+    return {**options, **list_mode_options(cfg.compile_mode, dynamic=False)}
 
 
 def select_kernels(cfg: TrainConfig) -> None:
