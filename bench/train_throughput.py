@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 from bench.header import RESULTS, header
-from pgolf_core import config, fused_ce, fused_mlp, kernels
+from pgolf_core import config
+from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT, layer_sequence
 from pgolf_core.optim import build_optimizers
-from pgolf_core.train import compile_model, compiled_graphs, model_config, select_kernels, train_step
+from pgolf_core.train import compile_model, compiled_graphs, model_config, train_step
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
@@ -114,9 +115,10 @@ def main() -> None:
     cfg = config.build_section("train", {**overrides.get("train", {}), **config.parse_assignments(args.set)})
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
-    select_kernels(cfg)  # --set flash_attn=false: SDPA; fused_mlp=true / fused_ce=true: the Triton MLP / loss
+    # --set flash_attn=false: SDPA; fused_mlp=true / fused_ce=true: the Triton MLP / loss
+    kernels = resolve_kernels(device, flash_attn=cfg.flash_attn, fused_mlp=cfg.fused_mlp, fused_ce=cfg.fused_ce)
     torch.manual_seed(0)
-    model = GPT(model_config(cfg, vocab)).to(device)
+    model = GPT(model_config(cfg, vocab), kernels).to(device)
     step_model = model if args.no_compile or not cfg.compile else compile_model(model, cfg)
     optimizers = build_optimizers(model, cfg, torch.bfloat16 if device.type == "cuda" else torch.float32)
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -169,9 +171,7 @@ def main() -> None:
         "peak_mem_mib_looped": looped["peak_mem_mib"],
         "allocator_during_timed_steps": {"unlooped": plain["allocator_during_timed_steps"],
                                          "looped": looped["allocator_during_timed_steps"]},
-        "attention_path": kernels.attention_path(device, cfg.doc_mask, step_model is not model),
-        "fused_mlp": fused_mlp.active(device),
-        "fused_ce": fused_ce.active(device, cfg.logit_softcap),
+        **kernels.describe(device, doc_mask=cfg.doc_mask, compiled=step_model is not model, cap=cfg.logit_softcap),
         "compiled": step_model is not model,
         "graphs_compiled_after_warmup": compiled_graphs() - graphs_before_timing,  # one in a timed step is timed
         "compile_mode": cfg.compile_mode,

@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pgolf_core import dist, fused_ce, fused_mlp, kernels
+from pgolf_core import dist
 from pgolf_core.config import TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
@@ -285,15 +285,6 @@ def inductor_options(cfg: TrainConfig) -> dict:
     if cfg.compile_mix_order_reduction != getattr(inductor_config.triton, "mix_order_reduction", True):
         options["triton.mix_order_reduction"] = cfg.compile_mix_order_reduction  # a torch without it raises
     return {**options, **list_mode_options(cfg.compile_mode, dynamic=False)}
-
-
-def select_kernels(cfg: TrainConfig) -> None:
-    """Apply the run's kernel switches, which are process-wide: FA4 attention
-    (`flash_attn`), the fused MLP (`fused_mlp`) and the Triton loss (`fused_ce`). None
-    changes the math."""
-    kernels.use_flash_attn(cfg.flash_attn and kernels.HAS_FLASH_ATTN)
-    fused_mlp.use_fused_mlp(cfg.fused_mlp)
-    fused_ce.use_fused_ce(cfg.fused_ce)
 
 
 def compiled_graphs() -> int:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pgolf_core.attention import Attention, Rotary
+from pgolf_core.kernels import Kernels
 from pgolf_core.loss import token_nll
 from pgolf_core.model import GPT, ModelConfig, layer_sequence
 from pgolf_core.optim import orthogonalize, param_groups
@@ -226,16 +227,18 @@ def test_the_fa4_path_without_documents_is_plain_causal_attention(monkeypatch):
     from pgolf_core import kernels
 
     torch._dynamo.reset()
-    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed"))).eval()
+    fa4 = Kernels(flash_attn=True)  # as resolved on a CUDA device with flash_attn.cute
+    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed"), fa4)).eval()
     idx = torch.randint(2, 64, (2, 160))
     idx[0, 70] = 1
+    asked = []  # the FA4 choice each layer's flex_attention call received
     with torch.no_grad():
         plain = model(idx)
-        monkeypatch.setattr(kernels, "_flash_enabled", True)
-        monkeypatch.setattr(kernels, "_flex_options", lambda: None)
+        monkeypatch.setattr(kernels, "_flex_options", lambda flash_attn: asked.append(flash_attn) and None)
         monkeypatch.setattr(kernels, "_block_mask_wanted", lambda ids: torch.compiler.is_compiling())
-        assert kernels.attention_mask(idx, 1, documents=False) is None  # eager: plain SDPA
+        assert kernels.attention_mask(idx, 1, documents=False, flash_attn=True) is None  # eager: plain SDPA
         flex = torch.compile(model, fullgraph=True)(idx)
     torch.testing.assert_close(flex, plain, rtol=1e-4, atol=1e-4)
-    assert kernels.attention_path(torch.device("cuda")) == "flex_attention_fa4"
-    assert kernels.attention_path(torch.device("cuda"), compiled=False) == "sdpa"
+    assert asked and set(asked) == {True}
+    assert fa4.attention_path(torch.device("cuda")) == "flex_attention_fa4"
+    assert fa4.attention_path(torch.device("cuda"), compiled=False) == "sdpa"

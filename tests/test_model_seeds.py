@@ -116,9 +116,9 @@ def test_gated_value_residual_mixes_about_18_percent_of_v0_at_init():
     used = {}
     original = attention.causal_attention
 
-    def spy(q, k, v, mask=None):
+    def spy(q, k, v, mask=None, *args):
         used.setdefault("v", []).append(v)
-        return original(q, k, v, mask)
+        return original(q, k, v, mask, *args)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention, "causal_attention", spy)
