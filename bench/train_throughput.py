@@ -130,16 +130,14 @@ def main() -> None:
         x = torch.where(torch.rand(x.shape, device=device) < 1 / args.doc_len, bos, x)
 
     def step():
-        train_step(step_model, optimizers, x, y, cfg, autocast)
+        train_step(step_model, optimizers, x, y, cfg, autocast, looping=looping)
 
     figures = {}
     for looping in ([False, True] if cfg.num_loops else [False]):
-        model.looping = looping
         for _ in range(args.warmup):
             step()
     graphs_before_timing = compiled_graphs()
     for looping in ([False, True] if cfg.num_loops else [False]):
-        model.looping = looping
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         before = allocator_counts(device)

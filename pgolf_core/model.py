@@ -7,7 +7,7 @@ Shapes: B batch, T time, D model_dim, V vocab. RMSNorm has no weight anywhere; t
 learned per-channel `attn_scale` / `mlp_scale` gains weight each residual branch.
 Output and down projections start at zero, so every block starts as the identity.
 Features: U-Net skips with learned gates, depth recurrence (a span of layers re-run
-once `looping` is switched on), two forms of parallel residual lanes and GPT-J's
+in forward calls with `looping`), two forms of parallel residual lanes and GPT-J's
 single-stream parallel block, layer-wise norm scale 1/sqrt(layer+1), a residual mix
 with the embedding x0, SmearGate in two forms (never across a BOS), BigramHash,
 LeakyReLU(0.5)^2, document-masked attention, and the attention options of
@@ -234,7 +234,6 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.kernels = kernels or Kernels()
-        self.looping = cfg.num_loops > 0  # the trainer switches it on part-way; evaluation runs looped
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
         self.blocks = nn.ModuleList(Block(cfg, i, self.kernels) for i in range(cfg.num_layers))
         self.head_input = nn.Identity()  # the output head's normalised input, where GPTQ calibration hooks in
@@ -302,16 +301,20 @@ class GPT(nn.Module):
             x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:, None] * x[:, :-1]], dim=1)
         return rms_norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                looping: bool | None = None) -> torch.Tensor:
         """Token ids (B, T) -> soft-capped logits (B, T, V) in float32, or, given `targets`
         (B, T), the per-token NLL (B, T): the loss is then part of the compiled graph, so
-        the float32 logits of the whole batch never reach memory."""
+        the float32 logits of the whole batch never reach memory. `looping`: run the
+        recurrence (the trainer switches it on part-way); None: whenever the config has
+        one, as evaluation runs the model. A Python bool, so torch.compile builds one graph
+        per loop state."""
         x = x0 = self.embed(idx)
         value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
         if self.cfg.value_embed_tables == 2:  # (2, B, T, K*E): the attention weighs each with its own scale
             value_embed = torch.stack([value_embed, self.value_proj2(self.value_embed2(idx))])
         mask = attention_mask(idx, self.cfg.bos_id, self.cfg.doc_mask, self.kernels.flash_attn)
-        encoder, decoder = layer_sequence(self.cfg, self.looping)
+        encoder, decoder = layer_sequence(self.cfg, self.cfg.num_loops > 0 if looping is None else looping)
         skips, v0, lanes = [], None, None
         for i in encoder:
             x, v = self.blocks[i](x, x0, v0, value_embed, mask)

@@ -128,15 +128,17 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         step_model = compile_model(step_model, cfg)
     optimizers = build_optimizers(model, cfg, autocast_dtype or torch.float32)  # Newton-Schulz precision
 
+    def looping_at(progress: float) -> bool:  # the recurrence runs from `loop_start_frac` of training on
+        return model.cfg.num_loops > 0 and progress >= cfg.loop_start_frac
+
     def one_step(step: int, progress: float) -> torch.Tensor:
         apply_schedule(optimizers, lr_multiplier(step, progress, cfg), muon_momentum(step, cfg))
-        model.looping = model.cfg.num_loops > 0 and progress >= cfg.loop_start_frac
         span = torch.as_tensor(stream.next_batch(cfg.batch_tokens, first_row * cfg.seq_len, end_row * cfg.seq_len))
         if device.type == "cuda":
             span = span.pin_memory()
         span = span.to(device, non_blocking=True)
         x, y = span[:-1].view(-1, cfg.seq_len), span[1:].view(-1, cfg.seq_len)
-        return train_step(step_model, optimizers, x, y, cfg, autocast_dtype)
+        return train_step(step_model, optimizers, x, y, cfg, autocast_dtype, looping=looping_at(progress))
 
     if cfg.compile:
         _warm_up_and_restore(model, optimizers, stream, one_step)
@@ -179,7 +181,8 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
                 bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{step * cfg.batch_tokens / elapsed:,.0f}")
                 if log:
                     log(step, {"train_loss": loss, "lr_multiplier": lr_multiplier(step - 1, progress, cfg),
-                               "tokens_per_second": step * cfg.batch_tokens / elapsed, "looping": float(model.looping)})
+                               "tokens_per_second": step * cfg.batch_tokens / elapsed,
+                               "looping": float(looping_at(progress))})
         done = step >= cfg.iterations or (cfg.max_wallclock_seconds > 0 and elapsed >= cfg.train_seconds_cap)
         if at_snapshot and not done:
             clock.pause()
@@ -192,7 +195,8 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         if log and (at_val or done) and not (done and calibrate is not None):
             clock.pause()
             bpb, _ = val_bpb(model, val_tokens[:val_end], val_bytes[:val_end], window=cfg.seq_len, stride=cfg.seq_len,
-                             batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype)
+                             batch_seqs=cfg.micro_batch_seqs, device=device, autocast_dtype=autocast_dtype,
+                             looping=looping_at(progress))  # the model as it trains now
             log(step, {"val_bpb": bpb})
             clock.resume()
         if done:
@@ -208,7 +212,6 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     bar.close()
     if ema is not None:
         model.load_state_dict(dict(zip(model.state_dict().keys(), ema)))
-    model.looping = model.cfg.num_loops > 0  # evaluation runs the model as it ended training
     calib_seconds = 0.0
     if calibrate is not None:
         _sync(device)
@@ -234,10 +237,12 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     )
 
 
-def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -> torch.Tensor:
+def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype,
+               looping: bool | None = None) -> torch.Tensor:
     """Forward/backward this rank's rows (x, y: (rows, seq_len) on the device) in
     micro-batches, then one optimizer step. Each micro loss is weighted by its share of
-    the rows, so the returned sum is the rank's mean loss (a tensor: no host sync)."""
+    the rows, so the returned sum is the rank's mean loss (a tensor: no host sync).
+    `looping`: the model's recurrence on or off (`GPT.forward`)."""
     rows = x.size(0)
     starts = list(range(0, rows, cfg.micro_batch_seqs))
     total = torch.zeros((), device=x.device)
@@ -246,7 +251,7 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype) -
         xb, yb = x[s : s + cfg.micro_batch_seqs], y[s : s + cfg.micro_batch_seqs]
         no_sync = step_model.no_sync() if hasattr(step_model, "no_sync") and not last else contextlib.nullcontext()
         with no_sync, torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = step_model(xb, yb).mean() * (xb.size(0) / rows)
+            loss = step_model(xb, yb, looping=looping).mean() * (xb.size(0) / rows)
             loss.backward()
         total += loss.detach()
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]

@@ -58,7 +58,10 @@ def test_recurrence_switches_on_at_its_fraction_of_training(shards, tiny_sp):
     _, logged, model = run_train(shards, tiny_sp, num_layers=3, unet_skips=True, num_loops=1, loop_start=1,
                                  loop_end=1, loop_start_frac=0.5, iterations=6, val_every=0)
     looping = [v["looping"] for _, v in logged if "looping" in v]
-    assert looping == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0] and model.looping  # steps 3, 4, 5 of 0..5 run looped
+    assert looping == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # steps 3, 4, 5 of 0..5 run looped
+    idx = torch.randint(0, tiny_sp.vocab_size(), (1, 8))
+    with torch.no_grad():  # evaluation runs the model as it ended training: looped
+        assert torch.equal(model(idx), model(idx, looping=True)) and not hasattr(model, "looping")
 
 
 def test_calibration_reserve_comes_out_of_the_wallclock_cap(shards, tiny_sp):
@@ -70,7 +73,7 @@ def test_calibration_reserve_comes_out_of_the_wallclock_cap(shards, tiny_sp):
 @pytest.fixture
 def step_clock(monkeypatch):
     """The trainer's clock, faked: it advances only when a training step runs, by
-    `seconds_for(steps_so_far)`; `looping` records the model's loop state at each step."""
+    `seconds_for(steps_so_far)`; `looping` records the loop state the trainer asks of each step."""
     import pgolf_core.train as train_module
 
     class StepClock:
@@ -83,7 +86,7 @@ def step_clock(monkeypatch):
     real_step = train_module.train_step
 
     def timed_step(step_model, *args, **kwargs):
-        clock.looping.append(step_model.looping)
+        clock.looping.append(kwargs["looping"])
         clock.now += clock.seconds_for(len(clock.looping))
         return real_step(step_model, *args, **kwargs)
     monkeypatch.setattr(train_module, "time", clock)
