@@ -53,7 +53,6 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cpu":  # Triton runs on the CPU only interpreted, and without bfloat16
         os.environ["TRITON_INTERPRET"] = "1"
-    fused_mlp.use_fused_mlp(True)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
     M, D, H = args.tokens, args.dim, args.hidden
 

@@ -41,11 +41,12 @@ from pgolf_core import calibration, checkpoint, codesize, config, data, dist, to
 from pgolf_core.artifact import compare_exact, load_model, pack_artifact, unpack_artifact
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.eval.sliding import val_bpb
+from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT
 from pgolf_core.quant.gptq import quantize_gptq
 from pgolf_core.quant.pipeline import quantize_model
 from pgolf_core.quant.rtn import quantize_rtn
-from pgolf_core.train import select_kernels, set_seed, train
+from pgolf_core.train import set_seed, train
 
 VARIANTS = ("lqer", "gate", "lqer_gate")
 TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at most this many bytes
@@ -54,8 +55,8 @@ TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at m
 def train_once(cfg: config.TrainConfig, shards: Path, sp, device, calib_seqs: int, work: Path) -> dict:
     """Train, collect Hessians in the same run, save both under `work`; the run's figures."""
     set_seed(cfg.seed)
-    select_kernels(cfg.runtime)
-    model = GPT(cfg.model.with_vocab(sp.vocab_size())).to(device)
+    kernels = resolve_kernels(device, cfg.runtime)
+    model = GPT(cfg.model.with_vocab(sp.vocab_size()), kernels).to(device)
     stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
     val = data.load_split(shards, "val", sp.vocab_size())
     collected = []

@@ -24,10 +24,11 @@ from pathlib import Path
 
 
 from bench.header import RESULTS, header
-from pgolf_core import config, corpus, data, dist, export, fused_ce, fused_mlp, kernels, tokenizer
+from pgolf_core import config, corpus, data, dist, export, tokenizer
 from pgolf_core.bpb import val_byte_counts
+from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT
-from pgolf_core.train import select_kernels, set_seed, train
+from pgolf_core.train import set_seed, train
 
 
 def prepare(work: Path, corpus_path: Path, vocab_size: int) -> tuple[Path, Path]:
@@ -77,8 +78,8 @@ def main() -> None:
     sp = tokenizer.load_tokenizer(tok_dir)
     device = dist.select_device(cfg.runtime.device)
     set_seed(cfg.seed)
-    select_kernels(cfg.runtime)
-    model = GPT(cfg.model.with_vocab(sp.vocab_size())).to(device)
+    kernels = resolve_kernels(device, cfg.runtime)
+    model = GPT(cfg.model.with_vocab(sp.vocab_size()), kernels).to(device)
     stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
     val = data.load_split(shards, "val", sp.vocab_size())
     curve, switch_step = [], None
@@ -98,8 +99,7 @@ def main() -> None:
         "val_bpb_prequant": result.val_bpb_prequant,  # the EMA's weights: on a short run, near the init
         "last_eval_before_ema": next(({"step": c["step"], "val_bpb": c["val_bpb"]}
                                       for c in reversed(curve) if "val_bpb" in c), None),
-        "attention_path": kernels.attention_path(device, cfg.model.doc_mask, cfg.runtime.compile),
-        "fused_mlp": fused_mlp.active(device), "fused_ce": fused_ce.active(device, cfg.model.logit_softcap),
+        **kernels.describe(device, doc_mask=cfg.model.doc_mask, compiled=cfg.runtime.compile, cap=cfg.model.logit_softcap),
         "overrides": args.set,
         "loop_switch_step": switch_step, "loop_start_frac": cfg.schedule.loop_start_frac,
         "graphs_compiled_after_start": result.graphs_compiled_in_run,  # after the warm-up

@@ -30,10 +30,11 @@ from pathlib import Path
 import torch
 
 from bench.header import RESULTS, header
-from pgolf_core import config, fused_ce, fused_mlp, kernels
+from pgolf_core import config
+from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT, layer_sequence
 from pgolf_core.optim import build_optimizers
-from pgolf_core.train import compile_model, compiled_graphs, select_kernels, train_step
+from pgolf_core.train import compile_model, compiled_graphs, train_step
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
@@ -115,9 +116,9 @@ def main() -> None:
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size
     device = torch.device(args.device)
     # --set runtime.flash_attn=false: SDPA; runtime.fused_mlp=true / runtime.fused_ce=true: the Triton MLP / loss
-    select_kernels(cfg.runtime)
+    kernels = resolve_kernels(device, cfg.runtime)
     torch.manual_seed(0)
-    model = GPT(cfg.model.with_vocab(vocab)).to(device)
+    model = GPT(cfg.model.with_vocab(vocab), kernels).to(device)
     step_model = model if args.no_compile or not cfg.runtime.compile else compile_model(model, cfg.runtime)
     optimizers = build_optimizers(model, cfg.optimizer, torch.bfloat16 if device.type == "cuda" else torch.float32)
     autocast = torch.bfloat16 if device.type == "cuda" else None
@@ -129,16 +130,14 @@ def main() -> None:
         x = torch.where(torch.rand(x.shape, device=device) < 1 / args.doc_len, bos, x)
 
     def step():
-        train_step(step_model, optimizers, x, y, cfg, autocast)
+        train_step(step_model, optimizers, x, y, cfg, autocast, looping=looping)
 
     figures = {}
     for looping in ([False, True] if cfg.model.num_loops else [False]):
-        model.looping = looping
         for _ in range(args.warmup):
             step()
     graphs_before_timing = compiled_graphs()
     for looping in ([False, True] if cfg.model.num_loops else [False]):
-        model.looping = looping
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         before = allocator_counts(device)
@@ -170,9 +169,7 @@ def main() -> None:
         "peak_mem_mib_looped": looped["peak_mem_mib"],
         "allocator_during_timed_steps": {"unlooped": plain["allocator_during_timed_steps"],
                                          "looped": looped["allocator_during_timed_steps"]},
-        "attention_path": kernels.attention_path(device, cfg.model.doc_mask, step_model is not model),
-        "fused_mlp": fused_mlp.active(device),
-        "fused_ce": fused_ce.active(device, cfg.model.logit_softcap),
+        **kernels.describe(device, doc_mask=cfg.model.doc_mask, compiled=step_model is not model, cap=cfg.model.logit_softcap),
         "compiled": step_model is not model,
         "graphs_compiled_after_warmup": compiled_graphs() - graphs_before_timing,  # one in a timed step is timed
         "compile_mode": cfg.runtime.compile_mode,

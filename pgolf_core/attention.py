@@ -43,8 +43,9 @@ class Rotary(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, layer: int):
+    def __init__(self, cfg, layer: int, flash_attn: bool = False):
         super().__init__()
+        self.flash_attn = flash_attn  # a FlexAttention block mask runs FA4's kernels (`kernels.Kernels`)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kv_dim = cfg.num_kv_heads * cfg.head_dim
         self.q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
@@ -90,7 +91,7 @@ class Attention(nn.Module):
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))  # QK-norm, then positions
         if self.qk_gain is not None:
             q = q * self.qk_gain.to(q.dtype)[None, :, None, None]
-        y = causal_attention(q, k, v, mask)  # (B, H, T, E)
+        y = causal_attention(q, k, v, mask, self.flash_attn)  # (B, H, T, E)
         if self.use_xsa:
             y = self._exclude_self_value(y, v)
         if self.gate is not None:

@@ -15,56 +15,23 @@ to 31 backward, by configuration):
 and the soft cap bounds the logits, so exp(s - cap) lies in (exp(-2 cap), 1] and the
 log-sum-exp needs no running maximum (`loss.capped_logsumexp`).
 
-Training only, like the fused MLP: `wanted` is false without autograd, so evaluation
-scores with `loss.softcap_nll`. The model does not import this module (its code stays
-out of the artifact's evaluation code): switching the path on hands this module to
-`GPT.loss_kernels`. Kernels run on CUDA tensors, and on CPU tensors under Triton's
-interpreter (`TRITON_INTERPRET=1`), which is how the tests check them.
+Training only, like the fused MLP: a model runs `softcap_ce` only when built with it
+(`dispatch.resolve_kernels` with `train.runtime.fused_ce`), and then only with autograd on
+(`kernels.Kernels.loss_wanted`), so evaluation scores with `loss.softcap_nll`. The model
+does not import this module (its code stays out of the artifact's evaluation code).
+Kernels run on CUDA tensors, and on CPU tensors under Triton's interpreter
+(`TRITON_INTERPRET=1`), which is how the tests check them.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
-import sys
 import types
-import warnings
 
 import torch
 
 from pgolf_core.loss import BOUNDED_LSE_MAX_CAP, lse_needs_no_maximum
-from pgolf_core.model import GPT
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-_device_type: str | None = None  # where the kernels run: "cuda", "cpu" (interpreted) or None (off)
-
-
-def use_fused_ce(enabled: bool) -> None:
-    """Turn the Triton loss on or off for the process (the `train.runtime.fused_ce` switch); warns
-    when asked for but Triton is not installed. On for CUDA tensors, or for CPU tensors
-    when Triton's interpreter is on (`TRITON_INTERPRET=1`) at the call."""
-    global _device_type
-    if enabled and not HAS_TRITON:
-        warnings.warn("fused cross-entropy requested but triton is not installed: using the compiled loss",
-                      stacklevel=2)
-    _device_type = None
-    if enabled and HAS_TRITON:
-        import triton
-
-        _device_type = "cpu" if triton.knobs.runtime.interpret else "cuda"
-    GPT.loss_kernels = sys.modules[__name__] if _device_type else None
-
-
-def active(device: torch.device, cap: float) -> bool:
-    """Whether training steps on `device` with this soft cap run these kernels (for logs)."""
-    return _device_type == device.type and lse_needs_no_maximum(cap)
-
-
-def wanted(logits: torch.Tensor, cap: float) -> bool:
-    """Whether the loss of `logits` takes this path: switched on, on its device, with
-    autograd, and a soft cap the kernels' bound holds for."""
-    return active(logits.device, cap) and torch.is_grad_enabled()
 
 
 def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:

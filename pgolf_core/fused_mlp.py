@@ -15,10 +15,11 @@ Both kernels round the accumulator to the activation dtype before the activation
 the plain composition does (h and dA are rounded matmul outputs there), so the two paths
 differ only by matmul summation order.
 
-Training only: `wanted` is false without autograd, so evaluation and GPTQ calibration run
-the plain `MLP.forward`, whose hooks see the down projection's input. The model does not
-import this module, so its code stays out of the artifact's evaluation code: switching
-the path on hands this module to `MLP.training_kernels`.
+Training only: a model runs `fused_mlp` only when built with it (`dispatch.resolve_kernels`
+with `train.runtime.fused_mlp`), and then only with autograd on (`kernels.Kernels.mlp_wanted`), so
+evaluation and GPTQ calibration run the plain `MLP.forward`, whose hooks see the down
+projection's input. The model does not import this module, so its code stays out of the
+artifact's evaluation code.
 
 The kernels run on CUDA tensors with Triton installed, and on CPU tensors under Triton's
 interpreter (`TRITON_INTERPRET=1`), which is how the tests check them; numpy has no
@@ -28,41 +29,8 @@ bfloat16, so interpreted runs use float32 or float16.
 from __future__ import annotations
 
 import functools
-import importlib.util
-import sys
-import warnings
 
 import torch
-
-from pgolf_core.model import MLP
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-_device_type: str | None = None  # where the fused path runs: "cuda", "cpu" (interpreted) or None (off)
-
-
-def use_fused_mlp(enabled: bool) -> None:
-    """Turn the fused path on or off for the process (the `train.runtime.fused_mlp` switch); warns
-    when asked for but Triton is not installed. On for CUDA tensors, or for CPU tensors
-    when Triton's interpreter is on (`TRITON_INTERPRET=1`) at the call."""
-    global _device_type
-    if enabled and not HAS_TRITON:
-        warnings.warn("fused MLP requested but triton is not installed: using the plain MLP", stacklevel=2)
-    _device_type = None
-    if enabled and HAS_TRITON:
-        import triton
-
-        _device_type = "cpu" if triton.knobs.runtime.interpret else "cuda"
-    MLP.training_kernels = sys.modules[__name__] if _device_type else None
-
-
-def active(device: torch.device) -> bool:
-    """Whether training steps on `device` run the fused MLP (for logs and results)."""
-    return _device_type == device.type
-
-
-def wanted(x: torch.Tensor) -> bool:
-    """Whether an MLP applied to `x` takes the fused path: switched on, on its device, with autograd."""
-    return _device_type == x.device.type and torch.is_grad_enabled()
 
 
 def reference_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float) -> torch.Tensor:

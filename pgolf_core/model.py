@@ -7,11 +7,12 @@ Shapes: B batch, T time, D model_dim, V vocab. RMSNorm has no weight anywhere; t
 learned per-channel `attn_scale` / `mlp_scale` gains weight each residual branch.
 Output and down projections start at zero, so every block starts as the identity.
 Features: U-Net skips with learned gates, depth recurrence (a span of layers re-run
-once `looping` is switched on), two forms of parallel residual lanes and GPT-J's
+in forward calls with `looping`), two forms of parallel residual lanes and GPT-J's
 single-stream parallel block, layer-wise norm scale 1/sqrt(layer+1), a residual mix
 with the embedding x0, SmearGate in two forms (never across a BOS), BigramHash,
 LeakyReLU(0.5)^2, document-masked attention, and the attention options of
-`attention.py`.
+`attention.py`. Training's kernels (`kernels.Kernels`) are handed to the model at
+construction; without them it runs the plain paths.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 
 from pgolf_core.attention import Attention, rms_norm
 from pgolf_core.config import GATE_INPUT_DIMS, ModelConfig
-from pgolf_core.kernels import attention_mask
+from pgolf_core.kernels import Kernels, attention_mask
 from pgolf_core.loss import fused_softcap_nll, softcap, softcap_nll
 
 LANE_MODES = ("merge", "routed")  # the parallel modes that split the stream into two lanes
@@ -38,9 +39,9 @@ def layer_sequence(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int
     [0..s-1] + [s..e] * (num_loops + 1) + [e+1..L-1]; with U-Net skips the first half is
     the encoder. Without skips everything is "decoder"."""
     seq = list(range(cfg.num_layers))
-    if looping and cfg.num_loops:
+    if looping and cfg.model.num_loops:
         span = list(range(cfg.loop_start, cfg.loop_end + 1))
-        seq = seq[: cfg.loop_start] + span * (cfg.num_loops + 1) + seq[cfg.loop_end + 1 :]
+        seq = seq[: cfg.loop_start] + span * (cfg.model.num_loops + 1) + seq[cfg.loop_end + 1 :]
     if not cfg.unet_skips:
         return [], seq
     half = len(seq) // 2
@@ -48,20 +49,16 @@ def layer_sequence(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int
 
 
 class MLP(nn.Module):
-    # pgolf_core.fused_mlp, while `train.runtime.fused_mlp` has it switched on: training's fused
-    # kernels. Set from there, so that evaluation code never loads them.
-    training_kernels = None
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None):
         super().__init__()
+        self.kernels = kernels or Kernels()  # training's fused MLP, when resolved for it
         self.up = nn.Linear(cfg.model_dim, cfg.mlp_mult * cfg.model_dim, bias=False)
         self.down = nn.Linear(cfg.mlp_mult * cfg.model_dim, cfg.model_dim, bias=False)
         self.slope = 0.5 if cfg.mlp_activation == "leaky_relu2" else 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = MLP.training_kernels
-        if kernels is not None and kernels.wanted(x):  # the same math, less memory traffic
-            return kernels.fused_mlp(x, self.up.weight, self.down.weight, self.slope)
+        if self.kernels.mlp_wanted(x):  # the same math, less memory traffic
+            return self.kernels.mlp(x, self.up.weight, self.down.weight, self.slope)
         h = self.up(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.down(h.square())
@@ -104,10 +101,11 @@ class BigramHash(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, kernels: Kernels | None = None):
         super().__init__()
-        self.attn = Attention(cfg, layer)
-        self.mlp = MLP(cfg)
+        kernels = kernels or Kernels()
+        self.attn = Attention(cfg, layer, flash_attn=kernels.flash_attn)
+        self.mlp = MLP(cfg, kernels)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
@@ -143,19 +141,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    # pgolf_core.fused_ce, while `train.runtime.fused_ce` has it switched on: training's Triton
-    # loss. Set from there, so that evaluation code never loads it.
-    loss_kernels = None
-
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: Kernels | None = None):
+        """`kernels`: training's, from `dispatch.resolve_kernels`; None: the plain set (SDPA,
+        the plain MLP and loss), what evaluation, calibration and loading a checkpoint build."""
         super().__init__()
         if cfg.vocab_size <= 0:
             raise ValueError(f"vocab_size={cfg.vocab_size}: a model needs its tokenizer's vocabulary "
                              "(ModelConfig.with_vocab; train.model.vocab_size 0 means the tokenizer's)")
         self.cfg = cfg
-        self.looping = cfg.num_loops > 0  # the trainer switches it on part-way; evaluation runs looped
+        self.kernels = kernels or Kernels()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i, self.kernels) for i in range(cfg.num_layers))
         self.head_input = nn.Identity()  # the output head's normalised input, where GPTQ calibration hooks in
         num_skips = max(min(len(e), len(d)) for e, d in (layer_sequence(cfg, False), layer_sequence(cfg, True)))
         if cfg.unet_skips:
@@ -221,16 +217,20 @@ class GPT(nn.Module):
             x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:, None] * x[:, :-1]], dim=1)
         return rms_norm(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                looping: bool | None = None) -> torch.Tensor:
         """Token ids (B, T) -> soft-capped logits (B, T, V) in float32, or, given `targets`
         (B, T), the per-token NLL (B, T): the loss is then part of the compiled graph, so
-        the float32 logits of the whole batch never reach memory."""
+        the float32 logits of the whole batch never reach memory. `looping`: run the
+        recurrence (the trainer switches it on part-way); None: whenever the config has
+        one, as evaluation runs the model. A Python bool, so torch.compile builds one graph
+        per loop state."""
         x = x0 = self.embed(idx)
         value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
         if self.cfg.value_embed_tables == 2:  # (2, B, T, K*E): the attention weighs each with its own scale
             value_embed = torch.stack([value_embed, self.value_proj2(self.value_embed2(idx))])
-        mask = attention_mask(idx, self.cfg.bos_id, self.cfg.doc_mask)
-        encoder, decoder = layer_sequence(self.cfg, self.looping)
+        mask = attention_mask(idx, self.cfg.bos_id, self.cfg.model.doc_mask, self.kernels.flash_attn)
+        encoder, decoder = layer_sequence(self.cfg, self.cfg.model.num_loops > 0 if looping is None else looping)
         skips, v0, lanes = [], None, None
         for i in encoder:
             x, v = self.blocks[i](x, x0, v0, value_embed, mask)
@@ -254,12 +254,11 @@ class GPT(nn.Module):
         if lanes is not None:
             x = self._merge_lanes(lanes)
         logits = F.linear(self.head_input(rms_norm(x)), self.tok_emb.weight)
-        cap = self.cfg.logit_softcap
+        cap = self.cfg.model.logit_softcap
         if targets is None:
             return softcap(logits, cap)
-        kernels = GPT.loss_kernels
-        if kernels is not None and kernels.wanted(logits, cap):  # the same loss in two Triton kernels
-            return kernels.softcap_ce(logits, targets, cap)
+        if self.kernels.loss_wanted(logits, cap):  # the same loss in two Triton kernels
+            return self.kernels.loss(logits, targets, cap)
         return (fused_softcap_nll if torch.is_grad_enabled() else softcap_nll)(logits, targets, cap)
 
     def _parallel_block(self, i: int, lanes: list, x0, v0, value_embed, mask) -> tuple[list, torch.Tensor]:

@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from pgolf_core import dist, fused_ce, fused_mlp, kernels
+from pgolf_core import dist
 from pgolf_core.config import RuntimeConfig, ScheduleConfig, TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
@@ -301,6 +301,9 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     def looping_at(progress: float) -> bool:  # the recurrence runs from `loop_start_frac` of training on
         return model.cfg.num_loops > 0 and progress >= cfg.schedule.loop_start_frac
 
+    def looping_at(progress: float) -> bool:  # the recurrence runs from `loop_start_frac` of training on
+        return model.cfg.num_loops > 0 and progress >= cfg.loop_start_frac
+
     def one_step(step: int, progress: float) -> torch.Tensor:
         apply_schedule(optimizers, lr_multiplier(step, progress, cfg.schedule), muon_momentum(step, cfg.optimizer))
         span = torch.as_tensor(stream.next_batch(cfg.batch_tokens, first_row * cfg.seq_len, end_row * cfg.seq_len))
@@ -389,39 +392,32 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype,
 
 
 def compile_model(module: torch.nn.Module, cfg: RuntimeConfig) -> torch.nn.Module:
-    """torch.compile with the run's mode and Inductor options (`configure_inductor`).
+    """torch.compile with the run's mode and Inductor options (`inductor_options`).
     `fullgraph` on one process: a graph break in the model raises instead of silently
     splitting the step. Under DDP it cannot be: dynamo leaves DDP's own forward out of the
     graph by design, compiles the model inside, and splits that graph at the gradient
     buckets so the all-reduce overlaps the backward. `dynamic=False`: a ragged last
     micro-batch gets its own static graph (built in the warm-up) instead of every graph
     turning dynamic, with slower kernels."""
-    configure_inductor(cfg)
-    return torch.compile(module, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+    return torch.compile(module, options=inductor_options(cfg),
                          fullgraph=not isinstance(module, DistributedDataParallel), dynamic=False)
 
 
-def configure_inductor(cfg: RuntimeConfig) -> None:
-    """Inductor's process-wide options from the run's switches. `compile_tune_kernels`:
-    coordinate-descent tuning of Inductor's generated kernels (the elementwise and
-    reduction kernels are about half of the record step on an H100). With
+def inductor_options(cfg: RuntimeConfig) -> dict:
+    """Inductor's options for the run's compiled model (Inductor patches its config with
+    them while compiling that model only): the options of `compile_mode`, and two
+    switches. `compile_tune_kernels`: coordinate-descent tuning of Inductor's generated
+    kernels (the elementwise and reduction kernels are about half of the record step on
+    an H100); a mode that sets it wins, as it did over the process-wide setting. With
     `compile_mix_order_reduction` off, a norm's backward and the per-channel weight
     gradients that sum over tokens are separate kernels: 2 % more bytes, but the fused
     ones spill on sm_90 in the record's backward (`RuntimeConfig.compile_mix_order_reduction`)."""
-    from torch._inductor import config as inductor_config
+    from torch._inductor import config as inductor_config, list_mode_options
 
-    inductor_config.coordinate_descent_tuning = cfg.compile_tune_kernels
+    options = {"coordinate_descent_tuning": cfg.compile_tune_kernels}
     if cfg.compile_mix_order_reduction != getattr(inductor_config.triton, "mix_order_reduction", True):
-        inductor_config.triton.mix_order_reduction = cfg.compile_mix_order_reduction  # a torch without them raises
-
-
-def select_kernels(cfg: RuntimeConfig) -> None:
-    """Apply the run's kernel switches, which are process-wide: FA4 attention
-    (`flash_attn`), the fused MLP (`fused_mlp`) and the Triton loss (`fused_ce`). None
-    changes the math."""
-    kernels.use_flash_attn(cfg.flash_attn and kernels.HAS_FLASH_ATTN)
-    fused_mlp.use_fused_mlp(cfg.fused_mlp)
-    fused_ce.use_fused_ce(cfg.fused_ce)
+        options["triton.mix_order_reduction"] = cfg.compile_mix_order_reduction  # a torch without it raises
+    return {**options, **list_mode_options(cfg.compile_mode, dynamic=False)}
 
 
 def compiled_graphs() -> int:

@@ -12,10 +12,11 @@ from pathlib import Path
 
 from dvclive import Live
 
-from pgolf_core import calibration, checkpoint, config, data, dist, fused_ce, fused_mlp, io, kernels, resume, tokenizer
+from pgolf_core import calibration, checkpoint, config, data, dist, io, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
+from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT
-from pgolf_core.train import run_warnings, select_kernels, set_seed, train
+from pgolf_core.train import run_warnings, set_seed, train
 
 
 def main() -> None:
@@ -39,8 +40,8 @@ def main() -> None:
     stream = data.TokenStream(train_files, sp.vocab_size())
     val_tokens = data.load_split(args.shards, "val", sp.vocab_size())
     val_bytes = val_byte_counts(sp, args.shards, val_tokens)
-    select_kernels(cfg.runtime)
-    model = GPT(cfg.model.with_vocab(sp.vocab_size())).to(device)
+    kernels = resolve_kernels(device, cfg.runtime)
+    model = GPT(cfg.model.with_vocab(sp.vocab_size()), kernels).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
     if live:
@@ -48,8 +49,8 @@ def main() -> None:
         print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
               f"{stream.num_tokens:,} train tokens, {cfg.schedule.iterations} steps of {cfg.batch_tokens:,} tokens; "
               f"attention {kernels.attention_path(device, cfg.model.doc_mask, cfg.runtime.compile)}, "
-              f"MLP {'fused' if fused_mlp.active(device) else 'plain'}, "
-              f"loss {'Triton' if fused_ce.active(device, cfg.model.logit_softcap) else 'compiled' if cfg.runtime.compile else 'eager'}, "
+              f"MLP {'fused' if kernels.mlp_active(device) else 'plain'}, "
+              f"loss {'Triton' if kernels.loss_active(device, cfg.model.logit_softcap) else 'compiled' if cfg.runtime.compile else 'eager'}, "
               f"{f'compiled ({cfg.runtime.compile_mode}{mix_order})' if cfg.runtime.compile else 'eager'}")
 
     def log(step: int, values: dict) -> None:

@@ -1,7 +1,7 @@
 """What the tests of our Triton kernels (pgolf_core.fused_mlp, pgolf_core.fused_ce) share:
 ptxas's verdict on their sm_90 code (compiled by `sm90`), the
-interpreter switched on with each launch recorded, and comparing a model's training step
-with and without them."""
+interpreter switched on with each launch recorded, the kernels resolved for CPU tensors
+under it, and comparing a model's training step with and without them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ import torch
 
 from sm90 import ptxas_usage
 
+from pgolf_core.config import RuntimeConfig
+from pgolf_core.dispatch import resolve_kernels
+from pgolf_core.kernels import Kernels
 from pgolf_core.model import GPT
 
 H100_SHARED_MEMORY = 232_448  # bytes of shared memory one block may use on sm_90
@@ -24,18 +27,23 @@ def ptxas_report(kernel, workdir: Path) -> dict:
 
 
 @contextlib.contextmanager
-def recorded_launches(monkeypatch, module, switch, record):
-    """`switch` (a module's use_... function) on under Triton's interpreter for the block;
-    yields the list that gets `record(kwargs)` of each `module._launch`."""
+def recorded_launches(monkeypatch, module, record):
+    """Triton's interpreter on for the block; yields the list that gets `record(kwargs)`
+    of each `module._launch`."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    switch(True)
     calls = []
     real = module._launch
     monkeypatch.setattr(module, "_launch", lambda *args, **kw: calls.append(record(kw)) or real(*args, **kw))
-    try:
-        yield calls
-    finally:
-        switch(False)
+    yield calls
+
+
+def interpreted_kernels(**switches) -> Kernels:
+    """The kernels of `switches` (fused_mlp, fused_ce) resolved for CPU tensors; call
+    with Triton's interpreter on (`recorded_launches`)."""
+    kernels = resolve_kernels("cpu", RuntimeConfig(**{"flash_attn": False, **switches}))
+    assert kernels.device_type == "cpu" and all(getattr(kernels, {"fused_mlp": "mlp", "fused_ce": "loss"}[name])
+                                                for name, on in switches.items() if on)
+    return kernels
 
 
 def rel(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -51,11 +59,11 @@ def losses_and_grads(model: GPT, idx, targets):
     return loss.detach(), {n.removeprefix("_orig_mod."): p.grad.clone() for n, p in model.named_parameters()}
 
 
-def model_without_zero_weights(cfg) -> GPT:
+def model_without_zero_weights(cfg, kernels: Kernels | None = None) -> GPT:
     """A seeded model whose zero-initialised output projections are made random, so that no
-    gradient is zero in the comparisons."""
+    gradient is zero in the comparisons: the same weights whatever its `kernels`."""
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = GPT(cfg, kernels)
     with torch.no_grad():
         for weight in model.parameters():
             if weight.dim() == 2 and not weight.any():

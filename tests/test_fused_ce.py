@@ -7,19 +7,27 @@ import math
 
 import pytest
 import torch
-from kernel_checks import losses_and_grads, model_without_zero_weights, ptxas_report, recorded_launches, rel
+from kernel_checks import (interpreted_kernels, losses_and_grads, model_without_zero_weights, ptxas_report,
+                           recorded_launches, rel)
 from sm90 import compile_for_h100, path_counts, sass
 
-from pgolf_core import fused_ce
+from pgolf_core import dispatch, fused_ce
+from pgolf_core.config import RuntimeConfig
+from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.loss import softcap_nll
-from pgolf_core.model import GPT
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Switch the Triton loss on under the interpreter; record each launch (forward or not)."""
-    with recorded_launches(monkeypatch, fused_ce, fused_ce.use_fused_ce, lambda kw: "forward" in kw) as calls:
+    """Triton's interpreter on; record each launch (forward or not)."""
+    with recorded_launches(monkeypatch, fused_ce, lambda kw: "forward" in kw) as calls:
         yield calls
+
+
+@pytest.fixture
+def fused(launches):
+    """The Triton loss, resolved for CPU tensors under the interpreter."""
+    return interpreted_kernels(fused_ce=True)
 
 
 @pytest.mark.parametrize("dtype, grad_tol", [(torch.float32, 1e-6), (torch.float16, 1e-3)])
@@ -41,38 +49,39 @@ def test_loss_and_gradient_match_float64(launches, dtype, grad_tol, vocab, cap, 
     assert launches == [True, False]
 
 
-def test_caps_outside_the_bound_take_the_compiled_loss(launches):
+def test_caps_outside_the_bound_take_the_compiled_loss(launches, fused):
     """exp(s - cap) must stay a normal float32: larger caps (and no cap) are not for the
     kernels, and asking them directly is an error, not a wrong loss."""
     logits = torch.randn(4, 8, requires_grad=True)
-    assert fused_ce.wanted(logits, 30.0) and not fused_ce.wanted(logits, 0.0) and not fused_ce.wanted(logits, 50.0)
+    assert fused.loss_wanted(logits, 30.0) and not fused.loss_wanted(logits, 0.0)
+    assert not fused.loss_wanted(logits, 50.0)
     with pytest.raises(ValueError, match="soft cap"):
         torch.ops.pgolf.softcap_ce(logits.detach(), torch.zeros(4, dtype=torch.long), 50.0)
     with torch.no_grad():
-        assert not fused_ce.wanted(logits, 30.0)  # evaluation scores with loss.softcap_nll
+        assert not fused.loss_wanted(logits, 30.0)  # evaluation scores with loss.softcap_nll
 
 
-def test_model_training_step_matches_the_compiled_loss(launches, tiny_model_config):
-    model = model_without_zero_weights(tiny_model_config)
+def test_model_training_step_matches_the_compiled_loss(launches, fused, tiny_model_config):
+    model = model_without_zero_weights(tiny_model_config, fused)
     idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     loss, grads = losses_and_grads(model, idx, targets)
     assert launches == [True, False]
     with torch.no_grad():
         model(idx, targets)
     assert launches == [True, False]  # evaluation never runs the kernels
-    fused_ce.use_fused_ce(False)
-    plain_loss, plain_grads = losses_and_grads(model, idx, targets)
+    plain_loss, plain_grads = losses_and_grads(model_without_zero_weights(tiny_model_config), idx, targets)
+    assert launches == [True, False]  # nor does a model built without them
     assert torch.allclose(loss, plain_loss, rtol=1e-6)
     for name, grad in plain_grads.items():
         assert rel(grads[name], grad) < 1e-5, name
 
 
 @pytest.mark.parametrize("autocast, tol", [(None, 1e-4), (torch.float16, 1e-2)])
-def test_compiled_model_runs_the_kernels_in_one_graph(launches, tiny_model_config, autocast, tol):
+def test_compiled_model_runs_the_kernels_in_one_graph(launches, fused, tiny_model_config, autocast, tol):
     """Compiled with fullgraph (a graph break would raise), under autocast with the
     low-precision residual stream as the record trains; matches the eager step."""
     model = model_without_zero_weights(dataclasses.replace(tiny_model_config,
-                                                           low_precision_residual=autocast is not None))
+                                                           low_precision_residual=autocast is not None), fused)
     idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
         eager_loss, eager_grads = losses_and_grads(model, idx, targets)
@@ -85,18 +94,20 @@ def test_compiled_model_runs_the_kernels_in_one_graph(launches, tiny_model_confi
         assert rel(grads[name], grad) < tol, name
 
 
-def test_switch_is_off_without_triton_and_off_the_device(monkeypatch):
+def test_switch_is_off_without_triton_and_off_the_device(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    fused_ce.use_fused_ce(True)  # compiled Triton: CUDA only
-    try:
-        assert fused_ce.active(torch.device("cuda"), 30.0) and not fused_ce.active(torch.device("cpu"), 30.0)
-        assert GPT.loss_kernels is fused_ce
-        monkeypatch.setattr(fused_ce, "HAS_TRITON", False)
-        with pytest.warns(UserWarning, match="triton is not installed"):
-            fused_ce.use_fused_ce(True)
-        assert not fused_ce.active(torch.device("cuda"), 30.0) and GPT.loss_kernels is None
-    finally:
-        fused_ce.use_fused_ce(False)
+    cuda = resolve_kernels("cuda", RuntimeConfig(flash_attn=False, fused_ce=True))  # compiled Triton: CUDA only
+    assert cuda.loss_active(torch.device("cuda"), 30.0) and not cuda.loss_active(torch.device("cpu"), 30.0)
+    assert cuda.loss is fused_ce.softcap_ce and cuda.mlp is None and capsys.readouterr().out == ""
+    monkeypatch.setattr(dispatch, "_installed", lambda module: False)
+    missing = resolve_kernels("cuda", RuntimeConfig(flash_attn=False, fused_ce=True))
+    assert not missing.loss_active(torch.device("cuda"), 30.0) and missing.loss is None
+    assert capsys.readouterr().out == "kernels: fused_ce asked for, but triton is not installed: using the compiled loss\n"
+    monkeypatch.undo()  # triton found again; the interpreter on, which runs CPU tensors only
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreted = resolve_kernels("cuda", RuntimeConfig(flash_attn=False, fused_ce=True))
+    assert interpreted.loss is None and "Triton's interpreter (TRITON_INTERPRET=1) runs CPU tensors, not cuda" \
+        in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("forward", [True, False])

@@ -8,19 +8,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernel_checks import (H100_SHARED_MEMORY, losses_and_grads, model_without_zero_weights, ptxas_report,
-                           recorded_launches, rel)
+from kernel_checks import (H100_SHARED_MEMORY, interpreted_kernels, losses_and_grads, model_without_zero_weights,
+                           ptxas_report, recorded_launches, rel)
 from sm90 import compile_for_h100
 
-from pgolf_core import fused_mlp
+from pgolf_core import dispatch, fused_mlp
+from pgolf_core.config import RuntimeConfig
+from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Switch the fused path on under the interpreter; count the kernel launches."""
-    with recorded_launches(monkeypatch, fused_mlp, fused_mlp.use_fused_mlp, lambda kw: kw["backward"]) as calls:
+    """Triton's interpreter on; count the kernel launches."""
+    with recorded_launches(monkeypatch, fused_mlp, lambda kw: kw["backward"]) as calls:
         yield calls
+
+
+@pytest.fixture
+def fused(launches):
+    """The fused MLP, resolved for CPU tensors under the interpreter."""
+    return interpreted_kernels(fused_mlp=True)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
@@ -58,34 +66,34 @@ def test_autograd_matches_the_reference_mlp(launches):
     assert launches == [False, True]
 
 
-def leaky_model(cfg) -> GPT:
-    return model_without_zero_weights(dataclasses.replace(cfg, mlp_activation="leaky_relu2"))
+def leaky_model(cfg, kernels=None) -> GPT:
+    return model_without_zero_weights(dataclasses.replace(cfg, mlp_activation="leaky_relu2"), kernels)
 
 
-def test_model_training_step_matches_the_plain_mlp(launches, tiny_model_config):
-    model = leaky_model(tiny_model_config)
+def test_model_training_step_matches_the_plain_mlp(launches, fused, tiny_model_config):
+    model = leaky_model(tiny_model_config, fused)
     idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     loss, grads = losses_and_grads(model, idx, targets)
     assert launches == [False] * 2 + [True] * 2  # two layers: forward, then backward
-    fused_mlp.use_fused_mlp(False)
-    plain_loss, plain_grads = losses_and_grads(model, idx, targets)
+    plain_loss, plain_grads = losses_and_grads(leaky_model(tiny_model_config), idx, targets)  # the same weights
+    assert launches == [False] * 2 + [True] * 2  # a model built without the kernels never runs them
     assert torch.allclose(loss, plain_loss, rtol=1e-6)
     for name, grad in plain_grads.items():
         assert rel(grads[name], grad) < 1e-5, name
 
 
-def test_evaluation_keeps_the_plain_mlp(launches, tiny_model_config):
-    model = leaky_model(tiny_model_config)
+def test_evaluation_keeps_the_plain_mlp(launches, fused, tiny_model_config):
+    model = leaky_model(tiny_model_config, fused)
     with torch.no_grad():
         model(torch.randint(0, 512, (1, 8)))
     assert launches == []  # GPTQ calibration hooks the down projection: it must see the plain path
 
 
 @pytest.mark.parametrize("autocast, tol", [(None, 1e-4), (torch.float16, 1e-2)])
-def test_compiled_model_runs_the_kernels_in_one_graph(launches, tiny_model_config, autocast, tol):
+def test_compiled_model_runs_the_kernels_in_one_graph(launches, fused, tiny_model_config, autocast, tol):
     """Compiled with fullgraph (a graph break would raise), as the record trains: under
     autocast with the low-precision residual stream too. Matches the eager fused step."""
-    model = leaky_model(dataclasses.replace(tiny_model_config, low_precision_residual=autocast is not None))
+    model = leaky_model(dataclasses.replace(tiny_model_config, low_precision_residual=autocast is not None), fused)
     idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
         eager_loss, eager_grads = losses_and_grads(model, idx, targets)
@@ -99,33 +107,36 @@ def test_compiled_model_runs_the_kernels_in_one_graph(launches, tiny_model_confi
         assert rel(grads[name], grad) < tol, name
 
 
-def test_autocast_runs_the_kernels_in_its_dtype(launches, tiny_model_config):
+def test_autocast_runs_the_kernels_in_its_dtype(launches, fused, tiny_model_config):
     """Under autocast the fused path computes in the autocast dtype (float16 here: the
     interpreter has no bfloat16), as the plain linears do, and matches them."""
-    model = leaky_model(tiny_model_config)
+    model = leaky_model(tiny_model_config, fused)
     idx, targets = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
     with torch.autocast("cpu", dtype=torch.float16):
         loss, grads = losses_and_grads(model, idx, targets)
-        fused_mlp.use_fused_mlp(False)
-        plain_loss, plain_grads = losses_and_grads(model, idx, targets)
+        plain_loss, plain_grads = losses_and_grads(leaky_model(tiny_model_config), idx, targets)
     assert launches == [False] * 2 + [True] * 2
     assert abs(loss.item() - plain_loss.item()) < 1e-3 * plain_loss.item()
     for name, grad in plain_grads.items():
         assert grads[name].dtype == torch.float32 and rel(grads[name], grad) < 2e-2, name
 
 
-def test_switch_is_off_without_triton_and_off_the_device(monkeypatch):
+def test_switch_is_off_without_triton_and_off_the_device(monkeypatch, capsys):
+    """Resolved for CUDA (compiled Triton) the kernels run on CUDA tensors only; for a CPU
+    without the interpreter, or without triton, they are left out with one line saying why."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    fused_mlp.use_fused_mlp(True)  # compiled Triton: CUDA only
-    try:
-        assert fused_mlp.active(torch.device("cuda")) and not fused_mlp.active(torch.device("cpu"))
-        assert not fused_mlp.wanted(torch.zeros(2, requires_grad=True))
-        monkeypatch.setattr(fused_mlp, "HAS_TRITON", False)
-        with pytest.warns(UserWarning, match="triton is not installed"):
-            fused_mlp.use_fused_mlp(True)
-        assert not fused_mlp.active(torch.device("cuda"))
-    finally:
-        fused_mlp.use_fused_mlp(False)
+    cuda = resolve_kernels("cuda", RuntimeConfig(flash_attn=False, fused_mlp=True))
+    assert cuda.mlp is fused_mlp.fused_mlp and cuda.loss is None and capsys.readouterr().out == ""
+    assert cuda.mlp_active(torch.device("cuda")) and not cuda.mlp_active(torch.device("cpu"))
+    assert not cuda.mlp_wanted(torch.zeros(2, requires_grad=True))
+    cpu = resolve_kernels("cpu", RuntimeConfig(flash_attn=False, fused_mlp=True))
+    assert cpu.mlp is None and not cpu.mlp_active(torch.device("cpu"))
+    assert capsys.readouterr().out == ("kernels: fused_mlp asked for, but Triton runs cpu tensors only interpreted "
+                                       "(TRITON_INTERPRET=1): using the plain MLP\n")
+    monkeypatch.setattr(dispatch, "_installed", lambda module: False)
+    missing = resolve_kernels("cuda", RuntimeConfig(flash_attn=False, fused_mlp=True))
+    assert missing.mlp is None and not missing.mlp_active(torch.device("cuda"))
+    assert capsys.readouterr().out == "kernels: fused_mlp asked for, but triton is not installed: using the plain MLP\n"
 
 
 @pytest.mark.parametrize("backward", [False, True])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pgolf_core.attention import Attention, Rotary
+from pgolf_core.kernels import Kernels
 from pgolf_core.loss import token_nll
 from pgolf_core.config import ModelConfig
 from pgolf_core.model import GPT, layer_sequence
@@ -40,14 +41,13 @@ def test_recurrence_index_lists_match_the_records():
 @pytest.mark.parametrize("looping", [False, True])
 def test_all_features_causal_and_every_parameter_learns(mode, looping):
     model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode=mode)))
-    model.looping = looping
     idx = torch.randint(2, 64, (2, 20))
     idx[:, 7] = 1  # a BOS inside the sequence
-    logits = model(idx)
+    logits = model(idx, looping=looping)
     assert logits.shape == (2, 20, 64)
     changed = idx.clone()
     changed[:, 12] = (changed[:, 12] + 1) % 64
-    torch.testing.assert_close(model(changed)[:, :12], logits[:, :12], rtol=0, atol=0)
+    torch.testing.assert_close(model(changed, looping=looping)[:, :12], logits[:, :12], rtol=0, atol=0)
     token_nll(logits[:, :-1], idx[:, 1:]).mean().backward()
     dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()]
     assert dead == []
@@ -130,15 +130,16 @@ def test_the_full_model_traces_without_graph_breaks(looping):
     """torch.compile's fast path needs one graph per loop state (no breaks, no Python fallbacks)."""
     torch._dynamo.reset()
     model = GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed", low_precision_residual=True, doc_mask=True))
-    model.looping = looping
-    explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)))
+    explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)), looping=looping)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     torch._dynamo.reset()  # the training call: loss (the fused autograd.Function) inside the same graph
-    explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+    explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)),
+                                               looping=looping)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     torch._dynamo.reset()  # and under autocast, where the residual stream drops to bf16
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
+        explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)),
+                                                   looping=looping)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
 
 
@@ -148,17 +149,46 @@ def test_compiled_training_call_matches_eager(looping):
     fused loss's forward and backward included) gives eager's loss and gradients."""
     torch._dynamo.reset()
     model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed", doc_mask=True)))
-    model.looping = looping
     idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
-    eager_loss = model(idx, targets).mean()
+    eager_loss = model(idx, targets, looping=looping).mean()
     eager_loss.backward()
     eager = torch.cat([p.grad.flatten() for p in model.parameters()])
     model.zero_grad(set_to_none=True)
-    compiled_loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, targets).mean()
+    compiled_loss = torch.compile(model, backend="aot_eager", fullgraph=True)(idx, targets, looping=looping).mean()
     compiled_loss.backward()
     compiled = torch.cat([p.grad.flatten() for p in model.parameters()])
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=0)
     assert (compiled - eager).norm() / eager.norm() < 1e-5
+
+
+def test_one_compiled_model_builds_one_graph_per_loop_state():
+    """The loop state is a forward argument: compiled with fullgraph (a graph break would
+    raise), the training call builds one graph for each state and reuses it, with no
+    recompile when the trainer switches back and forth."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed", doc_mask=True)))
+    compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
+    idx, targets = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    before = counters["stats"]["unique_graphs"]
+    losses = {looping: compiled(idx, targets, looping=looping) for looping in (False, True, False, True)}
+    assert counters["stats"]["unique_graphs"] - before == 2
+    for looping, loss in losses.items():
+        torch.testing.assert_close(loss, model(idx, targets, looping=looping), rtol=0, atol=0)
+    assert not torch.equal(losses[False], losses[True])
+    torch._dynamo.reset()
+
+
+def test_the_loop_state_defaults_to_the_one_evaluation_runs():
+    """Without `looping` the recurrence runs whenever the config has one."""
+    looped = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed")))
+    idx = torch.randint(2, 64, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(looped(idx), looped(idx, looping=True))
+        assert not torch.equal(looped(idx), looped(idx, looping=False))
+        plain = perturbed(GPT(ModelConfig(**BASE)))
+        assert torch.equal(plain(idx), plain(idx, looping=True)) and torch.equal(plain(idx), plain(idx, looping=False))
 
 
 @pytest.mark.parametrize("mode", ["merge", "routed"])
@@ -227,16 +257,18 @@ def test_the_fa4_path_without_documents_is_plain_causal_attention(monkeypatch):
     from pgolf_core import kernels
 
     torch._dynamo.reset()
-    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed"))).eval()
+    fa4 = Kernels(flash_attn=True)  # as resolved on a CUDA device with flash_attn.cute
+    model = perturbed(GPT(ModelConfig(**BASE, **ALL_ON, parallel_mode="routed"), fa4)).eval()
     idx = torch.randint(2, 64, (2, 160))
     idx[0, 70] = 1
+    asked = []  # the FA4 choice each layer's flex_attention call received
     with torch.no_grad():
         plain = model(idx)
-        monkeypatch.setattr(kernels, "_flash_enabled", True)
-        monkeypatch.setattr(kernels, "_flex_options", lambda: None)
+        monkeypatch.setattr(kernels, "_flex_options", lambda flash_attn: asked.append(flash_attn) and None)
         monkeypatch.setattr(kernels, "_block_mask_wanted", lambda ids: torch.compiler.is_compiling())
-        assert kernels.attention_mask(idx, 1, documents=False) is None  # eager: plain SDPA
+        assert kernels.attention_mask(idx, 1, documents=False, flash_attn=True) is None  # eager: plain SDPA
         flex = torch.compile(model, fullgraph=True)(idx)
     torch.testing.assert_close(flex, plain, rtol=1e-4, atol=1e-4)
-    assert kernels.attention_path(torch.device("cuda")) == "flex_attention_fa4"
-    assert kernels.attention_path(torch.device("cuda"), compiled=False) == "sdpa"
+    assert asked and set(asked) == {True}
+    assert fa4.attention_path(torch.device("cuda")) == "flex_attention_fa4"
+    assert fa4.attention_path(torch.device("cuda"), compiled=False) == "sdpa"

@@ -46,13 +46,13 @@ def ids_with_bos(B=2, T=20):
 def test_switch_is_causal_and_every_parameter_learns(name):
     features = RECORD_WITH_SEEDS if name == "all_with_record" else SWITCHES[name]
     model = perturbed(GPT(ModelConfig(**BASE, **features)))
-    model.looping = name == "all_with_record"
+    looping = name == "all_with_record"
     idx = ids_with_bos()
-    logits = model(idx)
+    logits = model(idx, looping=looping)
     for t in (0, 8, 12):  # at the row start, just after the BOS, inside the second document
         changed = idx.clone()
         changed[:, t] = (changed[:, t] + 1) % 62 + 2
-        other = model(changed)
+        other = model(changed, looping=looping)
         torch.testing.assert_close(other[:, :t], logits[:, :t], rtol=0, atol=0)
         assert not torch.equal(other[:, t:], logits[:, t:])
     token_nll(logits[:, :-1], idx[:, 1:]).mean().backward()
@@ -115,9 +115,9 @@ def test_gated_value_residual_mixes_about_18_percent_of_v0_at_init():
     used = {}
     original = attention.causal_attention
 
-    def spy(q, k, v, mask=None):
+    def spy(q, k, v, mask=None, *args):
         used.setdefault("v", []).append(v)
-        return original(q, k, v, mask)
+        return original(q, k, v, mask, *args)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(attention, "causal_attention", spy)
@@ -195,13 +195,12 @@ def test_new_parameters_go_to_the_right_optimizer_group():
 def test_seed_switches_trace_as_one_graph(looping):
     torch._dynamo.reset()
     model = GPT(ModelConfig(**BASE, **RECORD_WITH_SEEDS, low_precision_residual=True))
-    model.looping = looping
     idx = ids_with_bos(2, 16)
-    explanation = torch._dynamo.explain(model)(idx, torch.roll(idx, -1, 1))
+    explanation = torch._dynamo.explain(model)(idx, torch.roll(idx, -1, 1), looping=looping)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     torch._dynamo.reset()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        explanation = torch._dynamo.explain(model)(idx, torch.roll(idx, -1, 1))
+        explanation = torch._dynamo.explain(model)(idx, torch.roll(idx, -1, 1), looping=looping)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     torch._dynamo.reset()
 

@@ -59,3 +59,19 @@ def test_ranks_partition_the_windows(tiny_model_config):
              for r in range(3)]
     assert sum(p.num_targets for p in parts) == whole.num_targets == 199
     assert sum(p.nll_nats for p in parts) == pytest.approx(whole.nll_nats, rel=1e-9)
+
+
+def test_scores_run_the_recurrence_as_asked(tiny_model_config):
+    """`looping` reaches the model (validation during training scores it in the trainer's
+    loop state); without it the model runs as evaluation does, looped."""
+    import dataclasses
+
+    model = GPT(dataclasses.replace(tiny_model_config, num_loops=1, loop_start=0, loop_end=1)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    tokens = np.random.default_rng(1).integers(0, tiny_model_config.vocab_size, 40)
+    byte_counts = position_bytes(_tables(tiny_model_config.vocab_size), tokens)
+    score = lambda **kw: score_windows(model, tokens, byte_counts, window=16, stride=16, batch_seqs=3,  # noqa: E731
+                                       device=torch.device("cpu"), **kw).nll_nats
+    assert score() == score(looping=True) != score(looping=False)

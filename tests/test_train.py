@@ -12,7 +12,7 @@ import yaml
 from pgolf_core import calibration, config, data, resume, tokenizer
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
-from pgolf_core.train import compile_model, run_warnings, train
+from pgolf_core.train import compile_model, inductor_options, run_warnings, train
 from params_helpers import nested, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,10 @@ def test_recurrence_switches_on_at_its_fraction_of_training(shards, tiny_sp):
     _, logged, model = run_train(shards, tiny_sp, num_layers=3, unet_skips=True, num_loops=1, loop_start=1,
                                  loop_end=1, loop_start_frac=0.5, iterations=6, val_every=0)
     looping = [v["looping"] for _, v in logged if "looping" in v]
-    assert looping == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0] and model.looping  # steps 3, 4, 5 of 0..5 run looped
+    assert looping == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]  # steps 3, 4, 5 of 0..5 run looped
+    idx = torch.randint(0, tiny_sp.vocab_size(), (1, 8))
+    with torch.no_grad():  # evaluation runs the model as it ended training: looped
+        assert torch.equal(model(idx), model(idx, looping=True)) and not hasattr(model, "looping")
 
 
 def test_calibration_reserve_comes_out_of_the_wallclock_cap(shards, tiny_sp):
@@ -152,8 +155,8 @@ def eager_backend_compile(monkeypatch):
     """torch.compile with dynamo's own guards and graphs but no code generation (the
     `eager` backend): what decides a recompile, in seconds on a CPU."""
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda module, mode=None, **options: real_compile(
-        module, backend="eager", **options))
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None, options=None, **settings: real_compile(
+        module, backend="eager", **settings))
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
@@ -351,6 +354,8 @@ def test_ranks_that_found_different_snapshots_refuse_to_start(monkeypatch):
 
 
 def test_compile_model_applies_the_configured_mode_and_kernel_tuning(monkeypatch):
+    """The mode and switches reach torch.compile as Inductor options of that model; the
+    process-wide Inductor config is left alone."""
     from torch._inductor import config as inductor_config
 
     calls = []
@@ -358,19 +363,33 @@ def test_compile_model_applies_the_configured_mode_and_kernel_tuning(monkeypatch
     monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
     module = torch.nn.Linear(2, 2)
     assert compile_model(module, train_config({}).runtime) is module
-    assert calls == [dict(mode=None, fullgraph=True, dynamic=False)]  # a graph break raises; shapes stay static
-    assert inductor_config.coordinate_descent_tuning is False
+    assert calls == [dict(options={"coordinate_descent_tuning": False}, fullgraph=True, dynamic=False)]  # a graph
+    assert inductor_config.coordinate_descent_tuning is False  # break raises; shapes stay static
     compile_model(module, train_config({"compile_mode": "max-autotune-no-cudagraphs",
                                         "compile_tune_kernels": True}).runtime)
-    assert calls[-1]["mode"] == "max-autotune-no-cudagraphs" and inductor_config.coordinate_descent_tuning is True
+    assert calls[-1]["options"] == {"max_autotune": True, "coordinate_descent_tuning": True}  # the mode's own
+    assert inductor_config.coordinate_descent_tuning is False and inductor_config.max_autotune is False
+    tuned = inductor_options(train_config({"compile_tune_kernels": True}).runtime)
+    assert tuned == {"coordinate_descent_tuning": True}
 
 
 def test_compile_model_switches_inductors_mix_order_reductions(monkeypatch):
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(torch, "compile", lambda module, **options: module)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda module, **options: calls.append(options["options"]) or module)
     monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
     compile_model(torch.nn.Linear(2, 2), train_config({"compile_mix_order_reduction": False}).runtime)
-    assert inductor_config.triton.mix_order_reduction is False
+    assert calls[-1]["triton.mix_order_reduction"] is False and inductor_config.triton.mix_order_reduction is True
     compile_model(torch.nn.Linear(2, 2), train_config({}).runtime)
-    assert inductor_config.triton.mix_order_reduction is True  # Inductor's own default
+    assert "triton.mix_order_reduction" not in calls[-1]  # Inductor's own default
+    assert inductor_config.triton.mix_order_reduction is True
+
+
+def test_inductor_takes_the_options_torch_compile_is_given():
+    """Inductor's own check of option names and types (what torch.compile runs first),
+    for every option the run's switches can give."""
+    cfg = train_config({"compile_mode": "max-autotune-no-cudagraphs", "compile_tune_kernels": True,
+                        "compile_mix_order_reduction": False}).runtime
+    options = inductor_options(cfg)
+    assert torch._TorchCompileInductorWrapper(None, options, False, None).config == options

@@ -86,10 +86,12 @@ def add_scores(sums: torch.Tensor, nll: torch.Tensor, nbytes: torch.Tensor, scor
 @torch.no_grad()
 def score_window_list(model, stream: torch.Tensor, stream_bytes: torch.Tensor, length: int, windows: list[Window], *,
                       batch_seqs: int, device, autocast_dtype: torch.dtype | None = None,
-                      ledger: Ledger | None = None, progress: bool = False, desc: str = "score") -> torch.Tensor:
+                      ledger: Ledger | None = None, progress: bool = False, desc: str = "score",
+                      looping: bool | None = None) -> torch.Tensor:
     """Score `windows` (all of `length` inputs) of a CPU int64 token stream with no gradient;
     returns the float64 sums (nll, bytes, targets) on `device`. Shared by sliding scoring and
-    by test-time training, which scores each chunk's windows before training on it."""
+    by test-time training, which scores each chunk's windows before training on it.
+    `looping`: the GPT's recurrence, when not as evaluation runs it (validation mid-training)."""
     offsets = torch.arange(length + 1)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
@@ -105,7 +107,7 @@ def score_window_list(model, stream: torch.Tensor, stream_bytes: torch.Tensor, l
         scored = torch.arange(length, device=device)[None, :] >= torch.tensor(
             [length - w.num_scored for w in chunk], device=device)[:, None]  # (b, length)
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs)
+            logits = model(inputs) if looping is None else model(inputs, looping=looping)
         add_scores(sums, token_nll(logits, targets), nbytes, scored, positions[:, 1:].to(device), ledger)
     model.train(was_training)
     return sums
@@ -122,23 +124,24 @@ def stream_tensors(tokens: np.ndarray, byte_counts: np.ndarray) -> tuple[torch.T
 def score_windows(model, tokens: np.ndarray, byte_counts: np.ndarray, *, window: int, stride: int,
                   batch_seqs: int, device, rank: int = 0, world_size: int = 1,
                   autocast_dtype: torch.dtype | None = None, progress: bool = False,
-                  ledger: Ledger | None = None) -> ScoreSums:
+                  ledger: Ledger | None = None, looping: bool | None = None) -> ScoreSums:
     """Sum NLL and bytes over this rank's share of the windows (windows[rank::world_size]).
     `byte_counts[j]` is the byte count of the target at stream position j (`bpb`)."""
     stream, stream_bytes = stream_tensors(tokens, byte_counts)
     length, windows = plan_windows(len(tokens), window, stride)
     sums = score_window_list(model, stream, stream_bytes, length, windows[rank::world_size], batch_seqs=batch_seqs,
                              device=device, autocast_dtype=autocast_dtype, ledger=ledger, progress=progress,
-                             desc=f"score w={window} s={stride}")
+                             desc=f"score w={window} s={stride}", looping=looping)
     return ScoreSums.from_tensor(sums.cpu())
 
 
 def val_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, *, window: int, stride: int, batch_seqs: int,
             device, autocast_dtype: torch.dtype | None = None, progress: bool = False,
-            ledger: Ledger | None = None) -> tuple[float, ScoreSums]:
-    """Bits per byte over all targets of `tokens`, windows shared across ranks and the sums reduced."""
+            ledger: Ledger | None = None, looping: bool | None = None) -> tuple[float, ScoreSums]:
+    """Bits per byte over all targets of `tokens`, windows shared across ranks and the sums
+    reduced; `looping` as `score_window_list` takes it."""
     sums = score_windows(model, tokens, byte_counts, window=window, stride=stride, batch_seqs=batch_seqs,
                          device=device, rank=dist.rank(), world_size=dist.world_size(),
-                         autocast_dtype=autocast_dtype, progress=progress, ledger=ledger)
+                         autocast_dtype=autocast_dtype, progress=progress, ledger=ledger, looping=looping)
     total = ScoreSums.from_tensor(dist.all_reduce_sum(sums.as_tensor(device)).cpu())
     return bits_per_byte(total.nll_nats, total.num_bytes), total
