@@ -99,7 +99,8 @@ def main() -> None:
         "val_bpb_prequant": result.val_bpb_prequant,  # the EMA's weights: on a short run, near the init
         "last_eval_before_ema": next(({"step": c["step"], "val_bpb": c["val_bpb"]}
                                       for c in reversed(curve) if "val_bpb" in c), None),
-        **kernels.describe(device, doc_mask=cfg.model.doc_mask, compiled=cfg.runtime.compile, cap=cfg.model.logit_softcap),
+        **kernels.describe(device, doc_mask=cfg.model.doc_mask, compiled=cfg.runtime.compile,
+                           cap=cfg.model.logit_softcap),
         "overrides": args.set,
         "loop_switch_step": switch_step, "loop_start_frac": cfg.schedule.loop_start_frac,
         "graphs_compiled_after_start": result.graphs_compiled_in_run,  # after the warm-up

@@ -169,7 +169,8 @@ def main() -> None:
         "peak_mem_mib_looped": looped["peak_mem_mib"],
         "allocator_during_timed_steps": {"unlooped": plain["allocator_during_timed_steps"],
                                          "looped": looped["allocator_during_timed_steps"]},
-        **kernels.describe(device, doc_mask=cfg.model.doc_mask, compiled=step_model is not model, cap=cfg.model.logit_softcap),
+        **kernels.describe(device, doc_mask=cfg.model.doc_mask, compiled=step_model is not model,
+                           cap=cfg.model.logit_softcap),
         "compiled": step_model is not model,
         "graphs_compiled_after_warmup": compiled_graphs() - graphs_before_timing,  # one in a timed step is timed
         "compile_mode": cfg.runtime.compile_mode,

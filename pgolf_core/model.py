@@ -39,9 +39,9 @@ def layer_sequence(cfg: ModelConfig, looping: bool) -> tuple[list[int], list[int
     [0..s-1] + [s..e] * (num_loops + 1) + [e+1..L-1]; with U-Net skips the first half is
     the encoder. Without skips everything is "decoder"."""
     seq = list(range(cfg.num_layers))
-    if looping and cfg.model.num_loops:
+    if looping and cfg.num_loops:
         span = list(range(cfg.loop_start, cfg.loop_end + 1))
-        seq = seq[: cfg.loop_start] + span * (cfg.model.num_loops + 1) + seq[cfg.loop_end + 1 :]
+        seq = seq[: cfg.loop_start] + span * (cfg.num_loops + 1) + seq[cfg.loop_end + 1 :]
     if not cfg.unet_skips:
         return [], seq
     half = len(seq) // 2
@@ -229,8 +229,8 @@ class GPT(nn.Module):
         value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
         if self.cfg.value_embed_tables == 2:  # (2, B, T, K*E): the attention weighs each with its own scale
             value_embed = torch.stack([value_embed, self.value_proj2(self.value_embed2(idx))])
-        mask = attention_mask(idx, self.cfg.bos_id, self.cfg.model.doc_mask, self.kernels.flash_attn)
-        encoder, decoder = layer_sequence(self.cfg, self.cfg.model.num_loops > 0 if looping is None else looping)
+        mask = attention_mask(idx, self.cfg.bos_id, self.cfg.doc_mask, self.kernels.flash_attn)
+        encoder, decoder = layer_sequence(self.cfg, self.cfg.num_loops > 0 if looping is None else looping)
         skips, v0, lanes = [], None, None
         for i in encoder:
             x, v = self.blocks[i](x, x0, v0, value_embed, mask)
@@ -254,7 +254,7 @@ class GPT(nn.Module):
         if lanes is not None:
             x = self._merge_lanes(lanes)
         logits = F.linear(self.head_input(rms_norm(x)), self.tok_emb.weight)
-        cap = self.cfg.model.logit_softcap
+        cap = self.cfg.logit_softcap
         if targets is None:
             return softcap(logits, cap)
         if self.kernels.loss_wanted(logits, cap):  # the same loss in two Triton kernels

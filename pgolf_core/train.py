@@ -301,9 +301,6 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     def looping_at(progress: float) -> bool:  # the recurrence runs from `loop_start_frac` of training on
         return model.cfg.num_loops > 0 and progress >= cfg.schedule.loop_start_frac
 
-    def looping_at(progress: float) -> bool:  # the recurrence runs from `loop_start_frac` of training on
-        return model.cfg.num_loops > 0 and progress >= cfg.loop_start_frac
-
     def one_step(step: int, progress: float) -> torch.Tensor:
         apply_schedule(optimizers, lr_multiplier(step, progress, cfg.schedule), muon_momentum(step, cfg.optimizer))
         span = torch.as_tensor(stream.next_batch(cfg.batch_tokens, first_row * cfg.seq_len, end_row * cfg.seq_len))

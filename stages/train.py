@@ -46,11 +46,12 @@ def main() -> None:
     live = Live(str(args.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
     if live:
         mix_order = "" if cfg.runtime.compile_mix_order_reduction else ", no mix-order reductions"
+        compiled = cfg.runtime.compile
         print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
               f"{stream.num_tokens:,} train tokens, {cfg.schedule.iterations} steps of {cfg.batch_tokens:,} tokens; "
               f"attention {kernels.attention_path(device, cfg.model.doc_mask, cfg.runtime.compile)}, "
               f"MLP {'fused' if kernels.mlp_active(device) else 'plain'}, "
-              f"loss {'Triton' if kernels.loss_active(device, cfg.model.logit_softcap) else 'compiled' if cfg.runtime.compile else 'eager'}, "
+              f"loss {'Triton' if kernels.loss_active(device, cfg.model.logit_softcap) else 'compiled' if compiled else 'eager'}, "
               f"{f'compiled ({cfg.runtime.compile_mode}{mix_order})' if cfg.runtime.compile else 'eager'}")
 
     def log(step: int, values: dict) -> None:

@@ -360,15 +360,17 @@ def test_compile_model_applies_the_configured_mode_and_kernel_tuning(monkeypatch
 
     calls = []
     monkeypatch.setattr(torch, "compile", lambda module, **options: calls.append(options) or module)
-    monkeypatch.setattr(inductor_config, "coordinate_descent_tuning", False)
+    # Not monkeypatched: undoing a patch deletes the option from Inductor's config module,
+    # and every later compile in the process then fails. The run's options never touch it.
+    tuning, autotune = inductor_config.coordinate_descent_tuning, inductor_config.max_autotune
     module = torch.nn.Linear(2, 2)
     assert compile_model(module, train_config({}).runtime) is module
     assert calls == [dict(options={"coordinate_descent_tuning": False}, fullgraph=True, dynamic=False)]  # a graph
-    assert inductor_config.coordinate_descent_tuning is False  # break raises; shapes stay static
+    assert inductor_config.coordinate_descent_tuning is tuning  # break raises; shapes stay static
     compile_model(module, train_config({"compile_mode": "max-autotune-no-cudagraphs",
                                         "compile_tune_kernels": True}).runtime)
     assert calls[-1]["options"] == {"max_autotune": True, "coordinate_descent_tuning": True}  # the mode's own
-    assert inductor_config.coordinate_descent_tuning is False and inductor_config.max_autotune is False
+    assert inductor_config.coordinate_descent_tuning is tuning and inductor_config.max_autotune is autotune
     tuned = inductor_options(train_config({"compile_tune_kernels": True}).runtime)
     assert tuned == {"coordinate_descent_tuning": True}
 
@@ -378,12 +380,12 @@ def test_compile_model_switches_inductors_mix_order_reductions(monkeypatch):
 
     calls = []
     monkeypatch.setattr(torch, "compile", lambda module, **options: calls.append(options["options"]) or module)
-    monkeypatch.setattr(inductor_config.triton, "mix_order_reduction", True)
+    default = inductor_config.triton.mix_order_reduction  # read, not patched (see above)
     compile_model(torch.nn.Linear(2, 2), train_config({"compile_mix_order_reduction": False}).runtime)
-    assert calls[-1]["triton.mix_order_reduction"] is False and inductor_config.triton.mix_order_reduction is True
+    assert calls[-1]["triton.mix_order_reduction"] is False and inductor_config.triton.mix_order_reduction is default
     compile_model(torch.nn.Linear(2, 2), train_config({}).runtime)
-    assert "triton.mix_order_reduction" not in calls[-1]  # Inductor's own default
-    assert inductor_config.triton.mix_order_reduction is True
+    assert default is True and "triton.mix_order_reduction" not in calls[-1]  # Inductor's own default
+    assert inductor_config.triton.mix_order_reduction is default
 
 
 def test_inductor_takes_the_options_torch_compile_is_given():
