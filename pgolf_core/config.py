@@ -176,9 +176,9 @@ class ModelConfig:
     value_residual_mode: str = "linear"  # "linear": l0 * v0 + l1 * v; "gated": lerp(v, v0, sigmoid(g)), g init -1.5 (#569)
     bigram_buckets: int = 0  # BigramHash buckets of (previous, current) token pairs (0 = off; 2048 in #569, 6144 in #687)
     bigram_dim: int = 128  # BigramHash table width (projected to model_dim)
-    num_loops: int = 0  # depth recurrence: extra passes over layers loop_start..loop_end (0 = off)
-    loop_start: int = 0
+    loop_start: int = 0  # depth recurrence: layers loop_start..loop_end re-run num_loops more times
     loop_end: int = 0
+    num_loops: int = 0  # 0 = no recurrence (the field order is a model file's metadata order: kept)
     parallel_mode: str = "none"  # "none", "merge" (two lanes, learned merge), "routed" (learned routing) or "gptj" (one stream)
     parallel_start: int = 0  # first physical decoder layer run in parallel
     # GPU: the residual stream in bf16, like the records' bf16 weights: half its bytes, 17 % of

@@ -47,11 +47,12 @@ import torch
 
 from pgolf_core import artifact, calibration, checkpoint, config, data, dist, io, tokenizer
 from pgolf_core.bpb import val_byte_counts
+from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.eval.run import evaluate, truncated
 from pgolf_core.model import GPT
 from pgolf_core.quant.fit import pack_to_fit
 from pgolf_core.quant.pipeline import quantize_model
-from pgolf_core.train import TrainResult, run_warnings, select_kernels, set_seed, train
+from pgolf_core.train import TrainResult, run_warnings, set_seed, train
 
 ARTIFACT_NAME = "final_model.pgolf"  # the compressed model, in OUT_DIR unless ARTIFACT_PATH says
 SUMMARY_NAME = "summary.json"  # the run's figures, beside the artifact
@@ -273,10 +274,8 @@ def load_data(paths: Paths, sp, with_train: bool):
 
 
 def build_model(cfg: config.TrainConfig, vocab_size: int, device: torch.device) -> GPT:
-    """The one place the script sets the kernel switches and builds the model (both APIs
-    are changing: kernels will be handed to GPT, looping passed to forward)."""
-    select_kernels(cfg.runtime)
-    return GPT(cfg.model.with_vocab(vocab_size)).to(device)
+    """The training model, with the kernels the run's switches resolve to on `device`."""
+    return GPT(cfg.model.with_vocab(vocab_size), resolve_kernels(device, cfg.runtime)).to(device)
 
 
 def running_script_bytes(script_path=None) -> int:

@@ -41,6 +41,7 @@ from pgolf_core import artifact, bundle, config, data, io, submission, tokenizer
 from pgolf_core.bpb import val_byte_counts
 
 ENTRY_MODULE = "pgolf_core.submission"
+KERNEL_MODULES = {"fused_mlp": "pgolf_core.fused_mlp", "fused_ce": "pgolf_core.fused_ce"}  # train.runtime switch -> module
 SCRIPT_NAME = "train_gpt.py"
 TRACK = "10min_16mb"
 BAKED_SECTIONS = ("train", "quantize", "evaluate")
@@ -78,9 +79,18 @@ def baked_params(params: dict) -> dict:
     return baked
 
 
+def script_modules(train: config.TrainConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(entry modules, modules left out) of the run's script: training's fused kernels
+    are bundled only when the run switches them on (`dispatch.resolve_kernels` imports
+    them only then)."""
+    switched = {module: getattr(train.runtime, switch) for switch, module in KERNEL_MODULES.items()}
+    return (ENTRY_MODULE, *(m for m, on in switched.items() if on)), tuple(m for m, on in switched.items() if not on)
+
+
 def build_script(params: dict) -> bundle.Shipped:
     """The run's `train_gpt.py` as shipped (see `bundle.shipped_script`)."""
-    return bundle.shipped_script((ENTRY_MODULE,), ENTRY_MODULE, None, baked_params(params))
+    entries, left_out = script_modules(params["train"])
+    return bundle.shipped_script(entries, ENTRY_MODULE, None, baked_params(params), left_out)
 
 
 def _module_file(name: str) -> Path:

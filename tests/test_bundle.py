@@ -188,9 +188,9 @@ def test_tracebacks_name_the_bundled_file_and_line(scripts):
     for path in paths.values():
         result = bundle.run_isolated(path, ["fail"])
         assert result.returncode == 1
-        assert 'File "<bundle>/pgolf_core/model.py", line' in result.stderr
+        assert 'File "<bundle>/pgolf_core/config.py", line' in result.stderr
         assert "in __post_init__" in result.stderr and "raise ValueError(" in result.stderr
-        assert "mlp_activation='nope'" in result.stderr
+        assert "train.model.mlp_activation='nope'" in result.stderr
         assert len(result.stderr) < 3000  # the self-extracting payload is not quoted
 
 
@@ -326,7 +326,6 @@ def test_triton_kernels_run_from_the_bundle(tmp_path):
         import json, torch
         from pgolf_core import fused_ce
         from pgolf_core.loss import softcap_nll
-        fused_ce.use_fused_ce(True)
         torch.manual_seed(0)
         logits, targets = torch.randn(3, 7, 50) * 5, torch.randint(0, 50, (3, 7))
         error = (fused_ce.softcap_ce(logits, targets, 30.0).double() - softcap_nll(logits.double(), targets, 30.0)).abs().max()

@@ -23,7 +23,8 @@ from pgolf_core.eval.run import evaluate
 from pgolf_core.model import GPT
 from pgolf_core.quant.fit import pack_to_fit
 from pgolf_core.quant.pipeline import quantize_model
-from pgolf_core.train import select_kernels, set_seed, train
+from pgolf_core.dispatch import resolve_kernels
+from pgolf_core.train import set_seed, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VOCAB = 512  # the pieces of conftest's tiny tokenizer
@@ -75,7 +76,7 @@ def clean_env(**extra) -> dict:
 def script_run(tmp_path_factory, shards, tiny_tokenizer_dir):
     """The CPU profile's script, shrunk by the environment, trained alone in an empty folder;
     then its eval-only entry on the artifact it wrote."""
-    shipped = bundle.shipped_script(("pgolf_core.submission",), "pgolf_core.submission", None, baked(BAKED_PARAMS))
+    shipped = submission_export.build_script(configs(BAKED_PARAMS))
     folder = tmp_path_factory.mktemp("submission")
     script = folder / "train_gpt.py"
     script.write_text(shipped.text, encoding="utf-8")
@@ -102,8 +103,7 @@ def pipeline_run(tmp_path_factory, shards, tiny_tokenizer_dir):
     stream = data.TokenStream(data.list_shards(shards, "train"), sp.vocab_size())
     val = data.load_split(shards, "val", sp.vocab_size())
     val_bytes = val_byte_counts(sp, shards, val)
-    select_kernels(cfg.runtime)
-    model = GPT(cfg.model.with_vocab(sp.vocab_size()))
+    model = GPT(cfg.model.with_vocab(sp.vocab_size()), resolve_kernels(device, cfg.runtime))
     collected = []
     result = train(cfg, model, stream, val, val_bytes, device, log=lambda step, values: None,
                    calibrate=lambda m: collected.append(calibration.collect_hessians(
@@ -142,6 +142,13 @@ def test_the_script_bundles_only_the_run_path():
     for absent in NEVER_BUNDLED:
         assert absent not in traced
     assert not [m for m in traced if "bench" in m]
+    # training's fused kernels only when the run switches them on
+    assert not {"pgolf_core.fused_mlp", "pgolf_core.fused_ce"} & set(traced)
+    plain = submission_export.script_modules(configs(BAKED_PARAMS)["train"])
+    assert plain == (("pgolf_core.submission",), ("pgolf_core.fused_mlp", "pgolf_core.fused_ce"))
+    fused = submission_export.script_modules(configs(config.merge_nested(
+        BAKED_PARAMS, {"train": {"runtime": {"fused_mlp": True}}}))["train"])
+    assert fused == (("pgolf_core.submission", "pgolf_core.fused_mlp"), ("pgolf_core.fused_ce",))
 
 
 def test_requirements_come_from_the_bundled_imports():
