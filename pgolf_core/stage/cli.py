@@ -3,7 +3,7 @@ params.yaml --<path> ...` parses `--params` and one flag per field of the stage'
 dataclass (`train_metrics` -> `--train-metrics`), loads the stage's params section, calls
 its `run`, writes the report (`io.write_stage_report`: metrics file + provenance), prints
 the summary, and exits non-zero with "<stage> FAILED: <reason>" on bad inputs (a
-ValueError or FileNotFoundError: nothing written) or on broken rules (after writing)."""
+ValueError or FileNotFoundError: no report written) or on broken rules (after writing)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def main(stage: str, run: Callable[..., StageResult], paths_cls: type, argv: lis
     paths = paths_cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(paths_cls)})
     try:
         result = run(config.load_section(args.params, stage), paths)
-    except (ValueError, FileNotFoundError) as e:  # unreadable, mismatched or missing inputs: nothing written
+    except (ValueError, FileNotFoundError) as e:  # unreadable, mismatched or missing inputs: no report
         sys.exit(f"{stage} FAILED: {e}")
     if result.write_report:
         io.write_stage_report(paths.metrics, result.metrics, result.inputs, **result.provenance)
