@@ -1,81 +1,10 @@
-"""Stage `quantize`: trained model (+ GPTQ's Hessians) -> compressed artifact + quantizer reference + metrics."""
+"""Stage `quantize`: the command line of `pgolf_core.stage.quantize.run` (see `pgolf_core.stage.cli`)."""
 
-from __future__ import annotations
-
-import argparse
-import dataclasses
-import time
-from pathlib import Path
-
-from tqdm import tqdm
-
-from pgolf_core.artifact import write_reference
-from pgolf_core.calibration import load_hessians
-from pgolf_core.checkpoint import read_model_file
-from pgolf_core.codesize import code_bytes
-from pgolf_core.config import load_section
-from pgolf_core.dist import select_device
-from pgolf_core.io import atomic_path, sha256_files, write_stage_report
-from pgolf_core.quant.fit import pack_to_fit
-from pgolf_core.quant.pipeline import quantize_model
-from pgolf_core.quant.rtn import is_quantized
+from pgolf_core.stage import cli, quantize
 
 
-def quantize(params: Path, model: Path, hessians: Path, out: Path, reference: Path, metrics: Path) -> dict:
-    cfg = load_section(params, "quantize")
-    state, model_config = read_model_file(model)
-    start = time.perf_counter()
-    found = load_hessians(hessians) if cfg.method == "gptq" else None  # none: quantize_model names the key
-    matrices = sum(is_quantized(t, cfg.passthrough_max_numel) and name in (found or {}) for name, t in state.items())
-    with tqdm(total=matrices, desc=cfg.method, unit="matrix", disable=not matrices) as bar:
-        qm, steps = quantize_model(state, cfg, found, select_device("auto"), progress=lambda name: bar.update(1))
-    quantize_seconds = time.perf_counter() - start
-    code = code_bytes()[0] if cfg.fit_bytes else 0  # only the byte target needs the code counted here
-    with tqdm(desc="pack" if not cfg.fit_bytes else "fit_bytes probes", unit="probe") as bar:
-        qm, blob, report, fit = pack_to_fit(qm, dataclasses.asdict(model_config), cfg.compressors, cfg.layouts,
-                                            cfg.fit_bytes, code, progress=lambda n, size: bar.update(1))
-    pack_seconds = time.perf_counter() - start - quantize_seconds
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        (tmp / "model.bin").write_bytes(blob)
-    write_reference(reference, qm)
-    kinds = [t.kind for t in qm.tensors.values()]
-    result = {
-        "model_bytes": report["model_bytes"],
-        "method": qm.method,
-        "quantize_seconds": quantize_seconds,  # choosing the integers (GPTQ's own time; not in the training budget)
-        "compress_seconds": pack_seconds,
-        "bytes_per_group": report["bytes_per_group"],
-        "compressor_per_group": report["compressor_per_group"],
-        "layout_per_group": report["layout_per_group"],
-        "seconds_per_group": report["seconds_per_group"],
-        "lqer": steps["lqer"],
-        "fit": fit,
-        "bits_per_group": dataclasses.asdict(cfg.bits),
-        "num_quantized_tensors": kinds.count("int8"),
-        "num_passthrough_tensors": kinds.count("fp16"),
-    }
-    write_stage_report(metrics, result, {"model": sha256_files([model])})
-    return result
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    for name in ("params", "model", "hessians", "out", "reference", "metrics"):
-        ap.add_argument(f"--{name}", type=Path, required=True)
-    a = ap.parse_args()
-    try:
-        r = quantize(a.params, a.model, a.hessians, a.out, a.reference, a.metrics)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"quantize FAILED: {e}")
-    print(f"quantize: {r['method']} {r['num_quantized_tensors']} integer + {r['num_passthrough_tensors']} fp16 "
-          f"tensors in {r['quantize_seconds']:.2f} s, packed in {r['compress_seconds']:.2f} s "
-          f"-> {a.out / 'model.bin'} {r['model_bytes']:,} bytes")
-    for group, size in r["bytes_per_group"].items():
-        print(f"  {group:12s} {size:>12,} bytes  {r['compressor_per_group'][group]:7s} {r['layout_per_group'][group]}")
-    if r["fit"]["zeroed"]:
-        print(f"  fit_bytes: zeroed {r['fit']['zeroed']:,} of {r['fit']['candidates']:,} +-1 integers in "
-              f"{r['fit']['probes']} probes -> {r['fit']['artifact_bytes']:,} bytes with code")
+def main(argv: list[str] | None = None) -> None:
+    cli.main("quantize", quantize.run, quantize.QuantizePaths, argv)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from pgolf_core import bpb, caseops, config, data, tokenizer
-from stages.tokenize import tokenize
+from pgolf_core.stage.tokenize import TokenizePaths, run
 
 
 def run_tokenize(tmp_path, name, **values):
     cfg = config.build_section("tokenize", {"vocab_size": 512, "val_documents": 60, "num_workers": 2, **values})
-    metrics = tokenize(cfg, tmp_path / name / "tok", tmp_path / name / "shards", tmp_path / "dl")
+    metrics = run(cfg, TokenizePaths(tmp_path / name / "tok", tmp_path / name / "shards", tmp_path / "dl",
+                                     tmp_path / name / "tokenize.json")).metrics
     sp = tokenizer.load_tokenizer(tmp_path / name / "tok")
     val = data.load_split(tmp_path / name / "shards", "val", sp.vocab_size())
     return metrics, sp, val, bpb.val_byte_counts(sp, tmp_path / name / "shards", val)

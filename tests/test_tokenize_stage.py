@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from pgolf_core import config, data, hub, tokenizer
-from stages.tokenize import tokenize
+from pgolf_core.stage.tokenize import TokenizePaths, run
 
 DOCS = [f"Document number {i} talks about {'shards' if i % 2 else 'tokens'} and the Python standard "
         f"library, version {i % 7}.{i % 5}, with some more words to learn from." for i in range(300)]
@@ -18,10 +18,15 @@ def cfg(**values):
     return config.build_section("tokenize", {"vocab_size": 300, "val_documents": 20, "num_workers": 1, **values})
 
 
+def paths(root, downloads):
+    return TokenizePaths(tokenizer=root / "tok", shards=root / "shards", downloads=downloads,
+                         metrics=root / "tokenize.json")
+
+
 def test_local_jsonl_source_splits_first_documents_into_val(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    metrics = tokenize(cfg(source="jsonl", jsonl_path=str(path)), tmp_path / "tok", tmp_path / "shards", tmp_path / "dl")
+    metrics = run(cfg(source="jsonl", jsonl_path=str(path)), paths(tmp_path, tmp_path / "dl")).metrics
     assert metrics["val"]["documents"] == 20 and metrics["train"]["documents"] == 280
     sp = tokenizer.load_tokenizer(tmp_path / "tok")
     val = data.load_split(tmp_path / "shards", "val")
@@ -32,9 +37,8 @@ def test_local_jsonl_source_splits_first_documents_into_val(tmp_path):
 def test_retokenizing_twice_gives_identical_shards(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    for run in ("a", "b"):
-        tokenize(cfg(source="jsonl", jsonl_path=str(path), num_workers=2), tmp_path / run / "tok",
-                 tmp_path / run / "shards", tmp_path / "dl")
+    for name in ("a", "b"):
+        run(cfg(source="jsonl", jsonl_path=str(path), num_workers=2), paths(tmp_path / name, tmp_path / "dl"))
     for name in ("tok/tokenizer.model", "shards/fineweb_train_000000.bin", "shards/fineweb_val_000000.bin"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
@@ -44,7 +48,7 @@ def test_docs_cache_source_downloads_then_retokenizes(fake_hub, tmp_path):
     fake_hub.repos["willdepueoai/parameter-golf"] = {
         f"datasets/{hub.DOCS_FILE}": content,
         f"datasets/{hub.DOCS_MANIFEST_FILE}": json.dumps({"docs_sha256": hashlib.sha256(content).hexdigest()}).encode()}
-    metrics = tokenize(cfg(source="docs_cache"), tmp_path / "tok", tmp_path / "shards", tmp_path / "dl")
+    metrics = run(cfg(source="docs_cache"), paths(tmp_path, tmp_path / "dl")).metrics
     assert metrics["val"]["documents"] == 20 and (tmp_path / "dl" / hub.DOCS_FILE).read_bytes() == content
 
 
@@ -61,8 +65,8 @@ def test_published_source_links_shards_and_tokenizer(fake_hub, tmp_path, tiny_to
         "datasets/datasets/tiny/fineweb_val_000000.bin": shard(embedded_docs[:5]),
         "datasets/datasets/tiny/fineweb_train_000000.bin": shard(embedded_docs[5:20]),
         "datasets/datasets/tiny/fineweb_train_000001.bin": shard(embedded_docs[20:40])}
-    metrics = tokenize(cfg(source="published", hub_repo="someone/golf", hub_dataset="tiny", train_shards=1),
-                       tmp_path / "tok", tmp_path / "shards", tmp_path / "dl")
+    metrics = run(cfg(source="published", hub_repo="someone/golf", hub_dataset="tiny", train_shards=1),
+                  paths(tmp_path, tmp_path / "dl")).metrics
     assert metrics["val"]["documents"] == 5 and metrics["train"]["shards"] == 1
     assert metrics["val"]["bytes"] == sum(len(d.encode()) for d in embedded_docs[:5])
     linked = tmp_path / "shards" / "fineweb_train_000000.bin"

@@ -308,6 +308,7 @@ def test_config_names_the_bad_key():
 def test_the_stage_reads_no_training_shard(tmp_path, monkeypatch, tiny_sp, tiny_tokenizer_dir, embedded_docs):
     """Every file the evaluate stage opens, recorded through an audit hook: validation
     shards, the tokenizer and the artifact only, with train shards lying beside them."""
+    from pgolf_core import artifact
     from stages import evaluate as stage
 
     ids = [tok for doc in embedded_docs[:3] for tok in [tiny_sp.bos_id()] + tiny_sp.encode(doc[:300])]
@@ -320,7 +321,7 @@ def test_the_stage_reads_no_training_shard(tmp_path, monkeypatch, tiny_sp, tiny_
                       "lora_batch_docs: 2, phase_boundaries: [2]}\n")
     model_cfg = ModelConfig(vocab_size=tiny_sp.vocab_size(), num_layers=2, model_dim=16, num_heads=2,
                             num_kv_heads=1, mlp_mult=2, bos_id=tiny_sp.bos_id())
-    monkeypatch.setattr(stage.artifact, "load_model", lambda path: (open(path, "rb").close(), GPT(model_cfg))[1])
+    monkeypatch.setattr(artifact, "load_model", lambda path: (open(path, "rb").close(), GPT(model_cfg))[1])
     (tmp_path / "artifact").mkdir()
     (tmp_path / "artifact" / "model.bin").write_bytes(b"stand-in")
     opened = []

@@ -1,0 +1,107 @@
+"""Stage `train`: shards + tokenizer -> model weights (EMA), GPTQ's Hessians (collected
+right after training in the same launch, `train.calib_batches` batches per process) and
+DVCLive metrics.
+
+Runs as one process or under `torchrun --nproc_per_node=N -m stages.train ...`: every
+process trains, rank 0 alone writes (the model, the Hessians, the DVCLive folder, which
+takes the per-step curves as it trains and the summary at the end, and the provenance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from dvclive import Live
+
+from pgolf_core import calibration, checkpoint, data, dist, io, resume
+from pgolf_core.config import TrainConfig
+from pgolf_core.dispatch import resolve_kernels
+from pgolf_core.model import GPT
+from pgolf_core.stage.result import StageResult
+from pgolf_core.stage.validation import load_validation
+from pgolf_core.train import run_warnings, set_seed, train
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainPaths:
+    shards: Path
+    tokenizer: Path
+    out: Path = dataclasses.field(metadata={"help": "model file (.safetensors)"})
+    hessians: Path = dataclasses.field(metadata={
+        "help": "GPTQ Hessians (.safetensors); written empty of tensors when train.calib_batches is 0"})
+    metrics: Path = dataclasses.field(metadata={"help": "DVCLive folder"})
+    snapshots: Path | None = dataclasses.field(default=None, metadata={
+        "help": "folder for resumable snapshots (train.runtime.snapshot_every); not a DVC output"})
+
+
+def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
+    """Train, calibrate, and on rank 0 write the model, the Hessians and the DVCLive
+    folder with its provenance (the CLI has nothing left to write)."""
+    device = dist.select_device(cfg.runtime.device)
+    dist.init(device.type)
+    set_seed(cfg.seed)
+    sp, val_tokens, val_bytes = load_validation(paths.tokenizer, paths.shards)
+    train_files = data.list_shards(paths.shards, "train")
+    stream = data.TokenStream(train_files, sp.vocab_size())
+    kernels = resolve_kernels(device, cfg.runtime)
+    model = GPT(cfg.model.with_vocab(sp.vocab_size()), kernels).to(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    live = Live(str(paths.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
+    if live:
+        compiled = cfg.runtime.compile
+        mix_order = "" if cfg.runtime.compile_mix_order_reduction else ", no mix-order reductions"
+        loss = "Triton" if kernels.loss_active(device, cfg.model.logit_softcap) else "compiled" if compiled else "eager"
+        print(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, "
+              f"{stream.num_tokens:,} train tokens, {cfg.schedule.iterations} steps of {cfg.batch_tokens:,} tokens; "
+              f"attention {kernels.attention_path(device, cfg.model.doc_mask, compiled)}, "
+              f"MLP {'fused' if kernels.mlp_active(device) else 'plain'}, loss {loss}, "
+              f"{f'compiled ({cfg.runtime.compile_mode}{mix_order})' if compiled else 'eager'}")
+
+    def log(step: int, values: dict) -> None:
+        if live:
+            live.step = step
+            for name, value in values.items():
+                live.log_metric(name, value)
+            live.make_summary()
+
+    def input_hashes() -> dict:  # 16 GB of shards at full scale: hashed once, and only where needed
+        return {"shards": io.sha256_tree(paths.shards), "tokenizer": io.sha256_tree(paths.tokenizer)}
+
+    start, inputs, snapshots = time.perf_counter(), None, None
+    if paths.snapshots and cfg.runtime.snapshot_every:  # every rank needs the run's fingerprint
+        inputs = input_hashes()
+        snapshots = resume.Snapshots(paths.snapshots, resume.fingerprint(cfg, inputs, dist.world_size()))
+    collected = []
+
+    def calibrate(trained: GPT) -> None:
+        collected.append(calibration.collect_hessians(trained, stream, cfg.calib_batches, cfg.micro_batch_seqs,
+                                                      cfg.seq_len, device, dist.autocast_dtype(device)))
+
+    result = train(cfg, model, stream, val_tokens, val_bytes, device, log, snapshots,
+                   calibrate=calibrate if cfg.calib_batches else None)
+    metrics, summary = {**dataclasses.asdict(result), "num_params": num_params}, []
+    if live:
+        checkpoint.save_model(paths.out, model)
+        calib = collected[0] if collected else calibration.Calibration({}, {}, {}, {}, 0, 0.0)
+        calibration.save_hessians(paths.hessians, calib, {"device": str(device), "world_size": str(dist.world_size())})
+        if collected:
+            print(f"train: Hessians of {len(calib.hessians)} weights from {calib.tokens:,} train tokens per process "
+                  f"in {result.calib_seconds:.2f} s -> {paths.hessians}")
+        if snapshots:
+            snapshots.remove()  # the run is complete: nothing left to resume
+        figures, labels = io.split_figures(metrics)
+        inputs = inputs or input_hashes()
+        io.write_provenance(paths.metrics, inputs, labels=labels)
+        live.summary = figures  # metrics.json = the final summary, not the last step's values
+        live.make_summary()
+        live.end()
+        summary.append(f"train: {result.steps} steps in {result.train_seconds:.1f} s "
+                       f"({result.tokens_per_second:,.0f} tok/s, {result.tokens_per_second_per_gpu:,.0f} per process), "
+                       f"+ calibration {result.calib_seconds:.2f} s, val_bpb_prequant {result.val_bpb_prequant:.4f}, "
+                       f"stage {time.perf_counter() - start:.1f} s")
+        for warning in run_warnings(cfg, result):
+            summary.append(f"train: WARNING: {warning}")
+    dist.shutdown()
+    return StageResult(metrics, inputs or {}, summary=summary, write_report=False)

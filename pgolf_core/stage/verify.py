@@ -1,0 +1,88 @@
+"""Stage `verify`: the artifact against the challenge's rules.
+
+Fails (exit 1, after writing metrics/verify.json) when the artifact is over the byte
+budget, does not round-trip bit-exactly against the quantizer's reference, when
+training + calibration broke the time budget, or when the quantization damage (the
+round-trip model's val_bpb minus the trained float model's, same windows and device)
+exceeds `verify.max_quant_damage` (when set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from pgolf_core import artifact, checkpoint, codesize, dist, io
+from pgolf_core.config import VerifyConfig
+from pgolf_core.eval.sliding import val_bpb
+from pgolf_core.stage.result import StageResult
+from pgolf_core.stage.validation import check_model_vocab, load_validation
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyPaths:
+    artifact: Path = dataclasses.field(metadata={"help": "artifact folder (model.bin)"})
+    reference: Path = dataclasses.field(metadata={"help": "quantizer's reference (.safetensors)"})
+    model: Path = dataclasses.field(metadata={"help": "trained float model (.safetensors)"})
+    shards: Path
+    tokenizer: Path
+    train_metrics: Path = dataclasses.field(metadata={"help": "the train stage's metrics.json"})
+    metrics: Path = dataclasses.field(metadata={"help": "metrics file (JSON)"})
+
+
+def run(cfg: VerifyConfig, paths: VerifyPaths) -> StageResult:
+    """The metrics, with the broken rules (empty when the artifact passes) in the result
+    and in the provenance."""
+    start = time.perf_counter()
+    blob = artifact.read_artifact(paths.artifact / "model.bin")
+    qm, _ = artifact.unpack_artifact(blob)
+    mismatched = artifact.compare_exact(qm, artifact.read_reference(paths.reference))
+    code_total, code_files = codesize.code_bytes()
+    train = io.read_json(paths.train_metrics, "train metrics")
+    if "calib_seconds" not in train:
+        raise ValueError(f"{paths.train_metrics} has no calib_seconds: written by an older train stage, rerun it")
+    sp, val_tokens, val_bytes = load_validation(paths.tokenizer, paths.shards)
+    model = artifact.load_model(paths.artifact / "model.bin")
+    check_model_vocab(model.cfg, sp, paths.tokenizer)
+    float_state, float_config = checkpoint.read_model_file(paths.model)
+    if float_config != model.cfg:
+        raise ValueError(f"{paths.model}'s model config differs from the artifact's: not the model it was quantized from")
+    float_model = checkpoint.build_model(float_state, float_config)
+    device = dist.select_device("auto")
+
+    def score(m) -> float:  # the same windows, device and precision for both models
+        bpb, _ = val_bpb(m.to(device), val_tokens, val_bytes, window=cfg.seq_len, stride=cfg.seq_len,
+                         batch_seqs=cfg.batch_seqs, device=device, autocast_dtype=dist.autocast_dtype(device),
+                         progress=True)
+        return bpb
+
+    float_bpb, roundtrip_bpb = score(float_model), score(model)
+    metrics = {
+        "artifact_bytes": code_total + len(blob), "code_bytes": code_total, "model_bytes": len(blob),
+        "fits_16mb": code_total + len(blob) <= cfg.max_artifact_bytes,
+        "roundtrip_exact": not mismatched, "val_bpb_float": float_bpb, "val_bpb_roundtrip": roundtrip_bpb,
+        "quant_damage": roundtrip_bpb - float_bpb,
+        "train_plus_calib_seconds": train["train_seconds"] + train["calib_seconds"],
+    }
+    # what code_bytes counted: provenance, not figures to compare
+    code_files = {str(Path(p).relative_to(Path.cwd())) if Path(p).is_relative_to(Path.cwd()) else p: n
+                  for p, n in code_files.items()}
+    broken = []
+    if not metrics["fits_16mb"]:
+        broken.append(f"artifact is {metrics['artifact_bytes']:,} bytes > {cfg.max_artifact_bytes:,}")
+    if mismatched:
+        broken.append(f"artifact differs from the quantizer's reference in {len(mismatched)} tensors: {mismatched[:5]}")
+    if cfg.max_quant_damage and metrics["quant_damage"] > cfg.max_quant_damage:
+        broken.append(f"quantization damage {metrics['quant_damage']:+.4f} val_bpb > verify.max_quant_damage "
+                      f"{cfg.max_quant_damage}")
+    if metrics["train_plus_calib_seconds"] > cfg.time_budget_seconds:
+        broken.append(f"train + calibration took {metrics['train_plus_calib_seconds']:.1f} s "
+                      f"> {cfg.time_budget_seconds} s")
+    inputs = {"artifact": io.sha256_tree(paths.artifact), "shards": io.sha256_tree(paths.shards)}
+    summary = [f"verify: {metrics['artifact_bytes']:,} bytes ({metrics['code_bytes']:,} code + "
+               f"{metrics['model_bytes']:,} model), round trip exact: {metrics['roundtrip_exact']}, "
+               f"val_bpb float {metrics['val_bpb_float']:.4f} -> round trip {metrics['val_bpb_roundtrip']:.4f} "
+               f"(damage {metrics['quant_damage']:+.4f}), {time.perf_counter() - start:.1f} s"]
+    return StageResult(metrics, inputs, provenance={"broken_rules": broken, "code_files": code_files},
+                       broken_rules=broken, summary=summary)

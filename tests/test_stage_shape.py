@@ -1,0 +1,235 @@
+"""Every stage has one shape: `stages/<name>.py` is only a call to
+`pgolf_core.stage.cli.main`; `pgolf_core.stage.<name>.run(cfg, paths) -> StageResult`
+takes its params section and a frozen Paths dataclass whose fields are the path flags of
+the stage's `dvc.yaml` cmd. Also: the shared validation setup, the CLI's writing and
+failing, and quantize -> verify -> evaluate called as functions on a tiny model."""
+
+import ast
+import dataclasses
+import importlib
+import inspect
+import json
+import shlex
+import typing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pgolf_core import bpb, checkpoint, config, data, io
+from pgolf_core.config import ModelConfig
+from pgolf_core.model import GPT
+from pgolf_core.stage import cli
+from pgolf_core.stage.result import StageResult
+from pgolf_core.stage.validation import check_model_vocab, load_validation
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+STAGES = sorted(DVC)
+MAX_SCRIPT_LINES = 12
+
+
+def paths_class(stage: str) -> type:
+    return getattr(importlib.import_module(f"pgolf_core.stage.{stage}"), f"{stage.capitalize()}Paths")
+
+
+def test_the_six_stages_each_have_a_script_and_a_module():
+    assert set(STAGES) == {"tokenize", "ngrams", "train", "quantize", "verify", "evaluate"}
+    assert sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__") == STAGES
+    assert {p.stem for p in (ROOT / "pgolf_core" / "stage").glob("*.py")} >= set(STAGES)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_script_is_only_a_call_into_the_shared_cli(stage):
+    source = (ROOT / "stages" / f"{stage}.py").read_text()
+    assert len(source.splitlines()) <= MAX_SCRIPT_LINES
+    docstring, imports, main, guard = ast.parse(source).body  # nothing else at module level
+    assert isinstance(docstring, ast.Expr) and isinstance(docstring.value, ast.Constant)
+    assert ast.unparse(imports) == f"from pgolf_core.stage import cli, {stage}"
+    assert isinstance(main, ast.FunctionDef) and main.name == "main"
+    assert [a.arg for a in main.args.args] == ["argv"] and len(main.body) == 1
+    assert ast.unparse(main.body[0]) == f"cli.main({stage!r}, {stage}.run, {stage}.{stage.capitalize()}Paths, argv)"
+    assert ast.unparse(guard) == "if __name__ == '__main__':\n    main()"
+
+
+def test_the_scripts_are_the_same_text_but_for_the_stage_name():
+    def template(stage):
+        text = (ROOT / "stages" / f"{stage}.py").read_text()
+        return text.replace(stage.capitalize(), "NAME").replace(stage, "name")
+
+    assert len({template(stage) for stage in STAGES}) == 1
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_run_takes_its_section_and_its_paths_and_returns_a_stage_result(stage):
+    module = importlib.import_module(f"pgolf_core.stage.{stage}")
+    assert list(inspect.signature(module.run).parameters) == ["cfg", "paths"]
+    assert typing.get_type_hints(module.run) == {"cfg": config.SECTIONS[stage], "paths": paths_class(stage),
+                                                 "return": StageResult}
+    assert dataclasses.is_dataclass(paths_class(stage)) and paths_class(stage).__dataclass_params__.frozen
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_paths_fields_are_the_flags_of_the_dvc_cmd(stage):
+    """dvc.yaml's cmd parses, sets every required path, and names no flag the stage lacks."""
+    argv = shlex.split(DVC[stage]["cmd"])
+    assert argv[:3] == ["python", "-m", f"stages.{stage}"]
+    fields = dataclasses.fields(paths_class(stage))
+    required = {cli.flag(f.name) for f in fields if f.default is dataclasses.MISSING}
+    assert required <= set(argv[3::2]) <= {"--params"} | {cli.flag(f.name) for f in fields}
+    args = cli.parser(stage, paths_class(stage)).parse_args(argv[3:])
+    assert args.params == Path("params.yaml")
+    for f in fields:
+        given = cli.flag(f.name) in argv
+        assert getattr(args, f.name) == (Path(argv[argv.index(cli.flag(f.name)) + 1]) if given else f.default)
+
+
+# the shared validation setup
+
+@pytest.fixture
+def shards(tmp_path, tiny_sp, embedded_docs):
+    """Val and train shards of the tiny tokenizer: three documents, then six."""
+    def stream(docs):
+        return np.array([t for doc in docs for t in [tiny_sp.bos_id()] + tiny_sp.encode(doc[:300])], dtype=np.uint16)
+
+    data.write_split(tmp_path / "shards", "val", stream(embedded_docs[:3]), 10_000)
+    data.write_split(tmp_path / "shards", "train", stream(embedded_docs[3:9]), 10_000)
+    return tmp_path / "shards"
+
+
+def test_load_validation_is_the_tokenizer_the_val_split_and_its_byte_counts(shards, tiny_sp, tiny_tokenizer_dir):
+    sp, tokens, byte_counts = load_validation(tiny_tokenizer_dir, shards)
+    assert sp.vocab_size() == tiny_sp.vocab_size()
+    np.testing.assert_array_equal(tokens, data.load_split(shards, "val", sp.vocab_size()))
+    np.testing.assert_array_equal(byte_counts, bpb.val_byte_counts(tiny_sp, shards, tokens))
+    assert (tokens == sp.bos_id()).sum() == 3 and byte_counts[0] == 0 and byte_counts.sum() > len(tokens)
+
+
+def test_load_validation_names_a_missing_tokenizer(shards, tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer not found"):
+        load_validation(tmp_path / "nowhere", shards)
+
+
+def test_check_model_vocab_names_both_sizes_and_the_tokenizer(tiny_sp, tiny_tokenizer_dir):
+    check_model_vocab(ModelConfig(vocab_size=tiny_sp.vocab_size()), tiny_sp, tiny_tokenizer_dir)
+    with pytest.raises(ValueError) as e:
+        check_model_vocab(ModelConfig(vocab_size=480), tiny_sp, tiny_tokenizer_dir)
+    assert str(e.value) == f"model vocab 480 != tokenizer vocab {tiny_sp.vocab_size()} ({tiny_tokenizer_dir})"
+
+
+# the shared CLI, on a stand-in stage that reads the verify section
+
+
+@dataclasses.dataclass(frozen=True)
+class StandInPaths:
+    train_metrics: Path
+    metrics: Path
+    snapshots: Path | None = None
+
+
+def cli_main(tmp_path, run, *extra):
+    (tmp_path / "params.yaml").write_text("verify: {seq_len: 64}\n")
+    return cli.main("verify", run, StandInPaths, ["--params", str(tmp_path / "params.yaml"), "--train-metrics",
+                                                  str(tmp_path / "train.json"), "--metrics", str(tmp_path / "m.json"),
+                                                  *extra])
+
+
+def test_cli_parses_runs_writes_the_report_and_prints_the_summary(tmp_path, capsys):
+    seen = []
+
+    def run(cfg, paths):
+        seen.append((cfg, paths))
+        return StageResult({"x": 1.5, "mode": "a", "group": {"bytes": 3, "codec": "zstd"}}, {"in": "abc"},
+                           provenance={"code_files": {"f.py": 10}}, summary=["stand-in: done", "  detail"])
+
+    result = cli_main(tmp_path, run, "--snapshots", str(tmp_path / "snap"))
+    (cfg, paths), = seen
+    assert cfg == config.build_section("verify", {"seq_len": 64}) and result.metrics["x"] == 1.5
+    assert paths == StandInPaths(tmp_path / "train.json", tmp_path / "m.json", tmp_path / "snap")
+    assert json.loads((tmp_path / "m.json").read_text()) == {"x": 1.5, "group": {"bytes": 3}}
+    provenance = json.loads(io.provenance_path(tmp_path / "m.json").read_text())
+    assert provenance["labels"] == {"mode": "a", "group": {"codec": "zstd"}}
+    assert provenance["data_sha256"] == {"in": "abc"} and provenance["code_files"] == {"f.py": 10}
+    assert capsys.readouterr().out == "stand-in: done\n  detail\n"
+    assert cli_main(tmp_path, lambda cfg, paths: (seen.append(paths), StageResult({}))[1]) is not None
+    assert seen[-1].snapshots is None  # an optional path's default
+
+
+@pytest.mark.parametrize("error", [ValueError("model vocab 480 != tokenizer vocab 512 (tok)"),
+                                   FileNotFoundError("tokenizer not found: tok/tokenizer.model")])
+def test_cli_fails_on_bad_inputs_naming_the_stage_and_writes_nothing(tmp_path, error):
+    def run(cfg, paths):
+        raise error
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(tmp_path, run)
+    assert e.value.code == f"verify FAILED: {error}"
+    assert not (tmp_path / "m.json").exists() and not io.provenance_path(tmp_path / "m.json").exists()
+
+
+def test_cli_fails_on_a_mistyped_params_key_before_running(tmp_path):
+    (tmp_path / "params.yaml").write_text("verify: {seq_lne: 64}\n")
+    with pytest.raises(SystemExit) as e:
+        cli.main("verify", lambda cfg, paths: pytest.fail("ran"), StandInPaths,
+                 ["--params", str(tmp_path / "params.yaml"), "--train-metrics", "t", "--metrics", "m"])
+    assert e.value.code.startswith("verify FAILED: unknown params key verify.seq_lne (did you mean 'seq_len'?)")
+
+
+def test_cli_writes_then_fails_on_broken_rules(tmp_path, capsys):
+    def run(cfg, paths):
+        return StageResult({"fits": False}, provenance={"broken_rules": ["too big", "too slow"]},
+                           broken_rules=["too big", "too slow"], summary=["stand-in: checked"])
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(tmp_path, run)
+    assert e.value.code == "verify FAILED:\n  too big\n  too slow"
+    assert json.loads((tmp_path / "m.json").read_text()) == {"fits": False}
+    assert json.loads(io.provenance_path(tmp_path / "m.json").read_text())["broken_rules"] == ["too big", "too slow"]
+    assert capsys.readouterr().out == "stand-in: checked\n"
+
+
+def test_cli_leaves_the_writing_to_a_stage_that_did_it(tmp_path, capsys):
+    cli_main(tmp_path, lambda cfg, paths: StageResult({"steps": 4}, summary=["stand-in: trained"], write_report=False))
+    assert not (tmp_path / "m.json").exists() and capsys.readouterr().out == "stand-in: trained\n"
+
+
+# quantize -> verify -> evaluate as functions, on a tiny untrained model
+
+
+def test_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny_sp, tiny_tokenizer_dir):
+    from pgolf_core.stage import evaluate, quantize, verify
+
+    model = GPT(ModelConfig(vocab_size=tiny_sp.vocab_size(), num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
+                            mlp_mult=2, bos_id=tiny_sp.bos_id()))
+    checkpoint.save_model(tmp_path / "model.safetensors", model)
+    io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 1.0, "calib_seconds": 0.5})
+
+    q = quantize.run(config.build_section("quantize", {"passthrough_max_numel": 256}), quantize.QuantizePaths(
+        model=tmp_path / "model.safetensors", hessians=tmp_path / "none.safetensors", out=tmp_path / "artifact",
+        reference=tmp_path / "reference.safetensors", metrics=tmp_path / "quantize.json"))
+    assert q.metrics["model_bytes"] == (tmp_path / "artifact" / "model.bin").stat().st_size
+    assert q.metrics["num_quantized_tensors"] > 0 and q.inputs == {"model": io.sha256_files([tmp_path / "model.safetensors"])}
+    assert q.write_report and not q.broken_rules and q.summary[0].startswith("quantize: rtn ")
+    assert not (tmp_path / "quantize.json").exists()  # the CLI writes the report, not run
+
+    verify_paths = verify.VerifyPaths(artifact=tmp_path / "artifact", reference=tmp_path / "reference.safetensors",
+                                      model=tmp_path / "model.safetensors", shards=shards, tokenizer=tiny_tokenizer_dir,
+                                      train_metrics=tmp_path / "train.json", metrics=tmp_path / "verify.json")
+    v = verify.run(config.build_section("verify", {"seq_len": 64}), verify_paths)
+    assert v.metrics["roundtrip_exact"] and v.metrics["fits_16mb"] and v.broken_rules == []
+    assert v.metrics["train_plus_calib_seconds"] == 1.5 and "code_files" not in v.metrics
+    assert v.provenance["broken_rules"] == [] and "pgolf_core/model.py" in v.provenance["code_files"]
+    broken = verify.run(config.build_section("verify", {"seq_len": 64, "max_artifact_bytes": 1000,
+                                                        "time_budget_seconds": 1.0}), verify_paths).broken_rules
+    assert len(broken) == 2 and "> 1,000" in broken[0] and "train + calibration took 1.5 s" in broken[1]
+
+    e = evaluate.run(config.build_section("evaluate", {"seq_len": 64, "stride": 32}), evaluate.EvaluatePaths(
+        artifact=tmp_path / "artifact", shards=shards, tokenizer=tiny_tokenizer_dir, metrics=tmp_path / "eval.json"))
+    assert e.metrics["val_bpb"] == e.metrics["val_bpb_sliding"] > 0 and e.broken_rules == [] and e.write_report
+    assert e.metrics["val_bpb_nonoverlap"] == pytest.approx(v.metrics["val_bpb_roundtrip"], rel=1e-9)
+    assert set(e.inputs) == {"artifact", "val_shards"}
+    over = evaluate.run(config.build_section("evaluate", {"seq_len": 64, "stride": 32, "max_eval_seconds": 1e-9}),
+                        evaluate.EvaluatePaths(artifact=tmp_path / "artifact", shards=shards,
+                                               tokenizer=tiny_tokenizer_dir, metrics=tmp_path / "eval.json"))
+    assert len(over.broken_rules) == 1 and "evaluate.max_eval_seconds" in over.broken_rules[0]
