@@ -37,7 +37,7 @@ import torch
 
 from bench.header import RESULTS, header
 from bench.train_dev_run import prepare
-from pgolf_core import calibration, checkpoint, codesize, config, data, dist, tokenizer
+from pgolf_core import calibration, checkpoint, config, data, dist, submission_export, tokenizer
 from pgolf_core.artifact import compare_exact, load_model, pack_artifact, unpack_artifact
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.eval.sliding import val_bpb
@@ -129,7 +129,9 @@ def main() -> None:
     windows = {"": (verify_cfg.seq_len, verify_cfg.seq_len)}
     if not args.no_sliding:
         windows["_sliding"] = (eval_cfg.seq_len, eval_cfg.stride)
-    code_bytes, _ = codesize.code_bytes()
+    # the profile's shipped train_gpt.py, as the script stage builds it
+    code_bytes = submission_export.build_script({"tokenize": tok_cfg, "train": profile_train, "quantize": quant_cfg,
+                                                 "evaluate": eval_cfg}).bytes
     record = {"val_tokens": int(len(val)), **(run or {})}
     float_model = checkpoint.build_model(state, mcfg)
     for suffix, (window, stride) in windows.items():

@@ -3,7 +3,7 @@ the submission).
 
 **Which modules.** `traced_modules` imports the entry modules in a fresh interpreter
 (`python -I`, this checkout first on `sys.path`) and lists every `pgolf_core` module it
-loaded, package `__init__`s included, sorted by name: traced like `codesize`, never a
+loaded, package `__init__`s included, sorted by name: never a
 hand list. A bundled module that imports an unbundled `pgolf_core` module inside a
 function (which tracing cannot see) is refused by `bundle_source`, by name.
 

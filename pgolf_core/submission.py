@@ -23,8 +23,9 @@ on the same machine it reproduces the pipeline's val_bpb. Rank 0 quantizes and w
 every rank evaluates. It ends with one line, `final mode:<mode> val_bpb:... val_loss:...
 artifact_bytes:...` and writes a JSON summary beside the artifact.
 
-`EVAL_ONLY=1` (with `ARTIFACT_PATH`) scores a given artifact and nothing else: what an
-isolated verification runs.
+`EVAL_ONLY=1` (with `ARTIFACT_PATH`) scores a given artifact and nothing else; with
+`EVAL_FINAL_ONLY=1` too, only the baked final mode: what `verify` runs, alone, in an empty
+folder.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ UNSUPPORTED = {
 }
 
 # Run-level variables (not params): see `Paths`.
-RUN_VARS = ("DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "VOCAB_SIZE", "OUT_DIR", "EVAL_ONLY", "ARTIFACT_PATH")
+RUN_VARS = ("DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "VOCAB_SIZE", "OUT_DIR", "EVAL_ONLY", "ARTIFACT_PATH",
+            "EVAL_FINAL_ONLY")
 
 
 class SettingsError(ValueError):
@@ -224,6 +226,8 @@ def settings_from_env(baked: dict, environ: typing.Mapping[str, str]):
         if train_cfg.model.vocab_size not in (0, vocab):
             train_cfg = dataclasses.replace(train_cfg, model=dataclasses.replace(train_cfg.model, vocab_size=vocab))
     eval_only = _parse("EVAL_ONLY", environ["EVAL_ONLY"], bool) if "EVAL_ONLY" in environ else False
+    if "EVAL_FINAL_ONLY" in environ and _parse("EVAL_FINAL_ONLY", environ["EVAL_FINAL_ONLY"], bool):
+        eval_cfg = dataclasses.replace(eval_cfg, modes=[eval_cfg.final_mode])  # verify's isolated run: val_bpb only
     out_dir = Path(environ.get("OUT_DIR", "."))
     default_data = f"./data/datasets/fineweb10B_sp{vocab}"  # the public downloader's layout
     default_tokenizer = f"./data/tokenizers/fineweb_{vocab}_bpe.model"

@@ -26,7 +26,7 @@ TEST_PROFILE = {
     "verify": {"seq_len": 64},
     "evaluate": {"seq_len": 64, "stride": 32},
 }
-ALL_STAGES = {"tokenize", "ngrams", "train", "quantize", "verify", "evaluate"}
+ALL_STAGES = {"tokenize", "ngrams", "train", "script", "quantize", "verify", "evaluate"}
 pytestmark = pytest.mark.slow
 
 
@@ -97,6 +97,10 @@ def test_full_run_writes_every_metric(repo):
     ev = metrics["eval.json"]
     assert ev["val_bpb"] == ev["val_bpb_sliding"] and ev["tokens_scored"] == metrics["tokenize.json"]["val"]["tokens"] - 1
     assert ev["val_bpb_nonoverlap"] == pytest.approx(verify["val_bpb_roundtrip"], rel=1e-9)
+    # code bytes are the shipped script's, and that script alone rebuilds the score
+    script = json.loads((repo / "metrics/script.json").read_text())
+    assert verify["code_bytes"] == script["code_bytes"] == (repo / "data/script/train_gpt.py").stat().st_size
+    assert verify["val_bpb_isolated"] == pytest.approx(ev["val_bpb"], abs=1e-6)
     assert (repo / "metrics/train/plots/metrics/train_loss.tsv").is_file()
 
 
@@ -104,7 +108,7 @@ def test_provenance_is_beside_the_metrics_which_hold_only_figures(repo):
     """`dvc metrics diff` and `dvc exp show` list every changed value of a metrics file: a
     commit, a hash or a name there is noise. Each stage's provenance (commit with a dirty
     flag, versions, input hashes, its non-numeric labels) is metrics/provenance/<name>.json."""
-    names = {"tokenize": "tokenize.json", "ngrams": "ngrams.json", "train": "train/metrics.json",
+    names = {"tokenize": "tokenize.json", "ngrams": "ngrams.json", "train": "train/metrics.json", "script": "script.json",
              "quantize": "quantize.json", "verify": "verify.json", "eval": "eval.json"}
 
     def leaves(value):
@@ -126,7 +130,8 @@ def test_provenance_is_beside_the_metrics_which_hold_only_figures(repo):
     assert labels["tokenize"]["corpus_sha256"] and labels["quantize"]["compressor_per_group"]
     verify = json.loads((repo / "metrics/provenance/verify.json").read_text())
     assert verify["broken_rules"] == []
-    assert "pgolf_core/model.py" in verify["code_files"] and "pgolf_core/train.py" not in verify["code_files"]
+    bundled = json.loads((repo / "metrics/provenance/script.json").read_text())["bundled_modules"]
+    assert "pgolf_core.model" in bundled and "pgolf_core.train" in bundled and "pgolf_core.hub" not in bundled
 
 
 def test_second_repro_reruns_nothing(repo):
@@ -134,13 +139,13 @@ def test_second_repro_reruns_nothing(repo):
 
 
 def test_train_change_reruns_train_and_what_follows(repo):
-    set_params(repo, "train", optimizer={"matrix_lr": 0.03})
-    assert ran_stages(dvc(repo, "repro").stdout) == {"train", "quantize", "verify", "evaluate"}
+    set_params(repo, "train", optimizer={"matrix_lr": 0.03})  # baked into the script too
+    assert ran_stages(dvc(repo, "repro").stdout) == {"train", "script", "quantize", "verify", "evaluate"}
 
 
 def test_gptq_reruns_quantize_and_after_and_never_retrains(repo):
     set_params(repo, "quantize", method="gptq", clip="sdclip")
-    assert ran_stages(dvc(repo, "repro").stdout) == {"quantize", "verify", "evaluate"}
+    assert ran_stages(dvc(repo, "repro").stdout) == {"script", "quantize", "verify", "evaluate"}
     quant = json.loads((repo / "metrics/provenance/quantize.json").read_text())["labels"]
     verify = json.loads((repo / "metrics/verify.json").read_text())
     assert quant["method"] == "gptq" and verify["roundtrip_exact"]
@@ -159,14 +164,16 @@ def test_gptq_without_hessians_is_refused_naming_the_key(repo, tmp_path):
     out = run(repo, sys.executable, "-m", "stages.quantize", "--params", str(tmp_path / "params.yaml"),
               "--model", "data/train/model.safetensors", "--hessians", str(tmp_path / "none.safetensors"),
               "--out", str(tmp_path / "artifact"), "--reference", str(tmp_path / "ref.safetensors"),
-              "--metrics", str(tmp_path / "q.json"), check=False)
+              "--script", "data/script/train_gpt.py", "--metrics", str(tmp_path / "q.json"), check=False)
     assert out.returncode != 0 and "train.calib_batches > 0" in out.stderr
     assert not (tmp_path / "artifact").exists() and not (tmp_path / "q.json").exists()
 
 
-def test_evaluate_change_reruns_only_evaluate(repo):
+def test_evaluate_change_reruns_the_shipped_script_and_what_reads_it(repo):
+    """The evaluate section is baked into train_gpt.py: its bytes (the artifact's code
+    bytes, quantize.fit_bytes's budget) change with it. Never the training."""
     set_params(repo, "evaluate", stride=16)
-    assert ran_stages(dvc(repo, "repro").stdout) == {"evaluate"}
+    assert ran_stages(dvc(repo, "repro").stdout) == {"script", "quantize", "verify", "evaluate"}
 
 
 def test_exp_run_override_takes_effect_and_metrics_diff_shows_it(repo):

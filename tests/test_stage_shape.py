@@ -34,8 +34,8 @@ def paths_class(stage: str) -> type:
     return getattr(importlib.import_module(f"pgolf_core.stage.{stage}"), f"{stage.capitalize()}Paths")
 
 
-def test_the_six_stages_each_have_a_script_and_a_module():
-    assert set(STAGES) == {"tokenize", "ngrams", "train", "quantize", "verify", "evaluate"}
+def test_the_seven_stages_each_have_a_script_and_a_module():
+    assert set(STAGES) == {"tokenize", "ngrams", "train", "script", "quantize", "verify", "evaluate"}
     assert sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__") == STAGES
     assert {p.stem for p in (ROOT / "pgolf_core" / "stage").glob("*.py")} >= set(STAGES)
 
@@ -65,8 +65,9 @@ def test_the_scripts_are_the_same_text_but_for_the_stage_name():
 def test_run_takes_its_section_and_its_paths_and_returns_a_stage_result(stage):
     module = importlib.import_module(f"pgolf_core.stage.{stage}")
     assert list(inspect.signature(module.run).parameters) == ["cfg", "paths"]
-    assert typing.get_type_hints(module.run) == {"cfg": config.SECTIONS[stage], "paths": paths_class(stage),
-                                                 "return": StageResult}
+    # the script stage bakes several sections (its SECTIONS) into the submission: it takes them all
+    section = dict if hasattr(module, "SECTIONS") else config.SECTIONS[stage]
+    assert typing.get_type_hints(module.run) == {"cfg": section, "paths": paths_class(stage), "return": StageResult}
     assert dataclasses.is_dataclass(paths_class(stage)) and paths_class(stage).__dataclass_params__.frozen
 
 
@@ -194,11 +195,20 @@ def test_cli_leaves_the_writing_to_a_stage_that_did_it(tmp_path, capsys):
     assert not (tmp_path / "m.json").exists() and capsys.readouterr().out == "stand-in: trained\n"
 
 
-# quantize -> verify -> evaluate as functions, on a tiny untrained model
+# script -> quantize -> verify -> evaluate as functions, on a tiny untrained model
 
 
-def test_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny_sp, tiny_tokenizer_dir):
-    from pgolf_core.stage import evaluate, quantize, verify
+def test_script_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny_sp, tiny_tokenizer_dir):
+    from pgolf_core.stage import evaluate, quantize, script, verify
+
+    eval_cfg = config.build_section("evaluate", {"seq_len": 64, "stride": 32})
+    baked = {"tokenize": config.build_section("tokenize", {"vocab_size": tiny_sp.vocab_size()}),
+             "train": config.build_section("train", {}), "quantize": config.build_section("quantize", {}),
+             "evaluate": eval_cfg}
+    s = script.run(baked, script.ScriptPaths(out=tmp_path / "script" / "train_gpt.py", metrics=tmp_path / "s.json"))
+    assert s.metrics["code_bytes"] == (tmp_path / "script" / "train_gpt.py").stat().st_size
+    assert s.metrics["code_bytes"] == min(s.metrics["bytes_minified"], s.metrics["bytes_self_extracting"])
+    assert "pgolf_core.model" in s.provenance["bundled_modules"] and s.summary[0].startswith("script: ")
 
     model = GPT(ModelConfig(vocab_size=tiny_sp.vocab_size(), num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
                             mlp_mult=2, bos_id=tiny_sp.bos_id()))
@@ -207,7 +217,8 @@ def test_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny_sp, ti
 
     q = quantize.run(config.build_section("quantize", {"passthrough_max_numel": 256}), quantize.QuantizePaths(
         model=tmp_path / "model.safetensors", hessians=tmp_path / "none.safetensors", out=tmp_path / "artifact",
-        reference=tmp_path / "reference.safetensors", metrics=tmp_path / "quantize.json"))
+        reference=tmp_path / "reference.safetensors", script=tmp_path / "script" / "train_gpt.py",
+        metrics=tmp_path / "quantize.json"))
     assert q.metrics["model_bytes"] == (tmp_path / "artifact" / "model.bin").stat().st_size
     assert q.metrics["num_quantized_tensors"] > 0 and q.inputs == {"model": io.sha256_files([tmp_path / "model.safetensors"])}
     assert q.write_report and not q.broken_rules and q.summary[0].startswith("quantize: rtn ")
@@ -215,18 +226,26 @@ def test_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny_sp, ti
 
     verify_paths = verify.VerifyPaths(artifact=tmp_path / "artifact", reference=tmp_path / "reference.safetensors",
                                       model=tmp_path / "model.safetensors", shards=shards, tokenizer=tiny_tokenizer_dir,
-                                      train_metrics=tmp_path / "train.json", metrics=tmp_path / "verify.json")
+                                      train_metrics=tmp_path / "train.json", script=tmp_path / "script" / "train_gpt.py",
+                                      metrics=tmp_path / "verify.json")
     v = verify.run(config.build_section("verify", {"seq_len": 64}), verify_paths)
     assert v.metrics["roundtrip_exact"] and v.metrics["fits_16mb"] and v.broken_rules == []
-    assert v.metrics["train_plus_calib_seconds"] == 1.5 and "code_files" not in v.metrics
-    assert v.provenance["broken_rules"] == [] and "pgolf_core/model.py" in v.provenance["code_files"]
+    assert v.metrics["train_plus_calib_seconds"] == 1.5 and v.provenance["broken_rules"] == []
+    assert v.metrics["code_bytes"] == s.metrics["code_bytes"]  # the script as shipped
+    assert v.metrics["artifact_bytes"] == s.metrics["code_bytes"] + q.metrics["model_bytes"]
     broken = verify.run(config.build_section("verify", {"seq_len": 64, "max_artifact_bytes": 1000,
                                                         "time_budget_seconds": 1.0}), verify_paths).broken_rules
     assert len(broken) == 2 and "> 1,000" in broken[0] and "train + calibration took 1.5 s" in broken[1]
 
-    e = evaluate.run(config.build_section("evaluate", {"seq_len": 64, "stride": 32}), evaluate.EvaluatePaths(
+    e = evaluate.run(eval_cfg, evaluate.EvaluatePaths(
         artifact=tmp_path / "artifact", shards=shards, tokenizer=tiny_tokenizer_dir, metrics=tmp_path / "eval.json"))
     assert e.metrics["val_bpb"] == e.metrics["val_bpb_sliding"] > 0 and e.broken_rules == [] and e.write_report
+    # the shipped script alone (python -I, no pgolf_core) scores the artifact as evaluate does
+    assert v.metrics["isolated_final_mode"] == "sliding"
+    assert v.metrics["val_bpb_isolated"] == pytest.approx(e.metrics["val_bpb"], abs=1e-6)
+    (tmp_path / "script" / "train_gpt.py").write_text("raise SystemExit('not a submission')\n")
+    (failed,) = verify.run(config.build_section("verify", {"seq_len": 64}), verify_paths).broken_rules
+    assert "could not score the artifact alone (exit 1)" in failed and "not a submission" in failed
     assert e.metrics["val_bpb_nonoverlap"] == pytest.approx(v.metrics["val_bpb_roundtrip"], rel=1e-9)
     assert set(e.inputs) == {"artifact", "val_shards"}
     over = evaluate.run(config.build_section("evaluate", {"seq_len": 64, "stride": 32, "max_eval_seconds": 1e-9}),

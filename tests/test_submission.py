@@ -45,7 +45,7 @@ TINY_PARAMS = config.merge_nested(BAKED_PARAMS, {
               "schedule": {"iterations": 6}, "runtime": {"val_every": 3}},
     "evaluate": {"seq_len": 64, "stride": 32}})
 NEVER_BUNDLED = ("pgolf_core.hub", "pgolf_core.ngrams", "pgolf_core.export", "pgolf_core.bundle",
-                 "pgolf_core.codesize", "pgolf_core.submission_export", "pgolf_core.profile", "pgolf_core.corpus")
+                 "pgolf_core.submission_export", "pgolf_core.profile", "pgolf_core.corpus")
 FINAL = re.compile(r"^final mode:(\S+) val_bpb:([0-9.]+) val_loss:([0-9.]+) artifact_bytes:(\d+) code_bytes:(\d+) "
                    r"model_bytes:(\d+)", re.M)
 

@@ -11,7 +11,6 @@ from tqdm import tqdm
 from pgolf_core.artifact import write_reference
 from pgolf_core.calibration import load_hessians
 from pgolf_core.checkpoint import read_model_file
-from pgolf_core.codesize import code_bytes
 from pgolf_core.config import QuantizeConfig
 from pgolf_core.dist import select_device
 from pgolf_core.io import atomic_path, sha256_files
@@ -27,6 +26,8 @@ class QuantizePaths:
     hessians: Path = dataclasses.field(metadata={"help": "GPTQ's Hessians (.safetensors), read when method is gptq"})
     out: Path = dataclasses.field(metadata={"help": "output folder of the artifact (model.bin)"})
     reference: Path = dataclasses.field(metadata={"help": "quantizer's integers and scales (.safetensors)"})
+    script: Path = dataclasses.field(metadata={"help": "the run's train_gpt.py (stage script): its bytes count "
+                                                       "against quantize.fit_bytes"})
     metrics: Path = dataclasses.field(metadata={"help": "metrics file (JSON)"})
 
 
@@ -39,7 +40,7 @@ def run(cfg: QuantizeConfig, paths: QuantizePaths) -> StageResult:
     with tqdm(total=matrices, desc=cfg.method, unit="matrix", disable=not matrices) as bar:
         qm, steps = quantize_model(state, cfg, found, select_device("auto"), progress=lambda name: bar.update(1))
     quantize_seconds = time.perf_counter() - start
-    code = code_bytes()[0] if cfg.fit_bytes else 0  # only the byte target needs the code counted here
+    code = paths.script.stat().st_size if cfg.fit_bytes else 0  # the shipped script's bytes: only the target needs them
     with tqdm(desc="pack" if not cfg.fit_bytes else "fit_bytes probes", unit="probe") as bar:
         qm, blob, report, fit = pack_to_fit(qm, dataclasses.asdict(model_config), cfg.compressors, cfg.layouts,
                                             cfg.fit_bytes, code, progress=lambda n, size: bar.update(1))

@@ -1,19 +1,29 @@
 """Stage `verify`: the artifact against the challenge's rules.
 
+The artifact is the shipped script (`train_gpt.py`, stage `script`) plus the compressed
+model: `code_bytes` is the script's size as shipped. The script is then run alone: copied
+with the model into an empty folder and started with `python -I` where `pgolf_core`
+cannot be imported (`bundle.run_isolated`), it scores the artifact in the baked final
+mode (`EVAL_ONLY=1 EVAL_FINAL_ONLY=1`): `val_bpb_isolated`, which equals `evaluate`'s
+`val_bpb` when the shipped code alone rebuilds the score.
+
 Fails (exit 1, after writing metrics/verify.json) when the artifact is over the byte
-budget, does not round-trip bit-exactly against the quantizer's reference, when
-training + calibration broke the time budget, or when the quantization damage (the
-round-trip model's val_bpb minus the trained float model's, same windows and device)
-exceeds `verify.max_quant_damage` (when set).
+budget, does not round-trip bit-exactly against the quantizer's reference, when the
+script cannot score it alone, when training + calibration broke the time budget, or when
+the quantization damage (the round-trip model's val_bpb minus the trained float
+model's, same windows and device) exceeds `verify.max_quant_damage` (when set).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
-from pgolf_core import artifact, checkpoint, codesize, dist, io
+from pgolf_core import artifact, bundle, checkpoint, dist, io, submission, tokenizer
 from pgolf_core.config import VerifyConfig
 from pgolf_core.eval.sliding import val_bpb
 from pgolf_core.stage.result import StageResult
@@ -28,6 +38,7 @@ class VerifyPaths:
     shards: Path
     tokenizer: Path
     train_metrics: Path = dataclasses.field(metadata={"help": "the train stage's metrics.json"})
+    script: Path = dataclasses.field(metadata={"help": "the run's train_gpt.py (stage script)"})
     metrics: Path = dataclasses.field(metadata={"help": "metrics file (JSON)"})
 
 
@@ -38,7 +49,7 @@ def run(cfg: VerifyConfig, paths: VerifyPaths) -> StageResult:
     blob = artifact.read_artifact(paths.artifact / "model.bin")
     qm, _ = artifact.unpack_artifact(blob)
     mismatched = artifact.compare_exact(qm, artifact.read_reference(paths.reference))
-    code_total, code_files = codesize.code_bytes()
+    code_total = bundle.script_bytes(paths.script.read_text(encoding="utf-8"))
     train = io.read_json(paths.train_metrics, "train metrics")
     if "calib_seconds" not in train:
         raise ValueError(f"{paths.train_metrics} has no calib_seconds: written by an older train stage, rerun it")
@@ -58,17 +69,17 @@ def run(cfg: VerifyConfig, paths: VerifyPaths) -> StageResult:
         return bpb
 
     float_bpb, roundtrip_bpb = score(float_model), score(model)
+    isolated, isolated_failure = score_alone(paths)
     metrics = {
         "artifact_bytes": code_total + len(blob), "code_bytes": code_total, "model_bytes": len(blob),
         "fits_16mb": code_total + len(blob) <= cfg.max_artifact_bytes,
         "roundtrip_exact": not mismatched, "val_bpb_float": float_bpb, "val_bpb_roundtrip": roundtrip_bpb,
         "quant_damage": roundtrip_bpb - float_bpb,
+        "val_bpb_isolated": isolated.get("val_bpb", float("nan")),
+        "isolated_final_mode": isolated.get("final_mode", "none"), "isolated_seconds": isolated.get("seconds", 0.0),
         "train_plus_calib_seconds": train["train_seconds"] + train["calib_seconds"],
     }
-    # what code_bytes counted: provenance, not figures to compare
-    code_files = {str(Path(p).relative_to(Path.cwd())) if Path(p).is_relative_to(Path.cwd()) else p: n
-                  for p, n in code_files.items()}
-    broken = []
+    broken = [isolated_failure] if isolated_failure else []
     if not metrics["fits_16mb"]:
         broken.append(f"artifact is {metrics['artifact_bytes']:,} bytes > {cfg.max_artifact_bytes:,}")
     if mismatched:
@@ -84,5 +95,32 @@ def run(cfg: VerifyConfig, paths: VerifyPaths) -> StageResult:
                f"{metrics['model_bytes']:,} model), round trip exact: {metrics['roundtrip_exact']}, "
                f"val_bpb float {metrics['val_bpb_float']:.4f} -> round trip {metrics['val_bpb_roundtrip']:.4f} "
                f"(damage {metrics['quant_damage']:+.4f}), {time.perf_counter() - start:.1f} s"]
-    return StageResult(metrics, inputs, provenance={"broken_rules": broken, "code_files": code_files},
+    return StageResult(metrics, inputs, provenance={"broken_rules": broken},
                        broken_rules=broken, summary=summary)
+
+
+def score_alone(paths: VerifyPaths) -> tuple[dict, str]:
+    """({val_bpb, final_mode, seconds}, "") from the shipped script run alone on the
+    artifact, or ({}, why it failed). The script and the model are copied into an empty
+    folder; the process sees no repository and cannot import pgolf_core."""
+    with tempfile.TemporaryDirectory(prefix="pgolf-verify-") as folder:
+        folder = Path(folder)
+        script = folder / "train_gpt.py"
+        shutil.copyfile(paths.script, script)
+        shutil.copyfile(paths.artifact / "model.bin", folder / submission.ARTIFACT_NAME)
+        names = {*submission.ENV_KEYS, *submission.UNSUPPORTED, *submission.RUN_VARS, "PYTHONPATH"}
+        env = {**{k: v for k, v in os.environ.items() if k not in names},
+               "DATA_PATH": str(paths.shards.resolve()),
+               "TOKENIZER_PATH": str((paths.tokenizer / tokenizer.MODEL_FILE).resolve()),
+               "EVAL_ONLY": "1", "EVAL_FINAL_ONLY": "1", "OUT_DIR": str(folder),
+               "ARTIFACT_PATH": str(folder / submission.ARTIFACT_NAME)}
+        start = time.perf_counter()
+        run = bundle.run_isolated(script, env=env, cwd=folder)
+        seconds = time.perf_counter() - start
+        summary_file = folder / submission.EVAL_SUMMARY_NAME
+        if run.returncode != 0 or not summary_file.is_file():
+            tail = (run.stderr or run.stdout or "").strip().splitlines()[-5:]
+            return {}, f"the shipped script could not score the artifact alone (exit {run.returncode}): " + \
+                " | ".join(tail)
+        summary = io.read_json(summary_file, "the isolated run's summary")
+    return {"val_bpb": summary["val_bpb"], "final_mode": summary["final_mode"], "seconds": seconds}, ""
