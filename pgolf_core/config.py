@@ -447,7 +447,6 @@ def check_layout_name(key: str, name: str) -> None:
 @dataclass(frozen=True, kw_only=True)
 class VerifyConfig:
     max_artifact_bytes: int = CHALLENGE_ARTIFACT_BYTES  # decimal, code included; may be lowered, never raised
-    time_budget_seconds: float = 600.0  # train + calibration must fit
     max_quant_damage: float = 0.0  # fail when val_bpb_roundtrip - val_bpb_float exceeds this (0 = no check)
     batch_seqs: int = 32  # sequences per evaluation forward pass
     seq_len: int = 256  # evaluation sequence length of the round-trip check
@@ -534,6 +533,11 @@ class EvaluateConfig:
 # A key whose scalar value became a subsection: where the value lives now.
 _MOVED_SCALARS: dict[type, dict[str, str]] = {TrainConfig: {"schedule": "mode"}}
 
+# A key that no longer exists: why, so that an old params file is refused with the reason.
+_REMOVED: dict[type, dict[str, str]] = {VerifyConfig: {
+    "time_budget_seconds": "the training budget is the challenge's 600 s (pgolf_core/challenge.py), checked by "
+                           "verify on a challenge run only; delete the key"}}
+
 SECTIONS: dict[str, type] = {
     "tokenize": TokenizeConfig,
     "ngrams": NgramConfig,
@@ -578,6 +582,8 @@ def _build(prefix: str, cls: type, values):
             moved = _moved_to(cls, key)
             if moved:
                 raise ValueError(f"params key {prefix}.{key} moved to {prefix}.{moved}")
+            if key in _REMOVED.get(cls, {}):
+                raise ValueError(f"params key {prefix}.{key} was removed: {_REMOVED[cls][key]}")
             raise ValueError(f"unknown params key {prefix}.{key}{_nearest(key, _nested_names(cls))}")
         if dataclasses.is_dataclass(hints[key]) and not isinstance(value, dict) and key in _MOVED_SCALARS.get(cls, {}):
             raise ValueError(f"params key {prefix}.{key} is a section now: its value moved to "

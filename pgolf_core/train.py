@@ -54,6 +54,7 @@ class TrainResult:
     calib_seconds: float  # GPTQ calibration after training, same launch: counts in the training budget
     train_plus_calib_seconds: float
     within_budget: bool  # train + calibration <= max_wallclock_seconds (true when there is no cap)
+    resumed_from_step: int  # the snapshot's step this launch resumed from (0: started fresh)
 
 
 def run_warnings(cfg: TrainConfig, result: TrainResult) -> list[str]:
@@ -358,7 +359,7 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
         stopped_by="iterations" if step >= cfg.schedule.iterations else "wallclock",
         graphs_compiled_in_run=compiled_graphs() - graphs_before_run,
         calib_seconds=calib_seconds, train_plus_calib_seconds=elapsed + calib_seconds,
-        within_budget=budget <= 0 or elapsed + calib_seconds <= budget,
+        within_budget=budget <= 0 or elapsed + calib_seconds <= budget, resumed_from_step=keeper.start_step,
     )
 
 

@@ -128,7 +128,7 @@ def test_train_plus_calibration_over_the_cap_is_a_broken_budget():
     fields = dict(steps=4, train_seconds=8.9, tokens_per_second=1.0, tokens_per_second_per_gpu=1.0, ms_per_step=1.0,
                   val_bpb_prequant=1.0, final_train_loss=1.0, peak_mem_mib=1.0, world_size=1, seed=0,
                   stopped_by="wallclock", graphs_compiled_in_run=0, calib_seconds=0.5,
-                  train_plus_calib_seconds=9.4, within_budget=True)
+                  train_plus_calib_seconds=9.4, within_budget=True, resumed_from_step=0)
     assert run_warnings(cfg, TrainResult(**fields)) == []
     broken = TrainResult(**{**fields, "calib_seconds": 1.6, "train_plus_calib_seconds": 10.5, "within_budget": False})
     (warning,) = run_warnings(cfg, broken)

@@ -32,6 +32,13 @@ def test_a_key_that_moved_into_a_subsection_is_refused_with_its_new_name():
         config.build_section("train", {"schedule": "wallclock"})
 
 
+def test_a_removed_key_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match=r"^params key verify\.time_budget_seconds was removed: the training budget is "
+                                         r"the challenge's 600 s \(pgolf_core/challenge\.py\), checked by verify on a "
+                                         r"challenge run only; delete the key$"):
+        config.build_section("verify", {"time_budget_seconds": 100000.0})
+
+
 def test_each_train_subsection_is_its_own_typed_config():
     cfg = config.build_section("train", {"model": {"num_layers": 2}, "optimizer": {"matrix_lr": 0.05},
                                          "schedule": {"mode": "wallclock", "max_wallclock_seconds": 60},

@@ -89,7 +89,11 @@ def test_full_run_writes_every_metric(repo):
                                     "peak_mem_mib", "world_size", "seed"} <= set(train)
     assert train["calib_seconds"] > 0 and train["within_budget"]
     assert train["train_plus_calib_seconds"] == pytest.approx(train["train_seconds"] + train["calib_seconds"])
+    assert train["challenge_run"] is False and "not_a_challenge_run" not in train  # a CPU run; its reasons are labels
+    labels = json.loads((repo / "metrics/provenance/train.json").read_text())["labels"]
+    assert "device 'cpu', not an H100" in labels["not_a_challenge_run"]
     verify = metrics["verify.json"]
+    assert verify["challenge_run"] is False
     assert verify["fits_16mb"] and verify["roundtrip_exact"]
     assert verify["artifact_bytes"] == verify["code_bytes"] + verify["model_bytes"]
     assert verify["quant_damage"] == pytest.approx(verify["val_bpb_roundtrip"] - verify["val_bpb_float"], abs=1e-12)
@@ -196,10 +200,11 @@ def test_unknown_params_key_fails_the_stage_and_names_it(repo):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def _verify(repo, artifact_dir, reference="data/quant/reference.safetensors", params="params.yaml"):
+def _verify(repo, artifact_dir, reference="data/quant/reference.safetensors", params="params.yaml",
+            train_metrics="metrics/train/metrics.json"):
     return run(repo, sys.executable, "-m", "stages.verify", "--params", params, "--artifact", str(artifact_dir),
                "--reference", reference, "--model", "data/train/model.safetensors", "--shards", "data/shards",
-               "--tokenizer", "data/tokenizer", "--train-metrics", "metrics/train/metrics.json",
+               "--tokenizer", "data/tokenizer", "--train-metrics", train_metrics,
                "--metrics", str(artifact_dir / "verify.json"), check=False)
 
 
@@ -226,14 +231,16 @@ def test_verify_rejects_an_artifact_that_disagrees_with_the_reference(repo, tmp_
     assert name in out.stderr
 
 
-def test_verify_rejects_an_oversized_artifact_and_a_blown_time_budget(repo, tmp_path):
+def test_verify_rejects_an_oversized_artifact_and_a_challenge_run_over_the_time_budget(repo, tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["verify"].update(max_artifact_bytes=1000, time_budget_seconds=0.001)
+    params["verify"].update(max_artifact_bytes=1000)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    train = json.loads((repo / "metrics/train/metrics.json").read_text())
+    (tmp_path / "train.json").write_text(json.dumps({**train, "train_seconds": 700.0, "challenge_run": True}))
     artifact_dir = tmp_path / "artifact"
     shutil.copytree(repo / "data/artifact", artifact_dir)
-    out = _verify(repo, artifact_dir, params=str(tmp_path / "params.yaml"))
-    assert out.returncode != 0 and "> 1,000" in out.stderr and "train + calibration took" in out.stderr
+    out = _verify(repo, artifact_dir, params=str(tmp_path / "params.yaml"), train_metrics=str(tmp_path / "train.json"))
+    assert out.returncode != 0 and "> 1,000" in out.stderr and "a challenge run whose train + calibration took" in out.stderr
     written = json.loads((artifact_dir / "verify.json").read_text())
     assert written["fits_16mb"] is False
     assert len(json.loads((artifact_dir / "provenance" / "verify.json").read_text())["broken_rules"]) == 2

@@ -2,7 +2,8 @@
 `pgolf_core.stage.cli.main`; `pgolf_core.stage.<name>.run(cfg, paths) -> StageResult`
 takes its params section and a frozen Paths dataclass whose fields are the path flags of
 the stage's `dvc.yaml` cmd. Also: the shared validation setup, the CLI's writing and
-failing, and quantize -> verify -> evaluate called as functions on a tiny model."""
+failing, the train stage and quantize -> verify -> evaluate called as functions on a
+tiny model."""
 
 import ast
 import dataclasses
@@ -23,6 +24,7 @@ from pgolf_core.model import GPT
 from pgolf_core.stage import cli
 from pgolf_core.stage.result import StageResult
 from pgolf_core.stage.validation import check_model_vocab, load_validation
+from params_helpers import nested
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -195,6 +197,34 @@ def test_cli_leaves_the_writing_to_a_stage_that_did_it(tmp_path, capsys):
     assert not (tmp_path / "m.json").exists() and capsys.readouterr().out == "stand-in: trained\n"
 
 
+# the train stage as a function, on the CPU: no challenge run, and it says why
+
+
+def test_train_stage_on_the_cpu_is_not_a_challenge_run_and_says_why(tmp_path, shards, tiny_tokenizer_dir, capsys):
+    from pgolf_core.stage import train
+
+    cfg = config.build_section("train", nested(dict(
+        num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1, mlp_mult=2, seq_len=16, batch_tokens=64,
+        micro_batch_seqs=4, iterations=2, val_every=0, val_tokens=64, calib_batches=1, device="cpu")))
+    paths = train.TrainPaths(shards=shards, tokenizer=tiny_tokenizer_dir, out=tmp_path / "model.safetensors",
+                             hessians=tmp_path / "hessians.safetensors", metrics=tmp_path / "train")
+    result = train.run(cfg, paths)
+    assert result.metrics["challenge_run"] is False and result.metrics["resumed_from_step"] == 0
+    written = json.loads((tmp_path / "train" / "metrics.json").read_text())
+    assert written["challenge_run"] is False and "not_a_challenge_run" not in written  # a figure; reasons are labels
+    reasons = json.loads(io.provenance_path(tmp_path / "train").read_text())["labels"]["not_a_challenge_run"]
+    assert reasons == ["1 process(es), not 8", "device 'cpu', not an H100",
+                       "train.schedule.mode 'steps', not a wall-clock schedule",
+                       "train.schedule.max_wallclock_seconds 0 (no cap), not a cap of at most 600 s",
+                       "a validation split of 3 documents, not the challenge's 50,000"]  # calibrated, fresh: no reason
+    (line,) = [line for line in result.summary if "challenge run" in line]
+    assert line == (f"train: not a challenge run ({'; '.join(reasons)}): its seconds are measurements on this "
+                    "machine, read as projections")
+    uncalibrated = train.run(dataclasses.replace(cfg, calib_batches=0), paths)
+    assert "no GPTQ calibration in the training launch (train.calib_batches is 0)" in \
+        uncalibrated.metrics["not_a_challenge_run"]
+
+
 # script -> quantize -> verify -> evaluate as functions, on a tiny untrained model
 
 
@@ -213,7 +243,7 @@ def test_script_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny
     model = GPT(ModelConfig(vocab_size=tiny_sp.vocab_size(), num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,
                             mlp_mult=2, bos_id=tiny_sp.bos_id()))
     checkpoint.save_model(tmp_path / "model.safetensors", model)
-    io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 1.0, "calib_seconds": 0.5})
+    io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 1.0, "calib_seconds": 0.5, "challenge_run": False})
 
     q = quantize.run(config.build_section("quantize", {"passthrough_max_numel": 256}), quantize.QuantizePaths(
         model=tmp_path / "model.safetensors", hessians=tmp_path / "none.safetensors", out=tmp_path / "artifact",
@@ -233,9 +263,25 @@ def test_script_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny
     assert v.metrics["train_plus_calib_seconds"] == 1.5 and v.provenance["broken_rules"] == []
     assert v.metrics["code_bytes"] == s.metrics["code_bytes"]  # the script as shipped
     assert v.metrics["artifact_bytes"] == s.metrics["code_bytes"] + q.metrics["model_bytes"]
-    broken = verify.run(config.build_section("verify", {"seq_len": 64, "max_artifact_bytes": 1000,
-                                                        "time_budget_seconds": 1.0}), verify_paths).broken_rules
-    assert len(broken) == 2 and "> 1,000" in broken[0] and "train + calibration took 1.5 s" in broken[1]
+    assert v.metrics["challenge_run"] is False
+    broken = verify.run(config.build_section("verify", {"seq_len": 64, "max_artifact_bytes": 1000}),
+                        verify_paths).broken_rules
+    assert len(broken) == 1 and "> 1,000" in broken[0]
+
+    # the time budget: broken only by a challenge run, whose seconds are the challenge's
+    io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 650.0, "calib_seconds": 8.5, "challenge_run": False})
+    slow = verify.run(config.build_section("verify", {"seq_len": 64}), verify_paths)
+    assert slow.broken_rules == [] and slow.metrics["train_plus_calib_seconds"] == 658.5
+    assert "not a challenge run: reported, not checked against the challenge's 600 s" in slow.summary[-1]
+    io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 595.0, "calib_seconds": 8.5, "challenge_run": True})
+    over_budget = verify.run(config.build_section("verify", {"seq_len": 64}), verify_paths)
+    assert over_budget.metrics["challenge_run"] is True
+    assert over_budget.broken_rules == ["a challenge run whose train + calibration took 603.5 s > 600 s"]
+    io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 590.0, "calib_seconds": 8.5, "challenge_run": True})
+    assert verify.run(config.build_section("verify", {"seq_len": 64}), verify_paths).broken_rules == []
+    io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 1.0, "calib_seconds": 0.5})  # an older train stage
+    with pytest.raises(ValueError, match=r"train\.json has no challenge_run: written by an older train stage, rerun it"):
+        verify.run(config.build_section("verify", {"seq_len": 64}), verify_paths)
 
     e = evaluate.run(eval_cfg, evaluate.EvaluatePaths(
         artifact=tmp_path / "artifact", shards=shards, tokenizer=tiny_tokenizer_dir, metrics=tmp_path / "eval.json"))
@@ -243,6 +289,7 @@ def test_script_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny
     # the shipped script alone (python -I, no pgolf_core) scores the artifact as evaluate does
     assert v.metrics["isolated_final_mode"] == "sliding"
     assert v.metrics["val_bpb_isolated"] == pytest.approx(e.metrics["val_bpb"], abs=1e-6)
+    io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 1.0, "calib_seconds": 0.5, "challenge_run": False})
     (tmp_path / "script" / "train_gpt.py").write_text("raise SystemExit('not a submission')\n")
     (failed,) = verify.run(config.build_section("verify", {"seq_len": 64}), verify_paths).broken_rules
     assert "could not score the artifact alone (exit 1)" in failed and "not a submission" in failed

@@ -301,12 +301,14 @@ RESUMABLE = dict(iterations=9, snapshot_every=3, val_every=0, num_layers=2, unet
 
 
 def test_a_crashed_run_resumes_from_its_snapshot_to_the_same_weights(shards, tiny_sp, tmp_path):
-    _, straight_log, straight = run_train(shards, tiny_sp, **RESUMABLE)
+    straight_result, straight_log, straight = run_train(shards, tiny_sp, **RESUMABLE)
+    assert straight_result.resumed_from_step == 0  # started fresh
     snapshots = resume.Snapshots(tmp_path, "run-a")
     with pytest.raises(Crash):  # dies at step 7, after the snapshot of step 6
         run_train(shards, tiny_sp, snapshots=snapshots, log=crash_at(7), **RESUMABLE)
     assert torch.load(snapshots.path, weights_only=True)["step"] == 6
-    _, resumed_log, resumed = run_train(shards, tiny_sp, snapshots=snapshots, **RESUMABLE)
+    resumed_result, resumed_log, resumed = run_train(shards, tiny_sp, snapshots=snapshots, **RESUMABLE)
+    assert resumed_result.resumed_from_step == 6 and resumed_result.steps == 9
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name  # EMA weights, bit for bit
     losses = lambda log, first: [(s, v["train_loss"]) for s, v in log if "train_loss" in v and s > first]  # noqa: E731

@@ -1,6 +1,7 @@
 """Stage `train`: shards + tokenizer -> model weights (EMA), GPTQ's Hessians (collected
 right after training in the same launch, `train.calib_batches` batches per process) and
-DVCLive metrics.
+DVCLive metrics, with `challenge_run`: whether the run could count for the challenge
+(`pgolf_core.challenge`; the reasons it could not go to the provenance's labels).
 
 Runs as one process or under `torchrun --nproc_per_node=N -m stages.train ...`: every
 process trains, rank 0 alone writes (the model, the Hessians, the DVCLive folder, which
@@ -13,10 +14,11 @@ import dataclasses
 import time
 from pathlib import Path
 
+import torch
 from dvclive import Live
 
-from pgolf_core import calibration, checkpoint, data, dist, io, resume
-from pgolf_core.config import TrainConfig
+from pgolf_core import calibration, challenge, checkpoint, data, dist, io, resume
+from pgolf_core.config import BOS_ID, TrainConfig
 from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT
 from pgolf_core.stage.result import StageResult
@@ -81,7 +83,15 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
 
     result = train(cfg, model, stream, val_tokens, val_bytes, device, log, snapshots,
                    calibrate=calibrate if cfg.calib_batches else None)
-    metrics, summary = {**dataclasses.asdict(result), "num_params": num_params}, []
+    not_challenge = challenge.not_a_challenge_run(
+        cfg, world_size=dist.world_size(), resumed_from_step=result.resumed_from_step,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        calibrated_in_launch=cfg.calib_batches > 0 and bool(collected),
+        val_documents=int((val_tokens == BOS_ID).sum()))
+    # challenge_run is a figure of metrics.json; its reasons (a list) go to the provenance's labels
+    metrics = {**dataclasses.asdict(result), "num_params": num_params, "challenge_run": not not_challenge,
+               "not_a_challenge_run": not_challenge}
+    summary = []
     if live:
         checkpoint.save_model(paths.out, model)
         calib = collected[0] if collected else calibration.Calibration({}, {}, {}, {}, 0, 0.0)
@@ -101,6 +111,9 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
                        f"({result.tokens_per_second:,.0f} tok/s, {result.tokens_per_second_per_gpu:,.0f} per process), "
                        f"+ calibration {result.calib_seconds:.2f} s, val_bpb_prequant {result.val_bpb_prequant:.4f}, "
                        f"stage {time.perf_counter() - start:.1f} s")
+        summary.append("train: a challenge run" if not not_challenge else
+                       f"train: not a challenge run ({'; '.join(not_challenge)}): its seconds are measurements on "
+                       "this machine, read as projections")
         for warning in run_warnings(cfg, result):
             summary.append(f"train: WARNING: {warning}")
     dist.shutdown()

@@ -1,0 +1,48 @@
+"""`challenge_run`: a run counts for the challenge only with every condition of the
+challenge's launch; each condition that breaks it gives exactly one reason, naming it."""
+
+import pytest
+
+from pgolf_core import challenge
+from params_helpers import train_config
+
+H100 = "NVIDIA H100 80GB HBM3"  # torch.cuda.get_device_name of the challenge's H100 SXM
+CHALLENGE = dict(world_size=8, device_name=H100, resumed_from_step=0, calibrated_in_launch=True,
+                 val_documents=50_000)
+
+
+def schedule(**overrides):
+    return train_config({"mode": "wallclock", "max_wallclock_seconds": 600.0, "calib_reserve_seconds": 8.0,
+                         **overrides})
+
+
+def test_the_challenges_launch_is_a_challenge_run():
+    assert challenge.not_a_challenge_run(schedule(), **CHALLENGE) == []
+    assert challenge.not_a_challenge_run(schedule(max_wallclock_seconds=590.0), **CHALLENGE) == []  # under the cap
+    assert challenge.not_a_challenge_run(schedule(), **{**CHALLENGE, "device_name": "NVIDIA H100 PCIe"}) == []
+
+
+@pytest.mark.parametrize("cfg, run, reason", [
+    ({}, {"world_size": 1}, "1 process(es), not 8"),
+    ({}, {"world_size": 16}, "16 process(es), not 8"),
+    ({}, {"device_name": "cpu"}, "device 'cpu', not an H100"),
+    ({}, {"device_name": "NVIDIA H200"}, "device 'NVIDIA H200', not an H100"),  # faster: its 600 s train more
+    ({}, {"device_name": "NVIDIA A100-SXM4-80GB"}, "device 'NVIDIA A100-SXM4-80GB', not an H100"),
+    ({"mode": "steps"}, {}, "train.schedule.mode 'steps', not a wall-clock schedule"),
+    ({"max_wallclock_seconds": 900.0}, {}, "train.schedule.max_wallclock_seconds 900 (over the budget)"),
+    ({}, {"resumed_from_step": 500}, "resumed from a snapshot at step 500"),
+    ({"calib_batches": 0}, {"calibrated_in_launch": False}, "no GPTQ calibration in the training launch "
+                                                            "(train.calib_batches is 0)"),
+    ({}, {"calibrated_in_launch": False}, "no GPTQ calibration in the training launch"),
+    ({}, {"val_documents": 250}, "a validation split of 250 documents, not the challenge's 50,000"),
+])
+def test_each_broken_condition_is_one_reason_that_names_it(cfg, run, reason):
+    (only,) = challenge.not_a_challenge_run(schedule(**cfg), **{**CHALLENGE, **run})
+    assert only.startswith(reason)
+
+
+def test_a_cpu_default_run_gives_every_reason_it_is_not_one():
+    reasons = challenge.not_a_challenge_run(train_config({}), world_size=1, device_name="cpu", resumed_from_step=3,
+                                            calibrated_in_launch=True, val_documents=250)
+    assert len(reasons) == 6  # processes, device, mode, cap, resume, split
+    assert reasons[3] == "train.schedule.max_wallclock_seconds 0 (no cap), not a cap of at most 600 s"
