@@ -12,8 +12,10 @@ and the tokenizer model when the run learnt its own (any source but the publishe
 
 It refuses, with every reason, a run that breaks a challenge rule (`broken_rules`): an
 artifact (script as shipped + model) over 16,000,000 bytes (or a lower
-`verify.max_artifact_bytes`); training + calibration over 600 s, or a run whose own
-budget check failed; a val_bpb whose mode is not one of pgolf's score-first evaluation
+`verify.max_artifact_bytes`); a challenge run (`challenge.not_a_challenge_run`) whose
+training + calibration took over 600 s, or a run whose own budget check failed (any
+other run is exported with its seconds reported as measurements, its README saying
+plainly why it is no challenge run); a val_bpb whose mode is not one of pgolf's score-first evaluation
 modes (`config.EVAL_MODES`) or not the mode the params fixed before evaluating; a final
 mode projected over 600 s of evaluation on 8xH100; validation documents found in the
 training shards (`validation_overlap`). Nothing is written when it refuses.
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pgolf_core import artifact, bundle, config, data, io, submission, tokenizer
+from pgolf_core import artifact, bundle, challenge, config, data, io, submission, tokenizer
 from pgolf_core.bpb import val_byte_counts
 
 ENTRY_MODULE = "pgolf_core.submission"
@@ -45,8 +47,6 @@ KERNEL_MODULES = {"fused_mlp": "pgolf_core.fused_mlp", "fused_ce": "pgolf_core.f
 SCRIPT_NAME = "train_gpt.py"
 TRACK = "10min_16mb"
 BAKED_SECTIONS = ("train", "quantize", "evaluate")
-CHALLENGE_TRAIN_SECONDS = 600.0  # train + GPTQ calibration, 8xH100
-CHALLENGE_EVAL_SECONDS = 600.0  # the final mode, artifact read to final sum, 8xH100
 # Exact duplicates between a web corpus's validation and training documents exist (short
 # boilerplate pages): a few are the data's, not the run's. A run that trained on the
 # validation split has every validation document in its training data.
@@ -205,13 +205,13 @@ def broken_rules(params: dict, code_bytes: int, model_bytes: int, train_metrics:
     if code_bytes + model_bytes > limit:
         broken.append(f"artifact is {code_bytes + model_bytes:,} bytes ({code_bytes:,} script + {model_bytes:,} model) "
                       f"> {limit:,}" + (" (verify.max_artifact_bytes)" if limit < config.CHALLENGE_ARTIFACT_BYTES else ""))
-    if "train_seconds" not in train_metrics or "calib_seconds" not in train_metrics:
-        broken.append("the train metrics have no train_seconds or calib_seconds: train + calibration cannot be "
-                      "shown to fit the budget (rerun the train stage)")
+    if any(key not in train_metrics for key in ("train_seconds", "calib_seconds", "challenge_run")):
+        broken.append("the train metrics have no train_seconds, calib_seconds or challenge_run: train + calibration "
+                      "cannot be shown to fit the budget (rerun the train stage)")
     else:
         spent = train_metrics["train_seconds"] + train_metrics["calib_seconds"]
-        if spent > CHALLENGE_TRAIN_SECONDS:
-            broken.append(f"train + calibration took {spent:.1f} s > {CHALLENGE_TRAIN_SECONDS:.0f} s")
+        if train_metrics["challenge_run"] and spent > challenge.SECONDS:  # another run's seconds are not the challenge's
+            broken.append(f"a challenge run whose train + calibration took {spent:.1f} s > {challenge.SECONDS:.0f} s")
         if train_metrics.get("within_budget") is False:
             broken.append(f"train + calibration ({spent:.1f} s) broke the run's own wall-clock cap "
                           f"(within_budget false): calibration overran train.schedule.calib_reserve_seconds")
@@ -231,9 +231,9 @@ def broken_rules(params: dict, code_bytes: int, model_bytes: int, train_metrics:
     projected = eval_metrics.get("projected_8xh100_seconds")
     if projected is None:
         broken.append("the eval metrics have no projected_8xh100_seconds: the evaluation budget cannot be shown")
-    elif projected > CHALLENGE_EVAL_SECONDS:
+    elif projected > challenge.SECONDS:
         broken.append(f"evaluation of the final mode projects to {projected:.0f} s on 8xH100 > "
-                      f"{CHALLENGE_EVAL_SECONDS:.0f} s")
+                      f"{challenge.SECONDS:.0f} s")
     if overlap["overlap_tokens"] > VAL_OVERLAP_TOLERANCE * overlap["val_tokens"]:
         broken.append(f"the training shards hold {overlap['overlap_documents']:,} of the {overlap['val_documents']:,} "
                       f"validation documents ({overlap['overlap_tokens']:,} of {overlap['val_tokens']:,} tokens): "
@@ -288,6 +288,14 @@ def describe(params: dict) -> str:
     ])
 
 
+def run_metrics(train_metrics: Path, eval_metrics: Path) -> tuple[dict, dict, dict]:
+    """(train figures + labels, eval figures + labels, the train provenance) of a run, as
+    `export_run` takes them."""
+    train_prov, eval_prov = _provenance_of(train_metrics), _provenance_of(eval_metrics)
+    return ({**io.read_json(train_metrics, "train metrics"), **train_prov.get("labels", {})},
+            {**io.read_json(eval_metrics, "eval metrics"), **eval_prov.get("labels", {})}, train_prov)
+
+
 def _provenance_of(metrics_path: Path) -> dict:
     """The provenance beside a metrics file (or beside DVCLive's folder for its metrics.json)."""
     target = metrics_path.parent if metrics_path.name == "metrics.json" else metrics_path
@@ -302,8 +310,10 @@ def _readme(name: str, params: dict, results: dict, requirements: list[str], fil
     tok_path = "./tokenizer.model" if learnt_tokenizer else f"./data/tokenizers/fineweb_{vocab}_bpe.model"
     data_path = "./data/shards" if learnt_tokenizer else f"./data/datasets/fineweb10B_sp{vocab}"
     challenge = r["challenge_run"]
-    challenge_text = ("yes" if challenge else "no: the time figures are not those of the challenge's 8xH100 "
-                      "launch") if challenge is not None else "not recorded by this run's train metrics"
+    reasons = "; ".join(r["not_a_challenge_run"])
+    challenge_text = ("yes" if challenge else f"no ({reasons or 'see the train metrics'}): the time figures are "
+                      "measurements on this machine, not the challenge's 8xH100 launch: read them as projections") \
+        if challenge is not None else "not recorded by this run's train metrics"
     return f"""# {name}
 
 {r['blurb']}
@@ -359,7 +369,8 @@ Requirements beyond torch and numpy (from the script's imports): {', '.join(requ
 
 def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval_metrics: dict,
                shards: str | Path, tokenizer_dir: str | Path, out: str | Path, *, train_log: str | Path | None = None,
-               name: str | None = None, script: bundle.Shipped | None = None, hardware: str | None = None,
+               name: str | None = None, script: bundle.Shipped | None = None, shipped: str | Path | None = None,
+               hardware: str | None = None,
                torch_version: str | None = None, git_commit: str | None = None,
                now: datetime.datetime | None = None) -> dict:
     """Write the submission folder `out` for a run; returns what went into
@@ -367,7 +378,8 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
     `artifact_dir`: the quantize stage's folder (`model.bin`, and `train_gpt.py` when it
     holds one, which must be the script these params generate); `train_metrics` and
     `eval_metrics`: the stages' figures with their provenance labels (`final_mode`);
-    `shards` and `tokenizer_dir`: the tokenize stage's folders.
+    `shards` and `tokenizer_dir`: the tokenize stage's folders; `shipped`: the script the
+    run shipped (the script stage's), which must be the one these params generate.
     Raises ExportRefused (nothing written) when the run breaks a rule."""
     artifact_dir, out, shards = Path(artifact_dir), Path(out), Path(shards)
     script = script or build_script(params)
@@ -378,9 +390,9 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
     if header_config != config.to_dict(params["train"].model.with_vocab(sp.vocab_size())):
         problems.append("the artifact's model config is not train.model of these params (with the tokenizer's "
                         "vocabulary): it was made by other settings")
-    shipped_in_artifact = artifact_dir / SCRIPT_NAME
-    if shipped_in_artifact.is_file() and shipped_in_artifact.read_text(encoding="utf-8") != script.text:
-        problems.append(f"{shipped_in_artifact} differs from the script these params and this checkout generate")
+    shipped = Path(shipped) if shipped is not None else artifact_dir / SCRIPT_NAME
+    if shipped.is_file() and shipped.read_text(encoding="utf-8") != script.text:
+        problems.append(f"{shipped} differs from the script these params and this checkout generate")
     overlap = validation_overlap(shards)
     problems += broken_rules(params, script.bytes, len(blob), train_metrics, eval_metrics, overlap)
     if problems:
@@ -411,8 +423,8 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
         "hardware": f"{world}x {hardware}", "pytorch_version": torch_version or "",
         "compliance": {
             "artifact_under_16mb": total <= config.CHALLENGE_ARTIFACT_BYTES,
-            "train_under_600s": spent <= CHALLENGE_TRAIN_SECONDS,
-            "eval_under_600s": eval_metrics["projected_8xh100_seconds"] <= CHALLENGE_EVAL_SECONDS,
+            "train_under_600s": spent <= challenge.SECONDS,
+            "eval_under_600s": eval_metrics["projected_8xh100_seconds"] <= challenge.SECONDS,
             "score_first_eval": True, "validation_not_trained_on": True,
             "challenge_run": train_metrics.get("challenge_run"),
         },
@@ -431,6 +443,7 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
                "eval_seconds": eval_metrics.get(f"eval_seconds_{final}", float("nan")),
                "projected_eval_seconds": eval_metrics["projected_8xh100_seconds"], "world_size": world,
                "hardware": hardware, "seed": seed, "challenge_run": train_metrics.get("challenge_run"),
+               "not_a_challenge_run": list(train_metrics.get("not_a_challenge_run", [])),
                "git_commit": git_commit}
     requirements_text = "".join(f"{line}\n" for line in requirements)
     if optional:
@@ -463,12 +476,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"export: {args.out} exists and is not empty; choose a new folder")
-    train_metrics = io.read_json(args.train_metrics, "train metrics")
-    train_prov = _provenance_of(args.train_metrics)
-    eval_prov = _provenance_of(args.eval_metrics)
-    eval_metrics = {**io.read_json(args.eval_metrics, "eval metrics"), **eval_prov.get("labels", {})}
+    train_metrics, eval_metrics, train_prov = run_metrics(args.train_metrics, args.eval_metrics)
     try:
-        result = export_run(load_configs(args.params), args.artifact, {**train_metrics, **train_prov.get("labels", {})},
+        result = export_run(load_configs(args.params), args.artifact, train_metrics,
                             eval_metrics, args.shards, args.tokenizer, args.out, train_log=args.train_log,
                             name=args.name, hardware=train_prov.get("device"),
                             torch_version=train_prov.get("torch_version"), git_commit=io.git_state()["git_commit"])

@@ -26,7 +26,7 @@ TEST_PROFILE = {
     "verify": {"seq_len": 64},
     "evaluate": {"seq_len": 64, "stride": 32},
 }
-ALL_STAGES = {"tokenize", "ngrams", "train", "script", "quantize", "verify", "evaluate"}
+ALL_STAGES = {"tokenize", "ngrams", "train", "script", "quantize", "verify", "evaluate", "export"}
 pytestmark = pytest.mark.slow
 
 
@@ -105,6 +105,12 @@ def test_full_run_writes_every_metric(repo):
     script = json.loads((repo / "metrics/script.json").read_text())
     assert verify["code_bytes"] == script["code_bytes"] == (repo / "data/script/train_gpt.py").stat().st_size
     assert verify["val_bpb_isolated"] == pytest.approx(ev["val_bpb"], abs=1e-6)
+    # the run as a records folder: the shipped script, the figures, the tokenizer it learnt
+    submission = json.loads((repo / "data/submission/submission.json").read_text())
+    assert (repo / "data/submission/train_gpt.py").read_bytes() == (repo / "data/script/train_gpt.py").read_bytes()
+    assert submission["val_bpb"] == ev["val_bpb"] and submission["bytes_total"] == verify["artifact_bytes"]
+    assert (repo / "data/submission/tokenizer.model").is_file() and (repo / "data/submission/README.md").is_file()
+    assert json.loads((repo / "metrics/export.json").read_text())["exported"] is True
     assert (repo / "metrics/train/plots/metrics/train_loss.tsv").is_file()
 
 
@@ -112,8 +118,9 @@ def test_provenance_is_beside_the_metrics_which_hold_only_figures(repo):
     """`dvc metrics diff` and `dvc exp show` list every changed value of a metrics file: a
     commit, a hash or a name there is noise. Each stage's provenance (commit with a dirty
     flag, versions, input hashes, its non-numeric labels) is metrics/provenance/<name>.json."""
-    names = {"tokenize": "tokenize.json", "ngrams": "ngrams.json", "train": "train/metrics.json", "script": "script.json",
-             "quantize": "quantize.json", "verify": "verify.json", "eval": "eval.json"}
+    names = {"tokenize": "tokenize.json", "ngrams": "ngrams.json", "train": "train/metrics.json",
+             "script": "script.json", "quantize": "quantize.json", "verify": "verify.json", "eval": "eval.json",
+             "export": "export.json"}
 
     def leaves(value):
         if isinstance(value, dict):
@@ -144,12 +151,12 @@ def test_second_repro_reruns_nothing(repo):
 
 def test_train_change_reruns_train_and_what_follows(repo):
     set_params(repo, "train", optimizer={"matrix_lr": 0.03})  # baked into the script too
-    assert ran_stages(dvc(repo, "repro").stdout) == {"train", "script", "quantize", "verify", "evaluate"}
+    assert ran_stages(dvc(repo, "repro").stdout) == {"train", "script", "quantize", "verify", "evaluate", "export"}
 
 
 def test_gptq_reruns_quantize_and_after_and_never_retrains(repo):
     set_params(repo, "quantize", method="gptq", clip="sdclip")
-    assert ran_stages(dvc(repo, "repro").stdout) == {"script", "quantize", "verify", "evaluate"}
+    assert ran_stages(dvc(repo, "repro").stdout) == {"script", "quantize", "verify", "evaluate", "export"}
     quant = json.loads((repo / "metrics/provenance/quantize.json").read_text())["labels"]
     verify = json.loads((repo / "metrics/verify.json").read_text())
     assert quant["method"] == "gptq" and verify["roundtrip_exact"]
@@ -177,7 +184,7 @@ def test_evaluate_change_reruns_the_shipped_script_and_what_reads_it(repo):
     """The evaluate section is baked into train_gpt.py: its bytes (the artifact's code
     bytes, quantize.fit_bytes's budget) change with it. Never the training."""
     set_params(repo, "evaluate", stride=16)
-    assert ran_stages(dvc(repo, "repro").stdout) == {"script", "quantize", "verify", "evaluate"}
+    assert ran_stages(dvc(repo, "repro").stdout) == {"script", "quantize", "verify", "evaluate", "export"}
 
 
 def test_exp_run_override_takes_effect_and_metrics_diff_shows_it(repo):
@@ -204,7 +211,7 @@ def _verify(repo, artifact_dir, reference="data/quant/reference.safetensors", pa
             train_metrics="metrics/train/metrics.json"):
     return run(repo, sys.executable, "-m", "stages.verify", "--params", params, "--artifact", str(artifact_dir),
                "--reference", reference, "--model", "data/train/model.safetensors", "--shards", "data/shards",
-               "--tokenizer", "data/tokenizer", "--train-metrics", train_metrics,
+               "--tokenizer", "data/tokenizer", "--train-metrics", train_metrics, "--script", "data/script/train_gpt.py",
                "--metrics", str(artifact_dir / "verify.json"), check=False)
 
 

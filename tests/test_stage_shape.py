@@ -36,8 +36,8 @@ def paths_class(stage: str) -> type:
     return getattr(importlib.import_module(f"pgolf_core.stage.{stage}"), f"{stage.capitalize()}Paths")
 
 
-def test_the_seven_stages_each_have_a_script_and_a_module():
-    assert set(STAGES) == {"tokenize", "ngrams", "train", "script", "quantize", "verify", "evaluate"}
+def test_the_eight_stages_each_have_a_script_and_a_module():
+    assert set(STAGES) == {"tokenize", "ngrams", "train", "script", "quantize", "verify", "evaluate", "export"}
     assert sorted(p.stem for p in (ROOT / "stages").glob("*.py") if p.stem != "__init__") == STAGES
     assert {p.stem for p in (ROOT / "pgolf_core" / "stage").glob("*.py")} >= set(STAGES)
 
