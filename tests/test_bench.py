@@ -80,6 +80,20 @@ def test_train_dev_run_smoke_run_on_cpu(tmp_path, embedded_docs):
 
 
 @pytest.mark.slow
+def test_export_smoke_run_on_cpu(tmp_path, embedded_docs):
+    """The shipped script alone and the pipeline's functions in-process, same settings."""
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in embedded_docs[:1000]))
+    out = tmp_path / "export.json"
+    result = run_module("export", "--profile", "profiles/cpu.yaml", "--corpus", str(corpus), "--workdir",
+                        str(tmp_path / "work"), "--steps", "2", "--batch-tokens", "8192", "--micro-batch-seqs", "16",
+                        "--set", "evaluate.stride=256", "--out", str(out))
+    assert HEADER <= set(result) and json.loads(out.read_text()) == result
+    assert result["val_bpb_script"] == result["val_bpb_pipeline"] and result["val_bpb_difference"] == 0.0
+    assert result["artifact_bytes"] == result["script_bytes"] + result["model_bytes"]
+
+
+@pytest.mark.slow
 def test_quantize_smoke_run_on_cpu(tmp_path, embedded_docs):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in embedded_docs[:1000]))
