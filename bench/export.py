@@ -60,7 +60,7 @@ def main() -> None:
     runs = {}
     for side in ("script", "pipeline"):
         folder = Path(tempfile.mkdtemp(prefix=f"pgolf-export-{side}-"))
-        env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "DATA_PATH": str(shards.resolve()),
+        env = {**submission.settings_free(os.environ), "DATA_PATH": str(shards.resolve()),
                "TOKENIZER_PATH": str((tok_dir / tokenizer.MODEL_FILE).resolve()), "OUT_DIR": str(folder)}
         script = folder / submission_export.SCRIPT_NAME
         script.write_text(shipped.text, encoding="utf-8")

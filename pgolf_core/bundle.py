@@ -397,12 +397,14 @@ def self_extracting(source: str) -> str:
 
 @dataclass(frozen=True)
 class Shipped:
-    """The script as shipped, which form won ("minified" or "self-extracting"), and the
-    bytes of each form ("plain": the readable bundle, "minified", "self_extracting")."""
+    """The script as shipped, which form won ("minified" or "self-extracting"), the
+    bytes of each form ("plain": the readable bundle, "minified", "self_extracting") and
+    the modules it holds."""
 
     text: str
     form: str
     sizes: dict
+    modules: tuple[str, ...] = ()
 
     @property
     def bytes(self) -> int:
@@ -428,7 +430,7 @@ def shipped_script(entry_modules: tuple[str, ...], main_module: str, main_call: 
     text, form = smaller_form(small)
     sizes = {"plain": script_bytes(plain), "minified": script_bytes(small),
              "self_extracting": script_bytes(self_extracting(small))}
-    return Shipped(text=text, form=form, sizes=sizes)
+    return Shipped(text=text, form=form, sizes=sizes, modules=tuple(traced))
 
 
 # --- running in isolation -------------------------------------------------------------

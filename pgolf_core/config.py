@@ -603,15 +603,8 @@ def _nested_names(cls: type) -> dict[str, str]:
 
 def _moved_to(cls: type, key: str) -> str:
     """The dotted place of `key` inside one of `cls`'s subsections ("" when none has it)."""
-    for f in dataclasses.fields(cls):
-        sub = typing.get_type_hints(cls)[f.name]
-        if dataclasses.is_dataclass(sub):
-            if key in {g.name for g in dataclasses.fields(sub)}:
-                return f"{f.name}.{key}"
-            deeper = _moved_to(sub, key)
-            if deeper:
-                return f"{f.name}.{deeper}"
-    return ""
+    nested = (leaf.lstrip(".") for leaf in _leaf_keys("", cls) if leaf.count(".") > 1)
+    return next((path for path in nested if path.rsplit(".", 1)[-1] == key), "")
 
 
 def parse_assignments(assignments: list[str]) -> dict:

@@ -124,6 +124,13 @@ RUN_VARS = ("DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "VOCAB_SIZE", "OUT_DIR", "E
             "EVAL_FINAL_ONLY")
 
 
+def settings_free(environ: typing.Mapping[str, str]) -> dict:
+    """`environ` without PYTHONPATH and without any variable this script reads: the
+    environment a run of the script gets before its own settings are added."""
+    names = {*ENV_KEYS, *UNSUPPORTED, *RUN_VARS, "PYTHONPATH"}
+    return {k: v for k, v in environ.items() if k not in names}
+
+
 class SettingsError(ValueError):
     """A setting of the environment (named in the message) that cannot be used."""
 

@@ -8,7 +8,7 @@ import torch
 
 from fake_hub import FakeHub
 
-from pgolf_core import corpus, tokenizer
+from pgolf_core import corpus, data, tokenizer
 from pgolf_core.config import ModelConfig
 
 TINY_VOCAB = 512
@@ -30,6 +30,15 @@ def tiny_tokenizer_dir(tmp_path_factory, embedded_docs) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sp(tiny_tokenizer_dir):
     return tokenizer.load_tokenizer(tiny_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, tiny_sp, embedded_docs):
+    """Train and val shards of the tiny tokenizer (150 train documents, 10 val), read only."""
+    directory = tmp_path_factory.mktemp("shards")
+    data.write_split(directory, "train", tokenizer.encode_documents(tiny_sp, embedded_docs[100:250]), 20_000)
+    data.write_split(directory, "val", tokenizer.encode_documents(tiny_sp, embedded_docs[:10]), 10**6)
+    return directory
 
 
 @pytest.fixture

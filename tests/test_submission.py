@@ -58,18 +58,9 @@ def baked(values: dict) -> dict:
     return submission_export.baked_params(configs(values))
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, tiny_sp, embedded_docs):
-    directory = tmp_path_factory.mktemp("shards")
-    data.write_split(directory, "train", tokenizer.encode_documents(tiny_sp, embedded_docs[100:250]), 20_000)
-    data.write_split(directory, "val", tokenizer.encode_documents(tiny_sp, embedded_docs[:10]), 10**6)
-    return directory
-
-
 def clean_env(**extra) -> dict:
     """This environment without PYTHONPATH and without any variable the script reads."""
-    names = {*submission.ENV_KEYS, *submission.UNSUPPORTED, *submission.RUN_VARS, "PYTHONPATH"}
-    return {**{k: v for k, v in os.environ.items() if k not in names}, **extra}
+    return {**submission.settings_free(os.environ), **extra}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from pgolf_core import calibration, config, data, resume, tokenizer
+from pgolf_core import calibration, data, resume
 from pgolf_core.bpb import val_byte_counts
 from pgolf_core.model import GPT
 from pgolf_core.train import compile_model, inductor_options, run_warnings, train
@@ -18,14 +18,6 @@ from params_helpers import nested, train_config
 ROOT = Path(__file__).resolve().parents[1]
 TINY_TRAIN = dict(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2, seq_len=32,
                   batch_tokens=512, micro_batch_seqs=4, iterations=6, val_every=3, val_tokens=512, ema_decay=0.5)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory, tiny_sp, embedded_docs):
-    directory = tmp_path_factory.mktemp("shards")
-    data.write_split(directory, "train", tokenizer.encode_documents(tiny_sp, embedded_docs[100:250]), 20_000)
-    data.write_split(directory, "val", tokenizer.encode_documents(tiny_sp, embedded_docs[:10]), 10**6)
-    return directory
 
 
 def run_train(shards, tiny_sp, snapshots=None, log=None, clock=None, **overrides):

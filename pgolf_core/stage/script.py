@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from pgolf_core import bundle, io
+from pgolf_core import io
 from pgolf_core.stage.result import StageResult
 from pgolf_core.submission_export import BAKED_SECTIONS, build_script, script_modules
 
@@ -28,13 +28,13 @@ class ScriptPaths:
 
 def run(cfg: dict, paths: ScriptPaths) -> StageResult:
     """Generate, write and measure the script; `cfg` holds the typed `SECTIONS`."""
-    entries, left_out = script_modules(cfg["train"])
+    _, left_out = script_modules(cfg["train"])
     shipped = build_script(cfg)
     with io.atomic_path(paths.out) as tmp:
         tmp.write_text(shipped.text, encoding="utf-8")
     metrics = {"code_bytes": shipped.bytes, "form": shipped.form, "bytes_plain": shipped.sizes["plain"],
                "bytes_minified": shipped.sizes["minified"], "bytes_self_extracting": shipped.sizes["self_extracting"]}
-    modules = bundle.traced_modules(entries)
+    modules = list(shipped.modules)
     summary = [f"script: {paths.out} {shipped.bytes:,} bytes ({shipped.form}; {shipped.sizes['plain']:,} readable, "
                f"{shipped.sizes['minified']:,} minified), {len(modules)} modules"
                + (f", left out: {', '.join(left_out)}" if left_out else "")]

@@ -116,8 +116,7 @@ def score_alone(paths: VerifyPaths) -> tuple[dict, str]:
         script = folder / "train_gpt.py"
         shutil.copyfile(paths.script, script)
         shutil.copyfile(paths.artifact / "model.bin", folder / submission.ARTIFACT_NAME)
-        names = {*submission.ENV_KEYS, *submission.UNSUPPORTED, *submission.RUN_VARS, "PYTHONPATH"}
-        env = {**{k: v for k, v in os.environ.items() if k not in names},
+        env = {**submission.settings_free(os.environ),
                "DATA_PATH": str(paths.shards.resolve()),
                "TOKENIZER_PATH": str((paths.tokenizer / tokenizer.MODEL_FILE).resolve()),
                "EVAL_ONLY": "1", "EVAL_FINAL_ONLY": "1", "OUT_DIR": str(folder),
