@@ -78,11 +78,12 @@ def collect_hessians(model: GPT, stream: TokenStream, batches: int, seqs: int, s
 
     def hook_for(name: str):
         def hook(module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if autocast_dtype is not None:
+                x = x.to(autocast_dtype)  # what the linear map multiplies under autocast
             if sums[name] is None:
                 sums[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            with torch.autocast(x.device.type, enabled=False):  # the forward's autocast must not round XᵀX to bf16
-                sums[name].addmm_(x.t(), x)
+            accumulate_gram(sums[name], x)
             rows[name] += x.shape[0]
             calls[name] += 1
         return hook
@@ -111,6 +112,25 @@ def collect_hessians(model: GPT, stream: TokenStream, batches: int, seqs: int, s
             hessians[alias] = hessians[source]
     return Calibration(hessians=hessians, rows=rows, calls=calls, aliases=aliases,
                        tokens=batches * seqs * seq_len, seconds=seconds)
+
+
+def accumulate_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """total += xᵀx, summed in float32 whatever x's dtype.
+
+    On CUDA a bf16/fp16 x goes to the tensor cores with a float32 output (cuBLAS
+    accumulates in float32, and a product of two bf16 numbers is exact in float32), so
+    the sum is the float32 one up to the order of additions. Why: the record's 16 batches
+    of 48 x 2,048 tokens took 8.03 s on an H200 with a float32 addmm (TF32 off, as in
+    training), and XᵀX is 85 M multiply-adds per token there (17 layer passes of 4.98 M,
+    the MLP's 2048² input most of it): 2.7e14 flops, about 4-6 s at float32's
+    non-tensor-core rate by that count (estimated, not yet measured: bench/NOTES.md's
+    open list). Other devices and float32 inputs take the float32 addmm."""
+    with torch.autocast(x.device.type, enabled=False):  # the forward's autocast must not round XᵀX to bf16
+        if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+            total += torch.mm(x.t(), x, out_dtype=torch.float32)
+        else:
+            x = x.float()
+            total.addmm_(x.t(), x)
 
 
 def save_hessians(path: str | Path, calibration: Calibration, metadata: dict | None = None) -> None:

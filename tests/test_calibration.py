@@ -70,6 +70,38 @@ def test_first_attention_input_matches_float64(tmp_path):
     assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_autocast_hessian_sums_what_the_linear_map_multiplies(tmp_path):
+    """Under bf16 autocast the linear map multiplies bf16(x): H is the float32 sum of
+    those products, against float64 on inputs captured by a hook of the test's own."""
+    model = _model(num_loops=1, loop_start=1, loop_end=1)
+    stream = data.TokenStream(data.list_shards(_shards(tmp_path), "train"), VOCAB)
+    seen = []
+    handle = model.blocks[1].mlp.down.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.bfloat16)))
+    cal = calibration.collect_hessians(model, stream, batches=2, seqs=2, seq_len=16, device=torch.device("cpu"),
+                                       autocast_dtype=torch.bfloat16)
+    handle.remove()
+    assert len(seen) == 4  # 2 batches x 2 passes of the looped layer
+    x = torch.cat(seen).double().numpy()
+    want = x.T @ x / len(x)
+    got = cal.hessians["blocks.1.mlp.down.weight"]
+    assert got.dtype == torch.float32
+    assert np.allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_gram_of_low_precision_inputs_accumulates_in_float32():
+    gen = torch.Generator().manual_seed(3)
+    total = torch.zeros(24, 24)
+    parts = [torch.randn(500, 24, generator=gen).mul(1 + 9 * torch.rand(24, generator=gen)).to(torch.bfloat16)
+             for _ in range(3)]
+    for x in parts:
+        calibration.accumulate_gram(total, x)
+    x = torch.cat(parts).double().numpy()
+    want = x.T @ x
+    assert total.dtype == torch.float32
+    assert np.abs(total.double().numpy() - want).max() <= 1e-6 * np.abs(want).max()  # float32 sums, not bf16's 4e-3
+
+
 def test_hessians_file_round_trip_keeps_aliases(tmp_path):
     model = _model()
     stream = data.TokenStream(data.list_shards(_shards(tmp_path / "s"), "train"), VOCAB)
