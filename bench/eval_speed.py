@@ -3,7 +3,8 @@
 `projected_8xh100_seconds_<mode>`).
 
 Each mode runs as `evaluate` runs it (`pgolf_core.eval.run`: a fresh model per mode,
-the warm-up on random tokens, then the scoring loop) over the first `--tokens` tokens of
+compiled when the profile's `evaluate.compile` says so, the warm-up on random tokens,
+then the scoring loop; `--set compile=false` for the eager figures) over the first `--tokens` tokens of
 the validation stream: the val shards when `--shards` is given, else synthetic documents
 of geometric length (mean `--doc-len`, FineWeb's about 811 tokens) with random tokens.
 The model is the artifact (`--artifact`), a trained float checkpoint (`--model`), or the
@@ -35,8 +36,9 @@ from bench.header import RESULTS, header
 from pgolf_core import artifact, checkpoint, config, data, tokenizer
 from pgolf_core.bpb import bits_per_byte, val_byte_counts
 from pgolf_core.eval import budget
-from pgolf_core.eval.run import score_mode, truncated, warm_up
+from pgolf_core.eval.run import prepare, score_mode, truncated
 from pgolf_core.model import GPT
+from pgolf_core.train import compiled_graphs
 
 FINEWEB_VAL_TOKENS = 40_540_160
 FINEWEB_VAL_DOCUMENTS = 50_000
@@ -110,8 +112,8 @@ def main() -> None:
     for mode in cfg.modes:
         start = time.perf_counter()
         model = load()
-        warm_up(model, mode, cfg, device, autocast)
-        loop_start = time.perf_counter()
+        prepare(model, mode, cfg, device, autocast)  # compiled when the profile's evaluate.compile says so
+        loop_start, graphs_before = time.perf_counter(), compiled_graphs()
         sums = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast,
                           progress=True)
         if device.type == "cuda":
@@ -122,7 +124,8 @@ def main() -> None:
         result[f"projected_8xh100_seconds_{mode}"] = round(
             budget.project_8xh100(timing, cfg.sync_seconds, tokens=FINEWEB_VAL_TOKENS), 1)
         per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2), "loop_seconds": round(timing.loop_seconds, 2),
-                          "syncs": timing.syncs, "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets}
+                          "syncs": timing.syncs, "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets,
+                          "compiled": cfg.compile, "graphs_compiled_in_loop": compiled_graphs() - graphs_before}
         if args.shards and args.tokenizer:  # the quality of the timed slice (dev-corpus figures off FineWeb)
             result[f"val_bpb_{mode}"] = bits_per_byte(sums.sums.nll_nats, sums.sums.num_bytes)
         print(f"eval_speed: {mode} {result[f'tokens_per_second_{mode}']:,} tok/s, 8xH100 projection "

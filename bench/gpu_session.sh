@@ -69,9 +69,10 @@ dev dev train_dev_run.json
 # Hessians collected as one rank of the record run would, then RTN and GPTQ on the same grid
 part quantize quantize.json 420 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
     --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants lqer
-# evalspeed (after quantize): each evaluation mode on that GPTQ artifact, over the first 200,000
-# dev val tokens: tokens/s, the 8xH100 projection and val_bpb of the slice
-part evalspeed eval_speed.json 240 python3 -m bench.eval_speed --profile $RECORD --device cuda \
+# evalspeed (after quantize, in a call of its own: each mode compiles its graphs in its warm-up):
+# each evaluation mode on that GPTQ artifact, over the first 200,000 dev val tokens, compiled
+# as the record profile says: tokens/s, the 8xH100 projection and val_bpb of the slice
+part evalspeed eval_speed.json 540 python3 -m bench.eval_speed --profile $RECORD --device cuda \
     --artifact data/dev_run/model_gptq.bin --shards data/dev_run/shards_8192 \
     --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes sliding ttt_sgd ttt_phased
 dev devdocmask train_dev_run_docmask.json --set model.doc_mask=true

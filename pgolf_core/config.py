@@ -21,6 +21,7 @@ TOKENIZE_SOURCES = ("embedded", "jsonl", "docs_cache", "published")
 COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")  # the default set: pure Python wheels, always available
 ALL_COMPRESSORS = (*COMPRESSORS, "lrzip")  # lrzip (ZPAQ) runs the system binary, where one exists
 LAYOUT_ORDERS = ("row", "col")  # layouts: an order, then optionally "+nn" and/or "+shuffle" (artifact_layout)
+EVAL_COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo's and AOTAutograd's graphs, run eagerly
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA-graph modes: the host already runs ahead of the GPU
 QUANT_METHODS = ("rtn", "gptq")
 CLIP_METHODS = ("percentile", "sdclip")
@@ -495,7 +496,9 @@ class EvaluateConfig:
     phase_lr: float = 0.001  # global SGD peak LR (cosine over the phase's chunks); momentum, clip, chunk as ttt_*
     phase_epochs: int = 1
     # budget (DESIGN.md: the final mode <= 600 s on 8xH100, artifact read to final sum)
-    warmup: bool = True  # one forward/backward on random tokens before the timer of the scoring loop
+    warmup: bool = True  # each forward/backward the mode's loop runs, on random tokens, before the loop's timer
+    compile: bool = False  # torch.compile the evaluation model (dynamic shapes; the warm-up builds the graphs)
+    compile_backend: str = "inductor"  # EVAL_COMPILE_BACKENDS; aot_eager traces the same graphs without codegen
     max_eval_seconds: float = 0.0  # fail when the final mode's 8xH100 projection exceeds it (0 = no check)
     sync_seconds: float = 0.0002  # projection: cost of one cross-process synchronisation on 8xH100
 
@@ -524,6 +527,7 @@ class EvaluateConfig:
             raise ValueError("evaluate.lora_targets is empty: name at least one of " + ", ".join(LORA_TARGETS))
         for name in self.lora_targets:
             _choice("evaluate.lora_targets[]", name, LORA_TARGETS)
+        _choice("evaluate.compile_backend", self.compile_backend, EVAL_COMPILE_BACKENDS)
         if any(not isinstance(b, int) or b <= 0 for b in self.phase_boundaries) or \
                 list(self.phase_boundaries) != sorted(set(self.phase_boundaries)):
             raise ValueError(f"evaluate.phase_boundaries={self.phase_boundaries}: must be increasing positive "

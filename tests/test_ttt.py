@@ -212,7 +212,7 @@ def test_lora_with_b_zero_is_the_plain_forward_with_every_switch_on():
     with torch.no_grad():
         plain = model(idx)
     lora = _lora(model, dataclasses.replace(EVAL, lora_targets=["q", "k", "v", "o", "up", "down", "head"]), 2)
-    lora.mode.select(torch.arange(2))
+    lora.mode.restart()
     with torch.no_grad(), lora.mode:
         adapted = model(idx)
     assert torch.equal(plain, adapted)
@@ -232,7 +232,7 @@ def test_adapters_equal_merged_weights_in_float64():
         with torch.no_grad():
             b.copy_(torch.randn(b.shape, generator=gen, dtype=torch.float64) * 0.3)
     idx = torch.as_tensor(_stream(30, 64, seed=6)).view(2, 15)
-    lora.mode.select(torch.arange(2))
+    lora.mode.restart()
     with torch.no_grad(), lora.mode:
         adapted = model(idx)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -255,7 +255,7 @@ def test_the_head_adapter_changes_the_logits():
     with torch.no_grad():
         b.fill_(0.5)
     idx = torch.as_tensor(_stream(12, 64, seed=1))[None]
-    lora.mode.select(torch.arange(1))
+    lora.mode.restart()
     with torch.no_grad():
         plain = model(idx)
         with lora.mode:
@@ -280,6 +280,25 @@ def test_evaluate_reloads_the_artifact_per_mode_and_reports_the_budget(stream):
     assert 0 < metrics["eval_seconds_timed_as_records"] <= metrics["eval_seconds_ttt_sgd"]
     assert metrics["projected_8xh100_seconds"] == metrics["projected_8xh100_seconds_ttt_sgd"]
     assert metrics["tokens_scored"] == len(stream) - 1
+
+
+def test_compiled_evaluation_scores_as_eager_with_every_graph_built_by_the_warm_up(stream, capsys):
+    """evaluate.compile with aot_eager (dynamo's and AOTAutograd's graphs: the part that
+    could lose an adapter or a state; Inductor's code generation is torch's) scores as
+    eager: `sliding` for the scoring graph, `ttt_phased` for the adapters' and the global
+    SGD step's. The loops' fixed rows and varying length leave no graph to build inside
+    the timed loop. A 2-layer model keeps the tracing short (about 30 s on 2 cores)."""
+    small = ModelConfig(**{**RECORD_LIKE, "num_layers": 2, "xsa_last_n": 2, "value_embed_layers": (1,),
+                           "num_loops": 0, "loop_start": 0, "loop_end": 0, "parallel_start": 1})
+    cfg = dataclasses.replace(EVAL, modes=["sliding", "ttt_phased"], final_mode="ttt_phased", warmup=True)
+    eager = evaluate(cfg, lambda: _model(small), stream, _bytes(stream), CPU)
+    capsys.readouterr()
+    compiled = evaluate(dataclasses.replace(cfg, compile=True, compile_backend="aot_eager"),
+                        lambda: _model(small), stream, _bytes(stream), CPU)
+    assert "inside the timed loop" not in capsys.readouterr().out
+    for mode in cfg.modes:
+        assert compiled[f"val_bpb_{mode}"] == pytest.approx(eager[f"val_bpb_{mode}"], rel=1e-8, abs=0), mode
+    assert compiled["tokens_scored"] == eager["tokens_scored"]
 
 
 def test_projection_model_and_budget_check():

@@ -47,7 +47,7 @@ from tqdm import tqdm
 from pgolf_core import dist
 from pgolf_core.config import EvaluateConfig
 from pgolf_core.eval.sliding import Ledger, ScoreSums, add_scores, stream_tensors
-from pgolf_core.eval.ttt import Block, ModeResult, SGDTrainer, cosine_lr, span_blocks
+from pgolf_core.eval.ttt import MIN_LENGTH, Block, ModeResult, SGDTrainer, cosine_lr, span_blocks, varying_length
 from pgolf_core.loss import token_nll
 
 ADAPTER_SEED = 20260410  # adapters' A of batch b are drawn from a generator seeded ADAPTER_SEED + b
@@ -88,8 +88,8 @@ def count_slots(model, weights: list[torch.nn.Parameter], device) -> dict[int, i
     per pass). Fails, naming the weight, when the forward never does: its adapter would
     be silently absent."""
     counter = _CountLinearCalls([id(w) for w in weights])
-    with torch.no_grad(), counter:
-        model(torch.zeros(1, 2, dtype=torch.long, device=device))
+    with torch.no_grad(), counter:  # forward() itself: a compiled model (evaluate.compile) builds no graph to count
+        model.forward(torch.zeros(1, 2, dtype=torch.long, device=device))
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [names.get(k, "?") for k, n in counter.calls.items() if n == 0]
     if missing:
@@ -99,18 +99,16 @@ def count_slots(model, weights: list[torch.nn.Parameter], device) -> dict[int, i
 
 class LoraMode(TorchFunctionMode):
     """Adds each document's adapter output to every adapted F.linear of the forward.
-    `adapters[id(weight)] = (A, B)`, A (slots, docs, r, in), B (slots, docs, out, r);
-    `select(rows)` before each forward picks the documents of its batch rows and
-    restarts the per-weight call counters that pick the slot."""
+    `adapters[id(weight)] = (A, B)`, A (slots, docs, r, in), B (slots, docs, out, r):
+    batch row i is document i. `restart()` before each forward restarts the per-weight
+    call counters that pick the slot."""
 
     def __init__(self, adapters: dict[int, tuple[torch.Tensor, torch.Tensor]], scale: float):
         super().__init__()
         self.adapters, self.scale = adapters, scale
-        self.rows: torch.Tensor | None = None
         self.calls = dict.fromkeys(adapters, 0)
 
-    def select(self, rows: torch.Tensor) -> None:
-        self.rows = rows
+    def restart(self) -> None:
         self.calls = dict.fromkeys(self.adapters, 0)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -125,8 +123,6 @@ class LoraMode(TorchFunctionMode):
             raise RuntimeError(f"a forward called an adapted weight {slot + 1} times; it has {A.size(0)} slots")
         self.calls[key] = slot + 1
         a, b = A[slot], B[slot]
-        if self.rows is not None:
-            a, b = a[self.rows], b[self.rows]
         x = args[0]
         return out + self.scale * ((x @ a.transpose(-1, -2)) @ b.transpose(-1, -2))
 
@@ -196,24 +192,34 @@ def _frozen(model):
 
 
 def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[int, int]], stream: torch.Tensor,
-                stream_bytes: torch.Tensor, sums: torch.Tensor, *, device, autocast_dtype, ledger: Ledger | None) -> None:
-    """Score-then-step over the chunks of one batch of documents, all in lockstep."""
+                stream_bytes: torch.Tensor, sums: torch.Tensor, *, rows: int, device, autocast_dtype,
+                ledger: Ledger | None) -> None:
+    """Score-then-step over the chunks of one batch of documents, all in lockstep.
+
+    Every forward has `rows` rows (the batch size, or all documents when fewer), row i
+    for document i: a document that has no chunk left (or a row past the last document
+    of a short batch) is an empty row, nothing scored and no loss, so only the window
+    length varies between forwards (one compiled graph, `evaluate.compile`). An empty
+    row's adapters get zero gradients, as unused adapters did when only the live
+    documents ran."""
     cfg = lora.cfg
     K, L = cfg.lora_chunk_tokens, cfg.seq_len
-    lora.fresh(batch_index, len(docs))
-    chunks = [math.ceil((e - s) / K) for s, e in docs]
+    lora.fresh(batch_index, rows)
+    chunks = [math.ceil((e - s) / K) for s, e in docs] + [0] * (rows - len(docs))
     model.eval()
     with _frozen(model), lora.mode:
         for j in range(max(chunks)):
-            rows = [i for i in range(len(docs)) if chunks[i] > j]
-            spans = []  # (window start, window length, scored targets) per row
-            for i in rows:
+            spans = []  # (window start, window length, scored targets) per row; (0, 0, 0): an empty row
+            for i in range(rows):
+                if chunks[i] <= j:
+                    spans.append((0, 0, 0))
+                    continue
                 s, e = docs[i]
                 a = s + j * K
                 end = min(a + K, e)
                 w = max(s, end - L)
                 spans.append((w, end - w, end - a))
-            T = max(length for _, length, _ in spans)
+            T = max(MIN_LENGTH, max(length for _, length, _ in spans))
             offsets = torch.arange(T + 1)
             starts = torch.tensor([w for w, _, _ in spans])[:, None]
             lengths = torch.tensor([length for _, length, _ in spans])[:, None]
@@ -222,18 +228,29 @@ def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[in
             k = offsets[None, 1:] - 1  # target index in the row
             scored = ((k >= lengths - torch.tensor([n for _, _, n in spans])[:, None]) & (k < lengths)).to(device)
             nbytes = stream_bytes[positions[:, 1:]].to(device)
-            lora.mode.select(torch.tensor(rows, device=device))
+            inputs = varying_length(seqs[:, :-1])  # the window length varies; the rows do not
+            lora.mode.restart()
             with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(seqs[:, :-1])
+                logits = model(inputs)
             nll = token_nll(logits, seqs[:, 1:])
             add_scores(sums, nll, nbytes, scored, positions[:, 1:].to(device), ledger)
-            later = torch.tensor([chunks[i] > j + 1 for i in rows], device=device)
+            later = torch.tensor([chunks[i] > j + 1 for i in range(rows)], device=device)
             if later.any():  # each document's mean loss over the chunk it just scored
-                per_doc = (nll * scored).sum(1) / scored.sum(1)
+                per_doc = (nll * scored).sum(1) / scored.sum(1).clamp(min=1)
                 lora.opt.zero_grad(set_to_none=True)
                 (per_doc * later).sum().backward()
                 lora.opt.step()
     lora.end_batch()
+
+
+def warm_up_adapters(model, cfg: EvaluateConfig, device, idx: torch.Tensor) -> None:
+    """The adapters' forward and backward as `score_batch` runs them, on the caller's
+    (random) `lora_batch_docs` rows of tokens and throwaway adapters: the base weights
+    take no gradient and nothing steps. Runs under the caller's autocast."""
+    lora = DocumentLora(model, cfg, device)
+    lora.fresh(0, idx.size(0))
+    with _frozen(model), lora.mode:
+        token_nll(model(varying_length(idx[:, :-1])), idx[:, 1:]).mean().backward()
 
 
 def _batches(queue: list, size: int) -> list[list]:
@@ -304,7 +321,7 @@ def _run(model, tokens, byte_counts, cfg: EvaluateConfig, *, phased: bool, devic
                                        disable=not progress, unit="round")):
         if rank < len(batch_ids):
             b = batch_ids[rank]
-            score_batch(model, lora, b, batches[b], stream, stream_bytes, sums, device=device,
+            score_batch(model, lora, b, batches[b], stream, stream_bytes, sums, rows=len(batches[0]), device=device,
                         autocast_dtype=autocast_dtype, ledger=ledger)
         scored_docs = min(len(queue), (batch_ids[-1] + 1) * cfg.lora_batch_docs)
         while boundaries and boundaries[0] <= scored_docs and r < len(schedule) - 1:

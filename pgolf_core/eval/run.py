@@ -3,14 +3,17 @@ times each as the budget counts it (`budget`).
 
 Each mode starts from the artifact's weights: test-time training changes the model, and
 a later mode must not score with a model an earlier one trained. Reading the artifact
-again per mode is also what `eval_seconds_<mode>` must include. The warm-up (one
-forward and, for TTT modes, one backward, weights untouched) runs on random tokens,
-never on validation tokens: a warm-up on validation data would be training on it
-before scoring (#1530 was questioned for that).
+again per mode is also what `eval_seconds_<mode>` must include, and so is compiling it
+(`evaluate.compile`: each mode compiles from empty caches, as a run of that mode alone
+would). The warm-up runs each forward and backward the mode's loop runs, so that every
+graph exists before the loop's timer starts, on random tokens and with the weights
+restored, never on validation tokens: a warm-up on validation data would be training on
+it before scoring (#1530 was questioned for that).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -21,9 +24,10 @@ from pgolf_core import dist
 from pgolf_core.bpb import bits_per_byte
 from pgolf_core.config import EvaluateConfig
 from pgolf_core.eval import budget
-from pgolf_core.eval.lora import ttt_lora, ttt_phased
+from pgolf_core.eval.lora import ttt_lora, ttt_phased, warm_up_adapters
 from pgolf_core.eval.sliding import Ledger, ScoreSums, score_windows
-from pgolf_core.eval.ttt import ModeResult, ttt_sgd
+from pgolf_core.eval.ttt import ModeResult, ttt_sgd, varying_length
+from pgolf_core.train import compiled_graphs
 
 TTT_MODES = {"ttt_sgd": ttt_sgd, "ttt_lora": ttt_lora, "ttt_phased": ttt_phased}
 WARMUP_SEED = 1234
@@ -53,19 +57,44 @@ def score_mode(mode: str, model, tokens: np.ndarray, byte_counts: np.ndarray, cf
     return ModeResult(total, 1)
 
 
+def prepare(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> None:
+    """Make a freshly read model ready for `mode`'s loop: compiled when `evaluate.compile`
+    says so (dynamic shapes: windows, documents and batches vary in length), then warmed
+    up when `evaluate.warmup` says so."""
+    if cfg.compile:
+        torch.compiler.reset()  # this mode pays for its own graphs, as a run of it alone would
+        model.compile(dynamic=True, backend=cfg.compile_backend)
+    if cfg.warmup:
+        warm_up(model, mode, cfg, device, autocast_dtype)
+
+
 def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> None:
-    """One forward (and backward for TTT modes) at the loop's shapes on random tokens;
-    gradients are dropped, weights are not touched."""
+    """Each call the mode's loop makes, at the loop's batch shapes on random tokens:
+    scoring forwards without gradient, the full-model SGD step's forward and backward
+    (`ttt_sgd`, `ttt_phased`), the adapters' forward and backward (`ttt_lora`,
+    `ttt_phased`); the loops keep their row counts fixed and mark the window length
+    dynamic, so these are every graph they need. Gradients are dropped and nothing
+    steps: the weights are untouched."""
     gen = torch.Generator().manual_seed(WARMUP_SEED)
-    rows = cfg.batch_seqs if mode not in TTT_MODES else min(cfg.ttt_batch_seqs, cfg.batch_seqs)
-    idx = torch.randint(0, model.cfg.vocab_size, (rows, cfg.seq_len + 1), generator=gen).to(device)
-    train = mode in TTT_MODES
-    with torch.set_grad_enabled(train), torch.autocast(device_type=device.type, dtype=autocast_dtype,
-                                                        enabled=autocast_dtype is not None):
-        nll = model(idx[:, :-1], idx[:, 1:])
-    if train:
-        nll.float().mean().backward()
-        model.zero_grad(set_to_none=True)
+
+    def random_tokens(rows: int) -> torch.Tensor:
+        return torch.randint(0, model.cfg.vocab_size, (rows, cfg.seq_len + 1), generator=gen).to(device)
+
+    was_training = model.training
+    with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        if mode in ("nonoverlap", "sliding", "ttt_sgd"):
+            model.eval()
+            with torch.no_grad():
+                model(random_tokens(cfg.batch_seqs)[:, :-1])
+        if mode in ("ttt_sgd", "ttt_phased"):
+            model.train()
+            idx = random_tokens(math.ceil(cfg.ttt_batch_seqs / dist.world_size()))
+            model(varying_length(idx[:, :-1]), idx[:, 1:]).float().mean().backward()
+            model.zero_grad(set_to_none=True)
+        if mode in ("ttt_lora", "ttt_phased"):
+            model.eval()
+            warm_up_adapters(model, cfg, device, random_tokens(cfg.lora_batch_docs))
+    model.train(was_training)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -80,12 +109,14 @@ def evaluate(cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], val
     for mode in cfg.modes:
         start = time.perf_counter()
         model = load_model()
-        if cfg.warmup:
-            warm_up(model, mode, cfg, device, autocast)
-        loop_start = time.perf_counter()
+        prepare(model, mode, cfg, device, autocast)
+        loop_start, graphs_before = time.perf_counter(), compiled_graphs()
         result = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast,
                             progress=progress)
         end = time.perf_counter()
+        if cfg.compile and compiled_graphs() > graphs_before:
+            print(f"WARNING: evaluate: {mode}: torch.compile built {compiled_graphs() - graphs_before} graph(s) "
+                  "inside the timed loop (a shape or state the warm-up did not cover)", flush=True)
         total = result.sums
         timings[mode] = budget.ModeTiming(loop_start - start, end - loop_start, dist.world_size(), result.syncs,
                                           total.num_targets)

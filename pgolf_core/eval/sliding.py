@@ -5,7 +5,9 @@ a target). The first window scores all of its targets; each later window moves i
 forward by `stride` and scores only the targets no earlier window scored, with the
 rest of the window as context. stride == window gives non-overlapping blocks; a small
 stride gives every scored target at least window - stride tokens of context. All
-windows have the same length, min(window, N-1), so batches need no padding.
+windows have the same length, min(window, N-1), and every batch of a pass has the same
+rows (a short one is filled with windows that score nothing), so a compiled model
+(`evaluate.compile`) sees one shape.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from pgolf_core.loss import token_nll
 class Window:
     start: int  # first input position; inputs are tokens[start : start + length]
     num_scored: int  # the window's last `num_scored` targets are scored here
+
+
+EMPTY_WINDOW = Window(0, 0)  # fills a short batch: scores nothing
 
 
 @dataclass
@@ -87,18 +92,22 @@ def add_scores(sums: torch.Tensor, nll: torch.Tensor, nbytes: torch.Tensor, scor
 def score_window_list(model, stream: torch.Tensor, stream_bytes: torch.Tensor, length: int, windows: list[Window], *,
                       batch_seqs: int, device, autocast_dtype: torch.dtype | None = None,
                       ledger: Ledger | None = None, progress: bool = False, desc: str = "score",
-                      looping: bool | None = None) -> torch.Tensor:
+                      looping: bool | None = None, rows: int | None = None) -> torch.Tensor:
     """Score `windows` (all of `length` inputs) of a CPU int64 token stream with no gradient;
     returns the float64 sums (nll, bytes, targets) on `device`. Shared by sliding scoring and
     by test-time training, which scores each chunk's windows before training on it.
-    `looping`: the GPT's recurrence, when not as evaluation runs it (validation mid-training)."""
+    `looping`: the GPT's recurrence, when not as evaluation runs it (validation mid-training).
+    `rows`: windows per forward, a short batch filled with empty ones (default: `batch_seqs`,
+    or all the windows when fewer)."""
+    rows = rows or min(batch_seqs, len(windows))
     offsets = torch.arange(length + 1)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
-    batches = range(0, len(windows), batch_seqs)
+    batches = range(0, len(windows), rows)
     for i in tqdm(batches, desc=desc, disable=not progress, unit="batch", leave=False):
-        chunk = windows[i : i + batch_seqs]
+        # a short last batch is filled with windows that score nothing: one shape, one compiled graph
+        chunk = windows[i : i + rows] + [EMPTY_WINDOW] * max(0, i + rows - len(windows))
         starts = torch.tensor([w.start for w in chunk])
         positions = starts[:, None] + offsets  # (b, length + 1)
         seqs = stream[positions].to(device)

@@ -26,11 +26,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch._dynamo
 from tqdm import tqdm
 
 from pgolf_core import dist
 from pgolf_core.config import EvaluateConfig
 from pgolf_core.eval.sliding import Ledger, ScoreSums, Window, plan_windows, score_window_list, stream_tensors
+
+
+# Windows and blocks of the TTT loops are padded to at least this many positions: below
+# it, slices of the length (x[:, 1:], x[:, :-1]) fall to sizes 0 and 1, which torch.compile
+# specializes, a graph per tiny length (a rare batch of 2-token documents built one inside
+# the timed loop).
+MIN_LENGTH = 8
+
+
+def varying_length(inputs: torch.Tensor) -> torch.Tensor:
+    """`inputs` (rows, length), its length marked as varying for torch.compile
+    (`evaluate.compile`): one graph for every window or block length. Eager runs ignore it."""
+    torch._dynamo.maybe_mark_dynamic(inputs, 1)
+    return inputs
 
 
 @dataclass(frozen=True)
@@ -112,16 +127,20 @@ class SGDTrainer:
     def _step(self, stream: torch.Tensor, mine: list[Block], total_targets: int) -> None:
         self.opt.zero_grad(set_to_none=False)
         if mine:
-            length = max(b.length for b in mine)
+            # this rank's full share of a batch, a short one filled with empty blocks: only
+            # the length varies, one compiled graph (evaluate.compile)
+            mine = mine + [Block(0, 0)] * (math.ceil(self.batch_seqs / self.world_size) - len(mine))
+            length = max(MIN_LENGTH, max(b.length for b in mine))
             offsets = torch.arange(length + 1)
             lengths = torch.tensor([b.length for b in mine])[:, None]
             positions = (torch.tensor([b.start for b in mine])[:, None] + offsets).clamp(max=len(stream) - 1)
             # a shorter block is padded with token 0, never with the tokens that follow it
             seqs = torch.where(offsets[None, :] <= lengths, stream[positions], 0).to(self.device)
             valid = (offsets[None, 1:] <= lengths).to(self.device)
+            inputs = varying_length(seqs[:, :-1])
             with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
                                 enabled=self.autocast_dtype is not None):
-                nll = self.model(seqs[:, :-1], seqs[:, 1:])
+                nll = self.model(inputs, seqs[:, 1:])
             (nll.float() * valid).sum().div(total_targets).backward()
         if self.world_size > 1:
             grads = [p.grad for p in self.params]
@@ -148,11 +167,12 @@ def ttt_sgd(model, tokens: np.ndarray, byte_counts: np.ndarray, cfg: EvaluateCon
                          freeze_blocks=cfg.ttt_freeze_blocks, batch_seqs=cfg.ttt_batch_seqs, device=device,
                          autocast_dtype=autocast_dtype, rank=rank, world_size=world)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
+    rows = min(cfg.batch_seqs, math.ceil(len(windows) / world))  # every chunk's batches one shape
     model.eval()
     for c in tqdm(range(len(groups)), desc="ttt_sgd chunks", disable=not progress, unit="chunk"):
         sums += score_window_list(model, stream, stream_bytes, length, groups[c][rank::world],
                                   batch_seqs=cfg.batch_seqs, device=device, autocast_dtype=autocast_dtype,
-                                  ledger=ledger)
+                                  ledger=ledger, rows=rows)
         if c < len(groups) - 1:  # the last chunk is never trained on: nothing is scored after it
             end = min((c + 1) * cfg.ttt_chunk_tokens, len(tokens) - 1)
             trainer.train(stream, span_blocks(c * cfg.ttt_chunk_tokens, end, cfg.seq_len),
