@@ -38,7 +38,7 @@ from pgolf_core.bpb import bits_per_byte, val_byte_counts
 from pgolf_core.eval import budget
 from pgolf_core.eval.run import prepare, score_mode, truncated
 from pgolf_core.model import GPT
-from pgolf_core.train import compiled_graphs
+from pgolf_core.graphs import compiled_graphs
 
 FINEWEB_VAL_TOKENS = 40_540_160
 FINEWEB_VAL_DOCUMENTS = 50_000

@@ -34,7 +34,8 @@ from pgolf_core import config
 from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT, layer_sequence
 from pgolf_core.optim import build_optimizers
-from pgolf_core.train import compile_model, compiled_graphs, train_step
+from pgolf_core.graphs import compiled_graphs
+from pgolf_core.train import compile_model, train_step
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 

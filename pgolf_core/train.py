@@ -30,6 +30,7 @@ from pgolf_core import dist
 from pgolf_core.config import RuntimeConfig, ScheduleConfig, TrainConfig
 from pgolf_core.data import TokenStream
 from pgolf_core.eval.sliding import val_bpb
+from pgolf_core.graphs import compiled_graphs
 from pgolf_core.model import GPT
 from pgolf_core.optim import apply_schedule, build_optimizers, lr_multiplier, muon_momentum
 from pgolf_core.resume import Snapshot, Snapshots
@@ -416,13 +417,6 @@ def inductor_options(cfg: RuntimeConfig) -> dict:
     if cfg.compile_mix_order_reduction != getattr(inductor_config.triton, "mix_order_reduction", True):
         options["triton.mix_order_reduction"] = cfg.compile_mix_order_reduction  # a torch without it raises
     return {**options, **list_mode_options(cfg.compile_mode, dynamic=False)}
-
-
-def compiled_graphs() -> int:
-    """Graphs torch.compile has built in this process so far. A graph built inside the
-    timed run (a recompile: a guard the warm-up did not cover) costs the run its compile
-    time, tens of seconds at record scale."""
-    return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
 
 def _warm_up_and_restore(model, optimizers, stream: TokenStream, one_step) -> None:

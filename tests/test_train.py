@@ -11,6 +11,7 @@ import yaml
 
 from pgolf_core import calibration, data, resume
 from pgolf_core.bpb import val_byte_counts
+from pgolf_core.graphs import compiled_graphs
 from pgolf_core.model import GPT
 from pgolf_core.train import compile_model, inductor_options, run_warnings, train
 from params_helpers import nested, train_config
@@ -161,12 +162,10 @@ LOOPED_RAGGED = dict(num_layers=3, unet_skips=True, num_loops=1, loop_start=1, l
 def test_the_warm_up_compiles_every_graph_the_run_needs(shards, tiny_sp, eager_backend_compile):
     """The loop switches on mid-run and the last micro-batch is shorter (two static
     shapes): the warm-up builds all four graphs, so none is built in the timed run."""
-    import pgolf_core.train as train_module
-
-    before = train_module.compiled_graphs()
+    before = compiled_graphs()
     result, logged, _ = run_train(shards, tiny_sp, **LOOPED_RAGGED)
     assert [v["looping"] for _, v in logged if "looping" in v] == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
-    assert train_module.compiled_graphs() - before == 4 and result.graphs_compiled_in_run == 0
+    assert compiled_graphs() - before == 4 and result.graphs_compiled_in_run == 0
 
 
 def test_a_graph_compiled_inside_the_run_is_counted_and_flagged(shards, tiny_sp, eager_backend_compile, monkeypatch):

@@ -27,7 +27,7 @@ from pgolf_core.eval import budget
 from pgolf_core.eval.lora import ttt_lora, ttt_phased, warm_up_adapters
 from pgolf_core.eval.sliding import Ledger, ScoreSums, score_windows
 from pgolf_core.eval.ttt import ModeResult, ttt_sgd, varying_length
-from pgolf_core.train import compiled_graphs
+from pgolf_core.graphs import compiled_graphs
 
 TTT_MODES = {"ttt_sgd": ttt_sgd, "ttt_lora": ttt_lora, "ttt_phased": ttt_phased}
 WARMUP_SEED = 1234
