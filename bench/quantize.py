@@ -154,16 +154,19 @@ def main() -> None:
             print(f"quantize bench: {key}{suffix} val_bpb {bpb:.5f} (float {record[f'val_bpb_float{suffix}']:.5f}), "
                   f"{record[f'model_bytes_{key}']:,} bytes, {seconds:.1f} s", flush=True)
 
+    # RTN and GPTQ alone, whatever Quantization II options the profile switches on: the
+    # variants below add them one at a time
+    alone = dataclasses.replace(quant_cfg, lqer_rank=0, gate_int8=False, prune_fraction=0.0, fit_bytes=0)
     for method in ("rtn", "gptq"):
         start = time.perf_counter()
-        qm = quantize_gptq(state, hessians, quant_cfg, device) if method == "gptq" else quantize_rtn(state, quant_cfg)
+        qm = quantize_gptq(state, hessians, alone, device) if method == "gptq" else quantize_rtn(state, alone)
         gptq_qm = qm  # the loop ends on gptq: the layouts below pack these integers
         measure(method, qm, time.perf_counter() - start, quant_cfg.compressors)
     lqer = {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k}
     options = {"lqer": lqer, "gate": {"gate_int8": True}, "lqer_gate": {**lqer, "gate_int8": True}}
     variants = {f"gptq_{name}": options[name] for name in args.variants}
     for key, change in variants.items():
-        vcfg = dataclasses.replace(quant_cfg, method="gptq", **change)
+        vcfg = dataclasses.replace(alone, method="gptq", **change)
         start = time.perf_counter()
         qm, steps = quantize_model(state, vcfg, hessians, device)
         if steps["lqer"]:
