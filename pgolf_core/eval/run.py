@@ -59,11 +59,11 @@ def score_mode(mode: str, model, tokens: np.ndarray, byte_counts: np.ndarray, cf
 
 def prepare(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> None:
     """Make a freshly read model ready for `mode`'s loop: compiled when `evaluate.compile`
-    says so (dynamic shapes: windows, documents and batches vary in length), then warmed
-    up when `evaluate.warmup` says so."""
+    says so (static shapes but for the window length the TTT loops mark as varying), then
+    warmed up when `evaluate.warmup` says so."""
     if cfg.compile:
         torch.compiler.reset()  # this mode pays for its own graphs, as a run of it alone would
-        model.compile(dynamic=True, backend=cfg.compile_backend)
+        model.compile(backend=cfg.compile_backend)
     if cfg.warmup:
         warm_up(model, mode, cfg, device, autocast_dtype)
 
@@ -89,7 +89,7 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> No
         if mode in ("ttt_sgd", "ttt_phased"):
             model.train()
             idx = random_tokens(math.ceil(cfg.ttt_batch_seqs / dist.world_size()))
-            model(varying_length(idx[:, :-1]), idx[:, 1:]).float().mean().backward()
+            model(varying_length(idx[:, :-1]), varying_length(idx[:, 1:])).float().mean().backward()
             model.zero_grad(set_to_none=True)
         if mode in ("ttt_lora", "ttt_phased"):
             model.eval()

@@ -41,11 +41,13 @@ from pgolf_core.eval.sliding import Ledger, ScoreSums, Window, plan_windows, sco
 MIN_LENGTH = 8
 
 
-def varying_length(inputs: torch.Tensor) -> torch.Tensor:
-    """`inputs` (rows, length), its length marked as varying for torch.compile
-    (`evaluate.compile`): one graph for every window or block length. Eager runs ignore it."""
-    torch._dynamo.maybe_mark_dynamic(inputs, 1)
-    return inputs
+def varying_length(tokens: torch.Tensor) -> torch.Tensor:
+    """`tokens` (rows, length), its length marked as varying for torch.compile
+    (`evaluate.compile`): one graph for every window or block length. Mark every tensor
+    of that length a compiled call takes (inputs and targets): one left static pins the
+    length to the warm-up's. Eager runs ignore it."""
+    torch._dynamo.maybe_mark_dynamic(tokens, 1)
+    return tokens
 
 
 @dataclass(frozen=True)
@@ -137,10 +139,10 @@ class SGDTrainer:
             # a shorter block is padded with token 0, never with the tokens that follow it
             seqs = torch.where(offsets[None, :] <= lengths, stream[positions], 0).to(self.device)
             valid = (offsets[None, 1:] <= lengths).to(self.device)
-            inputs = varying_length(seqs[:, :-1])
+            inputs, targets = varying_length(seqs[:, :-1]), varying_length(seqs[:, 1:])
             with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype,
                                 enabled=self.autocast_dtype is not None):
-                nll = self.model(inputs, seqs[:, 1:])
+                nll = self.model(inputs, targets)
             (nll.float() * valid).sum().div(total_targets).backward()
         if self.world_size > 1:
             grads = [p.grad for p in self.params]
