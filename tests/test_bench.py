@@ -148,7 +148,14 @@ def test_every_gpu_session_part_calls_a_module_with_flags_and_settings_it_takes(
                 helps[name] = module_help(name)
             assert flag in helps[name], (module, flag)
         settings = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
-        if "--profile" in args:
+        if "--profile" in args and name == "export":  # bench.export's --set names SECTION.KEY
+            profile = config.read_profile(ROOT / args[args.index("--profile") + 1])
+            merged = config.merge_nested(profile, config.parse_assignments(settings))
+            for setting in settings:
+                assert setting.partition(".")[0] in config.SECTIONS, (module, setting)
+            for section in config.SECTIONS:
+                config.build_section(section, merged.get(section, {}))
+        elif "--profile" in args:
             profile = config.read_profile(ROOT / args[args.index("--profile") + 1])
             config.build_section("train", config.merge_nested(profile.get("train", {}), config.parse_assignments(settings)))
         else:
