@@ -290,7 +290,8 @@ def test_compiled_evaluation_scores_as_eager_with_every_graph_built_by_the_warm_
     the timed loop. A 2-layer model keeps the tracing short (about 30 s on 2 cores)."""
     small = ModelConfig(**{**RECORD_LIKE, "num_layers": 2, "xsa_last_n": 2, "value_embed_layers": (1,),
                            "num_loops": 0, "loop_start": 0, "loop_end": 0, "parallel_start": 1})
-    cfg = dataclasses.replace(EVAL, modes=["sliding", "ttt_phased"], final_mode="ttt_phased", warmup=True)
+    cfg = dataclasses.replace(EVAL, modes=["sliding", "ttt_phased"], final_mode="ttt_phased", warmup=True,
+                              ttt_freeze_blocks=1)  # which weights take gradients is part of a graph
     eager = evaluate(cfg, lambda: _model(small), stream, _bytes(stream), CPU)
     capsys.readouterr()
     compiled = evaluate(dataclasses.replace(cfg, compile=True, compile_backend="aot_eager"),
