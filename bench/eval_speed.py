@@ -4,15 +4,15 @@
 
 Each mode runs as `evaluate` runs it (`pgolf_core.eval.run`: a fresh model per mode,
 compiled when the profile's `evaluate.compile` says so, the warm-up on random tokens,
-then the scoring loop; `--set compile=false` for the eager figures) over the first `--tokens` tokens of
-the validation stream: the val shards when `--shards` is given, else synthetic documents
-of geometric length (mean `--doc-len`, FineWeb's about 811 tokens) with random tokens.
-The model is the artifact (`--artifact`), a trained float checkpoint (`--model`), or the
-profile's architecture at initialisation (speed only: TTT's arithmetic does not depend
-on the weights). `ttt_phased`'s boundaries are scaled by the slice's share of the 50,000
-validation documents, so its phases train the same share of tokens. The projection is
-`pgolf_core.eval.budget`'s model (stated in the JSON); the setup (model load, warm-up) is
-counted once, the loop scaled to the full set.
+then the scoring loop; `--set compile=false` for the eager figures) over the first
+`--tokens` tokens of the validation stream: the val shards when `--shards` is given,
+else synthetic documents of geometric length (mean `--doc-len`, FineWeb's about 811
+tokens) with random tokens. The model is the artifact (`--artifact`), a trained float
+checkpoint (`--model`), or the profile's architecture at initialisation (speed only:
+TTT's arithmetic does not depend on the weights). `ttt_phased`'s boundaries are scaled
+by the slice's share of the 50,000 validation documents, so its phases train the same
+share of tokens. The projection is `pgolf_core.eval.budget`'s model (stated in the
+JSON); the setup (model load, warm-up) is counted once, the loop scaled to the full set.
 
     python -m bench.eval_speed --profile profiles/record_8xh100.yaml --model data/train/model.safetensors \
         --shards data/shards --tokens 4000000
@@ -37,8 +37,8 @@ from pgolf_core import artifact, checkpoint, config, data, tokenizer
 from pgolf_core.bpb import bits_per_byte, val_byte_counts
 from pgolf_core.eval import budget
 from pgolf_core.eval.run import prepare, score_mode, truncated
-from pgolf_core.model import GPT
 from pgolf_core.graphs import compiled_graphs
+from pgolf_core.model import GPT
 
 FINEWEB_VAL_TOKENS = 40_540_160
 FINEWEB_VAL_DOCUMENTS = 50_000

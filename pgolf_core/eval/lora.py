@@ -35,7 +35,6 @@ number of processes), then resumes with fresh adapters.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -47,7 +46,8 @@ from tqdm import tqdm
 from pgolf_core import dist
 from pgolf_core.config import EvaluateConfig
 from pgolf_core.eval.sliding import Ledger, ScoreSums, add_scores, stream_tensors
-from pgolf_core.eval.ttt import MIN_LENGTH, Block, ModeResult, SGDTrainer, cosine_lr, span_blocks, varying_length
+from pgolf_core.eval.ttt import (MIN_LENGTH, Block, ModeResult, SGDTrainer, cosine_lr, span_blocks, varying_length,
+                                 without_gradients)
 from pgolf_core.loss import token_nll
 
 ADAPTER_SEED = 20260410  # adapters' A of batch b are drawn from a generator seeded ADAPTER_SEED + b
@@ -178,19 +178,6 @@ class DocumentLora:
             self.kept_a = {k: a.detach() for k, (a, _) in self.mode.adapters.items()}
 
 
-@contextlib.contextmanager
-def _frozen(model):
-    """The base model takes no gradient while adapters train."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[int, int]], stream: torch.Tensor,
                 stream_bytes: torch.Tensor, sums: torch.Tensor, *, rows: int, device, autocast_dtype,
                 ledger: Ledger | None) -> None:
@@ -207,7 +194,7 @@ def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[in
     lora.fresh(batch_index, rows)
     chunks = [math.ceil((e - s) / K) for s, e in docs] + [0] * (rows - len(docs))
     model.eval()
-    with _frozen(model), lora.mode:
+    with without_gradients(model.parameters()), lora.mode:  # only the adapters train
         for j in range(max(chunks)):
             spans = []  # (window start, window length, scored targets) per row; (0, 0, 0): an empty row
             for i in range(rows):
@@ -249,7 +236,7 @@ def warm_up_adapters(model, cfg: EvaluateConfig, device, idx: torch.Tensor) -> N
     take no gradient and nothing steps. Runs under the caller's autocast."""
     lora = DocumentLora(model, cfg, device)
     lora.fresh(0, idx.size(0))
-    with _frozen(model), lora.mode:
+    with without_gradients(model.parameters()), lora.mode:  # only the adapters train
         token_nll(model(varying_length(idx[:, :-1])), idx[:, 1:]).mean().backward()
 
 

@@ -7,8 +7,8 @@ again per mode is also what `eval_seconds_<mode>` must include, and so is compil
 (`evaluate.compile`: each mode compiles from empty caches, as a run of that mode alone
 would). The warm-up runs each forward and backward the mode's loop runs, so that every
 graph exists before the loop's timer starts, on random tokens and with no optimizer
-step (the weights stay the artifact's), never on validation tokens: a warm-up on validation data would be training on
-it before scoring (#1530 was questioned for that).
+step (the weights stay the artifact's), never on validation tokens: a warm-up on
+validation data would be training on it before scoring (#1530 was questioned for that).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pgolf_core.config import EvaluateConfig
 from pgolf_core.eval import budget
 from pgolf_core.eval.lora import ttt_lora, ttt_phased, warm_up_adapters
 from pgolf_core.eval.sliding import Ledger, ScoreSums, score_windows
-from pgolf_core.eval.ttt import ModeResult, ttt_sgd, varying_length
+from pgolf_core.eval.ttt import ModeResult, leading_block_params, ttt_sgd, varying_length, without_gradients
 from pgolf_core.graphs import compiled_graphs
 
 TTT_MODES = {"ttt_sgd": ttt_sgd, "ttt_lora": ttt_lora, "ttt_phased": ttt_phased}
@@ -88,14 +88,11 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> No
                 model(random_tokens(cfg.batch_seqs)[:, :-1])
         if mode in ("ttt_sgd", "ttt_phased"):
             model.train()
-            frozen = [p for block in model.blocks[: cfg.ttt_freeze_blocks] for p in block.parameters()]
-            for p in frozen:  # as the SGD step runs: its graph depends on which weights take gradients
-                p.requires_grad_(False)
             idx = random_tokens(math.ceil(cfg.ttt_batch_seqs / dist.world_size()))
-            model(varying_length(idx[:, :-1]), varying_length(idx[:, 1:])).float().mean().backward()
+            # frozen as the SGD step freezes them: which weights take gradients is part of its graph
+            with without_gradients(leading_block_params(model, cfg.ttt_freeze_blocks)):
+                model(varying_length(idx[:, :-1]), varying_length(idx[:, 1:])).float().mean().backward()
             model.zero_grad(set_to_none=True)
-            for p in frozen:
-                p.requires_grad_(True)
         if mode in ("ttt_lora", "ttt_phased"):
             model.eval()
             warm_up_adapters(model, cfg, device, random_tokens(cfg.lora_batch_docs))

@@ -21,6 +21,7 @@ gradients summed over ranks before clipping, so every rank keeps the same weight
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -48,6 +49,26 @@ def varying_length(tokens: torch.Tensor) -> torch.Tensor:
     length to the warm-up's. Eager runs ignore it."""
     torch._dynamo.maybe_mark_dynamic(tokens, 1)
     return tokens
+
+
+def leading_block_params(model, count: int) -> list[torch.nn.Parameter]:
+    """The parameters of the model's first `count` blocks (`evaluate.ttt_freeze_blocks`)."""
+    if count > len(model.blocks):
+        raise ValueError(f"evaluate.ttt_freeze_blocks={count}: the model has {len(model.blocks)} blocks")
+    return [p for block in model.blocks[:count] for p in block.parameters()]
+
+
+@contextlib.contextmanager
+def without_gradients(params):
+    """`params` take no gradient inside the block; each gets its own flag back after."""
+    flags = [(p, p.requires_grad) for p in params]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 @dataclass(frozen=True)
@@ -97,11 +118,9 @@ class SGDTrainer:
 
     def __init__(self, model, *, momentum: float, grad_clip: float, freeze_blocks: int, batch_seqs: int,
                  device, autocast_dtype: torch.dtype | None, rank: int, world_size: int):
-        if freeze_blocks > len(model.blocks):
-            raise ValueError(f"evaluate.ttt_freeze_blocks={freeze_blocks}: the model has {len(model.blocks)} blocks")
         self.model, self.grad_clip, self.batch_seqs = model, grad_clip, batch_seqs
         self.device, self.autocast_dtype, self.rank, self.world_size = device, autocast_dtype, rank, world_size
-        self.frozen = [p for b in model.blocks[:freeze_blocks] for p in b.parameters()]
+        self.frozen = leading_block_params(model, freeze_blocks)
         for p in self.frozen:
             p.requires_grad_(False)
         self.params = [p for p in model.parameters() if p.requires_grad]
