@@ -13,6 +13,8 @@ TTT's arithmetic does not depend on the weights). `ttt_phased`'s boundaries are 
 by the slice's share of the 50,000 validation documents, so its phases train the same
 share of tokens. The projection is `pgolf_core.eval.budget`'s model (stated in the
 JSON); the setup (model load, warm-up) is counted once, the loop scaled to the full set.
+The JSON is rewritten after every mode (`"complete": false` until the last), so a call
+cut by its time limit keeps the modes it finished.
 
     python -m bench.eval_speed --profile profiles/record_8xh100.yaml --model data/train/model.safetensors \
         --shards data/shards --tokens 4000000
@@ -109,7 +111,8 @@ def main() -> None:
 
     result = header(device.type)
     per_mode = {}
-    for mode in cfg.modes:
+
+    def time_mode(mode: str) -> None:
         start = time.perf_counter()
         model = load()
         prepare(model, mode, cfg, device, autocast)  # compiled when the profile's evaluate.compile says so
@@ -119,36 +122,44 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         end = time.perf_counter()
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         timing = budget.ModeTiming(loop_start - start, end - loop_start, 1, sums.syncs, sums.sums.num_targets)
         result[f"tokens_per_second_{mode}"] = round(timing.tokens / timing.loop_seconds)
         result[f"projected_8xh100_seconds_{mode}"] = round(
             budget.project_8xh100(timing, cfg.sync_seconds, tokens=FINEWEB_VAL_TOKENS), 1)
-        per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2), "loop_seconds": round(timing.loop_seconds, 2),
-                          "syncs": timing.syncs, "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets,
-                          "compiled": cfg.compile, "graphs_compiled_in_loop": compiled_graphs() - graphs_before}
+        per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2),
+                          "loop_seconds": round(timing.loop_seconds, 2), "syncs": timing.syncs,
+                          "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets, "compiled": cfg.compile,
+                          "graphs_compiled_in_loop": compiled_graphs() - graphs_before}
         if args.shards and args.tokenizer:  # the quality of the timed slice (dev-corpus figures off FineWeb)
             result[f"val_bpb_{mode}"] = bits_per_byte(sums.sums.nll_nats, sums.sums.num_bytes)
         print(f"eval_speed: {mode} {result[f'tokens_per_second_{mode}']:,} tok/s, 8xH100 projection "
               f"{result[f'projected_8xh100_seconds_{mode}']} s, val_bpb {result.get(f'val_bpb_{mode}')}, "
               f"{per_mode[mode]}", file=sys.stderr, flush=True)
 
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    result.update({
-        "final_mode": cfg.final_mode,
-        "final_mode_within_600s": result[f"projected_8xh100_seconds_{cfg.final_mode}"] <= 600.0,
-        "projection_model": budget.PROJECTION_MODEL, "projected_tokens": FINEWEB_VAL_TOKENS,
-        "timed_tokens": int(len(tokens) - 1), "timed_documents": docs, "phase_boundaries_scaled": scaled,
-        "per_mode": per_mode,
-        "config": {"profile": args.profile, "model": args.artifact or args.model or "initialisation",
-                   "tokens": "val shards" if args.shards else f"synthetic, mean document {args.doc_len}",
-                   "num_params": num_params, "evaluate": config.to_dict(cfg), "torch": torch.__version__},
-    })
-    line = json.dumps(result)
-    print(line)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    def write(complete: bool) -> None:
+        record = {**result, "complete": complete, "final_mode": cfg.final_mode}
+        if f"projected_8xh100_seconds_{cfg.final_mode}" in result:
+            record["final_mode_within_600s"] = result[f"projected_8xh100_seconds_{cfg.final_mode}"] <= 600.0
+        record.update({
+            "projection_model": budget.PROJECTION_MODEL, "projected_tokens": FINEWEB_VAL_TOKENS,
+            "timed_tokens": int(len(tokens) - 1), "timed_documents": docs, "phase_boundaries_scaled": scaled,
+            "per_mode": per_mode,
+            "config": {"profile": args.profile, "model": args.artifact or args.model or "initialisation",
+                       "tokens": "val shards" if args.shards else f"synthetic, mean document {args.doc_len}",
+                       "num_params": num_params, "evaluate": config.to_dict(cfg), "torch": torch.__version__},
+        })
+        if complete:
+            print(json.dumps(record))
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
+    for mode in cfg.modes:
+        time_mode(mode)
+        write(complete=False)
+    write(complete=True)
 
 
 if __name__ == "__main__":

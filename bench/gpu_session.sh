@@ -69,15 +69,19 @@ dev() { local name=$1 json=$2; shift 2
         --batch-tokens 131072 --steps 75 --out "bench/results/$json" "$@"; }
 dev dev train_dev_run.json
 # quantize: the record-size model trained once on the dev corpus (EMA off, one epoch at most),
-# Hessians collected as one rank of the record run would, then RTN and GPTQ on the same grid
+# Hessians collected as one rank of the record run would, then RTN and GPTQ on the same grid,
+# GPTQ + LQER, and GPTQ alone against GPTQ + LQER + int8 gate pruned to 15,950,000 bytes with code;
+# non-overlapping windows only (at b440bab sliding damage was within 0.0001 of theirs; a sliding
+# window at stride 64 costs 32x the compute per token, and that run was cut at 420 s after GPTQ)
 part quantize quantize.json 420 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
-    --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants lqer
+    --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants lqer fit --no-sliding
 # evalspeed (after quantize, in a call of its own: each mode compiles its graphs in its warm-up):
-# each evaluation mode on that GPTQ artifact, over the first 200,000 dev val tokens, compiled
+# sliding and the record's final mode on that GPTQ artifact (ttt_sgd projected 420 s eager already),
+# over the first 200,000 dev val tokens, compiled
 # as the record profile says: tokens/s, the 8xH100 projection and val_bpb of the slice
 part evalspeed eval_speed.json 540 python3 -m bench.eval_speed --profile $RECORD --device cuda \
     --artifact data/dev_run/model_gptq.bin --shards data/dev_run/shards_8192 \
-    --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes sliding ttt_sgd ttt_phased
+    --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes sliding ttt_phased
 dev devdocmask train_dev_run_docmask.json --set model.doc_mask=true
 dev devf32residual train_dev_run_f32residual.json --set model.low_precision_residual=false
 dev devfusedmlp train_dev_run_fusedmlp.json --set runtime.fused_mlp=true

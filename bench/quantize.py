@@ -14,7 +14,11 @@ unless --no-sliding. These are dev-corpus figures, not FineWeb's.
 Then, from the same GPTQ integers, Quantization II's options one at a time: + LQER
 (`--lqer-rank`, `--lqer-top-k`; record 4 and 3), + the int8 attention gate, both, each
 scored (keys val_bpb_gptq_lqer, model_bytes_gptq_lqer, ..._gate, ..._lqer_gate, with the
-bytes LQER costs and the damage it removes); and each layout of `--layouts` packed alone
+bytes LQER costs and the damage it removes); variant `fit` packs GPTQ alone and GPTQ with
+LQER and the int8 gate to the same byte target (`--fit-bytes`, artifact with the profile's
+code; issue 20's 15,950,000 by default) by `fit_bytes`' pruning, and scores both
+(gptq_fit, gptq_lqer_gate_fit, and `fit_lqer_gate_damage_gain`: positive when the options
+remove more damage than the pruning that pays for them adds); and each layout of `--layouts` packed alone
 (model_bytes_gptq_<layout>, val_bpb_gptq_<layout>: layouts are lossless, which the
 round trip checks, so their val_bpb is GPTQ's, not re-scored). `--layouts ''` and
 `--variants` (none given: none) keep a run cheap.
@@ -44,11 +48,12 @@ from pgolf_core.eval.sliding import val_bpb
 from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT
 from pgolf_core.quant.gptq import quantize_gptq
+from pgolf_core.quant.fit import pack_to_fit
 from pgolf_core.quant.pipeline import quantize_model
 from pgolf_core.quant.rtn import quantize_rtn
 from pgolf_core.train import set_seed, train
 
-VARIANTS = ("lqer", "gate", "lqer_gate")
+VARIANTS = ("lqer", "gate", "lqer_gate", "fit")
 TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at most this many bytes
 
 
@@ -96,6 +101,8 @@ def main() -> None:
                         help="comma-separated layouts packed alone from the GPTQ integers ('' = none)")
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                         help="Quantization II options scored on top of GPTQ (none listed: none)")
+    parser.add_argument("--fit-bytes", type=int, default=TARGET_ARTIFACT_BYTES,
+                        help="variant fit: the byte target of the artifact with the profile's code")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a quantize key")
     parser.add_argument("--out", default=str(RESULTS / "quantize.json"))
     args = parser.parse_args()
@@ -138,10 +145,21 @@ def main() -> None:
         record[f"val_bpb_float{suffix}"] = score(float_model, val, val_bytes, device, window, stride,
                                                  verify_cfg.batch_seqs)
 
-    def measure(key: str, qm, seconds: float, compressors) -> None:
-        """Pack `qm` as the stage packs it, reload it from the bytes and score it as verify does."""
+    def measure(key: str, qm, seconds: float, compressors, fit_bytes: int = 0) -> None:
+        """Pack `qm` as the stage packs it (row layout; to `fit_bytes` with the code when
+        given), reload it from the bytes and score it as verify does."""
         record[f"{key}_seconds"] = seconds
-        blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), compressors)
+        start = time.perf_counter()
+        try:
+            _, blob, report, fit = pack_to_fit(qm, dataclasses.asdict(mcfg), compressors, ["row"], fit_bytes, code_bytes,
+                                               quant_cfg.chunk_bytes)
+        except ValueError as err:  # a target out of reach: say so and keep every other figure of the run
+            record[f"fit_error_{key}"] = str(err)
+            print(f"quantize bench: {key}: {err}", flush=True)
+            return
+        record[f"pack_seconds_{key}"] = time.perf_counter() - start
+        if fit_bytes:
+            record[f"fit_{key}"] = fit
         record[f"model_bytes_{key}"] = report["model_bytes"]
         record[f"bytes_per_group_{key}"] = report["bytes_per_group"]
         path = work / f"model_{key}.bin"
@@ -163,25 +181,37 @@ def main() -> None:
         gptq_qm = qm  # the loop ends on gptq: the layouts below pack these integers
         measure(method, qm, time.perf_counter() - start, quant_cfg.compressors)
     lqer = {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k}
-    options = {"lqer": lqer, "gate": {"gate_int8": True}, "lqer_gate": {**lqer, "gate_int8": True}}
-    variants = {f"gptq_{name}": options[name] for name in args.variants}
-    for key, change in variants.items():
-        vcfg = dataclasses.replace(alone, method="gptq", **change)
-        start = time.perf_counter()
-        qm, steps = quantize_model(state, vcfg, hessians, device)
-        if steps["lqer"]:
-            record[f"lqer_{key}"] = steps["lqer"]
-        measure(key, qm, time.perf_counter() - start, vcfg.compressors)
-    if "gptq_lqer" in variants:
+    both = {**lqer, "gate_int8": True}
+    options = {"lqer": [("gptq_lqer", lqer, 0)], "gate": [("gptq_gate", {"gate_int8": True}, 0)],
+               "lqer_gate": [("gptq_lqer_gate", both, 0)],
+               "fit": [("gptq_fit", {}, args.fit_bytes), ("gptq_lqer_gate_fit", both, args.fit_bytes)]}
+    variants = [variant for name in args.variants for variant in options[name]]
+    for key, change, fit_bytes in variants:
+        if change:
+            vcfg = dataclasses.replace(alone, method="gptq", **change)
+            start = time.perf_counter()
+            qm, steps = quantize_model(state, vcfg, hessians, device)
+            seconds = time.perf_counter() - start
+            if steps["lqer"]:
+                record[f"lqer_{key}"] = steps["lqer"]
+        else:  # GPTQ alone, packed differently: its integers from above
+            qm, seconds = gptq_qm, record["gptq_seconds"]
+        measure(key, qm, seconds, quant_cfg.compressors, fit_bytes)
+    if "lqer" in args.variants:
         record["lqer_bytes"] = record["model_bytes_gptq_lqer"] - record["model_bytes_gptq"]
         record["lqer_damage_removed"] = record["damage_gptq"] - record["damage_gptq_lqer"]
+    if "fit" in args.variants:
+        record["fit_bytes_target"] = args.fit_bytes
+        if "damage_gptq_fit" in record and "damage_gptq_lqer_gate_fit" in record:
+            record["fit_lqer_gate_damage_gain"] = record["damage_gptq_fit"] - record["damage_gptq_lqer_gate_fit"]
     layouts = [x for x in args.layouts.split(",") if x]
     if layouts:
         qm = gptq_qm
         for layout in layouts:
             config.check_layout_name("--layouts", layout)
             start = time.perf_counter()
-            blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), quant_cfg.compressors, [layout])
+            blob, report = pack_artifact(qm, dataclasses.asdict(mcfg), quant_cfg.compressors, [layout],
+                                         chunk_bytes=quant_cfg.chunk_bytes)
             key = "gptq_" + layout.replace("+", "_")
             record[f"pack_seconds_{key}"] = time.perf_counter() - start
             if compare_exact(unpack_artifact(blob)[0], qm):

@@ -7,16 +7,17 @@ with whichever configured codec is smallest for it. Everything needed to rebuild
 model is inside (the model config travels in the header), and any flipped, missing or
 extra byte is rejected before a single weight is used.
 
-Byte layout (little-endian), format version 3 (versions 1 and 2, without layouts and
-LQER, are refused with a message: re-run the quantize stage):
+Byte layout (little-endian), format version 4 (versions 1 to 3, without chunks, layouts
+or LQER, are refused with a message: re-run the quantize stage):
 
     offset  size  field
     0       8     magic b"PGOLFART"
-    8       2     uint16 format version (3)
+    8       2     uint16 format version (4)
     10      8     uint64 total artifact length in bytes, digest included
     18      4     uint32 H = length of the compressed header
     22      H     header: zlib-9 compressed UTF-8 JSON (below)
-    22+H    ...   group payloads, each compressed separately, in header "groups" order
+    22+H    ...   group payloads in header "groups" order, each the concatenation of its
+                  chunks, each chunk compressed on its own
     end-32  32    sha256 of every byte before it (prefix, header, payloads)
 
 Header JSON:
@@ -24,7 +25,8 @@ Header JSON:
      "bits_per_category": {"embedding": 7, "attention": 6, ...} (every integer tensor of a
                           category has its width; checked on reading),
      "groups":  [{"name", "codec" (id, see compress.CODEC_IDS), "layout" (see layout.py),
-                  "raw_bytes", "stored_bytes", "crc32" (of the canonical payload)}, ...],
+                  "raw_bytes", "chunks" (compressed bytes of each chunk, in order),
+                  "crc32" (of the canonical payload)}, ...],
      "tensors": [{"name", "kind" ("int8" | "fp16"), "shape", "dtype" (original), "group",
                   int8: "bits", "q": [offset, nbytes], "scale": [offset, nbytes],
                         optional "lqer": {"rank", "a", "b", "a_scale", "b_scale": [offset, nbytes]}
@@ -35,9 +37,14 @@ Offsets are into the group's canonical (uncompressed, untransformed) payload. Wi
 group the int8 spans come first (row-major), then the fp16 spans (scales, passthrough
 data), each in tensor order; the group's layout (column-major, row reordering with its
 permutation stored, byte shuffle of the fp16 tail) is applied to that payload before the
-codec and undone after it. The sha256 catches any tampering of the stored bytes; the
-per-group crc32 checks that decompression and the layout's inverse reproduced the exact
-payload.
+codec and undone after it. The bytes the codec sees (after the layout) are cut into
+chunks of `chunk_bytes` (the last one shorter), each compressed on its own with the
+group's codec, so that a record-size artifact packs on every core at once: one group of
+23 MB (the record's MLP integers) was a single brotli job of tens of seconds that no pool
+could split; in 2 MB chunks the same brotli output was 102 bytes larger (10,170,351
+against 10,170,249 on random int6 integers of the record's shapes) and its longest job
+2 s. The sha256 catches any tampering of the stored bytes; the per-group crc32 checks
+that decompression and the layout's inverse reproduced the exact payload.
 
 The quantizer's reference (integers and scales, outside the artifact) is a safetensors
 file with keys "<name>:q", "<name>:scale", "<name>:data", "<name>:lqer_a" (…_a_scale,
@@ -63,14 +70,15 @@ from pgolf_core.checkpoint import build_model
 from pgolf_core.compress import codec_id, codec_name, compress_many, decompress
 from pgolf_core.io import write_bytes_atomic
 from pgolf_core.layout import Layout, decode, encode
-from pgolf_core.config import ModelConfig
+from pgolf_core.config import ModelConfig, QuantizeConfig
 from pgolf_core.model import GPT
 from pgolf_core.quant import (CATEGORIES, KINDS, LQER_A_RANGE, LQER_B_RANGE, LowRank, QuantizedModel,
                               QuantizedTensor, category_of, dequantize, lqer_groups)
 from pgolf_core.quant.rtn import qmax_for
 
 MAGIC = b"PGOLFART"
-FORMAT_VERSION = 3  # 2: per-category widths, GPTQ or RTN integers; 3: + layouts per group, LQER, int8 gates
+FORMAT_VERSION = 4  # 2: per-category widths, GPTQ or RTN integers; 3: + layouts per group, LQER, int8 gates;
+# 4: + groups stored in independently compressed chunks
 PREFIX = struct.Struct("<8sHQI")  # magic, version, total length, header length
 DIGEST_BYTES = 32  # sha256
 PASSTHROUGH_GROUP = "passthrough"  # every fp16 tensor, whatever its name
@@ -89,39 +97,48 @@ def group_of(name: str, kind: str) -> str:
 
 
 def pack_artifact(qm: QuantizedModel, model_config: dict, compressors, layouts=("row",), *,
-                  choices: dict | None = None, cache: dict | None = None, progress=None) -> tuple[bytes, dict]:
+                  chunk_bytes: int = QuantizeConfig.chunk_bytes, choices: dict | None = None,
+                  cache: dict | None = None, progress=None) -> tuple[bytes, dict]:
     """Serialize `qm` and `model_config` (JSON-able) into artifact bytes (layout above).
 
-    Each group is stored in the smallest of every (layout, codec) pair from `layouts` x
-    `compressors`, or in the one pair `choices[group]` names when `choices` is given (a
-    byte search re-packs many times; trying every pair each time would cost minutes).
+    Each group is stored in the smallest (summed over its chunks of `chunk_bytes`; 0: one
+    chunk) of every (layout, codec) pair from `layouts` x `compressors`, or in the one pair
+    `choices[group]` names when `choices` is given (a byte search re-packs many times;
+    trying every pair each time would cost minutes).
     `cache`, a dict kept by the caller, remembers compressed groups by their bytes so an
     unchanged group is not compressed twice. `progress(group)` is called per group.
 
     Returns (artifact, report); report has model_bytes (= len(artifact)), header_bytes,
     and per group: bytes_per_group (compressed), raw_bytes_per_group, compressor_per_group,
-    layout_per_group, seconds_per_group (compression seconds of its attempts, summed; the
-    attempts of all groups run in parallel processes when the artifact is large).
+    layout_per_group, chunks_per_group, seconds_per_group (compression seconds of its
+    attempts' chunks, summed; every chunk of every attempt runs on a pool of threads).
     """
+    if type(chunk_bytes) is not int or chunk_bytes < 0:
+        raise ValueError(f"chunk_bytes={chunk_bytes!r}: must be a whole number of bytes >= 0 (0: one chunk per group)")
     payloads, index = _layout(qm)
     geometry = _geometry(index, {g: len(raw) for g, raw in payloads.items()})
     bits = _bits_per_category(qm)
     pairs_of = {group: [tuple(choices[group])] if choices else list(itertools.product(layouts, compressors))
                 for group in payloads}
-    keys = {group: (hashlib.sha256(raw).digest(), tuple(pairs_of[group])) for group, raw in payloads.items()}
+    keys = {group: (hashlib.sha256(raw).digest(), tuple(pairs_of[group]), chunk_bytes)
+            for group, raw in payloads.items()}
     todo = [g for g in payloads if cache is None or keys[g] not in cache]
     chosen, seconds = {}, {}
-    jobs, owners = [], []  # every (layout, codec) attempt of every group to compress, run together
+    jobs, owners = [], []  # every chunk of every (layout, codec) attempt of every group, run together
     for group in todo:
         encoded = {layout: encode(payloads[group], *geometry[group], Layout.parse(layout))
                    for layout in dict.fromkeys(layout for layout, _ in pairs_of[group])}
         for layout, codec in pairs_of[group]:
-            jobs.append((encoded[layout], codec))
-            owners.append((group, layout, codec))
-    for (group, layout, codec), (blob, spent) in zip(owners, compress_many(jobs)):
-        seconds[group] = seconds.get(group, 0.0) + spent
-        if group not in chosen or len(blob) < len(chosen[group][2]):  # ties go to the first pair
-            chosen[group] = (layout, codec, blob)
+            for chunk in split_chunks(encoded[layout], chunk_bytes):
+                jobs.append((chunk, codec))
+                owners.append((group, layout, codec))
+    attempts: dict[tuple, list[bytes]] = {}  # (group, layout, codec) -> its compressed chunks, in order
+    for owner, (blob, spent) in zip(owners, compress_many(jobs)):
+        seconds[owner[0]] = seconds.get(owner[0], 0.0) + spent
+        attempts.setdefault(owner, []).append(blob)
+    for (group, layout, codec), chunks in attempts.items():  # in pair order: ties go to the first pair
+        if group not in chosen or sum(map(len, chunks)) < sum(map(len, chosen[group][2])):
+            chosen[group] = (layout, codec, chunks)
     groups, blobs = [], []
     for group, raw in payloads.items():
         if group in chosen:
@@ -129,10 +146,10 @@ def pack_artifact(qm: QuantizedModel, model_config: dict, compressors, layouts=(
                 cache[keys[group]] = chosen[group]
         else:
             chosen[group], seconds[group] = cache[keys[group]], 0.0
-        layout, codec, blob = chosen[group]
+        layout, codec, chunks = chosen[group]
         groups.append({"name": group, "codec": codec_id(codec), "layout": layout, "raw_bytes": len(raw),
-                       "stored_bytes": len(blob), "crc32": zlib.crc32(raw)})
-        blobs.append(blob)
+                       "chunks": [len(chunk) for chunk in chunks], "crc32": zlib.crc32(raw)})
+        blobs += chunks
         if progress:
             progress(group)
     header = {"method": qm.method, "model_config": model_config, "bits_per_category": bits,
@@ -144,13 +161,22 @@ def pack_artifact(qm: QuantizedModel, model_config: dict, compressors, layouts=(
     report = {
         "model_bytes": len(artifact),
         "header_bytes": len(header_bytes),
-        "bytes_per_group": {g["name"]: g["stored_bytes"] for g in groups},
+        "bytes_per_group": {g["name"]: sum(g["chunks"]) for g in groups},
         "raw_bytes_per_group": {g["name"]: g["raw_bytes"] for g in groups},
         "compressor_per_group": {g["name"]: codec_name(g["codec"]) for g in groups},
         "layout_per_group": {g["name"]: g["layout"] for g in groups},
+        "chunks_per_group": {g["name"]: len(g["chunks"]) for g in groups},
         "seconds_per_group": seconds,
     }
     return artifact, report
+
+
+def split_chunks(data: bytes, chunk_bytes: int) -> list[bytes]:
+    """`data` in pieces of `chunk_bytes` (the last one shorter; 0: one piece; empty data:
+    one empty piece), each compressed on its own."""
+    if not chunk_bytes or len(data) <= chunk_bytes:
+        return [data]
+    return [data[i: i + chunk_bytes] for i in range(0, len(data), chunk_bytes)]
 
 
 def unpack_artifact(blob: bytes) -> tuple[QuantizedModel, dict]:
@@ -341,8 +367,9 @@ def _open(blob: bytes) -> tuple[dict, memoryview]:
         raise ValueError(f"artifact truncated: {len(blob)} bytes, shorter than the fixed "
                          f"{PREFIX.size + DIGEST_BYTES}-byte prefix and digest")
     _, version, total, header_len = PREFIX.unpack_from(blob)
-    if version in (1, 2):
-        what = "one RTN width for every matrix" if version == 1 else "no layouts, LQER or int8 gates"
+    if version in (1, 2, 3):
+        what = {1: "one RTN width for every matrix", 2: "no layouts, LQER or int8 gates",
+                3: "each group compressed whole, no chunks"}[version]
         raise ValueError(f"artifact format version {version} ({what}) was written by an older "
                          f"pgolf; this one reads version {FORMAT_VERSION}: re-run the quantize stage")
     if version != FORMAT_VERSION:
@@ -368,16 +395,23 @@ def _open(blob: bytes) -> tuple[dict, memoryview]:
 def _decompress_groups(groups: list[dict], payload: memoryview, index: list[dict]) -> dict[str, bytes]:
     """Canonical payload per group name (decompressed, layout undone); checks sizes and crc32 of each."""
     geometry = _geometry(index, {g["name"]: g["raw_bytes"] for g in groups})
-    stored = sum(g["stored_bytes"] for g in groups)
+    for g in groups:
+        chunks = g["chunks"]
+        if not (isinstance(chunks, list) and chunks and all(type(n) is int and n >= 0 for n in chunks)):
+            raise ValueError(f"artifact group {g['name']!r}: chunks {chunks!r} is not a non-empty list of byte counts")
+    stored = sum(sum(g["chunks"]) for g in groups)
     if stored != len(payload):
         raise ValueError(f"artifact groups declare {stored} stored bytes, the payload holds {len(payload)}")
     raws, offset = {}, 0
     for g in groups:
         name, codec = g["name"], codec_name(g["codec"])
-        chunk = bytes(payload[offset: offset + g["stored_bytes"]])
-        offset += g["stored_bytes"]
+        pieces = []
+        for size in g["chunks"]:
+            pieces.append(bytes(payload[offset: offset + size]))
+            offset += size
         try:
-            raw = decode(decompress(chunk, codec), *geometry[name], g["raw_bytes"], Layout.parse(g["layout"]))
+            encoded = b"".join(decompress(piece, codec) for piece in pieces)
+            raw = decode(encoded, *geometry[name], g["raw_bytes"], Layout.parse(g["layout"]))
         except ValueError as e:
             raise ValueError(f"artifact group {name!r} cannot be decompressed: {e}") from e
         if len(raw) != g["raw_bytes"] or zlib.crc32(raw) != g["crc32"]:

@@ -402,6 +402,7 @@ class QuantizeConfig:
     passthrough_max_numel: int = 4096  # tensors this small (and all 1-D) stay fp16
     compressors: list = field(default_factory=lambda: list(COMPRESSORS))  # the smallest wins
     layouts: list = field(default_factory=lambda: ["row"])  # per group, the smallest (layout, codec) wins
+    chunk_bytes: int = 2_000_000  # a group's bytes are compressed in independent chunks of this size, all at once (0: whole)
     gate_int8: bool = False  # attention gates as int8 rows (scale max|row|/127) instead of fp16 (04-19)
     lqer_rank: int = 0  # rank of the low-rank correction of the quantization error (0 = off; 04-27: 4)
     lqer_top_k: int = 3  # LQER corrects the k matrices of largest ||W - Wq||_F (04-27: 3)
@@ -424,6 +425,8 @@ class QuantizeConfig:
             raise ValueError("quantize.layouts is empty: name at least one, e.g. 'row'")
         for name in self.layouts:
             check_layout_name("quantize.layouts[]", name)
+        if self.chunk_bytes < 0:
+            raise ValueError(f"quantize.chunk_bytes={self.chunk_bytes}: must be >= 0 (0: each group compressed whole)")
         if self.lqer_rank < 0:
             raise ValueError(f"quantize.lqer_rank={self.lqer_rank}: must be >= 0 (0 = off)")
         _positive("quantize.lqer_top_k", self.lqer_top_k)

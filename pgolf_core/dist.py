@@ -7,6 +7,7 @@ Other modules return sums and let the caller reduce them here.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -19,10 +20,17 @@ def backend(device_type: str) -> str:
     return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
 
 
+# How long a collective may wait for the slowest rank. After training, rank 0 alone runs
+# GPTQ, packs the artifact (and, with quantize.fit_bytes, searches how much to prune: a
+# dozen packs) while the others wait at a barrier; NCCL's default of 10 minutes would
+# kill them if that took longer (gloo's default is already 30).
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def init(device_type: str) -> None:
     """Join the process group torchrun describes (no-op for a single process)."""
     if "RANK" in os.environ and not td.is_initialized():
-        td.init_process_group(backend=backend(device_type))
+        td.init_process_group(backend=backend(device_type), timeout=COLLECTIVE_TIMEOUT)
 
 
 def shutdown() -> None:

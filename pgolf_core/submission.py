@@ -371,7 +371,7 @@ def train_and_quantize(train_cfg, quant_cfg, paths: Paths, device, code_bytes: i
         qm, _ = quantize_model(state, quant_cfg, hessians, device)
         quantize_seconds = time.perf_counter() - start
         qm, blob, pack, fit = pack_to_fit(qm, dataclasses.asdict(model.cfg), quant_cfg.compressors,
-                                          quant_cfg.layouts, quant_cfg.fit_bytes, code_bytes)
+                                          quant_cfg.layouts, quant_cfg.fit_bytes, code_bytes, quant_cfg.chunk_bytes)
         io.write_bytes_atomic(paths.artifact, blob)
         figures["quantize"] = {"method": qm.method, "model_bytes": len(blob), "quantize_seconds": quantize_seconds,
                                "pack_seconds": time.perf_counter() - start - quantize_seconds,

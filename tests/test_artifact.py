@@ -121,6 +121,54 @@ def test_an_old_version_artifact_is_refused_with_a_message(packed):
         unpack_artifact(bytes(blob))
 
 
+def test_a_version_3_artifact_is_refused_with_a_message(packed):
+    blob = bytearray(packed[0])
+    blob[8:10] = (3).to_bytes(2, "little")
+    with pytest.raises(ValueError, match="format version 3 \\(each group compressed whole, no chunks\\).*re-run"):
+        unpack_artifact(bytes(blob))
+
+
+def test_groups_in_chunks_round_trip_bit_exact(qm, packed):
+    blob, report = pack_artifact(qm, MODEL_CONFIG, list(COMPRESSORS), chunk_bytes=100)
+    assert compare_exact(qm, unpack_artifact(blob)[0]) == []
+    groups = {g["name"]: g for g in read_header(blob)["groups"]}
+    for name, g in groups.items():
+        # the codec sees the raw payload ("row" layout: no permutations), cut into pieces of 100
+        assert len(g["chunks"]) == max(1, -(-g["raw_bytes"] // 100)) == report["chunks_per_group"][name]
+        assert sum(g["chunks"]) == report["bytes_per_group"][name]
+    assert report["chunks_per_group"]["mlp"] > 1
+    # 0 and a size above every group's are one chunk per group: the same artifact as the default's here
+    for whole in (0, 10**9):
+        assert pack_artifact(qm, MODEL_CONFIG, list(COMPRESSORS), chunk_bytes=whole)[0] == packed[0]
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="chunk_bytes"):
+            pack_artifact(qm, MODEL_CONFIG, ["zlib"], chunk_bytes=bad)
+
+
+def test_each_group_is_stored_by_its_smallest_codec(qm):
+    alone = {codec: pack_artifact(qm, MODEL_CONFIG, [codec], chunk_bytes=150)[1]["bytes_per_group"]
+             for codec in COMPRESSORS}
+    _, report = pack_artifact(qm, MODEL_CONFIG, list(COMPRESSORS), chunk_bytes=150)
+    for group, size in report["bytes_per_group"].items():
+        assert size == min(sizes[group] for sizes in alone.values())
+        assert alone[report["compressor_per_group"][group]][group] == size
+
+
+@pytest.mark.parametrize("edit", [
+    lambda chunks: chunks.clear(),
+    lambda chunks: chunks.__setitem__(0, -chunks[0]),
+    lambda chunks: chunks.__setitem__(0, "12"),
+    lambda chunks: (chunks.__setitem__(0, chunks[0] - 1), chunks.__setitem__(1, chunks[1] + 1)),  # same total
+])
+def test_damaged_chunk_table_is_rejected(qm, edit):
+    blob, _ = pack_artifact(qm, MODEL_CONFIG, ["zlib"], chunk_bytes=100)
+
+    def damage(header):
+        edit(next(g for g in header["groups"] if g["name"] == "mlp")["chunks"])
+    with pytest.raises(ValueError, match="mlp"):
+        unpack_artifact(_reseal(blob, damage))
+
+
 def test_every_flipped_byte_is_rejected(packed):
     blob = packed[0]
     for pos in range(len(blob)):

@@ -109,6 +109,20 @@ def test_quantize_smoke_run_on_cpu(tmp_path, embedded_docs):
             result[f"val_bpb_{method}_sliding"] - result["val_bpb_float_sliding"])
     assert result["fits_target_gptq"] and result["artifact_bytes_gptq"] == result["model_bytes_gptq"] + result["code_bytes"]
     assert json.loads(out.read_text())["val_bpb_gptq"] == result["val_bpb_gptq"]
+    # the same weights again (--reuse), GPTQ alone and with LQER + int8 gate packed 3,000 bytes under GPTQ alone
+    target = result["artifact_bytes_gptq"] - 3000
+    fitted = run_module("quantize", "--profile", "profiles/cpu.yaml", "--corpus", str(corpus),
+                        "--workdir", str(tmp_path / "work"), "--reuse", "--variants", "fit", "--layouts", "",
+                        "--no-sliding", "--fit-bytes", str(target), "--val-tokens", "4096",
+                        "--out", str(tmp_path / "fit.json"))
+    assert fitted["val_bpb_gptq"] == result["val_bpb_gptq"] and fitted["fit_bytes_target"] == target
+    for key in ("gptq_fit", "gptq_lqer_gate_fit"):
+        fit = fitted[f"fit_{key}"]
+        assert fit["artifact_bytes"] == fitted[f"model_bytes_{key}"] + fitted["code_bytes"] <= target
+        assert fit["zeroed"] > 0 and fitted[f"damage_{key}"] == pytest.approx(
+            fitted[f"val_bpb_{key}"] - fitted["val_bpb_float"])
+    assert fitted["fit_lqer_gate_damage_gain"] == pytest.approx(
+        fitted["damage_gptq_fit"] - fitted["damage_gptq_lqer_gate_fit"])
 
 
 def test_fused_mlp_bench_checks_both_paths_against_float64():

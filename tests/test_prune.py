@@ -62,11 +62,14 @@ def code():
     return 61_398  # a shipped script's bytes (the CPU profile's train_gpt.py, 2026-12-04): any size will do
 
 
-def test_fit_bytes_lands_at_or_under_its_target_with_code_counted(code):
+@pytest.mark.parametrize("chunk_bytes", [0, 700])  # 700: every group of this model in several chunks
+def test_fit_bytes_lands_at_or_under_its_target_with_code_counted(code, chunk_bytes):
     qm = quantize_rtn(random_state(seed=4, scale=0.05), CFG)
-    _, base = pack_artifact(qm, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"])
+    _, base = pack_artifact(qm, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"], chunk_bytes=chunk_bytes)
+    assert (max(base["chunks_per_group"].values()) > 1) == (chunk_bytes > 0)
     target = code + base["model_bytes"] - 150
-    packed, blob, report, fit = pack_to_fit(qm, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"], target, code)
+    packed, blob, report, fit = pack_to_fit(qm, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"], target, code,
+                                            chunk_bytes)
     assert len(blob) + code <= target and fit["artifact_bytes"] == len(blob) + code
     assert report["model_bytes"] == len(blob)
     assert 0 < fit["zeroed"] < fit["candidates"] and fit["probes"] >= 1
@@ -75,21 +78,22 @@ def test_fit_bytes_lands_at_or_under_its_target_with_code_counted(code):
     assert compare_exact(back, zero_cheapest(qm, unit_candidates(qm), fit["zeroed"])) == []
     # a clearly smaller count would not have fit: the search does not zero far more than needed
     fewer = zero_cheapest(qm, unit_candidates(qm), fit["zeroed"] // 2)
-    assert len(pack_artifact(fewer, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"])[0]) + code > target
+    assert len(pack_artifact(fewer, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"], chunk_bytes=chunk_bytes)[0]) \
+        + code > target
 
 
 def test_fit_bytes_off_or_already_under_zeroes_nothing(code):
     qm = quantize_rtn(random_state(seed=4), CFG)
     blob0, _ = pack_artifact(qm, MODEL_CONFIG, ["zlib"])
     for target in (0, len(blob0) + code):
-        packed, blob, _, fit = pack_to_fit(qm, MODEL_CONFIG, ["zlib"], ["row"], target, code)
+        packed, blob, _, fit = pack_to_fit(qm, MODEL_CONFIG, ["zlib"], ["row"], target, code, 0)
         assert fit["zeroed"] == 0 and blob == blob0 and packed is qm
 
 
 def test_unreachable_fit_bytes_names_the_key(code):
     qm = quantize_rtn(random_state(seed=4), CFG)
     with pytest.raises(ValueError, match="quantize.fit_bytes=.*out of reach"):
-        pack_to_fit(qm, MODEL_CONFIG, ["zlib"], ["row"], code + 500, code)
+        pack_to_fit(qm, MODEL_CONFIG, ["zlib"], ["row"], code + 500, code, 0)
 
 
 def test_prune_and_fit_keys_are_checked():
@@ -99,3 +103,5 @@ def test_prune_and_fit_keys_are_checked():
         QuantizeConfig(fit_bytes=16_000_001)
     with pytest.raises(ValueError, match="quantize.lqer_rank"):
         QuantizeConfig(lqer_rank=-1)
+    with pytest.raises(ValueError, match="quantize.chunk_bytes"):
+        QuantizeConfig(chunk_bytes=-1)

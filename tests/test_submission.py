@@ -104,7 +104,7 @@ def pipeline_run(tmp_path_factory, shards, tiny_tokenizer_dir):
     state, model_config = checkpoint.read_model_file(work / "model.safetensors")
     qm, _ = quantize_model(state, quant_cfg, calibration.load_hessians(work / "hessians.safetensors"), device)
     qm, blob, _, _ = pack_to_fit(qm, dataclasses.asdict(model_config), quant_cfg.compressors, quant_cfg.layouts,
-                                 quant_cfg.fit_bytes, 0)
+                                 quant_cfg.fit_bytes, 0, quant_cfg.chunk_bytes)
     (work / "artifact").mkdir()
     (work / "artifact" / "model.bin").write_bytes(blob)
     metrics = evaluate(eval_cfg, lambda: artifact.load_model(work / "artifact" / "model.bin"), val, val_bytes, device)

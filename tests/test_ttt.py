@@ -455,7 +455,7 @@ def test_eval_speed_smoke_run_on_cpu(tmp_path):
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result == json.loads(out.read_text())
+    assert result == json.loads(out.read_text()) and result["complete"]
     assert result["command"].startswith("python -m bench.eval_speed") and result["git_commit"] and result["final_mode"] == "ttt_phased"
     for mode in ("ttt_phased", "ttt_sgd"):
         assert result[f"tokens_per_second_{mode}"] > 0 and result[f"projected_8xh100_seconds_{mode}"] > 0

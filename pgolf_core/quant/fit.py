@@ -27,13 +27,14 @@ MAX_VERIFY_ROUNDS = 5
 
 
 def pack_to_fit(qm: QuantizedModel, model_config: dict, compressors, layouts, fit_bytes: int, code_bytes: int,
-                progress=None) -> tuple[QuantizedModel, bytes, dict, dict]:
+                chunk_bytes: int, progress=None) -> tuple[QuantizedModel, bytes, dict, dict]:
     """(model as packed, artifact, pack report, fit report) with len(artifact) + code_bytes
-    <= fit_bytes (fit_bytes 0: packed as it is), zeroing as few ±1 integers as the search finds (to within 1/2000 of the
-    candidates). `progress(n, size)` is called after each probe. Raises ValueError naming
-    quantize.fit_bytes when even zeroing every candidate does not fit."""
+    <= fit_bytes (fit_bytes 0: packed as it is), zeroing as few ±1 integers as the search
+    finds (to within 1/2000 of the candidates); groups are compressed in chunks of
+    `chunk_bytes` (`pack_artifact`). `progress(n, size)` is called after each probe.
+    Raises ValueError naming quantize.fit_bytes when even zeroing every candidate does not fit."""
     start = time.perf_counter()
-    blob, report = pack_artifact(qm, model_config, compressors, layouts)
+    blob, report = pack_artifact(qm, model_config, compressors, layouts, chunk_bytes=chunk_bytes)
     first_seconds = time.perf_counter() - start
     budget = fit_bytes - code_bytes
     fit = {"fit_bytes": fit_bytes, "zeroed": 0, "first_pack_seconds": first_seconds}
@@ -52,7 +53,7 @@ def pack_to_fit(qm: QuantizedModel, model_config: dict, compressors, layouts, fi
     def size(n: int) -> int:
         fit["probes"] += 1
         s = len(pack_artifact(zero_cheapest(qm, candidates, n), model_config, compressors, layouts,
-                              choices=choices, cache=cache)[0])
+                              chunk_bytes=chunk_bytes, choices=choices, cache=cache)[0])
         if progress:
             progress(n, s)
         return s
@@ -84,7 +85,7 @@ def pack_to_fit(qm: QuantizedModel, model_config: dict, compressors, layouts, fi
     n = hi
     for _ in range(MAX_VERIFY_ROUNDS):
         packed = zero_cheapest(qm, candidates, n)
-        blob, report = pack_artifact(packed, model_config, compressors, layouts)
+        blob, report = pack_artifact(packed, model_config, compressors, layouts, chunk_bytes=chunk_bytes)
         if len(blob) <= budget or n == total:
             break
         per_value = max((size_lo - size_hi) / max(hi - lo, 1), 1e-9)  # bytes saved per zeroed integer

@@ -43,7 +43,8 @@ def run(cfg: QuantizeConfig, paths: QuantizePaths) -> StageResult:
     code = paths.script.stat().st_size if cfg.fit_bytes else 0  # the shipped script's bytes: only the target needs them
     with tqdm(desc="pack" if not cfg.fit_bytes else "fit_bytes probes", unit="probe") as bar:
         qm, blob, report, fit = pack_to_fit(qm, dataclasses.asdict(model_config), cfg.compressors, cfg.layouts,
-                                            cfg.fit_bytes, code, progress=lambda n, size: bar.update(1))
+                                            cfg.fit_bytes, code, cfg.chunk_bytes,
+                                            progress=lambda n, size: bar.update(1))
     pack_seconds = time.perf_counter() - start - quantize_seconds
     with atomic_path(paths.out) as tmp:
         tmp.mkdir()
@@ -69,8 +70,9 @@ def run(cfg: QuantizeConfig, paths: QuantizePaths) -> StageResult:
                f"tensors in {r['quantize_seconds']:.2f} s, packed in {r['compress_seconds']:.2f} s "
                f"-> {paths.out / 'model.bin'} {r['model_bytes']:,} bytes"]
     for group, size in r["bytes_per_group"].items():
+        chunks = report["chunks_per_group"][group]
         summary.append(f"  {group:12s} {size:>12,} bytes  {r['compressor_per_group'][group]:7s} "
-                       f"{r['layout_per_group'][group]}")
+                       f"{r['layout_per_group'][group]}" + (f" ({chunks} chunks)" if chunks > 1 else ""))
     if r["fit"]["zeroed"]:
         summary.append(f"  fit_bytes: zeroed {r['fit']['zeroed']:,} of {r['fit']['candidates']:,} +-1 integers in "
                        f"{r['fit']['probes']} probes -> {r['fit']['artifact_bytes']:,} bytes with code")
