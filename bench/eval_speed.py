@@ -62,7 +62,8 @@ def main() -> None:
     parser.add_argument("--shards", default=None, help="read the val shards here instead of synthetic tokens")
     parser.add_argument("--tokens", type=int, default=4_000_000, help="validation tokens timed per mode")
     parser.add_argument("--doc-len", type=float, default=811.0, help="synthetic documents' mean length")
-    parser.add_argument("--modes", nargs="*", default=None, help="default: the profile's evaluate.modes")
+    parser.add_argument("--modes", nargs="*", default=None,
+                        help="timed in this order; default: the profile's evaluate.modes")
     parser.add_argument("--set", nargs="*", default=[], help="evaluate.KEY=VALUE overrides")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokenizer", default=None,
@@ -72,8 +73,9 @@ def main() -> None:
 
     overrides = config.read_profile(args.profile)
     values = {**overrides.get("evaluate", {}), **config.parse_assignments(args.set)}
-    if args.modes:
-        values.update(modes=args.modes, final_mode=args.modes[0])
+    if args.modes:  # the profile's final mode stays final when it is timed, else the first one listed
+        final = config.build_section("evaluate", values).final_mode
+        values.update(modes=args.modes, final_mode=final if final in args.modes else args.modes[0])
     cfg = config.build_section("evaluate", values)
     train_cfg = config.build_section("train", overrides.get("train", {}))
     vocab = config.build_section("tokenize", overrides.get("tokenize", {})).vocab_size

@@ -76,12 +76,13 @@ dev dev train_dev_run.json
 part quantize quantize.json 420 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
     --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants lqer fit --no-sliding
 # evalspeed (after quantize, in a call of its own: each mode compiles its graphs in its warm-up):
-# sliding and the record's final mode on that GPTQ artifact (ttt_sgd projected 420 s eager already),
+# the record's final mode first (a call cut by its limit keeps it), then sliding, on that GPTQ
+# artifact (ttt_sgd projected 420 s eager already),
 # over the first 200,000 dev val tokens, compiled
 # as the record profile says: tokens/s, the 8xH100 projection and val_bpb of the slice
 part evalspeed eval_speed.json 540 python3 -m bench.eval_speed --profile $RECORD --device cuda \
     --artifact data/dev_run/model_gptq.bin --shards data/dev_run/shards_8192 \
-    --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes sliding ttt_phased
+    --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes ttt_phased sliding
 dev devdocmask train_dev_run_docmask.json --set model.doc_mask=true
 dev devf32residual train_dev_run_f32residual.json --set model.low_precision_residual=false
 dev devfusedmlp train_dev_run_fusedmlp.json --set runtime.fused_mlp=true
