@@ -17,6 +17,21 @@ def test_gpu_runs_reduce_cpu_scalars_through_gloo_and_cuda_tensors_through_nccl(
     assert BackendConfig(dist.backend("cpu")).get_device_backend_map()["cpu"] == "gloo"
 
 
+
+def test_the_process_group_outwaits_rank_0_packing_alone(monkeypatch):
+    """After training, ranks wait at a barrier while rank 0 quantizes and packs (a dozen
+    packs with fit_bytes): the group's timeout must be longer than NCCL's 10 minutes."""
+    import datetime
+
+    calls = []
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist.td, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist.td, "init_process_group", lambda **kwargs: calls.append(kwargs))
+    dist.init("cuda")
+    assert calls == [{"backend": "cpu:gloo,cuda:nccl", "timeout": dist.COLLECTIVE_TIMEOUT}]
+    assert dist.COLLECTIVE_TIMEOUT >= datetime.timedelta(minutes=30)
+
+
 DDP_BLOCK_MASK_SCRIPT = '''
 import sys
 import torch
