@@ -10,8 +10,8 @@ bisection, rather than halving blindly. The winner is then re-packed with every
 configured layout and codec; since that search includes the pair used while probing, it
 can only be as small or smaller, and if it ever is not, the count steps further.
 Measured on 2 CPU cores, a record-size artifact of random int6 integers pruned 150 KB
-under its size: 201.9 s in all with groups in 2 MB chunks (6 probes of 17-21 s), 908.1 s
-with each group compressed whole (12 probes of 50-65 s); the whole 23 MB brotli stream
+under its size: 201.9 s in all with groups in 2 MB chunks (6 probes of 16-22 s), 908.1 s
+with each group compressed whole (12 probes of 49-64 s); the whole 23 MB brotli stream
 also sized unevenly (zeroing 2,737 more integers once saved 18.9 KB), which cost probes.
 The target is decimal bytes of the artifact *with* the code (the 03-25 record computed
 its "15.9 MB" in MiB, 16.67 M bytes: pgolf never does).
