@@ -47,8 +47,8 @@ from pgolf_core.bpb import val_byte_counts
 from pgolf_core.eval.sliding import val_bpb
 from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT
-from pgolf_core.quant.gptq import quantize_gptq
 from pgolf_core.quant.fit import pack_to_fit
+from pgolf_core.quant.gptq import quantize_gptq
 from pgolf_core.quant.pipeline import quantize_model
 from pgolf_core.quant.rtn import quantize_rtn
 from pgolf_core.train import set_seed, train

@@ -70,9 +70,10 @@ def compress_many(jobs: list[tuple[bytes, str]]) -> list[tuple[bytes, float]]:
     work. Threads are enough because every codec here releases the GIL while it
     compresses (zlib, lzma, brotli, zstandard; lrzip runs in a subprocess): 4 x 2 MB of
     int6-like bytes on 2 cores ran 1.6-2.0x faster on 2 threads than one after another
-    (brotli 1.2.1, zstandard 0.25). A process pool did the same before, but its workers
-    re-import the modules they run, which a bundled train_gpt.py can serve only when run
-    from its own file. The output does not depend on how many threads ran."""
+    (brotli 1.2.1, zstandard 0.25). Not processes: spawned workers re-import the caller's
+    main module (a caller without a `__main__` guard dies with BrokenProcessPool) and the
+    modules they run, which a bundled train_gpt.py serves only when run from its own file.
+    The output does not depend on how many threads ran."""
     workers = min(len(jobs), os.cpu_count() or 1)
     if workers < 2:
         return [_timed_compress(job) for job in jobs]
