@@ -15,9 +15,9 @@ from pgolf_core import data
 from pgolf_core.bpb import byte_tables, position_bytes
 from pgolf_core.config import EvaluateConfig
 from pgolf_core.eval import budget
-from pgolf_core.eval.lora import DocumentLora, documents, queue_order, target_weights
+from pgolf_core.eval.lora import DocumentLora, documents, queue_order, score_batch, target_weights
 from pgolf_core.eval.run import evaluate, score_mode
-from pgolf_core.eval.sliding import Ledger
+from pgolf_core.eval.sliding import Ledger, stream_tensors
 from pgolf_core.eval.ttt import cosine_lr, span_blocks, windows_by_chunk
 from pgolf_core.eval.sliding import plan_windows
 from pgolf_core.config import ModelConfig
@@ -240,12 +240,40 @@ def test_adapters_equal_merged_weights_in_float64():
         merged = _model(cfg).double()
         state = merged.state_dict()
         for key, (a, b) in lora.mode.adapters.items():
-            state[names[key]] = state[names[key]] + 2.0 * b[0, row] @ a[0, row]
+            state[names[key]] = state[names[key]] + 2.0 * b[row, 0] @ a[row, 0]
         merged.load_state_dict(state)
         with torch.no_grad():
             ref = merged(idx[row : row + 1])
         torch.testing.assert_close(adapted[row : row + 1], ref, rtol=1e-10, atol=1e-10)
         assert not torch.allclose(adapted[row : row + 1], model(idx[row : row + 1]), atol=1e-3)
+
+
+def test_a_batch_forwards_only_its_unfinished_documents_and_each_as_if_alone():
+    """Documents of 40, 20 and 9 targets in chunks of 7 (6, 3 and 2 chunks): the forwards
+    run 3, 3, 2 rows, then the longest document alone padded to 2 rows. In float64 the
+    longest document's losses are those of a batch where it is the only document (same
+    adapters: the same batch index and row count), so neither the other rows nor the
+    padding reach it."""
+    tokens = np.random.default_rng(7).integers(BOS + 1, 64, 70)
+    tokens[[0, 40, 60]] = BOS
+    docs = queue_order(documents(tokens, BOS))
+    assert [e - s for s, e in docs] == [40, 20, 9]
+    stream_t, bytes_t = stream_tensors(tokens, _bytes(tokens))
+    cfg = dataclasses.replace(EVAL, lora_warm_start_a=False)
+    rows_seen, ledgers = [], []
+    for batch in (docs, docs[:1]):
+        model = _model(ModelConfig(**RECORD_LIKE)).double()
+        model.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].size(0)))
+        ledgers.append(Ledger(len(tokens)))
+        score_batch(model, DocumentLora(model, cfg, CPU), 0, batch, stream_t, bytes_t,
+                    torch.zeros(3, dtype=torch.float64), rows=3, device=CPU, autocast_dtype=None, ledger=ledgers[-1])
+    assert rows_seen == [3, 3, 2, 2, 2, 2] + [2] * 6
+    longest = slice(1, 41)
+    assert (ledgers[0].times_scored[1:] == 1).all()
+    np.testing.assert_allclose(ledgers[0].nll[longest], ledgers[1].nll[longest], rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="longest first"):
+        score_batch(model, DocumentLora(model, cfg, CPU), 0, docs[::-1], stream_t, bytes_t,
+                    torch.zeros(3, dtype=torch.float64), rows=3, device=CPU, autocast_dtype=None, ledger=None)
 
 
 def test_the_head_adapter_changes_the_logits():
@@ -385,7 +413,7 @@ sys.path.insert(0, sys.argv[1] + "/tests")
 torch.set_num_threads(1)
 from pgolf_core import dist
 from pgolf_core.eval.run import score_mode
-from pgolf_core.eval.sliding import Ledger
+from pgolf_core.eval.sliding import Ledger, stream_tensors
 import test_ttt as t
 
 dist.init("cpu")

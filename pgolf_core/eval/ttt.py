@@ -51,6 +51,19 @@ def varying_length(tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
+# The document LoRA loop forwards only the documents of a batch that have a chunk left,
+# padded with empty rows to at least this many: torch.compile specializes a size of 1, so
+# a batch's last long document alone would build a graph inside the timed loop.
+MIN_ROWS = 2
+
+
+def varying_rows(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`tensor` with its dimension `dim` (the documents of a batch) marked as varying for
+    torch.compile, as `varying_length` marks the length. Eager runs ignore it."""
+    torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return tensor
+
+
 def leading_block_params(model, count: int) -> list[torch.nn.Parameter]:
     """The parameters of the model's first `count` blocks (`evaluate.ttt_freeze_blocks`)."""
     if count > len(model.blocks):
