@@ -63,7 +63,7 @@ def main() -> None:
         env = {**submission.settings_free(os.environ), "DATA_PATH": str(shards.resolve()),
                "TOKENIZER_PATH": str((tok_dir / tokenizer.MODEL_FILE).resolve()), "OUT_DIR": str(folder)}
         script = folder / submission_export.SCRIPT_NAME
-        script.write_text(shipped.text, encoding="utf-8")
+        script.write_bytes(shipped.data)
         start = time.perf_counter()
         if side == "script":  # alone: no repository, no pgolf_core
             done = bundle.run_isolated(script, env=env, cwd=folder)

@@ -137,8 +137,9 @@ def main() -> None:
     if not args.no_sliding:
         windows["_sliding"] = (eval_cfg.seq_len, eval_cfg.stride)
     # the profile's shipped train_gpt.py, as the script stage builds it
+    script_cfg = config.build_section("script", overrides.get("script", {}))
     code_bytes = submission_export.build_script({"tokenize": tok_cfg, "train": profile_train, "quantize": quant_cfg,
-                                                 "evaluate": eval_cfg}).bytes
+                                                 "evaluate": eval_cfg, "script": script_cfg}).bytes
     record = {"val_tokens": int(len(val)), **(run or {})}
     float_model = checkpoint.build_model(state, mcfg)
     for suffix, (window, stride) in windows.items():

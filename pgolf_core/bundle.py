@@ -21,11 +21,13 @@ that has already imported `pgolf_core`. The profile's hyperparameters are a lite
 **Shipped form.** `minify` drops docstrings, comments and blank lines through `ast`
 (`ast.unparse`) and indents by one space, and checks that the result parses to the same
 AST as the source with its docstrings removed (a module that reads `__doc__` keeps its
-docstrings). `self_extracting` wraps a script as `exec(<decompress>(b85decode("...")))`
-(xz, raw LZMA2 or zlib, whichever is smallest); it runs in the wrapper's own globals, so
+docstrings). `self_extracting` wraps a script as `exec(<decompress>(<payload>))`, the
+payload xz, raw LZMA2 or zlib in base85 (whichever is smallest), or raw LZMA2 as a
+latin-1 string literal in a file that declares that encoding (`script.payload`: about
+1.02 bytes per compressed byte where base85 spends 1.25); it runs in the wrapper's own globals, so
 `__name__` is the wrapper's and the main block runs exactly when the wrapper is run as a
 script. `shipped_script` returns the smaller of the minified and the self-extracting
-script and says which; `script_bytes` is what `code_bytes` charges: its UTF-8 bytes.
+script as the file's bytes (`Shipped.data`, what `code_bytes` charges) and says which.
 
 **Isolation.** This venv has `pgolf_core` installed editable: setuptools' `.pth` file
 runs `__editable___pgolf_*_finder.install()`, which appends a meta path finder mapping
@@ -377,60 +379,88 @@ def _raw_lzma2(data: bytes) -> bytes:
     return best
 
 
-def self_extracting(source: str) -> str:
-    """A tiny script that decompresses `source` and runs it in its own globals (so its
-    `if __name__ == "__main__":` block runs exactly when this script is run as one):
-    xz, raw LZMA2 or zlib in base85, whichever gives the fewest bytes."""
+# Bytes a str literal must escape in the latin-1 wrapper: NUL (no source may hold one),
+# the line ends (a lone CR ends a line too), the quote and the backslash.
+_LATIN1_ESCAPES = {0: "\\0", 10: "\\n", 13: "\\r", 34: '\\"', 92: "\\\\"}
+
+
+def latin1_literal(payload: bytes) -> str:
+    """A double-quoted str literal that, in a source file read as latin-1, is the str
+    whose latin-1 encoding is `payload`: one source byte per payload byte but for the
+    few escaped (about 1 in 50 of compressed bytes), where base85 spends 5 per 4."""
+    chars = []
+    for i, b in enumerate(payload):
+        if b == 0 and payload[i + 1 : i + 2].isdigit():
+            chars.append("\\x00")  # "\0" and an octal digit would read as one escape
+        else:
+            chars.append(_LATIN1_ESCAPES.get(b, chr(b)))
+    return '"' + "".join(chars) + '"'
+
+
+def self_extracting(source: str, payload: str = "base85") -> bytes:
+    """The bytes of a tiny script that decompresses `source` and runs it in its own
+    globals (so its `if __name__ == "__main__":` block runs exactly when this script is
+    run as one). `payload` (`script.payload`): "base85", the smallest of xz, raw LZMA2 and
+    zlib in base85 (an ASCII file); "latin1", raw LZMA2 as a latin-1 str literal in a file
+    that declares `coding: latin-1` (PEP 263, which Python honours wherever it reads
+    source: run, runpy, import)."""
     data = source.encode("utf-8")
-
-    def b85(payload: bytes) -> str:
-        return base64.b85encode(payload).decode("ascii")  # no quote or backslash in its alphabet
-
+    raw = _raw_lzma2(data)
+    raw_call = 'L.FORMAT_RAW,None,[{"id":L.FILTER_LZMA2}]'
     # The payload on a line of its own: a traceback quotes only the line of the exec call.
+    if payload == "latin1":
+        return f'#coding:latin-1\nimport lzma as L\nexec(L.decompress(\n{latin1_literal(raw)}.encode("latin-1"),{raw_call}))\n'.encode("latin-1")
+    if payload != "base85":
+        raise ValueError(f"script.payload={payload!r}: must be 'base85' or 'latin1'")
+
+    def b85(blob: bytes) -> str:
+        return base64.b85encode(blob).decode("ascii")  # no quote or backslash in its alphabet
+
     candidates = [
         f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(\n"{b85(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))}")))\n',
-        f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(\n"{b85(_raw_lzma2(data))}"),L.FORMAT_RAW,None,[{{"id":L.FILTER_LZMA2}}]))\n',
+        f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(\n"{b85(raw)}"),{raw_call}))\n',
         f'import zlib as Z,base64 as B\nexec(Z.decompress(B.b85decode(\n"{b85(zlib.compress(data, 9))}")))\n',
     ]
-    return min(candidates, key=script_bytes)
+    return min(candidates, key=len).encode("ascii")
 
 
 @dataclass(frozen=True)
 class Shipped:
-    """The script as shipped, which form won ("minified" or "self-extracting"), the
-    bytes of each form ("plain": the readable bundle, "minified", "self_extracting") and
-    the modules it holds."""
+    """The script as shipped (`data`: the file's bytes, what `code_bytes` charges), which
+    form won ("minified" or "self-extracting"), the bytes of each form ("plain": the
+    readable bundle, "minified", "self_extracting") and the modules it holds."""
 
-    text: str
+    data: bytes
     form: str
     sizes: dict
     modules: tuple[str, ...] = ()
 
     @property
     def bytes(self) -> int:
-        return script_bytes(self.text)
+        return len(self.data)
 
 
-def smaller_form(minified_source: str) -> tuple[str, str]:
-    """(script, form): `minified_source` itself or its self-extracting wrapper, whichever
-    has fewer UTF-8 bytes (the minified text on a tie: it stays readable)."""
-    packed = self_extracting(minified_source)
-    if script_bytes(packed) < script_bytes(minified_source):
+def smaller_form(minified_source: str, payload: str = "base85") -> tuple[bytes, str]:
+    """(the script's bytes, form): `minified_source` itself (UTF-8) or its
+    self-extracting wrapper with that `payload`, whichever is smaller (the minified text
+    on a tie: it stays readable)."""
+    packed = self_extracting(minified_source, payload)
+    if len(packed) < script_bytes(minified_source):
         return packed, "self-extracting"
-    return minified_source, "minified"
+    return minified_source.encode("utf-8"), "minified"
 
 
 def shipped_script(entry_modules: tuple[str, ...], main_module: str, main_call: str | None = None,
-                   baked: dict | None = None, left_out: tuple[str, ...] = ()) -> Shipped:
+                   baked: dict | None = None, left_out: tuple[str, ...] = (), payload: str = "base85") -> Shipped:
     """The bundle (see `bundle_source`) as shipped: the smaller of its minified and
     self-extracting forms, with the bytes of every form."""
     entries, traced, main_call = _prepare(entry_modules, main_module, main_call)
     plain = _render(entries, traced, main_call, baked, minified=False, left_out=left_out)
     small = _render(entries, traced, main_call, baked, minified=True, left_out=left_out)
-    text, form = smaller_form(small)
+    data, form = smaller_form(small, payload)
     sizes = {"plain": script_bytes(plain), "minified": script_bytes(small),
-             "self_extracting": script_bytes(self_extracting(small))}
-    return Shipped(text=text, form=form, sizes=sizes, modules=tuple(traced))
+             "self_extracting": len(self_extracting(small, payload))}
+    return Shipped(data=data, form=form, sizes=sizes, modules=tuple(traced))
 
 
 # --- running in isolation -------------------------------------------------------------

@@ -88,9 +88,11 @@ def script_modules(train: config.TrainConfig) -> tuple[tuple[str, ...], tuple[st
 
 
 def build_script(params: dict) -> bundle.Shipped:
-    """The run's `train_gpt.py` as shipped (see `bundle.shipped_script`)."""
+    """The run's `train_gpt.py` as shipped (see `bundle.shipped_script`), from the typed
+    `train`, `quantize`, `evaluate` (baked in) and `script` (its payload) sections."""
     entries, left_out = script_modules(params["train"])
-    return bundle.shipped_script(entries, ENTRY_MODULE, None, baked_params(params), left_out)
+    return bundle.shipped_script(entries, ENTRY_MODULE, None, baked_params(params), left_out,
+                                 params["script"].payload)
 
 
 def _module_file(name: str) -> Path:
@@ -391,7 +393,7 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
         problems.append("the artifact's model config is not train.model of these params (with the tokenizer's "
                         "vocabulary): it was made by other settings")
     shipped = Path(shipped) if shipped is not None else artifact_dir / SCRIPT_NAME
-    if shipped.is_file() and shipped.read_text(encoding="utf-8") != script.text:
+    if shipped.is_file() and shipped.read_bytes() != script.data:
         problems.append(f"{shipped} differs from the script these params and this checkout generate")
     overlap = validation_overlap(shards)
     problems += broken_rules(params, script.bytes, len(blob), train_metrics, eval_metrics, overlap)
@@ -450,7 +452,7 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
         requirements_text += "# imported only inside functions, on paths a run may not take: " + ", ".join(optional) + "\n"
     with io.atomic_path(out) as tmp:
         tmp.mkdir()
-        (tmp / SCRIPT_NAME).write_text(script.text, encoding="utf-8")
+        (tmp / SCRIPT_NAME).write_bytes(script.data)
         (tmp / "submission.json").write_text(json.dumps(submission_json, indent=2) + "\n", encoding="utf-8")
         (tmp / "requirements.txt").write_text(requirements_text, encoding="utf-8")
         (tmp / "README.md").write_text(_readme(name, params, results, requirements, files, learnt_tokenizer, script),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,9 +86,9 @@ def scripts(tmp_path_factory):
     shipped = bundle.shipped_script(EVAL_ENTRY_MODULES, "pgolf_core.model", MAIN_CALL, BAKED)
     plain = bundle.bundle_source(EVAL_ENTRY_MODULES, "pgolf_core.model", MAIN_CALL, BAKED)
     paths = {}
-    for name, text in (("plain", plain), ("shipped", shipped.text)):
+    for name, data in (("plain", plain.encode("utf-8")), ("shipped", shipped.data)):
         directory = tmp_path_factory.mktemp(name)
-        (directory / "train_gpt.py").write_text(text, encoding="utf-8")
+        (directory / "train_gpt.py").write_bytes(data)
         paths[name] = directory / "train_gpt.py"
     return paths, shipped
 
@@ -209,7 +210,7 @@ def test_shipped_form_is_the_smallest(scripts):
     sizes = shipped.sizes
     assert sizes["self_extracting"] < sizes["minified"] < sizes["plain"]
     assert shipped.form == "self-extracting" and shipped.bytes == sizes["self_extracting"]
-    assert bundle.script_bytes(paths["shipped"].read_text(encoding="utf-8")) == shipped.bytes
+    assert paths["shipped"].stat().st_size == shipped.bytes
     assert sizes["plain"] == bundle.script_bytes(paths["plain"].read_text(encoding="utf-8"))
 
 
@@ -281,7 +282,8 @@ def test_every_pgolf_core_module_minifies_to_the_same_ast():
         assert len(small) < len(source) or not source, path
 
 
-def test_self_extracting_runs_like_the_source(tmp_path):
+@pytest.mark.parametrize("payload", ["base85", "latin1"])
+def test_self_extracting_runs_like_the_source(tmp_path, payload):
     source = bundle.minify(SAMPLE) + textwrap.dedent('''
         import sys
         if __name__ == "__main__":
@@ -289,14 +291,15 @@ def test_self_extracting_runs_like_the_source(tmp_path):
             if sys.argv[1:] == ["fail"]:
                 raise RuntimeError("failed as asked")
         ''') + "# padding to make compression worth it\n" * 40
-    packed = bundle.self_extracting(source)
-    assert packed.startswith("import ") and packed.count("\n") == 3
-    assert bundle.script_bytes(packed) < bundle.script_bytes(source)
-    for name, text in (("source.py", source), ("packed.py", packed)):
-        (tmp_path / name).write_text(text)
-    runs = [subprocess.run([sys.executable, "-I", name, "x"], cwd=tmp_path, capture_output=True, text=True)
-            for name in ("source.py", "packed.py")]
-    assert runs[0].returncode == runs[1].returncode == 0
+    packed = bundle.self_extracting(source, payload)
+    assert packed.startswith(b"import " if payload == "base85" else b"#coding:latin-1\nimport ")
+    assert packed.count(b"\n") == 3 + (payload == "latin1")
+    assert len(packed) < bundle.script_bytes(source)
+    (tmp_path / "source.py").write_text(source, encoding="utf-8")
+    (tmp_path / "packed.py").write_bytes(packed)
+    runs = [subprocess.run([sys.executable, "-I", "-W", "error", name, "x"], cwd=tmp_path, capture_output=True,
+                           text=True) for name in ("source.py", "packed.py")]
+    assert runs[0].returncode == runs[1].returncode == 0, runs[1].stderr[-2000:]
     assert runs[0].stdout == runs[1].stdout == "'#not a comment':    3 Circle ['x']\n"
     failed = subprocess.run([sys.executable, "-I", "packed.py", "fail"], cwd=tmp_path, capture_output=True, text=True)
     assert failed.returncode == 1 and "RuntimeError: failed as asked" in failed.stderr
@@ -305,15 +308,44 @@ def test_self_extracting_runs_like_the_source(tmp_path):
     assert namespace["label"](0) == "two\nlines"
 
 
-def test_the_smaller_form_is_chosen():
+def test_latin1_literal_carries_every_byte_value(tmp_path):
+    """Every byte value, the escaped ones next to octal digits and to each other, read
+    back by a separate interpreter from a latin-1 file (warnings as errors: no invalid
+    escape), costs one source byte each but for the escapes."""
+    rng = np.random.default_rng(4)
+    payload = (bytes(range(256)) + rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+               + b"\x000\x007\x008\x00\x00\\\\\"\r\n\r\x00")
+    literal = bundle.latin1_literal(payload)
+    # a plain byte costs 1; NUL, LF, CR, quote and backslash 2 ("\\0", "\\n", ...); a NUL before a digit 4 ("\\x00")
+    costs = [4 if b == 0 and payload[i + 1 : i + 2].isdigit() else 2 if b in (0, 10, 13, 34, 92) else 1
+             for i, b in enumerate(payload)]
+    assert len(literal.encode("latin-1")) == 2 + sum(costs)
+    script = tmp_path / "literal.py"
+    script.write_bytes(f"#coding:latin-1\nimport sys\nsys.stdout.write({literal}.encode('latin-1').hex())\n"
+                       .encode("latin-1"))
+    out = subprocess.run([sys.executable, "-I", "-W", "error", str(script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert bytes.fromhex(out.stdout) == payload
+
+
+@pytest.mark.parametrize("payload", ["base85", "latin1"])
+def test_the_smaller_form_is_chosen(payload):
     tiny = "print(1)\n"
-    assert bundle.smaller_form(tiny) == (tiny, "minified")
+    assert bundle.smaller_form(tiny, payload) == (tiny.encode("utf-8"), "minified")
     big = "".join(f"x{i} = {i}\n" for i in range(500))
-    text, form = bundle.smaller_form(big)
-    assert form == "self-extracting" and bundle.script_bytes(text) < bundle.script_bytes(big)
+    data, form = bundle.smaller_form(big, payload)
+    assert form == "self-extracting" and len(data) < bundle.script_bytes(big)
     namespace = {}
-    exec(text, namespace)
+    exec(data, namespace)
     assert namespace["x499"] == 499
+
+
+def test_latin1_is_smaller_than_base85_and_a_bad_payload_is_named():
+    source = "".join(f"x{i} = {i * 7919 % 10007}\n" for i in range(3000))
+    b85, latin1 = bundle.self_extracting(source, "base85"), bundle.self_extracting(source, "latin1")
+    assert len(latin1) < 0.85 * len(b85)
+    with pytest.raises(ValueError, match="script.payload='utf8'"):
+        bundle.self_extracting(source, "utf8")
 
 
 def test_script_bytes_counts_utf8():
@@ -336,6 +368,6 @@ def test_triton_kernels_run_from_the_bundle(tmp_path):
     shipped = bundle.shipped_script(("pgolf_core.fused_ce", "pgolf_core.loss"), "pgolf_core.fused_ce", call)
     assert shipped.form == "self-extracting"
     script = tmp_path / "kernels.py"
-    script.write_text(shipped.text)
+    script.write_bytes(shipped.data)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TRITON_INTERPRET": "1"}
     assert _report(bundle.run_isolated(script, env=env))["error"] < 1e-5

@@ -77,6 +77,8 @@ def test_values_are_validated(tmp_path):
         config.build_section("train", {"model": {"parallel_mode": "lanes"}})
     with pytest.raises(ValueError, match="train.schedule.mode 'wallclock' needs train.schedule.max_wallclock_seconds"):
         config.build_section("train", {"schedule": {"mode": "wallclock"}})
+    with pytest.raises(ValueError, match="script.payload='base64': must be one of 'base85', 'latin1'"):
+        config.build_section("script", {"payload": "base64"})
     with pytest.raises(FileNotFoundError, match="params file not found"):
         config.load_section(tmp_path / "missing.yaml", "train")
 

@@ -65,15 +65,16 @@ def test_code_deps_are_the_import_closure(stage):
 @pytest.mark.parametrize("stage", sorted(DVC))
 def test_params_are_the_stage_config_section(stage):
     """A stage reads its own section, or the sections its module declares (`SECTIONS`):
-    the script bakes train, quantize and evaluate (and the tokenizer's vocabulary), so a
-    change to any of them changes the shipped code; the export describes and checks them all."""
+    the script bakes train, quantize and evaluate (and the tokenizer's vocabulary) and its
+    own section says how it is shipped, so a change to any of them changes the shipped
+    code; the export describes and checks them all."""
     import importlib
 
     declared = getattr(importlib.import_module(f"pgolf_core.stage.{stage}"), "SECTIONS", None)
     assert DVC[stage]["params"] == list(declared or [stage])
     assert set(DVC[stage]["params"]) <= set(config.SECTIONS) and (declared or stage in config.SECTIONS)
     if stage == "script":
-        assert declared == ("tokenize", "train", "quantize", "evaluate")
+        assert declared == ("tokenize", "train", "quantize", "evaluate", "script")
 
 
 def test_params_yaml_sets_every_key_once():

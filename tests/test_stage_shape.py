@@ -234,10 +234,12 @@ def test_script_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny
     eval_cfg = config.build_section("evaluate", {"seq_len": 64, "stride": 32})
     baked = {"tokenize": config.build_section("tokenize", {"vocab_size": tiny_sp.vocab_size()}),
              "train": config.build_section("train", {}), "quantize": config.build_section("quantize", {}),
-             "evaluate": eval_cfg}
+             "evaluate": eval_cfg, "script": config.build_section("script", {"payload": "latin1"})}
     s = script.run(baked, script.ScriptPaths(out=tmp_path / "script" / "train_gpt.py", metrics=tmp_path / "s.json"))
     assert s.metrics["code_bytes"] == (tmp_path / "script" / "train_gpt.py").stat().st_size
     assert s.metrics["code_bytes"] == min(s.metrics["bytes_minified"], s.metrics["bytes_self_extracting"])
+    # shipped as latin-1 bytes (script.payload), which verify below runs alone
+    assert (tmp_path / "script" / "train_gpt.py").read_bytes().startswith(b"#coding:latin-1\n")
     assert "pgolf_core.model" in s.provenance["bundled_modules"] and s.summary[0].startswith("script: ")
 
     model = GPT(ModelConfig(vocab_size=tiny_sp.vocab_size(), num_layers=1, model_dim=16, num_heads=2, num_kv_heads=1,

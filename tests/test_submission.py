@@ -70,7 +70,7 @@ def script_run(tmp_path_factory, shards, tiny_tokenizer_dir):
     shipped = submission_export.build_script(configs(BAKED_PARAMS))
     folder = tmp_path_factory.mktemp("submission")
     script = folder / "train_gpt.py"
-    script.write_text(shipped.text, encoding="utf-8")
+    script.write_bytes(shipped.data)
     env = clean_env(DATA_PATH=str(shards), TOKENIZER_PATH=str(tiny_tokenizer_dir / tokenizer.MODEL_FILE), **ENV)
     trained = bundle.run_isolated(script, env=env, timeout=600)
     assert trained.returncode == 0, trained.stderr[-4000:]
@@ -268,7 +268,7 @@ def test_export_writes_a_records_folder(tmp_path, pipeline_run, tiny_script, sha
                     hardware="cpu", torch_version=torch.__version__, git_commit="abc123")
     files = sorted(p.name for p in out.iterdir())
     assert files == ["README.md", "requirements.txt", "submission.json", "tokenizer.model", "train.log", "train_gpt.py"]
-    assert (out / "train_gpt.py").read_text() == tiny_script.text
+    assert (out / "train_gpt.py").read_bytes() == tiny_script.data
     assert (out / "tokenizer.model").read_bytes() == (tiny_tokenizer_dir / tokenizer.MODEL_FILE).read_bytes()
     sub = json.loads((out / "submission.json").read_text())
     assert sub == result and sub["author"] == "" and sub["github_id"] == "" and sub["name"] == "TinyCPU"

@@ -19,7 +19,7 @@ from pgolf_core import io
 from pgolf_core.stage.result import StageResult
 from pgolf_core.submission_export import ExportRefused, export_run, run_metrics
 
-SECTIONS = ("tokenize", "train", "quantize", "verify", "evaluate")  # what the folder describes and checks
+SECTIONS = ("tokenize", "train", "quantize", "verify", "evaluate", "script")  # what the folder describes and checks
 
 
 @dataclasses.dataclass(frozen=True)

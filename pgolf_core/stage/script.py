@@ -17,7 +17,7 @@ from pgolf_core import io
 from pgolf_core.stage.result import StageResult
 from pgolf_core.submission_export import BAKED_SECTIONS, build_script, script_modules
 
-SECTIONS = ("tokenize", *BAKED_SECTIONS)  # tokenize: the vocabulary size the script is built for
+SECTIONS = ("tokenize", *BAKED_SECTIONS, "script")  # tokenize: the vocabulary size it is built for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ def run(cfg: dict, paths: ScriptPaths) -> StageResult:
     _, left_out = script_modules(cfg["train"])
     shipped = build_script(cfg)
     with io.atomic_path(paths.out) as tmp:
-        tmp.write_text(shipped.text, encoding="utf-8")
+        tmp.write_bytes(shipped.data)
     metrics = {"code_bytes": shipped.bytes, "form": shipped.form, "bytes_plain": shipped.sizes["plain"],
                "bytes_minified": shipped.sizes["minified"], "bytes_self_extracting": shipped.sizes["self_extracting"]}
     modules = list(shipped.modules)
