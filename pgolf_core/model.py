@@ -218,13 +218,16 @@ class GPT(nn.Module):
         return rms_norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                looping: bool | None = None) -> torch.Tensor:
+                looping: bool | None = None, select: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> soft-capped logits (B, T, V) in float32, or, given `targets`
         (B, T), the per-token NLL (B, T): the loss is then part of the compiled graph, so
         the float32 logits of the whole batch never reach memory. `looping`: run the
         recurrence (the trainer switches it on part-way); None: whenever the config has
         one, as evaluation runs the model. A Python bool, so torch.compile builds one graph
-        per loop state."""
+        per loop state. `select` (B, K): only those positions of each row reach the head
+        (logits (B, K, V); `targets` then (B, K)): document LoRA scores 48 positions of
+        windows up to 2,048 long, and the head and the loss over the others would be
+        about an eighth of the record model's work and its largest tensors."""
         x = x0 = self.embed(idx)
         value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
         if self.cfg.value_embed_tables == 2:  # (2, B, T, K*E): the attention weighs each with its own scale
@@ -253,7 +256,10 @@ class GPT(nn.Module):
             v0 = v if v0 is None else v0
         if lanes is not None:
             x = self._merge_lanes(lanes)
-        logits = F.linear(self.head_input(rms_norm(x)), self.tok_emb.weight)
+        h = rms_norm(x)
+        if select is not None:
+            h = h.gather(1, select[..., None].expand(-1, -1, h.size(-1)))
+        logits = F.linear(self.head_input(h), self.tok_emb.weight)
         cap = self.cfg.logit_softcap
         if targets is None:
             return softcap(logits, cap)

@@ -276,6 +276,29 @@ def test_a_batch_forwards_only_its_unfinished_documents_and_each_as_if_alone():
                     torch.zeros(3, dtype=torch.float64), rows=3, device=CPU, autocast_dtype=None, ledger=None)
 
 
+def test_selected_positions_are_the_full_forwards_in_float64():
+    """`select` runs the head on some positions only: their logits are those of the whole
+    forward, and their NLL given targets is a plain float64 log-softmax of those
+    (soft-capped) logits, written here, to float32's precision (the model's loss)."""
+    model = _model(ModelConfig(**RECORD_LIKE)).double()
+    idx = torch.as_tensor(_stream(40, 64, seed=2)).view(2, 20)
+    select = torch.tensor([[19, 3, 3, 0], [7, 8, 9, 19]])
+    with torch.no_grad():
+        full = model(idx)
+        picked = model(idx, select=select)
+        targets = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+        nll = model(idx, targets, select=select)
+    expected = torch.stack([full[r, select[r]] for r in range(2)])
+    torch.testing.assert_close(picked, expected, rtol=1e-12, atol=1e-12)
+    cap = model.cfg.logit_softcap
+    raw = torch.stack([full[r, select[r]] for r in range(2)])  # already capped by the model
+    raw = raw.double()  # the model's soft cap and loss run in float32, whatever the weights
+    log_probs = raw - torch.logsumexp(raw, dim=-1, keepdim=True)
+    torch.testing.assert_close(nll.double(), -log_probs.gather(-1, targets[..., None]).squeeze(-1),
+                               rtol=1e-6, atol=1e-6)
+    assert cap > 0 and raw.abs().max() < cap
+
+
 def test_the_head_adapter_changes_the_logits():
     model = _model(ModelConfig(**RECORD_LIKE))
     lora = _lora(model, dataclasses.replace(EVAL, lora_targets=["head"]), 1)

@@ -48,7 +48,6 @@ from pgolf_core.config import EvaluateConfig
 from pgolf_core.eval.sliding import Ledger, ScoreSums, add_scores, stream_tensors
 from pgolf_core.eval.ttt import (MIN_LENGTH, MIN_ROWS, Block, ModeResult, SGDTrainer, cosine_lr, span_blocks,
                                  varying_length, varying_rows, without_gradients)
-from pgolf_core.loss import token_nll
 
 ADAPTER_SEED = 20260410  # adapters' A of batch b are drawn from a generator seeded ADAPTER_SEED + b
 
@@ -237,17 +236,23 @@ def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[in
             offsets = torch.arange(T + 1)
             starts = torch.tensor([w for w, _, _ in spans])[:, None]
             lengths = torch.tensor([length for _, length, _ in spans])[:, None]
+            counts = torch.tensor([c for _, _, c in spans])[:, None]
             positions = (starts + offsets).clamp(max=len(stream) - 1)
             seqs = torch.where(offsets <= lengths, stream[positions], 0).to(device)  # padded with 0, never the future
-            k = offsets[None, 1:] - 1  # target index in the row
-            scored = ((k >= lengths - torch.tensor([n for _, _, n in spans])[:, None]) & (k < lengths)).to(device)
-            nbytes = stream_bytes[positions[:, 1:]].to(device)
+            # the row's scored targets are its last `count` (window indices length-count..length-1):
+            # K = lora_chunk_tokens slots each, the unused ones pointing at a valid index, unscored
+            slot = torch.arange(K)[None, :]
+            select = (lengths - counts + slot).clamp(0, T - 1)
+            scored = (slot < counts).to(device)
+            target_positions = positions[:, 1:].gather(1, select)
+            nbytes = stream_bytes[target_positions].to(device)
+            select = select.to(device)
+            targets = seqs[:, 1:].gather(1, select)
             inputs = varying_rows(varying_length(seqs[:, :-1]))
             lora.mode.restart(n)
             with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(inputs)
-            nll = token_nll(logits, seqs[:, 1:])
-            add_scores(sums, nll, nbytes, scored, positions[:, 1:].to(device), ledger)
+                nll = model(inputs, varying_rows(targets), select=varying_rows(select)).float()
+            add_scores(sums, nll, nbytes, scored, target_positions.to(device), ledger)
             later = torch.tensor([chunks[i] > j + 1 for i in range(n)], device=device)
             if later.any():  # each document's mean loss over the chunk it just scored
                 per_doc = (nll * scored).sum(1) / scored.sum(1).clamp(min=1)
@@ -265,7 +270,11 @@ def warm_up_adapters(model, cfg: EvaluateConfig, device, idx: torch.Tensor) -> N
     lora.fresh(0, idx.size(0))
     with without_gradients(model.parameters()), lora.mode:  # only the adapters train
         lora.mode.restart(idx.size(0))  # sliced adapters, as every forward of the loop
-        token_nll(model(varying_rows(varying_length(idx[:, :-1]))), idx[:, 1:]).mean().backward()
+        rows, K = idx.size(0), cfg.lora_chunk_tokens
+        select = (idx.size(1) - 1 - K + torch.arange(K, device=idx.device)).clamp(min=0).repeat(rows, 1)
+        targets = idx[:, 1:].gather(1, select)
+        model(varying_rows(varying_length(idx[:, :-1])), varying_rows(targets),
+              select=varying_rows(select)).float().mean().backward()
 
 
 def _batches(queue: list, size: int) -> list[list]:
