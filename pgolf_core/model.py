@@ -226,8 +226,9 @@ class GPT(nn.Module):
         one, as evaluation runs the model. A Python bool, so torch.compile builds one graph
         per loop state. `select` (B, K): only those positions of each row reach the head
         (logits (B, K, V); `targets` then (B, K)): document LoRA scores 48 positions of
-        windows up to 2,048 long, and the head and the loss over the others would be
-        about an eighth of the record model's work and its largest tensors."""
+        windows up to 2,048 long and a sliding window 64, and the head and the loss over
+        the others would be about an eighth of the record model's work and its largest
+        tensors."""
         x = x0 = self.embed(idx)
         value_embed = self.value_proj(self.value_embed(idx)) if self.cfg.value_embed_layers else None
         if self.cfg.value_embed_tables == 2:  # (2, B, T, K*E): the attention weighs each with its own scale

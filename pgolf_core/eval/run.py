@@ -70,7 +70,8 @@ def prepare(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> No
 
 def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> None:
     """Each call the mode's loop makes, at the loop's batch shapes on random tokens:
-    scoring forwards without gradient, the full-model SGD step's forward and backward
+    scoring forwards without gradient (with a stride below the window, also the one whose
+    head sees only the scored tail), the full-model SGD step's forward and backward
     (`ttt_sgd`, `ttt_phased`), the adapters' forward and backward (`ttt_lora`,
     `ttt_phased`); the loops keep their row counts fixed and mark the window length
     dynamic, so these are every graph they need. Gradients are dropped and nothing
@@ -85,7 +86,11 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> No
         if mode in ("nonoverlap", "sliding", "ttt_sgd"):
             model.eval()
             with torch.no_grad():
-                model(random_tokens(cfg.batch_seqs)[:, :-1])
+                idx = random_tokens(cfg.batch_seqs)[:, :-1]
+                model(idx)
+                if mode != "nonoverlap" and cfg.stride < cfg.seq_len:  # the windows that score a tail only
+                    model(idx, select=torch.arange(cfg.seq_len - cfg.stride, cfg.seq_len,
+                                                   device=device).repeat(idx.size(0), 1))
         if mode in ("ttt_sgd", "ttt_phased"):
             model.train()
             idx = random_tokens(math.ceil(cfg.ttt_batch_seqs / dist.world_size()))

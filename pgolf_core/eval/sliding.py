@@ -92,13 +92,17 @@ def add_scores(sums: torch.Tensor, nll: torch.Tensor, nbytes: torch.Tensor, scor
 def score_window_list(model, stream: torch.Tensor, stream_bytes: torch.Tensor, length: int, windows: list[Window], *,
                       batch_seqs: int, device, autocast_dtype: torch.dtype | None = None,
                       ledger: Ledger | None = None, progress: bool = False, desc: str = "score",
-                      looping: bool | None = None, rows: int | None = None) -> torch.Tensor:
+                      looping: bool | None = None, rows: int | None = None, tail: int = 0) -> torch.Tensor:
     """Score `windows` (all of `length` inputs) of a CPU int64 token stream with no gradient;
     returns the float64 sums (nll, bytes, targets) on `device`. Shared by sliding scoring and
     by test-time training, which scores each chunk's windows before training on it.
     `looping`: the GPT's recurrence, when not as evaluation runs it (validation mid-training).
     `rows`: windows per forward, a short batch filled with empty ones (default: `batch_seqs`,
-    or all the windows when fewer)."""
+    or all the windows when fewer). `tail` (the stride, when below the length): a batch
+    whose windows score at most that many targets runs the head on its last `tail`
+    positions only (`GPT.forward`'s `select`): sliding windows of 2,048 scoring 64 would
+    otherwise compute 32x the logits they use. Two shapes in all, this and the whole
+    window (the first window, or `tail` 0), so two compiled graphs."""
     rows = rows or min(batch_seqs, len(windows))
     offsets = torch.arange(length + 1)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -112,12 +116,18 @@ def score_window_list(model, stream: torch.Tensor, stream_bytes: torch.Tensor, l
         positions = starts[:, None] + offsets  # (b, length + 1)
         seqs = stream[positions].to(device)
         inputs, targets = seqs[:, :-1], seqs[:, 1:]
-        nbytes = stream_bytes[positions[:, 1:]].to(device)  # bytes of each target
-        scored = torch.arange(length, device=device)[None, :] >= torch.tensor(
-            [length - w.num_scored for w in chunk], device=device)[:, None]  # (b, length)
+        target_positions = positions[:, 1:]
+        width, select = length, None
+        if 0 < tail < length and max(w.num_scored for w in chunk) <= tail:
+            width = tail
+            target_positions, targets = target_positions[:, -tail:], targets[:, -tail:]
+            select = torch.arange(length - tail, length, device=device).repeat(len(chunk), 1)
+        nbytes = stream_bytes[target_positions].to(device)  # bytes of each target
+        scored = torch.arange(width, device=device)[None, :] >= torch.tensor(
+            [width - w.num_scored for w in chunk], device=device)[:, None]  # (b, width)
         with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = model(inputs) if looping is None else model(inputs, looping=looping)
-        add_scores(sums, token_nll(logits, targets), nbytes, scored, positions[:, 1:].to(device), ledger)
+            logits = model(inputs, select=select) if looping is None else model(inputs, looping=looping, select=select)
+        add_scores(sums, token_nll(logits, targets), nbytes, scored, target_positions.to(device), ledger)
     model.train(was_training)
     return sums
 
@@ -140,7 +150,7 @@ def score_windows(model, tokens: np.ndarray, byte_counts: np.ndarray, *, window:
     length, windows = plan_windows(len(tokens), window, stride)
     sums = score_window_list(model, stream, stream_bytes, length, windows[rank::world_size], batch_seqs=batch_seqs,
                              device=device, autocast_dtype=autocast_dtype, ledger=ledger, progress=progress,
-                             desc=f"score w={window} s={stride}", looping=looping)
+                             desc=f"score w={window} s={stride}", looping=looping, tail=stride)
     return ScoreSums.from_tensor(sums.cpu())
 
 

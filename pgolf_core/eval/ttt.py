@@ -206,7 +206,7 @@ def ttt_sgd(model, tokens: np.ndarray, byte_counts: np.ndarray, cfg: EvaluateCon
     for c in tqdm(range(len(groups)), desc="ttt_sgd chunks", disable=not progress, unit="chunk"):
         sums += score_window_list(model, stream, stream_bytes, length, groups[c][rank::world],
                                   batch_seqs=cfg.batch_seqs, device=device, autocast_dtype=autocast_dtype,
-                                  ledger=ledger, rows=rows)
+                                  ledger=ledger, rows=rows, tail=cfg.stride)
         if c < len(groups) - 1:  # the last chunk is never trained on: nothing is scored after it
             end = min((c + 1) * cfg.ttt_chunk_tokens, len(tokens) - 1)
             trainer.train(stream, span_blocks(c * cfg.ttt_chunk_tokens, end, cfg.seq_len),
