@@ -458,8 +458,8 @@ def shipped_script(entry_modules: tuple[str, ...], main_module: str, main_call: 
     plain = _render(entries, traced, main_call, baked, minified=False, left_out=left_out)
     small = _render(entries, traced, main_call, baked, minified=True, left_out=left_out)
     data, form = smaller_form(small, payload)
-    sizes = {"plain": script_bytes(plain), "minified": script_bytes(small),
-             "self_extracting": len(self_extracting(small, payload))}
+    packed = len(data) if form == "self-extracting" else len(self_extracting(small, payload))  # compress once
+    sizes = {"plain": script_bytes(plain), "minified": script_bytes(small), "self_extracting": packed}
     return Shipped(data=data, form=form, sizes=sizes, modules=tuple(traced))
 
 

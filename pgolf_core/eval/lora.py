@@ -191,11 +191,9 @@ class DocumentLora:
 
 
 def live_rows(chunks: list[int], j: int) -> int:
-    """How many rows a batch's forward j runs: its documents come longest first, so the
-    ones with a chunk j are a prefix; padded with empty rows to MIN_ROWS when the batch
-    has that many."""
-    if any(a < b for a, b in zip(chunks, chunks[1:])):
-        raise ValueError(f"a batch's documents must come longest first (queue_order); chunks per document: {chunks}")
+    """How many rows a batch's forward j runs: its documents come longest first (checked
+    once per batch by `score_batch`), so the ones with a chunk j are a prefix; padded with
+    empty rows to MIN_ROWS when the batch has that many."""
     return max(sum(c > j for c in chunks), min(MIN_ROWS, len(chunks)))
 
 
@@ -218,6 +216,8 @@ def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[in
     K, L = cfg.lora_chunk_tokens, cfg.seq_len
     lora.fresh(batch_index, rows)
     chunks = [math.ceil((e - s) / K) for s, e in docs] + [0] * (rows - len(docs))
+    if any(a < b for a, b in zip(chunks, chunks[1:])):
+        raise ValueError(f"a batch's documents must come longest first (queue_order); chunks per document: {chunks}")
     model.eval()
     with without_gradients(model.parameters()), lora.mode:  # only the adapters train
         for j in range(max(chunks)):

@@ -25,7 +25,7 @@ from pgolf_core.bpb import bits_per_byte
 from pgolf_core.config import EvaluateConfig
 from pgolf_core.eval import budget
 from pgolf_core.eval.lora import ttt_lora, ttt_phased, warm_up_adapters
-from pgolf_core.eval.sliding import Ledger, ScoreSums, score_windows
+from pgolf_core.eval.sliding import Ledger, ScoreSums, score_windows, tail_select
 from pgolf_core.eval.ttt import ModeResult, leading_block_params, ttt_sgd, varying_length, without_gradients
 from pgolf_core.graphs import compiled_graphs
 
@@ -89,8 +89,7 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> No
                 idx = random_tokens(cfg.batch_seqs)[:, :-1]
                 model(idx)
                 if mode != "nonoverlap" and cfg.stride < cfg.seq_len:  # the windows that score a tail only
-                    model(idx, select=torch.arange(cfg.seq_len - cfg.stride, cfg.seq_len,
-                                                   device=device).repeat(idx.size(0), 1))
+                    model(idx, select=tail_select(cfg.seq_len, cfg.stride, idx.size(0), device))
         if mode in ("ttt_sgd", "ttt_phased"):
             model.train()
             idx = random_tokens(math.ceil(cfg.ttt_batch_seqs / dist.world_size()))

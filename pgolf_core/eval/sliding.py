@@ -88,6 +88,11 @@ def add_scores(sums: torch.Tensor, nll: torch.Tensor, nbytes: torch.Tensor, scor
         ledger.add(positions[scored], nll[scored])
 
 
+def tail_select(length: int, tail: int, rows: int, device) -> torch.Tensor:
+    """`GPT.forward`'s `select` for windows that score only their last `tail` targets."""
+    return torch.arange(length - tail, length, device=device).repeat(rows, 1)
+
+
 @torch.no_grad()
 def score_window_list(model, stream: torch.Tensor, stream_bytes: torch.Tensor, length: int, windows: list[Window], *,
                       batch_seqs: int, device, autocast_dtype: torch.dtype | None = None,
@@ -119,9 +124,8 @@ def score_window_list(model, stream: torch.Tensor, stream_bytes: torch.Tensor, l
         target_positions = positions[:, 1:]
         width, select = length, None
         if 0 < tail < length and max(w.num_scored for w in chunk) <= tail:
-            width = tail
+            width, select = tail, tail_select(length, tail, len(chunk), device)
             target_positions, targets = target_positions[:, -tail:], targets[:, -tail:]
-            select = torch.arange(length - tail, length, device=device).repeat(len(chunk), 1)
         nbytes = stream_bytes[target_positions].to(device)  # bytes of each target
         scored = torch.arange(width, device=device)[None, :] >= torch.tensor(
             [width - w.num_scored for w in chunk], device=device)[:, None]  # (b, width)
