@@ -2,6 +2,7 @@
 `python -I` where pgolf_core itself cannot be imported."""
 
 import ast
+import dataclasses
 import json
 import os
 import runpy
@@ -272,6 +273,54 @@ def test_minify_keeps_docstrings_a_module_reads():
     namespace = {}
     exec(small, namespace)
     assert namespace["f"]() == "Usage: this." and namespace["f"].__doc__ == "F."
+
+
+ANNOTATED = """
+from __future__ import annotations
+import dataclasses, functools
+
+LIMIT: int = 3
+
+@dataclasses.dataclass
+class Point:
+    x: float
+    y: float = 0.0
+
+def scaled(p: Point, k: float = 2.0, *rest: int, by: str = "k", **kw: bool) -> Point:
+    total: float = p.x * k
+    if k:
+        for _ in range(1):
+            inner: int = 1
+            def nested(a: int) -> int:
+                kept: int
+                b: int = a
+                return b
+            total += nested(inner)
+    return Point(total, p.y)
+
+@functools.lru_cache
+def cached(n: int) -> int:
+    return n
+
+def kernel(ptr, BLOCK: tl.constexpr, n: int):
+    return BLOCK
+"""
+
+
+def test_minify_drops_the_annotations_nothing_reads():
+    small = bundle.minify(ANNOTATED)
+    assert "def scaled(p, k=2.0, *rest, by='k', **kw):" in small  # parameters and return
+    assert "total = p.x * k" in small and "inner = 1" in small and "b = a" in small  # locals, at any depth
+    assert "def nested(a):" in small and "kept: int" in small  # a bare one makes a name local: kept
+    assert "def cached(n: int) -> int:" in small  # decorated: the decorator may read them
+    assert "def kernel(ptr, BLOCK: tl.constexpr, n: int):" in small  # Triton reads tl.constexpr
+    assert "x: float" in small and "y: float = 0.0" in small and "LIMIT: int = 3" in small  # fields, module
+    namespace = {}
+    exec(compile(small, "<test>", "exec"), namespace)
+    point = namespace["scaled"](namespace["Point"](1.5, 4.0))
+    assert (point.x, point.y) == (4.0, 4.0) and namespace["cached"](5) == 5
+    assert [f.name for f in dataclasses.fields(point)] == ["x", "y"]
+    assert bundle.ast_equivalent(ANNOTATED, small) and not bundle.ast_equivalent(ANNOTATED, ANNOTATED)
 
 
 def test_every_pgolf_core_module_minifies_to_the_same_ast():

@@ -5,7 +5,7 @@ import torch
 
 from pgolf_core.config import CategoryBits, QuantizeConfig
 from pgolf_core.quant import dequantize
-from pgolf_core.quant.rtn import qmax_for, quantize_matrix, quantize_rtn, row_clip, row_scales
+from pgolf_core.quant.rtn import qmax_for, quantize_rows, quantize_rtn, row_clip, row_scales
 
 
 def _weights(rows=48, cols=96, seed=0):
@@ -13,6 +13,13 @@ def _weights(rows=48, cols=96, seed=0):
     w = torch.randn(rows, cols, generator=g) * 0.05
     w[3, 7] = 0.9  # an outlier the percentile clip cuts
     return w
+
+
+def quantize_matrix(w: torch.Tensor, bits: int, clip_percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """RTN of one matrix with a percentile clip, composed as `quantize_rtn` composes it."""
+    clip = row_clip(w, clip_percentile)
+    scale = row_scales(clip, bits)
+    return quantize_rows(w, scale, clip, bits), scale
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])

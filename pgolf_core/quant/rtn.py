@@ -87,13 +87,6 @@ def quantize_rows(w: torch.Tensor, scale: torch.Tensor, clip: torch.Tensor, bits
     return q.clamp_(-qmax, qmax).to(torch.int8)
 
 
-def quantize_matrix(w: torch.Tensor, bits: int, clip_percentile: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """RTN of one 2-D matrix (rows, cols) with a percentile clip -> (q int8, scale fp16 (rows,))."""
-    clip = row_clip(w, clip_percentile)
-    scale = row_scales(clip, bits)
-    return quantize_rows(w, scale, clip, bits), scale
-
-
 def is_quantized(t: torch.Tensor, passthrough_max_numel: int) -> bool:
     """Routing rule: 2-D tensors with more than `passthrough_max_numel` elements get integers."""
     return t.ndim == 2 and t.numel() > passthrough_max_numel
