@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -52,6 +53,15 @@ def synthetic_stream(num_tokens: int, vocab: int, bos: int, doc_len: float, seed
     tokens[rng.random(num_tokens) < 1.0 / doc_len] = bos
     tokens[0] = bos
     return tokens
+
+
+def peak_mem_mib(device: torch.device) -> float:
+    """The mode's peak: on CUDA the allocator's since the mode began (an 8xH100 run has
+    80 GB per GPU, so a figure from a larger device says whether the mode fits there);
+    on the CPU the process's resident peak so far (it never resets: read the first mode's)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def main() -> None:
@@ -115,6 +125,8 @@ def main() -> None:
     per_mode = {}
 
     def time_mode(mode: str) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         model = load()
         prepare(model, mode, cfg, device, autocast)  # compiled when the profile's evaluate.compile says so
@@ -124,6 +136,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         end = time.perf_counter()
+        peak = peak_mem_mib(device)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -134,7 +147,7 @@ def main() -> None:
         per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2),
                           "loop_seconds": round(timing.loop_seconds, 2), "syncs": timing.syncs,
                           "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets, "compiled": cfg.compile,
-                          "graphs_compiled_in_loop": compiled_graphs() - graphs_before}
+                          "graphs_compiled_in_loop": compiled_graphs() - graphs_before, "peak_mem_mib": peak}
         if args.shards and args.tokenizer:  # the quality of the timed slice (dev-corpus figures off FineWeb)
             result[f"val_bpb_{mode}"] = bits_per_byte(sums.sums.nll_nats, sums.sums.num_bytes)
         print(f"eval_speed: {mode} {result[f'tokens_per_second_{mode}']:,} tok/s, 8xH100 projection "

@@ -510,4 +510,5 @@ def test_eval_speed_smoke_run_on_cpu(tmp_path):
     assert result["command"].startswith("python -m bench.eval_speed") and result["git_commit"] and result["final_mode"] == "ttt_phased"
     for mode in ("ttt_phased", "ttt_sgd"):
         assert result[f"tokens_per_second_{mode}"] > 0 and result[f"projected_8xh100_seconds_{mode}"] > 0
+        assert result["per_mode"][mode]["peak_mem_mib"] > 0
     assert result["phase_boundaries_scaled"] == [1]  # 833..2500 of 50,000 documents, for a handful
