@@ -504,6 +504,7 @@ class EvaluateConfig:
     lora_alpha: float = 144.0  # adapter output scale alpha / rank
     lora_chunk_tokens: int = 48  # targets scored per forward, then one step
     lora_batch_docs: int = 64  # documents per batch (each its own adapters)
+    lora_group_rows: int = 0  # rows per forward and backward of a chunk's step (0 = all): bounds memory, same step
     lora_lr: float = 1e-4
     lora_beta1: float = 0.0
     lora_beta2: float = 0.999
@@ -532,6 +533,9 @@ class EvaluateConfig:
             _positive(f"evaluate.{name}", getattr(self, name))
         if not 0 < self.stride <= self.seq_len:
             raise ValueError(f"evaluate.stride={self.stride}: must lie in [1, seq_len={self.seq_len}]")
+        if self.lora_group_rows != 0 and self.lora_group_rows < 3:
+            raise ValueError(f"evaluate.lora_group_rows={self.lora_group_rows}: must be 0 (all rows at once) or at "
+                             "least 3 (balanced groups then keep 2 rows or more: a 1-row forward would recompile)")
         if self.lora_chunk_tokens > self.seq_len:
             raise ValueError(f"evaluate.lora_chunk_tokens={self.lora_chunk_tokens}: a chunk is scored in one "
                              f"window, so it must not exceed evaluate.seq_len={self.seq_len}")

@@ -15,7 +15,7 @@ from pgolf_core import data
 from pgolf_core.bpb import byte_tables, position_bytes
 from pgolf_core.config import EvaluateConfig
 from pgolf_core.eval import budget
-from pgolf_core.eval.lora import DocumentLora, documents, queue_order, score_batch, target_weights
+from pgolf_core.eval.lora import DocumentLora, documents, queue_order, row_groups, score_batch, target_weights
 from pgolf_core.eval.run import evaluate, score_mode
 from pgolf_core.eval.sliding import Ledger, stream_tensors
 from pgolf_core.eval.ttt import cosine_lr, span_blocks, windows_by_chunk
@@ -276,6 +276,53 @@ def test_a_batch_forwards_only_its_unfinished_documents_and_each_as_if_alone():
                     torch.zeros(3, dtype=torch.float64), rows=3, device=CPU, autocast_dtype=None, ledger=None)
 
 
+def test_row_groups_partition_the_rows_in_balanced_groups_of_two_or_more():
+    for group_rows in (0, 3, 4, 5, 32):
+        for rows in range(2, 70):
+            groups = row_groups(rows, group_rows)
+            assert groups[0][0] == 0 and groups[-1][1] == rows
+            assert all(b == c for (_, b), (c, _) in zip(groups, groups[1:]))  # contiguous, in order
+            sizes = [b - a for a, b in groups]
+            assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 2
+            if group_rows:
+                assert max(sizes) <= group_rows and len(groups) == -(-rows // group_rows)
+            else:
+                assert groups == [(0, rows)]
+
+
+def test_a_batch_in_row_groups_takes_the_same_steps_as_all_rows_at_once():
+    """Seven documents in chunks of 7, groups of at most 3 rows: the forwards run 2, 3, 2
+    rows (then fewer as documents finish), and in float64 every score and every adapter
+    after the batch equal those of the batch run all at once."""
+    rng = np.random.default_rng(11)
+    lengths = [30, 26, 22, 19, 15, 12, 8]
+    tokens = np.concatenate([[BOS, *rng.integers(BOS + 1, 64, n - 1)] for n in lengths] + [[BOS]])
+    docs = queue_order(documents(tokens, BOS))
+    assert len(docs) == 7
+    stream_t, bytes_t = stream_tensors(tokens, _bytes(tokens))
+    results = []
+    for group_rows in (0, 3):
+        cfg = dataclasses.replace(EVAL, lora_batch_docs=7, lora_group_rows=group_rows)
+        model = _model(ModelConfig(**RECORD_LIKE)).double()
+        rows_seen = []
+        model.register_forward_pre_hook(lambda module, args: rows_seen.append(args[0].size(0)))
+        lora, ledger = DocumentLora(model, cfg, CPU), Ledger(len(tokens))
+        sums = torch.zeros(3, dtype=torch.float64)
+        score_batch(model, lora, 0, docs, stream_t, bytes_t, sums, rows=7, device=CPU, autocast_dtype=None,
+                    ledger=ledger)
+        results.append((rows_seen, ledger, sums, [(a.detach(), b.detach()) for a, b in lora.mode.adapters.values()]))
+    (whole_rows, whole, whole_sums, whole_adapters), (group_rows_seen, grouped, grouped_sums, grouped_adapters) = results
+    assert whole_rows[0] == 7 and group_rows_seen[:3] == [2, 3, 2] and max(group_rows_seen) == 3
+    assert (grouped.times_scored[1:] == 1).all()
+    np.testing.assert_allclose(grouped.nll, whole.nll, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grouped_sums, whole_sums, rtol=1e-12, atol=0)
+    assert len(grouped_adapters) == len(whole_adapters)  # the same weights, in the same order
+    for (a, b), (grouped_a, grouped_b) in zip(whole_adapters, grouped_adapters):
+        torch.testing.assert_close(grouped_a, a, rtol=1e-9, atol=1e-12)  # AdamW divides tiny gradients
+        torch.testing.assert_close(grouped_b, b, rtol=1e-9, atol=1e-12)
+    assert any(b.abs().sum() > 0 for _, b in whole_adapters)  # the steps did train
+
+
 def test_selected_positions_are_the_full_forwards_in_float64():
     """`select` runs the head on some positions only: their logits are those of the whole
     forward, and their NLL given targets is a plain float64 log-softmax of those
@@ -342,7 +389,9 @@ def test_compiled_evaluation_scores_as_eager_with_every_graph_built_by_the_warm_
     small = ModelConfig(**{**RECORD_LIKE, "num_layers": 2, "xsa_last_n": 2, "value_embed_layers": (1,),
                            "num_loops": 0, "loop_start": 0, "loop_end": 0, "parallel_start": 1})
     cfg = dataclasses.replace(EVAL, modes=["sliding", "ttt_phased"], final_mode="ttt_phased", warmup=True,
-                              ttt_freeze_blocks=1)  # which weights take gradients is part of a graph
+                              ttt_freeze_blocks=1,  # which weights take gradients is part of a graph
+                              lora_batch_docs=6, lora_group_rows=3)  # forwards of all live rows and of groups
+    assert len(queue_order(documents(stream, BOS))) > 6  # full batches of 6 rows, so the warm-up runs 2 groups
     eager = evaluate(cfg, lambda: _model(small), stream, _bytes(stream), CPU)
     capsys.readouterr()
     compiled = evaluate(dataclasses.replace(cfg, compile=True, compile_backend="aot_eager"),
@@ -370,6 +419,8 @@ def test_config_names_the_bad_key():
         EvaluateConfig(lora_targets=["q", "gate"])
     with pytest.raises(ValueError, match="evaluate.final_mode"):
         EvaluateConfig(final_mode="ttt_lora")
+    with pytest.raises(ValueError, match="evaluate.lora_group_rows"):
+        EvaluateConfig(lora_group_rows=2)
     with pytest.raises(ValueError, match="evaluate.lora_chunk_tokens"):
         EvaluateConfig(seq_len=32, stride=8, lora_chunk_tokens=48)
     with pytest.raises(ValueError, match="evaluate.phase_boundaries"):

@@ -108,14 +108,15 @@ class LoraMode(TorchFunctionMode):
         self.active = adapters
         self.calls = dict.fromkeys(adapters, 0)
 
-    def restart(self, rows: int | None = None) -> None:
-        """Before each forward: its batch rows are the first `rows` documents (all when
-        None), and the per-weight call counters that pick the slot start again. The
-        adapters are sliced, not copied; a document past `rows` gets a zero gradient."""
+    def restart(self, rows: int | None = None, first: int = 0) -> None:
+        """Before each forward: its batch rows are documents first..first+rows-1 (all
+        when `rows` is None), and the per-weight call counters that pick the slot start
+        again. The adapters are sliced, not copied; a document outside gets a zero
+        gradient."""
         if rows is None:
             self.active = self.adapters
         else:
-            self.active = {key: (varying_rows(a[:rows]), varying_rows(b[:rows]))
+            self.active = {key: (varying_rows(a[first : first + rows]), varying_rows(b[first : first + rows]))
                            for key, (a, b) in self.adapters.items()}
         self.calls = dict.fromkeys(self.adapters, 0)
 
@@ -197,6 +198,17 @@ def live_rows(chunks: list[int], j: int) -> int:
     return max(sum(c > j for c in chunks), min(MIN_ROWS, len(chunks)))
 
 
+def row_groups(rows: int, group_rows: int) -> list[tuple[int, int]]:
+    """(first, end) of each group of a forward's rows: all at once when `group_rows` is 0
+    or not exceeded, else the fewest groups of at most `group_rows`, balanced, so that
+    with `group_rows` >= 3 (`EvaluateConfig`) every group of 2 rows or more keeps 2."""
+    if not group_rows or rows <= group_rows:
+        return [(0, rows)]
+    count = math.ceil(rows / group_rows)
+    bounds = [round(rows * g / count) for g in range(count + 1)]
+    return list(zip(bounds, bounds[1:]))
+
+
 def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[int, int]], stream: torch.Tensor,
                 stream_bytes: torch.Tensor, sums: torch.Tensor, *, rows: int, device, autocast_dtype,
                 ledger: Ledger | None) -> None:
@@ -211,7 +223,10 @@ def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[in
     token-rows; about 1.13x on 4 M tokens of geometric documents of mean 811). The
     optimizer still steps every row, a finished one with a zero gradient, as when every
     row ran. The window length and the row count vary between forwards (both marked for
-    `evaluate.compile`: one graph)."""
+    `evaluate.compile`: one graph). With `lora_group_rows` the live rows run in groups,
+    each scored and back-propagated before the next, and the step comes after the last:
+    a document's adapters see only its own row, so the step is the one all rows at once
+    would take, with a group's activations in memory instead of the batch's."""
     cfg = lora.cfg
     K, L = cfg.lora_chunk_tokens, cfg.seq_len
     lora.fresh(batch_index, rows)
@@ -248,16 +263,21 @@ def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[in
             nbytes = stream_bytes[target_positions].to(device)
             select = select.to(device)
             targets = seqs[:, 1:].gather(1, select)
-            inputs = varying_rows(varying_length(seqs[:, :-1]))
-            lora.mode.restart(n)
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                nll = model(inputs, varying_rows(targets), select=varying_rows(select)).float()
-            add_scores(sums, nll, nbytes, scored, target_positions.to(device), ledger)
+            target_positions = target_positions.to(device)
             later = torch.tensor([chunks[i] > j + 1 for i in range(n)], device=device)
-            if later.any():  # each document's mean loss over the chunk it just scored
-                per_doc = (nll * scored).sum(1) / scored.sum(1).clamp(min=1)
+            steps = bool(later.any())  # only documents with a later chunk train on this one
+            if steps:
                 lora.opt.zero_grad(set_to_none=True)
-                (per_doc * later).sum().backward()
+            for a, b in row_groups(n, cfg.lora_group_rows):
+                lora.mode.restart(b - a, first=a)
+                with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    nll = model(varying_rows(varying_length(seqs[a:b, :-1])), varying_rows(targets[a:b]),
+                                select=varying_rows(select[a:b])).float()
+                add_scores(sums, nll, nbytes[a:b], scored[a:b], target_positions[a:b], ledger)
+                if later[a:b].any():  # each document's mean loss over the chunk it just scored
+                    per_doc = (nll * scored[a:b]).sum(1) / scored[a:b].sum(1).clamp(min=1)
+                    (per_doc * later[a:b]).sum().backward()
+            if steps:
                 lora.opt.step()
     lora.end_batch()
 
@@ -269,12 +289,13 @@ def warm_up_adapters(model, cfg: EvaluateConfig, device, idx: torch.Tensor) -> N
     lora = DocumentLora(model, cfg, device)
     lora.fresh(0, idx.size(0))
     with without_gradients(model.parameters()), lora.mode:  # only the adapters train
-        lora.mode.restart(idx.size(0))  # sliced adapters, as every forward of the loop
         rows, K = idx.size(0), cfg.lora_chunk_tokens
         select = (idx.size(1) - 1 - K + torch.arange(K, device=idx.device)).clamp(min=0).repeat(rows, 1)
         targets = idx[:, 1:].gather(1, select)
-        model(varying_rows(varying_length(idx[:, :-1])), varying_rows(targets),
-              select=varying_rows(select)).float().mean().backward()
+        for a, b in row_groups(rows, cfg.lora_group_rows):  # slices at an offset too, as the loop's groups
+            lora.mode.restart(b - a, first=a)  # sliced adapters, as every forward of the loop
+            model(varying_rows(varying_length(idx[a:b, :-1])), varying_rows(targets[a:b]),
+                  select=varying_rows(select[a:b])).float().mean().backward()
 
 
 def _batches(queue: list, size: int) -> list[list]:
