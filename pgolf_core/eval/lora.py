@@ -200,8 +200,9 @@ def live_rows(chunks: list[int], j: int) -> int:
 
 def row_groups(rows: int, group_rows: int) -> list[tuple[int, int]]:
     """(first, end) of each group of a forward's rows: all at once when `group_rows` is 0
-    or not exceeded, else the fewest groups of at most `group_rows`, balanced, so that
-    with `group_rows` >= 3 (`EvaluateConfig`) every group of 2 rows or more keeps 2."""
+    or not exceeded, else the fewest groups of at most `group_rows`, their sizes within
+    one of each other. So with `group_rows` >= 3 (`EvaluateConfig` refuses 1 and 2) and
+    at least MIN_ROWS rows, no group has fewer than MIN_ROWS."""
     if not group_rows or rows <= group_rows:
         return [(0, rows)]
     count = math.ceil(rows / group_rows)
@@ -264,9 +265,9 @@ def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[in
             select = select.to(device)
             targets = seqs[:, 1:].gather(1, select)
             target_positions = target_positions.to(device)
-            later = torch.tensor([chunks[i] > j + 1 for i in range(n)], device=device)
-            steps = bool(later.any())  # only documents with a later chunk train on this one
-            if steps:
+            trains = [chunks[i] > j + 1 for i in range(n)]  # only documents with a later chunk train on this one
+            later = torch.tensor(trains, device=device)
+            if any(trains):
                 lora.opt.zero_grad(set_to_none=True)
             for a, b in row_groups(n, cfg.lora_group_rows):
                 lora.mode.restart(b - a, first=a)
@@ -274,10 +275,10 @@ def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[in
                     nll = model(varying_rows(varying_length(seqs[a:b, :-1])), varying_rows(targets[a:b]),
                                 select=varying_rows(select[a:b])).float()
                 add_scores(sums, nll, nbytes[a:b], scored[a:b], target_positions[a:b], ledger)
-                if later[a:b].any():  # each document's mean loss over the chunk it just scored
+                if any(trains[a:b]):  # each document's mean loss over the chunk it just scored
                     per_doc = (nll * scored[a:b]).sum(1) / scored[a:b].sum(1).clamp(min=1)
                     (per_doc * later[a:b]).sum().backward()
-            if steps:
+            if any(trains):
                 lora.opt.step()
     lora.end_batch()
 
