@@ -83,6 +83,13 @@ part quantize quantize.json 420 python3 -m bench.quantize --profile profiles/rec
 part evalspeed eval_speed.json 540 python3 -m bench.eval_speed --profile $RECORD --device cuda \
     --artifact data/dev_run/model_gptq.bin --shards data/dev_run/shards_8192 \
     --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes ttt_phased sliding
+# evalspeedwhole (a call of its own): the final mode with the batch's 64 rows in one forward
+# (lora_group_rows 0); its peak_mem_mib says whether that fits an H100's 80 GB, so that the
+# record profile can drop its groups of 32 (bench/NOTES.md)
+part evalspeedwhole eval_speed_whole.json 540 python3 -m bench.eval_speed --profile $RECORD --device cuda \
+    --artifact data/dev_run/model_gptq.bin --shards data/dev_run/shards_8192 \
+    --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes ttt_phased --set lora_group_rows=0 \
+    --out bench/results/eval_speed_whole.json
 dev devdocmask train_dev_run_docmask.json --set model.doc_mask=true
 dev devf32residual train_dev_run_f32residual.json --set model.low_precision_residual=false
 dev devfusedmlp train_dev_run_fusedmlp.json --set runtime.fused_mlp=true

@@ -142,7 +142,7 @@ def test_every_gpu_session_part_calls_a_module_with_flags_and_settings_it_takes(
     typo there would otherwise cost a GPU call to find."""
     session = (ROOT / "bench" / "gpu_session.sh").read_text()
     parts = re.findall(r"^(?:part|ab|dev) (\w+) ", session, flags=re.M)
-    assert {"throughput", "fusedmlp", "fusedmlpstep", "devfusedmlp", "muon"} <= set(parts)
+    assert {"throughput", "fusedmlp", "fusedmlpstep", "devfusedmlp", "muon", "evalspeedwhole"} <= set(parts)
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     for stub in ("python3", "nvidia-smi"):
@@ -169,6 +169,9 @@ def test_every_gpu_session_part_calls_a_module_with_flags_and_settings_it_takes(
                 assert setting.partition(".")[0] in config.SECTIONS, (module, setting)
             for section in config.SECTIONS:
                 config.build_section(section, merged.get(section, {}))
+        elif "--profile" in args and name == "eval_speed":  # bench.eval_speed's --set names evaluate keys
+            profile = config.read_profile(ROOT / args[args.index("--profile") + 1])
+            config.build_section("evaluate", {**profile.get("evaluate", {}), **config.parse_assignments(settings)})
         elif "--profile" in args:
             profile = config.read_profile(ROOT / args[args.index("--profile") + 1])
             config.build_section("train", config.merge_nested(profile.get("train", {}), config.parse_assignments(settings)))
