@@ -21,12 +21,12 @@ that has already imported `pgolf_core`. The profile's hyperparameters are a lite
 **Shipped form.** `minify` drops docstrings, comments, blank lines and the annotations
 nothing reads at run time through `ast` (`ast.unparse`) and indents by one space, and
 checks that the result parses to the same AST as the source after those removals (a
-module that reads `__doc__` keeps its docstrings). `self_extracting` wraps a script as `exec(<decompress>(<payload>))`, the
-payload xz, raw LZMA2 or zlib in base85 (whichever is smallest), or raw LZMA2 as a
-latin-1 string literal in a file that declares that encoding (`script.payload`: about
-1.02 bytes per compressed byte where base85 spends 1.25); it runs in the wrapper's own globals, so
-`__name__` is the wrapper's and the main block runs exactly when the wrapper is run as a
-script. `shipped_script` returns the smaller of the minified and the self-extracting
+module that reads `__doc__` keeps its docstrings). `self_extracting` wraps a script as
+`exec(<decompress>(<payload>))`, the payload xz, raw LZMA2 or zlib in base85 (whichever
+is smallest), or raw LZMA2 as a latin-1 string literal in a file that declares that
+encoding (`script.payload`: about 1.02 bytes per compressed byte where base85 spends
+1.25); it runs in the wrapper's own globals, so `__name__` is the wrapper's and the
+main block runs exactly when the wrapper is run as a script. `shipped_script` returns the smaller of the minified and the self-extracting
 script as the file's bytes (`Shipped.data`, what `code_bytes` charges) and says which.
 
 **Isolation.** This venv has `pgolf_core` installed editable: setuptools' `.pth` file

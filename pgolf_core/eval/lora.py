@@ -210,6 +210,17 @@ def row_groups(rows: int, group_rows: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
+def group_forward(model, lora: DocumentLora, seqs: torch.Tensor, targets: torch.Tensor, select: torch.Tensor,
+                  first: int, end: int) -> torch.Tensor:
+    """The adapted forward of rows first..end-1 (tokens `seqs`, inputs and last target),
+    their NLL at the `select`ed positions: the one call the loop and its warm-up both
+    make, so that the warm-up builds exactly the loop's graph (sliced adapters, row count
+    and window length marked varying)."""
+    lora.mode.restart(end - first, first=first)
+    return model(varying_rows(varying_length(seqs[first:end, :-1])), varying_rows(targets[first:end]),
+                 select=varying_rows(select[first:end])).float()
+
+
 def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[int, int]], stream: torch.Tensor,
                 stream_bytes: torch.Tensor, sums: torch.Tensor, *, rows: int, device, autocast_dtype,
                 ledger: Ledger | None) -> None:
@@ -270,10 +281,8 @@ def score_batch(model, lora: DocumentLora, batch_index: int, docs: list[tuple[in
             if any(trains):
                 lora.opt.zero_grad(set_to_none=True)
             for a, b in row_groups(n, cfg.lora_group_rows):
-                lora.mode.restart(b - a, first=a)
                 with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    nll = model(varying_rows(varying_length(seqs[a:b, :-1])), varying_rows(targets[a:b]),
-                                select=varying_rows(select[a:b])).float()
+                    nll = group_forward(model, lora, seqs, targets, select, a, b)
                 add_scores(sums, nll, nbytes[a:b], scored[a:b], target_positions[a:b], ledger)
                 if any(trains[a:b]):  # each document's mean loss over the chunk it just scored
                     per_doc = (nll * scored[a:b]).sum(1) / scored[a:b].sum(1).clamp(min=1)
@@ -294,9 +303,7 @@ def warm_up_adapters(model, cfg: EvaluateConfig, device, idx: torch.Tensor) -> N
         select = (idx.size(1) - 1 - K + torch.arange(K, device=idx.device)).clamp(min=0).repeat(rows, 1)
         targets = idx[:, 1:].gather(1, select)
         for a, b in row_groups(rows, cfg.lora_group_rows):  # slices at an offset too, as the loop's groups
-            lora.mode.restart(b - a, first=a)  # sliced adapters, as every forward of the loop
-            model(varying_rows(varying_length(idx[a:b, :-1])), varying_rows(targets[a:b]),
-                  select=varying_rows(select[a:b])).float().mean().backward()
+            group_forward(model, lora, idx, targets, select, a, b).mean().backward()
 
 
 def _batches(queue: list, size: int) -> list[list]:
