@@ -26,8 +26,9 @@ module that reads `__doc__` keeps its docstrings). `self_extracting` wraps a scr
 is smallest), or raw LZMA2 as a latin-1 string literal in a file that declares that
 encoding (`script.payload`: about 1.02 bytes per compressed byte where base85 spends
 1.25); it runs in the wrapper's own globals, so `__name__` is the wrapper's and the
-main block runs exactly when the wrapper is run as a script. `shipped_script` returns the smaller of the minified and the self-extracting
-script as the file's bytes (`Shipped.data`, what `code_bytes` charges) and says which.
+main block runs exactly when the wrapper is run as a script. `shipped_script` returns
+the smaller of the minified and the self-extracting script as the file's bytes
+(`Shipped.data`, what `code_bytes` charges) and says which.
 
 **Isolation.** This venv has `pgolf_core` installed editable: setuptools' `.pth` file
 runs `__editable___pgolf_*_finder.install()`, which appends a meta path finder mapping
