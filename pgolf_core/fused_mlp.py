@@ -32,6 +32,11 @@ import functools
 
 import torch
 
+# The interpreter's cost is per program and per K step, not per element: 32 x 32 x 32
+# tiles run a 128-token MLP forward and backward in 0.08 s against 0.31 s with 16 x 16 x 16
+# (2 CPU cores), and the tests' ragged shapes still cover every partial tile and K tail.
+INTERPRETED_TILE = 32
+
 
 def reference_mlp(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, slope: float) -> torch.Tensor:
     """The plain math: down(leaky_relu(x W_up^T, slope)^2); slope 0 is relu^2."""
@@ -107,9 +112,9 @@ def _launch(a: torch.Tensor, b: torch.Tensor, stride_bk: int, stride_bn: int, h:
     N = h.size(1)
     args = (a, b, h, out, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn)
     meta = dict(SLOPE=slope, BACKWARD=backward)
-    if interpreted:  # no autotuning in the interpreter: one small tile
-        blocks = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
-        kernel[(triton.cdiv(M, 16) * triton.cdiv(N, 16),)](*args, **meta, **blocks)
+    if interpreted:  # no autotuning in the interpreter: one tile, INTERPRETED_TILE square
+        blocks = dict(BLOCK_M=INTERPRETED_TILE, BLOCK_N=INTERPRETED_TILE, BLOCK_K=INTERPRETED_TILE, GROUP_M=2)
+        kernel[(triton.cdiv(M, INTERPRETED_TILE) * triton.cdiv(N, INTERPRETED_TILE),)](*args, **meta, **blocks)
     else:
         kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
 
