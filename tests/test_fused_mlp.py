@@ -31,12 +31,18 @@ def fused(launches):
     return interpreted_kernels(fused_mlp=True)
 
 
+KERNEL_SHAPES = [(70, 64, 40), (33, 40, 24)]  # (M, K, N)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("slope", [0.5, 0.0])
-@pytest.mark.parametrize("M, K, N", [(70, 64, 40), (33, 40, 24)])
+@pytest.mark.parametrize("M, K, N", KERNEL_SHAPES)
 def test_kernels_match_a_float64_reference(launches, dtype, tol, slope, M, K, N):
-    tile = fused_mlp.INTERPRETED_TILE  # the shapes' ragged row and column tiles, a K that the tile divides, one it does not
-    assert M % tile and N % tile and -(-70 // tile) > 2 and 64 % tile == 0 and 40 % tile
+    # at the interpreter's tile: ragged last row and column tiles, three row tiles (a short
+    # GROUP_M group), a K the tile divides and a K with a tail
+    tile = fused_mlp.INTERPRETED_TILE
+    assert all(m % tile and n % tile for m, _, n in KERNEL_SHAPES) and max(m for m, _, _ in KERNEL_SHAPES) > 2 * tile
+    assert {k % tile == 0 for _, k, _ in KERNEL_SHAPES} == {True, False}
     torch.manual_seed(M + N)
     x, dy = torch.randn(M, K, dtype=dtype), torch.randn(M, K, dtype=dtype)
     w_up, w_down = (0.2 * torch.randn(N, K)).to(dtype), (0.2 * torch.randn(K, N)).to(dtype)
