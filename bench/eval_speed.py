@@ -129,7 +129,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         model = load()
-        prepare(model, mode, cfg, device, autocast)  # compiled when the profile's evaluate.compile says so
+        prepare(model, mode, cfg, device, autocast, progress=True)  # compiled when the profile's evaluate.compile says so
         loop_start, graphs_before = time.perf_counter(), compiled_graphs()
         sums = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast,
                           progress=True)

@@ -4,6 +4,7 @@ reference, and the budget. CPU, fp32, tiny models."""
 
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -395,8 +396,13 @@ def test_compiled_evaluation_scores_as_eager_with_every_graph_built_by_the_warm_
     eager = evaluate(cfg, lambda: _model(small), stream, _bytes(stream), CPU)
     capsys.readouterr()
     compiled = evaluate(dataclasses.replace(cfg, compile=True, compile_backend="aot_eager"),
-                        lambda: _model(small), stream, _bytes(stream), CPU)
-    assert "inside the timed loop" not in capsys.readouterr().out
+                        lambda: _model(small), stream, _bytes(stream), CPU, progress=True)
+    out = capsys.readouterr().out
+    assert "inside the timed loop" not in out
+    for mode in cfg.modes:  # the minutes of a record-size compile are announced, then timed and counted
+        assert f"evaluate: {mode}: warm-up on random tokens, compiling (aot_eager)\n" in out
+        built = re.search(rf"evaluate: {mode}: warm-up done in [0-9.]+ s, (\d+) graph\(s\) built", out)
+        assert built and int(built.group(1)) > 0, mode
     for mode in cfg.modes:
         assert compiled[f"val_bpb_{mode}"] == pytest.approx(eager[f"val_bpb_{mode}"], rel=1e-8, abs=0), mode
     assert compiled["tokens_scored"] == eager["tokens_scored"]

@@ -57,15 +57,23 @@ def score_mode(mode: str, model, tokens: np.ndarray, byte_counts: np.ndarray, cf
     return ModeResult(total, 1)
 
 
-def prepare(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> None:
+def prepare(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype, *, progress: bool = False) -> None:
     """Make a freshly read model ready for `mode`'s loop: compiled when `evaluate.compile`
     says so (static shapes but for the window length the TTT loops mark as varying), then
-    warmed up when `evaluate.warmup` says so."""
+    warmed up when `evaluate.warmup` says so. With `progress` it says what it does and how
+    long it took: compiling the record's TTT graphs takes minutes with no other output."""
     if cfg.compile:
         torch.compiler.reset()  # this mode pays for its own graphs, as a run of it alone would
         model.compile(backend=cfg.compile_backend)
     if cfg.warmup:
+        start, graphs_before = time.perf_counter(), compiled_graphs()
+        if progress:
+            print(f"evaluate: {mode}: warm-up on random tokens"
+                  f"{f', compiling ({cfg.compile_backend})' if cfg.compile else ''}", flush=True)
         warm_up(model, mode, cfg, device, autocast_dtype)
+        if progress:
+            print(f"evaluate: {mode}: warm-up done in {time.perf_counter() - start:.1f} s"
+                  f"{f', {compiled_graphs() - graphs_before} graph(s) built' if cfg.compile else ''}", flush=True)
 
 
 def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> None:
@@ -115,7 +123,7 @@ def evaluate(cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], val
     for mode in cfg.modes:
         start = time.perf_counter()
         model = load_model()
-        prepare(model, mode, cfg, device, autocast)
+        prepare(model, mode, cfg, device, autocast, progress=progress)
         loop_start, graphs_before = time.perf_counter(), compiled_graphs()
         result = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast,
                             progress=progress)
