@@ -113,10 +113,8 @@ def _launch(a: torch.Tensor, b: torch.Tensor, stride_bk: int, stride_bn: int, h:
     args = (a, b, h, out, M, N, K, a.stride(0), a.stride(1), stride_bk, stride_bn)
     meta = dict(SLOPE=slope, BACKWARD=backward)
     if interpreted:  # no autotuning in the interpreter: one tile, INTERPRETED_TILE square
-        blocks = dict(BLOCK_M=INTERPRETED_TILE, BLOCK_N=INTERPRETED_TILE, BLOCK_K=INTERPRETED_TILE, GROUP_M=2)
-        kernel[(triton.cdiv(M, INTERPRETED_TILE) * triton.cdiv(N, INTERPRETED_TILE),)](*args, **meta, **blocks)
-    else:
-        kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
+        meta.update(BLOCK_M=INTERPRETED_TILE, BLOCK_N=INTERPRETED_TILE, BLOCK_K=INTERPRETED_TILE, GROUP_M=2)
+    kernel[lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)](*args, **meta)
 
 
 def _configs():

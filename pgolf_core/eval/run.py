@@ -68,12 +68,12 @@ def prepare(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype, *, pr
     if cfg.warmup:
         start, graphs_before = time.perf_counter(), compiled_graphs()
         if progress:
-            print(f"evaluate: {mode}: warm-up on random tokens"
-                  f"{f', compiling ({cfg.compile_backend})' if cfg.compile else ''}", flush=True)
+            compiling = f", compiling ({cfg.compile_backend})" if cfg.compile else ""
+            print(f"evaluate: {mode}: warm-up on random tokens{compiling}", flush=True)
         warm_up(model, mode, cfg, device, autocast_dtype)
         if progress:
-            print(f"evaluate: {mode}: warm-up done in {time.perf_counter() - start:.1f} s"
-                  f"{f', {compiled_graphs() - graphs_before} graph(s) built' if cfg.compile else ''}", flush=True)
+            built = f", {compiled_graphs() - graphs_before} graph(s) built" if cfg.compile else ""
+            print(f"evaluate: {mode}: warm-up done in {time.perf_counter() - start:.1f} s{built}", flush=True)
 
 
 def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> None:
