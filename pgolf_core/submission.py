@@ -12,8 +12,10 @@ as `python train_gpt.py` or `torchrun --standalone --nproc_per_node=8 train_gpt.
 `settings_from_env`, over the baked params (table `ENV_KEYS`; run-level ones in
 `Paths`), so the script runs side by side with a public record's script on the same data
 and settings. A variable with a value that does not parse or that the config refuses is
-named in the error; a public variable this script cannot honour (`UNSUPPORTED`) is
-refused with the reason rather than silently ignored.
+named in the error; a variable of the public scripts this script cannot honour
+(`UNSUPPORTED`: every setting the five seed systems' commands use that is not mapped) is
+refused with the reason rather than silently ignored. A name outside both tables is not
+read: the environment holds much besides settings.
 
 **The run** follows the pipeline's stages with the same functions in the same order
 (train: seed, tokenizer, shards, model, `train` with GPTQ calibration in the same launch;
@@ -105,6 +107,10 @@ ENV_KEYS = {
     "TTT_LR": "evaluate.ttt_lr",
     "TTT_EPOCHS": "evaluate.ttt_epochs",
     "TTT_FREEZE_BLOCKS": "evaluate.ttt_freeze_blocks",
+    "TTT_CHUNK_SIZE": "evaluate.ttt_chunk_tokens",
+    "TTT_WARM_START_A": "evaluate.lora_warm_start_a",
+    "SPARSE_ATTN_GATE_SCALE": "train.model.attn_gate_scale",
+    "GATED_ATTN_QUANT_GATE": "quantize.gate_int8",
 }
 
 # Public variables whose meaning this script does not have: refused, never ignored.
@@ -118,6 +124,33 @@ UNSUPPORTED = {
     "HEAD_LR": "for an untied head; the head is the tied embedding here",
     "ADAM_EPS": "not a setting here",
 }
+# The other variables the five seed systems' commands set (../shared/seeds), by why they
+# cannot be honoured here.
+_UNHONOURED_GROUPS = {
+    "test-time training is chosen by evaluate.modes and evaluate.final_mode (baked), its settings are the "
+    "evaluate.ttt_* and lora_* keys; this setting has none of them": (
+        "TTT_ENABLED", "TTT_MODE", "TTT_E2E_MODE", "TTT_E2E_LAST_FRAC", "TTT_OPTIMIZER", "TTT_STEPS",
+        "TTT_MIN_DOC_LEN", "TTT_MAX_DOC_LEN", "TTT_EVAL_SEQ_LEN"),
+    "test-time training before quantization is not offered: the artifact is what is scored": (
+        "PREQUANT_TTT_ENABLED",),
+    "the quantizer is quantize.method (baked)": ("GPTQ_ENABLED",),
+    "kernels and compilation are train.runtime.* (baked; the fused kernels are bundled only when the baked "
+    "params switch them on)": (
+        "FUSED_MLP_ENABLED", "FUSED_MLP_FULL", "GROUP_SIZE_M", "NATIVE_SDPA", "TORCH_COMPILE_DISABLE"),
+    "this script reads no n-gram tables (the artifact holds none)": (
+        "NGRAM_VOCAB", "NGRAM_MAX_TOKENS", "NGRAM_HASH_BUCKETS", "NGRAM_DATA_DIR", "USE_NGRAM_BIAS",
+        "USE_NGRAM_BACKOFF", "USE_NGR_LOG_FREQ_INV", "USE_CTX_PARTITIONED_TAB"),
+    "document-masked attention is train.model.doc_mask (baked)": ("VARLEN_ENABLED",),
+    "the value residual is train.model.value_residual (baked)": ("VRL_ENABLED",),
+    "the loop starts at train.schedule.loop_start_frac of the run (baked)": ("RENABLE_LOOPING_AT",),
+    "a technique this script does not have": (
+        "BACKOUT_ENABLED", "DISTILL_ENABLED", "USE_NORM_PCT_DROPOUT", "NORM_PCT_THRESH", "USE_CMP_QUANT_VALUE_DEDUP",
+        "CMP_QUANT_DEDUP_STEP"),
+    "not a setting here": ("SKIP_REDUNDANT_EVALS", "DRY_RUN"),
+    "the data come from DATA_PATH; the script downloads nothing": (
+        "MATCHED_FINEWEB_REPO_ID", "MATCHED_FINEWEB_SKIP_HF_COPY"),
+}
+UNSUPPORTED |= {name: why for why, names in _UNHONOURED_GROUPS.items() for name in names}
 
 # Run-level variables (not params): see `Paths`.
 RUN_VARS = ("DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "VOCAB_SIZE", "OUT_DIR", "EVAL_ONLY", "ARTIFACT_PATH",

@@ -198,11 +198,22 @@ def validation_overlap(shards: str | Path, chunk_tokens: int = 1 << 22) -> dict:
             "overlap_documents": int(found.sum()), "overlap_tokens": int(val_len[found].sum())}
 
 
+# Modules that read n-gram tables. The artifact has no place for tables, so a shipped script
+# that bundles one could only read them from outside the 16,000,000 bytes.
+NGRAM_MODULES = ("pgolf_core.ngrams", "pgolf_core.ngram_count")
+
+
 def broken_rules(params: dict, code_bytes: int, model_bytes: int, train_metrics: dict, eval_metrics: dict,
-                 overlap: dict) -> list[str]:
+                 overlap: dict, bundled_modules: tuple[str, ...] = ()) -> list[str]:
     """Every challenge rule the run breaks (empty when none). `eval_metrics` holds the
-    evaluate stage's figures and labels (`final_mode`)."""
+    evaluate stage's figures and labels (`final_mode`); `bundled_modules` the shipped
+    script's modules (traced, `bundle.Shipped.modules`)."""
     broken = []
+    tables = [name for name in bundled_modules if name in NGRAM_MODULES]
+    if tables:
+        broken.append(f"the shipped script bundles {', '.join(tables)}: it could read n-gram tables at evaluation, "
+                      "and tables read then must be inside the artifact and counted in its bytes (the artifact "
+                      "format holds none)")
     limit = params["verify"].max_artifact_bytes
     if code_bytes + model_bytes > limit:
         broken.append(f"artifact is {code_bytes + model_bytes:,} bytes ({code_bytes:,} script + {model_bytes:,} model) "
@@ -396,7 +407,7 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
     if shipped.is_file() and shipped.read_bytes() != script.data:
         problems.append(f"{shipped} differs from the script these params and this checkout generate")
     overlap = validation_overlap(shards)
-    problems += broken_rules(params, script.bytes, len(blob), train_metrics, eval_metrics, overlap)
+    problems += broken_rules(params, script.bytes, len(blob), train_metrics, eval_metrics, overlap, script.modules)
     if problems:
         raise ExportRefused(problems)
 

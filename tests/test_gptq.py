@@ -11,9 +11,11 @@ from pgolf_core.quant.gptq import gptq_matrix, quantize_gptq
 from pgolf_core.quant.rtn import quantize_rows, quantize_rtn, row_grid
 
 
-def reference_gptq(w, h, scale, bits, damp, act_order):
-    """Column by column, every later column updated at once (no blocks), in numpy float64."""
+def reference_gptq(w, h, scale, bits, damp, act_order, zero_mask=None):
+    """Column by column, every later column updated at once (no blocks), in numpy float64;
+    entries of `zero_mask` are set to 0 instead of rounded, their error propagated alike."""
     w, h, s = np.array(w, dtype=np.float64), np.array(h, dtype=np.float64), np.array(scale, dtype=np.float64)
+    zero_mask = np.zeros(w.shape, dtype=bool) if zero_mask is None else np.array(zero_mask)
     qmax = 2 ** (bits - 1) - 1
     cols = w.shape[1]
     for j in range(cols):
@@ -22,11 +24,11 @@ def reference_gptq(w, h, scale, bits, damp, act_order):
             w[:, j] = 0.0
     h = h + damp * np.mean(np.diag(h)) * np.eye(cols)
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
-    w, h = w[:, order], h[np.ix_(order, order)]
+    w, h, zero_mask = w[:, order], h[np.ix_(order, order)], zero_mask[:, order]
     upper = np.linalg.cholesky(np.linalg.inv(h)).T
     q = np.zeros_like(w)
     for j in range(cols):
-        q[:, j] = np.clip(np.round(w[:, j] / s), -qmax, qmax)
+        q[:, j] = np.where(zero_mask[:, j], 0.0, np.clip(np.round(w[:, j] / s), -qmax, qmax))
         err = (w[:, j] - q[:, j] * s) / upper[j, j]
         w[:, j:] -= np.outer(err, upper[j, j:])
     out = np.zeros_like(q)
@@ -60,6 +62,30 @@ def test_agrees_with_float64_reference(act_order, block_size):
     assert got.dtype == torch.int8
     assert np.array_equal(got.numpy(), want)
     assert not got[:, 5].any()
+
+
+@pytest.mark.parametrize("act_order", [True, False])
+def test_fixed_zeros_stay_zero_and_agree_with_float64_reference(act_order):
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(12, 24, generator=g) * 0.1
+    mask = torch.rand(12, 24, generator=g) < 0.3
+    x = correlated_inputs(200, 24, seed=12)
+    h = (x.T @ x / len(x)).float()
+    clip, scale = grid(w, 5)
+    got = gptq_matrix(w * ~mask, h, scale, 5, block_size=7, act_order=act_order, fixed_zero=mask)
+    want = reference_gptq((w * ~mask).numpy(), h.numpy(), scale.float().numpy(), 5, 0.01, act_order, mask.numpy())
+    assert np.array_equal(got.numpy(), want)
+    assert not got[mask].any()
+    free = gptq_matrix(w * ~mask, h, scale, 5, block_size=7, act_order=act_order)
+    assert free[mask].any()  # what the mask prevents: error propagation refills pruned entries
+    with pytest.raises(ValueError, match="mask of shape"):
+        gptq_matrix(w, h, scale, 5, fixed_zero=mask[:, :10])
+
+
+def test_hessians_of_another_model_are_refused_naming_them():
+    state = {"blocks.0.mlp.up.weight": torch.randn(8, 8)}
+    with pytest.raises(ValueError, match=r"Hessians of 1 tensor\(s\) the model does not have \('blocks.0.mlp.fc.weight'\)"):
+        quantize_gptq(state, {"blocks.0.mlp.fc.weight": torch.eye(8)}, QuantizeConfig(passthrough_max_numel=10))
 
 
 def _output_error(w, q, scale, x):
@@ -96,9 +122,12 @@ def test_zero_row_outlier_and_constant_column_behave():
     w[4] = 0.0  # an all-zero row
     w[7, 9] = 50.0  # a huge outlier
     x = correlated_inputs(500, 32, seed=7)
-    x[:, 11] = 1.0  # a constant input column: H is nearly singular without damping
+    x[:, 11] = x[:, 12] = 1.0  # two equal constant input columns: H is singular
+    h = (x.T @ x / len(x)).float()
     clip, scale = grid(w, 6)
-    q = gptq_matrix(w, (x.T @ x / len(x)).float(), scale, 6)
+    with pytest.raises(RuntimeError, match="positive-definite"):
+        gptq_matrix(w, h, scale, 6, damp=0.0)  # what the damping is for
+    q = gptq_matrix(w, h, scale, 6)
     assert scale[4].item() == 1.0 and not q[4].any()
     assert q.abs().max() <= 31 and q[7, 9] == 31
 

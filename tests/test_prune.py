@@ -38,6 +38,26 @@ def test_prune_state_touches_only_quantized_matrices():
     assert int((q == 0).sum()) >= round(0.1 * q.numel())
 
 
+def test_gptq_keeps_the_pruned_entries_zero():
+    """GPTQ pushes each column's error onto later columns; without the mask it refills
+    pruned entries, and prune_fraction would not mean its zeros."""
+    state = random_state(seed=3)
+    g = torch.Generator().manual_seed(4)
+    hessians = {}
+    for name, t in state.items():
+        if t.ndim == 2 and t.numel() > 100 and not name.endswith(".gate"):
+            x = torch.randn(400, t.shape[1], generator=g) @ torch.randn(t.shape[1], t.shape[1], generator=g)
+            hessians[name] = x.T @ x / len(x)
+    cfg = QuantizeConfig(method="gptq", prune_fraction=0.25, passthrough_max_numel=100, clip="sdclip",
+                         bits=CategoryBits(attention=6, mlp=6, embedding=6, other=6))
+    qm, _ = quantize_model(state, cfg, hessians)
+    pruned = prune_state(state, 0.25, passthrough_max_numel=100)
+    for name in hessians:
+        zeroed = (pruned[name] == 0) & (state[name] != 0)
+        assert int(zeroed.sum()) == round(0.25 * state[name].numel()), name
+        assert not qm.tensors[name].q[zeroed].any(), name
+
+
 def test_candidates_are_the_unit_integers_by_least_damage():
     qm = quantize_rtn(random_state(seed=2), CFG)
     cand = unit_candidates(qm)

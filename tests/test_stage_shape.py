@@ -247,10 +247,11 @@ def test_script_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny
     checkpoint.save_model(tmp_path / "model.safetensors", model)
     io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 1.0, "calib_seconds": 0.5, "challenge_run": False})
 
-    q = quantize.run(config.build_section("quantize", {"passthrough_max_numel": 256}), quantize.QuantizePaths(
+    q_paths = quantize.QuantizePaths(
         model=tmp_path / "model.safetensors", hessians=tmp_path / "none.safetensors", out=tmp_path / "artifact",
         reference=tmp_path / "reference.safetensors", script=tmp_path / "script" / "train_gpt.py",
-        metrics=tmp_path / "quantize.json"))
+        metrics=tmp_path / "quantize.json")
+    q = quantize.run(config.build_section("quantize", {"passthrough_max_numel": 256}), q_paths)
     assert q.metrics["model_bytes"] == (tmp_path / "artifact" / "model.bin").stat().st_size
     assert q.metrics["num_quantized_tensors"] > 0 and q.inputs == {"model": io.sha256_files([tmp_path / "model.safetensors"])}
     assert q.write_report and not q.broken_rules and q.summary[0].startswith("quantize: rtn ")
@@ -266,9 +267,23 @@ def test_script_quantize_verify_evaluate_run_as_functions(tmp_path, shards, tiny
     assert v.metrics["code_bytes"] == s.metrics["code_bytes"]  # the script as shipped
     assert v.metrics["artifact_bytes"] == s.metrics["code_bytes"] + q.metrics["model_bytes"]
     assert v.metrics["challenge_run"] is False
-    broken = verify.run(config.build_section("verify", {"seq_len": 64, "max_artifact_bytes": 1000}),
-                        verify_paths).broken_rules
-    assert len(broken) == 1 and "> 1,000" in broken[0]
+    lowered = verify.run(config.build_section("verify", {"seq_len": 64, "max_artifact_bytes": 1000}), verify_paths)
+    assert len(lowered.broken_rules) == 1 and "> 1,000 (verify.max_artifact_bytes)" in lowered.broken_rules[0]
+    assert lowered.metrics["fits_16mb"]  # the challenge's 16,000,000 bytes, whatever the lowered cap
+    # verify.max_quant_damage, on an int5 artifact clipped at one standard deviation (int8's damage on this
+    # model is within noise)
+    coarse = dataclasses.replace(verify_paths, artifact=tmp_path / "coarse", reference=tmp_path / "coarse.safetensors")
+    categories = ("attention", "mlp", "embedding", "other")
+    quantize.run(config.build_section("quantize", {"passthrough_max_numel": 256, "clip": "sdclip", "bits": dict.fromkeys(
+        categories, 5), "sdclip_k": dict.fromkeys(categories, 1.0)}), dataclasses.replace(
+        q_paths, out=coarse.artifact, reference=coarse.reference))
+    threshold = {"seq_len": 64, "max_quant_damage": 0.0001}
+    damaged = verify.run(config.build_section("verify", threshold), coarse)
+    damage = damaged.metrics["quant_damage"]
+    assert damage == damaged.metrics["val_bpb_roundtrip"] - damaged.metrics["val_bpb_float"] > 0.0001
+    assert damaged.broken_rules == [f"quantization damage {damage:+.4f} val_bpb > verify.max_quant_damage 0.0001"]
+    assert verify.run(config.build_section("verify", {**threshold, "max_quant_damage": damage + 0.0001}),
+                      coarse).broken_rules == []
 
     # the time budget: broken only by a challenge run, whose seconds are the challenge's
     io.write_json_atomic(tmp_path / "train.json", {"train_seconds": 650.0, "calib_seconds": 8.5, "challenge_run": False})

@@ -4,6 +4,7 @@ scores it to the val_bpb pgolf's own stage functions give in this process; its e
 entry rescores the artifact; the environment maps onto the typed config; the exporter
 writes a records-style folder and refuses runs that break the rules."""
 
+import ast
 import dataclasses
 import json
 import math
@@ -126,6 +127,21 @@ def final_line(result) -> dict:
 # --- what is bundled ---------------------------------------------------------------------
 
 
+def imported_packages(modules) -> set[str]:
+    """Top-level names every `import` / `from ... import` of these modules' sources names,
+    wherever it sits (inside functions too); relative imports are left out."""
+    names = set()
+    for module in modules:
+        base = bundle.SOURCE_ROOT.joinpath(*module.split("."))
+        path = base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names.add(node.module.split(".")[0])
+    return names
+
+
 def test_the_script_bundles_only_the_run_path():
     traced = bundle.traced_modules(("pgolf_core.submission",))
     for needed in ("pgolf_core.train", "pgolf_core.calibration", "pgolf_core.quant.gptq", "pgolf_core.quant.fit",
@@ -133,7 +149,8 @@ def test_the_script_bundles_only_the_run_path():
         assert needed in traced
     for absent in NEVER_BUNDLED:
         assert absent not in traced
-    assert not [m for m in traced if "bench" in m]
+    # the probe lists pgolf_core modules only: bench's absence is read from the bundled sources' imports
+    assert "bench" not in imported_packages(traced) and "pgolf_core" in imported_packages(traced)
     # training's fused kernels only when the run switches them on
     assert not {"pgolf_core.fused_mlp", "pgolf_core.fused_ce"} & set(traced)
     plain = submission_export.script_modules(configs(BAKED_PARAMS)["train"])
@@ -198,6 +215,16 @@ def test_environment_maps_onto_the_config(tmp_path):
                                      vocab_size=TINY_VOCAB, eval_only=False)
 
 
+def test_the_records_ttt_gate_and_chunk_variables_map_and_no_name_is_both_mapped_and_refused():
+    train_cfg, quant_cfg, eval_cfg, _ = submission.settings_from_env(baked(BAKED_PARAMS), {
+        "TTT_CHUNK_SIZE": "4096", "TTT_WARM_START_A": "1", "SPARSE_ATTN_GATE_SCALE": "0.5",
+        "GATED_ATTN_QUANT_GATE": "1"})
+    assert eval_cfg.ttt_chunk_tokens == 4096 and eval_cfg.lora_warm_start_a is True
+    assert train_cfg.model.attn_gate_scale == 0.5 and quant_cfg.gate_int8 is True
+    assert not set(submission.ENV_KEYS) & set(submission.UNSUPPORTED)
+    assert not set(submission.RUN_VARS) & (set(submission.ENV_KEYS) | set(submission.UNSUPPORTED))
+
+
 def test_without_environment_the_baked_params_and_public_paths_hold():
     train_cfg, quant_cfg, eval_cfg, paths = submission.settings_from_env(baked(BAKED_PARAMS), {})
     expected = configs(BAKED_PARAMS)
@@ -218,6 +245,9 @@ def test_without_environment_the_baked_params_and_public_paths_hold():
     ({"EVAL_STRIDE": "0"}, r"EVAL_STRIDE \(sets evaluate.stride\): evaluate.stride=0"),
     ({"GPTQ_CALIB_BATCHES": "0"}, r"GPTQ_CALIB_BATCHES is 0 but quantize.method is 'gptq'"),
     ({"WARMDOWN_ITERS": "1200"}, r"WARMDOWN_ITERS is a public script's setting this script does not honour"),
+    ({"TTT_ENABLED": "1"}, r"TTT_ENABLED is a public script's setting .*: test-time training is chosen by "
+                           r"evaluate.modes"),
+    ({"GPTQ_ENABLED": "0"}, r"GPTQ_ENABLED is a public script's setting .*: the quantizer is quantize.method"),
     ({"VOCAB_SIZE": "-3"}, r"VOCAB_SIZE='-3': must be positive"),
     ({"DATA_PATH": ""}, r"DATA_PATH is set but empty"),
 ])
@@ -303,6 +333,14 @@ def test_refuses_an_artifact_over_the_limit(tmp_path, pipeline_run, tiny_script,
                                              "val_documents": 1})
     assert broken == [f"artifact is 16,000,001 bytes ({tiny_script.bytes:,} script + "
                       f"{16_000_001 - tiny_script.bytes:,} model) > 16,000,000"]
+
+
+def test_refuses_a_script_that_could_read_ngram_tables(tmp_path, pipeline_run, tiny_script, shards, tiny_tokenizer_dir):
+    assert not set(tiny_script.modules) & set(submission_export.NGRAM_MODULES)
+    assert "pgolf_core.ngrams" in bundle.traced_modules(("pgolf_core.ngrams",))  # the names are real modules
+    reading = dataclasses.replace(tiny_script, modules=tiny_script.modules + ("pgolf_core.ngrams",))
+    _refusal(pipeline_run, reading, shards, tiny_tokenizer_dir, tmp_path / "out",
+             r"the shipped script bundles pgolf_core.ngrams: it could read n-gram tables at evaluation")
 
 
 @pytest.mark.parametrize("changes, dropped, match", [

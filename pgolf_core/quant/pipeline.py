@@ -22,13 +22,17 @@ def quantize_model(state: dict[str, torch.Tensor], cfg: QuantizeConfig, hessians
                    device: torch.device | str = "cpu", progress=None) -> tuple[QuantizedModel, dict]:
     """(quantized model, report) of a float state dict under `cfg`: prune_fraction, then
     `cfg.method` (GPTQ needs `hessians`; `progress(name)` per GPTQ matrix), then LQER when
-    lqer_rank > 0. The report has "lqer": per corrected matrix its error before and after."""
+    lqer_rank > 0. The report has "lqer": per corrected matrix its error before and after.
+    Under GPTQ the pruned entries are held at 0 while their error is compensated, so
+    `prune_fraction` means the same zeros for both methods."""
     pruned = prune_state(state, cfg.prune_fraction, cfg.passthrough_max_numel) if cfg.prune_fraction else state
     if cfg.method == "gptq":
         if not hessians:
             raise ValueError("quantize.method 'gptq' needs Hessians and none were given: set train.calib_batches > 0 "
                              "(and rerun train), or quantize.method: rtn")
-        qm = quantize_gptq(pruned, hessians, cfg, device, progress=progress)
+        # the pruned entries stay 0 through GPTQ's error propagation (it compensates them instead)
+        fixed_zero = {name: pruned[name] == 0 for name in state if pruned[name] is not state[name]}
+        qm = quantize_gptq(pruned, hessians, cfg, device, progress=progress, fixed_zero=fixed_zero)
     else:
         qm = quantize_rtn(pruned, cfg)
     report: dict = {"lqer": []}
