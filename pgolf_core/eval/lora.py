@@ -12,7 +12,8 @@ then, if the document has later chunks, that same loss makes one AdamW step of i
 adapters. Adapters and optimizer state are fresh for every batch (with
 `lora_warm_start_a`, A carries over and only B restarts at zero: legal, since A was
 trained only on scored tokens, but a document's score then depends on the documents
-of earlier batches).
+of earlier batches: under torchrun, of that rank's earlier batches, so the scores
+depend on the number of processes).
 
 Adapters act on the model's own forward: a `TorchFunctionMode` adds x A^T B^T (alpha/r)
 to the output of every `F.linear` call whose weight is an adapted one, so every feature
@@ -29,8 +30,8 @@ records' length-sorted queues do. `ttt_phased` pauses once the count of fully sc
 documents reaches each boundary and trains the whole model with SGD on the first
 `boundary` documents of the queue (all scored, by every rank: batches are dealt to
 ranks round-robin in rounds that end at each phase, so every rank knows which
-documents are done without exchanging them, and the result does not depend on the
-number of processes), then resumes with fresh adapters.
+documents are done without exchanging them, and without warm-started A the result
+does not depend on the number of processes), then resumes with fresh adapters.
 """
 
 from __future__ import annotations

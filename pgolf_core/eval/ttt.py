@@ -140,7 +140,7 @@ class SGDTrainer:
         for p in self.params:  # a rank with no sequence in a step still all-reduces (zero) gradients
             p.grad = torch.zeros_like(p)
         self.opt = torch.optim.SGD(self.params, lr=0.0, momentum=momentum)
-        self.syncs = 0
+        self.syncs = 0  # optimizer steps: each all-reduces the gradients when processes share the batch
 
     def restore(self) -> None:
         for p in self.frozen:
@@ -183,7 +183,7 @@ class SGDTrainer:
             for g in grads:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
-            self.syncs += 1
+        self.syncs += 1  # an all-reduce on any number of processes > 1: one process's projection adds them
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         self.opt.step()
