@@ -396,6 +396,7 @@ class QuantizeConfig:
     clip: str = "percentile"  # per-row scale: "percentile" of |w| or "sdclip" (k * std of the row)
     clip_percentile: float = 99.99  # clip "percentile": the |w| percentile that sets the scale (100 = max)
     sdclip_k: CategoryClip = field(default_factory=CategoryClip)  # clip "sdclip": k per category
+    sdclip_search: list = field(default_factory=list)  # candidate k: each category takes the one of least calibration output error (needs Hessians; [] = off)
     bits: CategoryBits = field(default_factory=CategoryBits)  # integer width per category
     damp: float = 0.01  # gptq: added to H's diagonal, as a fraction of its mean
     block_size: int = 128  # gptq: columns quantized per block before the error goes on to the rest
@@ -413,6 +414,12 @@ class QuantizeConfig:
     def __post_init__(self):
         _choice("quantize.method", self.method, QUANT_METHODS)
         _choice("quantize.clip", self.clip, CLIP_METHODS)
+        for k in self.sdclip_search:
+            if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0:
+                raise ValueError(f"quantize.sdclip_search: {k!r} is not a positive k")
+        if self.sdclip_search and self.clip != "sdclip":
+            raise ValueError(f"quantize.sdclip_search chooses SDClip's k, but quantize.clip is {self.clip!r}: "
+                             "set quantize.clip: sdclip")
         if not 50.0 < self.clip_percentile <= 100.0:
             raise ValueError(f"quantize.clip_percentile={self.clip_percentile}: must lie in (50, 100]")
         if not 0.0 <= self.damp < 1.0:
@@ -436,6 +443,11 @@ class QuantizeConfig:
         if not 0 <= self.fit_bytes <= CHALLENGE_ARTIFACT_BYTES:
             raise ValueError(f"quantize.fit_bytes={self.fit_bytes}: must lie in [0, {CHALLENGE_ARTIFACT_BYTES:,}] "
                              "(decimal bytes of artifact + code; 0 = off)")
+
+    @property
+    def uses_hessians(self) -> bool:
+        """Whether quantizing needs the calibration Hessians (GPTQ, or the search over k)."""
+        return self.method == "gptq" or bool(self.sdclip_search)
 
 
 def check_layout_name(key: str, name: str) -> None:

@@ -254,9 +254,10 @@ def settings_from_env(baked: dict, environ: typing.Mapping[str, str]):
     configs = [_build(s, tree[s], {v: k for v, k in culprits.items() if k.startswith(s + ".")})
                for s in ("train", "quantize", "evaluate")]
     train_cfg, quant_cfg, eval_cfg = configs
-    if quant_cfg.method == "gptq" and not train_cfg.calib_batches:
+    if quant_cfg.uses_hessians and not train_cfg.calib_batches:
         where = "GPTQ_CALIB_BATCHES" if "GPTQ_CALIB_BATCHES" in culprits else "train.calib_batches (baked)"
-        raise SettingsError(f"{where} is 0 but quantize.method is 'gptq', which needs the Hessians it collects")
+        user = "quantize.method is 'gptq'" if quant_cfg.method == "gptq" else "quantize.sdclip_search is set"
+        raise SettingsError(f"{where} is 0 but {user}, which needs the Hessians it collects")
 
     vocab = int(baked.get("tokenize", {}).get("vocab_size", 0))
     if "VOCAB_SIZE" in environ:
@@ -368,7 +369,8 @@ def _printer(cfg: config.TrainConfig):
 
 
 def train_and_quantize(train_cfg, quant_cfg, paths: Paths, device, code_bytes: int):
-    """Train (calibrating in the same launch for GPTQ), quantize and pack; rank 0 writes
+    """Train (calibrating in the same launch when quantizing uses the Hessians), quantize
+    and pack; rank 0 writes
     the artifact. Returns (train and quantize figures, vocabulary, val tokens, val byte
     counts)."""
     set_seed(train_cfg.seed)
@@ -386,9 +388,8 @@ def train_and_quantize(train_cfg, quant_cfg, paths: Paths, device, code_bytes: i
                                                       train_cfg.micro_batch_seqs, train_cfg.seq_len, device,
                                                       dist.autocast_dtype(device)))
 
-    gptq = quant_cfg.method == "gptq"
     result: TrainResult = train(train_cfg, model, stream, val_tokens, val_bytes, device, _printer(train_cfg),
-                                None, calibrate=calibrate if gptq else None)
+                                None, calibrate=calibrate if quant_cfg.uses_hessians else None)
     figures = {"train": dataclasses.asdict(result)}
     if dist.is_main():
         for warning in run_warnings(train_cfg, result):
@@ -400,7 +401,8 @@ def train_and_quantize(train_cfg, quant_cfg, paths: Paths, device, code_bytes: i
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint.save_model(Path(tmp) / "model.safetensors", model)
             state, _ = checkpoint.read_model_file(Path(tmp) / "model.safetensors")
-        hessians = {k: h.detach().float().cpu() for k, h in collected[0].hessians.items()} if gptq else None
+        hessians = {k: h.detach().float().cpu() for k, h in collected[0].hessians.items()} \
+            if quant_cfg.uses_hessians else None
         qm, _ = quantize_model(state, quant_cfg, hessians, device)
         quantize_seconds = time.perf_counter() - start
         qm, blob, pack, fit = pack_to_fit(qm, dataclasses.asdict(model.cfg), quant_cfg.compressors,

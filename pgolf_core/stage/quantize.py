@@ -35,8 +35,9 @@ def run(cfg: QuantizeConfig, paths: QuantizePaths) -> StageResult:
     """Quantize, pack (to `quantize.fit_bytes` when set) and write the artifact and the reference."""
     state, model_config = read_model_file(paths.model)
     start = time.perf_counter()
-    found = load_hessians(paths.hessians) if cfg.method == "gptq" else None  # none: quantize_model names the key
-    matrices = sum(is_quantized(t, cfg.passthrough_max_numel) and name in (found or {}) for name, t in state.items())
+    found = load_hessians(paths.hessians) if cfg.uses_hessians else None  # none: quantize_model names the key
+    matrices = sum(is_quantized(t, cfg.passthrough_max_numel) and name in (found or {}) for name, t in state.items()) \
+        if cfg.method == "gptq" else 0
     with tqdm(total=matrices, desc=cfg.method, unit="matrix", disable=not matrices) as bar:
         qm, steps = quantize_model(state, cfg, found, select_device("auto"), progress=lambda name: bar.update(1))
     quantize_seconds = time.perf_counter() - start
@@ -61,6 +62,10 @@ def run(cfg: QuantizeConfig, paths: QuantizePaths) -> StageResult:
         "layout_per_group": report["layout_per_group"],
         "seconds_per_group": report["seconds_per_group"],
         "lqer": steps["lqer"],
+        **({"sdclip_k": steps["sdclip_k"]} if "sdclip_k" in steps else {}),
+        **({"sdclip_search_error": {category: {f"{k:g}": err for k, err in by_k.items()}
+                                    for category, by_k in steps["sdclip_search"].items()}}
+           if "sdclip_search" in steps else {}),
         "fit": fit,
         "bits_per_group": dataclasses.asdict(cfg.bits),
         "num_quantized_tensors": kinds.count("int8"),
@@ -73,6 +78,11 @@ def run(cfg: QuantizeConfig, paths: QuantizePaths) -> StageResult:
         chunks = report["chunks_per_group"][group]
         summary.append(f"  {group:12s} {size:>12,} bytes  {r['compressor_per_group'][group]:7s} "
                        f"{r['layout_per_group'][group]}" + (f" ({chunks} chunks)" if chunks > 1 else ""))
+    if "sdclip_search" in steps:
+        summary.append("  sdclip_search: k " + ", ".join(f"{c} {k:g}" for c, k in r["sdclip_k"].items()
+                                                          if c in steps["sdclip_search"])
+                       + " (least calibration output error among " + ", ".join(f"{k:g}" for k in cfg.sdclip_search)
+                       + ")")
     if r["fit"]["zeroed"]:
         summary.append(f"  fit_bytes: zeroed {r['fit']['zeroed']:,} of {r['fit']['candidates']:,} +-1 integers in "
                        f"{r['fit']['probes']} probes -> {r['fit']['artifact_bytes']:,} bytes with code")
