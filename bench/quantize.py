@@ -55,6 +55,7 @@ from pgolf_core.train import set_seed, train
 
 VARIANTS = ("lqer", "gate", "lqer_gate", "fit")
 TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at most this many bytes
+TRAIN_RUN = "train_run.json"  # the training run's figures beside its model and Hessians in --workdir
 
 
 def train_once(cfg: config.TrainConfig, shards: Path, sp, device, calib_seqs: int, work: Path) -> dict:
@@ -73,9 +74,11 @@ def train_once(cfg: config.TrainConfig, shards: Path, sp, device, calib_seqs: in
     result = train(cfg, model, stream, val, val_byte_counts(sp, shards, val), device, calibrate=calibrate)
     checkpoint.save_model(work / "model.safetensors", model)
     calibration.save_hessians(work / "hessians.safetensors", collected[0])
-    return {"steps": result.steps, "train_tokens": stream.num_tokens, "train_seconds": result.train_seconds,
-            "calib_seconds": result.calib_seconds, "calib_tokens": collected[0].tokens,
-            "num_params": sum(p.numel() for p in model.parameters())}
+    run = {"steps": result.steps, "train_tokens": stream.num_tokens, "train_seconds": result.train_seconds,
+           "calib_seconds": result.calib_seconds, "calib_tokens": collected[0].tokens,
+           "num_params": sum(p.numel() for p in model.parameters()), "device": str(device)}
+    (work / TRAIN_RUN).write_text(json.dumps(run, indent=2) + "\n")  # what --reuse reports
+    return run
 
 
 def score(model, val, val_bytes, device, window: int, stride: int, batch_seqs: int) -> float:
@@ -92,7 +95,11 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=131072)
     parser.add_argument("--steps", type=int, default=70, help="capped at one epoch of the corpus")
     parser.add_argument("--micro-batch-seqs", type=int, default=32)
-    parser.add_argument("--reuse", action="store_true", help="quantize the model and Hessians already in --workdir")
+    parser.add_argument("--reuse", action="store_true", help="quantize the model and Hessians already in --workdir "
+                        "(their run's figures, calib_seconds included, come from its train_run.json)")
+    parser.add_argument("--reserve-profile", default="profiles/record_8xh100.yaml",
+                        help="the challenge profile whose train.schedule.calib_reserve_seconds calib_seconds is "
+                             "judged against (the 1xH100 profile sets none: it has no cap)")
     parser.add_argument("--no-sliding", action="store_true", help="score non-overlapping windows only")
     parser.add_argument("--val-tokens", type=int, default=0, help="score only the first N val tokens (0 = all; CPU smoke runs)")
     parser.add_argument("--lqer-rank", type=int, default=4)
@@ -124,7 +131,13 @@ def main() -> None:
                      "calib_reserve_seconds": 0.0},
         "runtime": {"val_every": 0, "val_tokens": 0, "log_every": 10, "compile": False, "snapshot_every": 0}}))
     device = dist.select_device(cfg.runtime.device if torch.cuda.is_available() else "cpu")
-    run = None if args.reuse else train_once(cfg, shards, sp, device, profile_train.micro_batch_seqs, work)
+    if args.reuse:
+        run = json.loads((work / TRAIN_RUN).read_text()) if (work / TRAIN_RUN).is_file() else None
+        if run is None:
+            print(f"quantize bench: --reuse: no {work / TRAIN_RUN}: the run's figures (calib_seconds) are missing",
+                  flush=True)
+    else:
+        run = train_once(cfg, shards, sp, device, profile_train.micro_batch_seqs, work)
     print(f"quantize bench: trained {run}", flush=True)
 
     state, mcfg = checkpoint.read_model_file(work / "model.safetensors")
@@ -223,6 +236,8 @@ def main() -> None:
                 record[f"val_bpb_{key}{suffix}"] = record[f"val_bpb_gptq{suffix}"]  # lossless: same weights
         record["best_layout"] = min(layouts, key=lambda x: record["model_bytes_gptq_" + x.replace("+", "_")])
     record = {**header(device.type), **record}
+    reserve = config.build_section("train", config.read_profile(args.reserve_profile).get("train", {})) \
+        .schedule.calib_reserve_seconds
     record.update({
         "corpus": args.corpus + " (dev corpus, not FineWeb)",
         "code_bytes": code_bytes,
@@ -230,7 +245,8 @@ def main() -> None:
         "fits_target_gptq": record["model_bytes_gptq"] + code_bytes <= TARGET_ARTIFACT_BYTES,
         "gptq_damage_over_rtn": record["damage_gptq"] / record["damage_rtn"] if record["damage_rtn"] else None,
         "gptq_seconds": record["gptq_seconds"],
-        "calib_reserve_seconds_of_profile": profile_train.schedule.calib_reserve_seconds,
+        "calib_reserve_seconds_target": reserve, "calib_reserve_profile": args.reserve_profile,
+        "calib_within_reserve": (run["calib_seconds"] <= reserve) if run else None,
         "params": {"profile": args.profile, "quantize": dataclasses.asdict(quant_cfg), "train_steps": cfg.schedule.iterations,
                    "batch_tokens": cfg.batch_tokens, "calib_batches": cfg.calib_batches,
                    "calib_seqs": profile_train.micro_batch_seqs, "seq_len": cfg.seq_len, "ema_decay": 0.0},

@@ -92,12 +92,18 @@ def lrzip_binary() -> str | None:
     return shutil.which("lrzip")
 
 
+def require_codecs(names) -> None:
+    """Fail now, naming the key, when a codec asked for cannot run here (lrzip needs its
+    binary): the quantize stage checks before minutes of GPTQ, not at packing."""
+    if "lrzip" in names and lrzip_binary() is None:
+        raise ValueError("codec 'lrzip' was asked for (quantize.compressors) but no lrzip binary is on PATH: "
+                         "install it (apt-get install lrzip) or remove 'lrzip' from quantize.compressors")
+
+
 def _lrzip(data: bytes, flags: list[str], what: str) -> bytes:
     """Run the lrzip binary on `data` through temporary files (it reads and writes files)."""
+    require_codecs(["lrzip"])
     binary = lrzip_binary()
-    if binary is None:
-        raise ValueError(f"codec 'lrzip' was asked for (quantize.compressors) but no lrzip binary is on PATH: "
-                         "install it (apt-get install lrzip) or remove 'lrzip' from quantize.compressors")
     with tempfile.TemporaryDirectory(prefix="pgolf-lrzip-") as tmp:
         src, dst = Path(tmp) / "in", Path(tmp) / "out"
         src.write_bytes(data)

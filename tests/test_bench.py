@@ -117,6 +117,9 @@ def test_quantize_smoke_run_on_cpu(tmp_path, embedded_docs):
                         "--no-sliding", "--fit-bytes", str(target), "--val-tokens", "4096", *zstd_only,
                         "--out", str(tmp_path / "fit.json"))
     assert fitted["val_bpb_gptq"] == result["val_bpb_gptq"] and fitted["fit_bytes_target"] == target
+    assert fitted["calib_seconds"] == result["calib_seconds"]  # the reused run's figures travel with its weights
+    for r in (result, fitted):  # judged against the challenge profile's reserve, not the CPU profile's none
+        assert r["calib_reserve_seconds_target"] == 8.0 and r["calib_within_reserve"] is (r["calib_seconds"] <= 8.0)
     for key in ("gptq_fit", "gptq_lqer_gate_fit"):
         fit = fitted[f"fit_{key}"]
         assert fit["artifact_bytes"] == fitted[f"model_bytes_{key}"] + fitted["code_bytes"] <= target

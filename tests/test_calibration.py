@@ -155,6 +155,32 @@ def test_calibration_follows_training_before_any_evaluation(tmp_path):
     assert result.calib_seconds > 0 and result.within_budget
 
 
+@pytest.mark.parametrize("calib_seconds, within", [(0.5, True), (10.5, False)])
+def test_train_measures_calibration_against_the_cap(tmp_path, calib_seconds, within):
+    """train() times the calibration on its clock and sets within_budget from train +
+    calibration against max_wallclock_seconds (the clock here moves a millisecond per read
+    and by `calib_seconds` in calibration)."""
+    cfg = _train_config(max_wallclock_seconds=10.0, calib_reserve_seconds=1.0, mode="wallclock")
+    shards = _shards(tmp_path)
+    model = GPT(ModelConfig(vocab_size=VOCAB, num_layers=2, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2))
+    clock = [100.0]
+
+    def now():
+        clock[0] += 0.001
+        return clock[0]
+
+    def calibrate(m):
+        clock[0] += calib_seconds
+
+    val = data.load_split(shards, "val")
+    result = train(cfg, model, data.TokenStream(data.list_shards(shards, "train"), VOCAB), val,
+                   np.ones(len(val), dtype=np.int64), torch.device("cpu"), calibrate=calibrate, now=now)
+    assert result.steps == cfg.schedule.iterations and result.train_seconds < 1.0
+    assert result.calib_seconds == pytest.approx(calib_seconds, abs=0.01)
+    assert result.train_plus_calib_seconds == result.train_seconds + result.calib_seconds
+    assert result.within_budget is within
+
+
 def test_train_plus_calibration_over_the_cap_is_a_broken_budget():
     cfg = _train_config(max_wallclock_seconds=10.0, calib_reserve_seconds=1.0, mode="wallclock")
     fields = dict(steps=4, train_seconds=8.9, tokens_per_second=1.0, tokens_per_second_per_gpu=1.0, ms_per_step=1.0,
@@ -165,6 +191,5 @@ def test_train_plus_calibration_over_the_cap_is_a_broken_budget():
     broken = TrainResult(**{**fields, "calib_seconds": 1.6, "train_plus_calib_seconds": 10.5, "within_budget": False})
     (warning,) = run_warnings(cfg, broken)
     assert "10.5 s > the 10 s budget" in warning and "calib_reserve_seconds=1.0" in warning
-    assert replace(cfg, calib_batches=0).calib_batches == 0
     with pytest.raises(ValueError, match="train.calib_batches=-1"):
         _train_config(calib_batches=-1)

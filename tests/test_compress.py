@@ -1,6 +1,7 @@
 """Every codec round-trips and names itself in errors; many jobs at once give what each gives alone."""
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,11 @@ def test_lrzip_missing_gives_a_clear_message(monkeypatch):
     for run in (lambda: compress(b"abc", "lrzip"), lambda: decompress(b"abc", "lrzip")):
         with pytest.raises(ValueError, match="lrzip.*no lrzip binary is on PATH.*quantize.compressors"):
             run()
+    # the quantize stage says so before it reads the model (and before minutes of GPTQ)
+    from pgolf_core.config import build_section
+    from pgolf_core.stage import quantize
+    nowhere = Path("/nonexistent")
+    with pytest.raises(ValueError, match="no lrzip binary is on PATH"):
+        quantize.run(build_section("quantize", {"compressors": ["zstd", "lrzip"]}), quantize.QuantizePaths(
+            model=nowhere / "model.safetensors", hessians=nowhere / "h.safetensors", out=nowhere / "artifact",
+            reference=nowhere / "ref.safetensors", script=nowhere / "train_gpt.py", metrics=nowhere / "q.json"))

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pgolf_core import bpb, checkpoint, config, data, io
+from pgolf_core import bpb, calibration, checkpoint, config, data, io
 from pgolf_core.config import ModelConfig
 from pgolf_core.model import GPT
 from pgolf_core.stage import cli
@@ -220,9 +220,12 @@ def test_train_stage_on_the_cpu_is_not_a_challenge_run_and_says_why(tmp_path, sh
     (line,) = [line for line in result.summary if "challenge run" in line]
     assert line == (f"train: not a challenge run ({'; '.join(reasons)}): its seconds are measurements on this "
                     "machine, read as projections")
+    assert result.metrics["calib_seconds"] > 0 and calibration.load_hessians(paths.hessians)
     uncalibrated = train.run(dataclasses.replace(cfg, calib_batches=0), paths)
     assert "no GPTQ calibration in the training launch (train.calib_batches is 0)" in \
         uncalibrated.metrics["not_a_challenge_run"]
+    # calib_batches 0 collects nothing: no seconds, a Hessians file without tensors
+    assert uncalibrated.metrics["calib_seconds"] == 0.0 and calibration.load_hessians(paths.hessians) == {}
 
 
 # script -> quantize -> verify -> evaluate as functions, on a tiny untrained model

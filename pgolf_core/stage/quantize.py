@@ -11,6 +11,7 @@ from tqdm import tqdm
 from pgolf_core.artifact import write_reference
 from pgolf_core.calibration import load_hessians
 from pgolf_core.checkpoint import read_model_file
+from pgolf_core.compress import require_codecs
 from pgolf_core.config import QuantizeConfig
 from pgolf_core.dist import select_device
 from pgolf_core.io import atomic_path, sha256_files
@@ -33,6 +34,7 @@ class QuantizePaths:
 
 def run(cfg: QuantizeConfig, paths: QuantizePaths) -> StageResult:
     """Quantize, pack (to `quantize.fit_bytes` when set) and write the artifact and the reference."""
+    require_codecs(cfg.compressors)
     state, model_config = read_model_file(paths.model)
     start = time.perf_counter()
     found = load_hessians(paths.hessians) if cfg.uses_hessians else None  # none: quantize_model names the key
