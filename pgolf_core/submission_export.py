@@ -201,14 +201,27 @@ def validation_overlap(shards: str | Path, chunk_tokens: int = 1 << 22) -> dict:
 # Modules that read n-gram tables. The artifact has no place for tables, so a shipped script
 # that bundles one could only read them from outside the 16,000,000 bytes.
 NGRAM_MODULES = ("pgolf_core.ngrams", "pgolf_core.ngram_count")
+# How far verify's isolated run of the shipped script may score from evaluate (bpb). On the
+# CPU the two agree to the last digit (tested); on a GPU the TTT loops' atomics and
+# compiled kernels may move the sixth decimal. A difference of code between what ran and
+# what ships moves the score by far more (the 04-23 record's lost gate: 1.908).
+ISOLATED_TOLERANCE = 1e-3
 
 
 def broken_rules(params: dict, code_bytes: int, model_bytes: int, train_metrics: dict, eval_metrics: dict,
-                 overlap: dict, bundled_modules: tuple[str, ...] = ()) -> list[str]:
+                 overlap: dict, bundled_modules: tuple[str, ...] = (), verify_metrics: dict | None = None) -> list[str]:
     """Every challenge rule the run breaks (empty when none). `eval_metrics` holds the
     evaluate stage's figures and labels (`final_mode`); `bundled_modules` the shipped
-    script's modules (traced, `bundle.Shipped.modules`)."""
+    script's modules (traced, `bundle.Shipped.modules`); `verify_metrics`, when given,
+    verify's figures and labels: the shipped script's own score of the artifact
+    (`val_bpb_isolated`, `isolated_final_mode`) must be evaluate's."""
     broken = []
+    if verify_metrics is not None:
+        isolated, mode = verify_metrics.get("val_bpb_isolated"), verify_metrics.get("isolated_final_mode")
+        final, val = eval_metrics.get("final_mode"), eval_metrics.get("val_bpb")
+        if mode != final or isolated is None or val is None or not abs(isolated - val) <= ISOLATED_TOLERANCE:
+            broken.append(f"the shipped script alone scored the artifact {isolated} in mode {mode!r}, evaluate "
+                          f"{val} in mode {final!r}: the code that counts is not the code that produced the result")
     tables = [name for name in bundled_modules if name in NGRAM_MODULES]
     if tables:
         broken.append(f"the shipped script bundles {', '.join(tables)}: it could read n-gram tables at evaluation, "
@@ -304,9 +317,14 @@ def describe(params: dict) -> str:
 def run_metrics(train_metrics: Path, eval_metrics: Path) -> tuple[dict, dict, dict]:
     """(train figures + labels, eval figures + labels, the train provenance) of a run, as
     `export_run` takes them."""
-    train_prov, eval_prov = _provenance_of(train_metrics), _provenance_of(eval_metrics)
+    train_prov = _provenance_of(train_metrics)
     return ({**io.read_json(train_metrics, "train metrics"), **train_prov.get("labels", {})},
-            {**io.read_json(eval_metrics, "eval metrics"), **eval_prov.get("labels", {})}, train_prov)
+            stage_metrics(eval_metrics, "eval metrics"), train_prov)
+
+
+def stage_metrics(path: Path, what: str) -> dict:
+    """A stage's figures with its provenance's labels (strings live there)."""
+    return {**io.read_json(path, what), **_provenance_of(path).get("labels", {})}
 
 
 def _provenance_of(metrics_path: Path) -> dict:
@@ -383,6 +401,7 @@ Requirements beyond torch and numpy (from the script's imports): {', '.join(requ
 def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval_metrics: dict,
                shards: str | Path, tokenizer_dir: str | Path, out: str | Path, *, train_log: str | Path | None = None,
                name: str | None = None, script: bundle.Shipped | None = None, shipped: str | Path | None = None,
+               verify_metrics: dict | None = None,
                hardware: str | None = None,
                torch_version: str | None = None, git_commit: str | None = None,
                now: datetime.datetime | None = None) -> dict:
@@ -407,7 +426,8 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
     if shipped.is_file() and shipped.read_bytes() != script.data:
         problems.append(f"{shipped} differs from the script these params and this checkout generate")
     overlap = validation_overlap(shards)
-    problems += broken_rules(params, script.bytes, len(blob), train_metrics, eval_metrics, overlap, script.modules)
+    problems += broken_rules(params, script.bytes, len(blob), train_metrics, eval_metrics, overlap, script.modules,
+                             verify_metrics)
     if problems:
         raise ExportRefused(problems)
 
@@ -485,14 +505,18 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.model")
     parser.add_argument("--out", type=Path, required=True, help="records/track_10min_16mb/<date>_<name>")
     parser.add_argument("--train-log", type=Path, default=None)
+    parser.add_argument("--verify-metrics", type=Path, default=None,
+                        help="metrics/verify.json: the shipped script's own score must be evaluate's")
     parser.add_argument("--name", default=None, help="submission name (default: from --out)")
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"export: {args.out} exists and is not empty; choose a new folder")
     train_metrics, eval_metrics, train_prov = run_metrics(args.train_metrics, args.eval_metrics)
+    verify_metrics = stage_metrics(args.verify_metrics, "verify metrics") if args.verify_metrics else None
     try:
         result = export_run(load_configs(args.params), args.artifact, train_metrics,
                             eval_metrics, args.shards, args.tokenizer, args.out, train_log=args.train_log,
+                            verify_metrics=verify_metrics,
                             name=args.name, hardware=train_prov.get("device"),
                             torch_version=train_prov.get("torch_version"), git_commit=io.git_state()["git_commit"])
     except (ExportRefused, ValueError, FileNotFoundError) as err:

@@ -335,6 +335,22 @@ def test_refuses_an_artifact_over_the_limit(tmp_path, pipeline_run, tiny_script,
                       f"{16_000_001 - tiny_script.bytes:,} model) > 16,000,000"]
 
 
+def test_refuses_a_run_whose_shipped_script_scored_otherwise(tmp_path, pipeline_run, tiny_script, shards,
+                                                            tiny_tokenizer_dir):
+    val, final = pipeline_run["eval"]["val_bpb"], pipeline_run["eval"]["final_mode"]
+    agreeing = {"val_bpb_isolated": val, "isolated_final_mode": final}
+    assert submission_export.broken_rules(
+        pipeline_run["params"], tiny_script.bytes, 1000, pipeline_run["train"], pipeline_run["eval"],
+        {"val_tokens": 1, "overlap_tokens": 0, "overlap_documents": 0, "val_documents": 1},
+        verify_metrics=agreeing) == []
+    for verify_metrics, shown in (({**agreeing, "val_bpb_isolated": val + 0.01}, f"{val + 0.01}"),
+                                  ({**agreeing, "isolated_final_mode": "nonoverlap"}, "'nonoverlap'"),
+                                  ({}, "None")):
+        _refusal(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, tmp_path / "out",
+                 rf"the shipped script alone scored the artifact .*{re.escape(shown)}.*: the code that counts is not",
+                 verify_metrics=verify_metrics)
+
+
 def test_refuses_a_script_that_could_read_ngram_tables(tmp_path, pipeline_run, tiny_script, shards, tiny_tokenizer_dir):
     assert not set(tiny_script.modules) & set(submission_export.NGRAM_MODULES)
     assert "pgolf_core.ngrams" in bundle.traced_modules(("pgolf_core.ngrams",))  # the names are real modules

@@ -34,8 +34,27 @@ class TrainPaths:
     hessians: Path = dataclasses.field(metadata={
         "help": "GPTQ Hessians (.safetensors); written empty of tensors when train.calib_batches is 0"})
     metrics: Path = dataclasses.field(metadata={"help": "DVCLive folder"})
+    log: Path = dataclasses.field(metadata={
+        "help": "the run's log as the records ship theirs: the set-up, a line per report (step, loss, "
+                "val_bpb) and the summary; it goes into the submission folder"})
     snapshots: Path | None = dataclasses.field(default=None, metadata={
         "help": "folder for resumable snapshots (train.runtime.snapshot_every); not a DVC output"})
+
+
+class RunLogFile:
+    """The run's text log on rank 0 (`TrainPaths.log`), written as the run goes, so that a
+    long run's progress can be read from it; a resumed run's log starts at the resume."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("w", encoding="utf-8")
+
+    def line(self, text: str) -> None:
+        self.file.write(text + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
@@ -51,6 +70,7 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
     model = GPT(cfg.model.with_vocab(sp.vocab_size()), kernels).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     live = Live(str(paths.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
+    run_log = RunLogFile(paths.log) if live else None
     if live:
         compiled = cfg.runtime.compile
         mix_order = "" if cfg.runtime.compile_mix_order_reduction else ", no mix-order reductions"
@@ -60,9 +80,14 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
               f"attention {kernels.attention_path(device, cfg.model.doc_mask, compiled)}, "
               f"MLP {'fused' if kernels.mlp_active(device) else 'plain'}, loss {loss}, "
               f"{f'compiled ({cfg.runtime.compile_mode}{mix_order})' if compiled else 'eager'}")
+        run_log.line(f"train: {num_params:,} parameters on {device} x {dist.world_size()}, seed {cfg.seed}, "
+                     f"{stream.num_tokens:,} train tokens, {cfg.schedule.iterations} steps of {cfg.batch_tokens:,} "
+                     f"tokens, schedule {cfg.schedule.mode}, cap {cfg.schedule.max_wallclock_seconds:g} s")
 
     def log(step: int, values: dict) -> None:
         if live:
+            run_log.line(f"step:{step}/{cfg.schedule.iterations} "
+                         + " ".join(f"{name}:{value:.6g}" for name, value in values.items()))
             live.step = step
             for name, value in values.items():
                 live.log_metric(name, value)
@@ -116,5 +141,8 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
                        "this machine, read as projections")
         for warning in run_warnings(cfg, result):
             summary.append(f"train: WARNING: {warning}")
+        for line in summary:
+            run_log.line(line)
+        run_log.close()
     dist.shutdown()
     return StageResult(metrics, inputs or {}, summary=summary, write_report=False)
