@@ -29,11 +29,12 @@ def is_h100_class(device_name: str) -> bool:
 
 
 def not_a_challenge_run(cfg: TrainConfig, *, world_size: int, device_name: str, resumed_from_step: int,
-                        calibrated_in_launch: bool, val_documents: int) -> list[str]:
+                        calibrated_in_launch: bool, val_documents: int, data_source: dict | None) -> list[str]:
     """Every reason this run is not a challenge run (empty: it is one), one per broken
     condition. `device_name` is the CUDA device's name, or the device type when not CUDA;
     `val_documents` is the number of documents in the validation split the run was scored
-    on. A cap below 600 s is a challenge run (it uses less than the budget)."""
+    on; `data_source` the shards' source record (`data.read_source`; None when the shards
+    predate it). A cap below 600 s is a challenge run (it uses less than the budget)."""
     reasons = []
     if world_size != WORLD_SIZE:
         reasons.append(f"{world_size} process(es), not {WORLD_SIZE}")
@@ -52,4 +53,9 @@ def not_a_challenge_run(cfg: TrainConfig, *, world_size: int, device_name: str, 
                        + (" (train.calib_batches is 0)" if cfg.calib_batches == 0 else ""))
     if val_documents != VAL_DOCUMENTS:
         reasons.append(f"a validation split of {val_documents:,} documents, not the challenge's {VAL_DOCUMENTS:,}")
+    if data_source is None:
+        reasons.append("shards without a record of their source (source.json): rerun tokenize")
+    elif not data_source.get("challenge_data"):
+        where = f" ({data_source['repo']})" if data_source.get("repo") else ""
+        reasons.append(f"documents from {data_source.get('source')!r}{where}, not the challenge's FineWeb")
     return reasons

@@ -8,6 +8,7 @@ truncated or foreign file is named, never silently misread.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,24 @@ HEADER_BYTES = HEADER_INTS * 4
 TRAIN_PATTERN = "fineweb_train_*.bin"
 VAL_PATTERN = "fineweb_val_[0-9]*.bin"  # excludes the CaseOps byte sidecars (fineweb_val_bytes_*)
 VAL_BYTES_PATTERN = "fineweb_val_bytes_[0-9]*.bin"  # per-token original byte counts (CaseOps)
+
+
+SOURCE_FILE = "source.json"  # beside the shards: where their documents came from (`write_source`)
+
+
+def write_source(directory: str | Path, source: str, repo: str, challenge_data: bool) -> None:
+    """Record, beside the shards, the document source they were made from (tokenize.source),
+    its hub repository ('' for local corpora) and whether that is the challenge's FineWeb
+    data (the published export, or the docs cache it was tokenized from): the train stage
+    reads it to say whether its validation split is the challenge's."""
+    (Path(directory) / SOURCE_FILE).write_text(
+        json.dumps({"source": source, "repo": repo, "challenge_data": challenge_data}, indent=2) + "\n")
+
+
+def read_source(directory: str | Path) -> dict | None:
+    """The shards' source record, or None for shards written before tokenize recorded it."""
+    path = Path(directory) / SOURCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def shard_name(split: str, index: int) -> str:

@@ -7,8 +7,9 @@ from pgolf_core import challenge
 from params_helpers import train_config
 
 H100 = "NVIDIA H100 80GB HBM3"  # torch.cuda.get_device_name of the challenge's H100 SXM
+FINEWEB = {"source": "published", "repo": "kevclark/parameter-golf", "challenge_data": True}
 CHALLENGE = dict(world_size=8, device_name=H100, resumed_from_step=0, calibrated_in_launch=True,
-                 val_documents=50_000)
+                 val_documents=50_000, data_source=FINEWEB)
 
 
 def schedule(**overrides):
@@ -35,6 +36,12 @@ def test_the_challenges_launch_is_a_challenge_run():
                                                             "(train.calib_batches is 0)"),
     ({}, {"calibrated_in_launch": False}, "no GPTQ calibration in the training launch"),
     ({}, {"val_documents": 250}, "a validation split of 250 documents, not the challenge's 50,000"),
+    # 50,000 documents of another corpus are not the challenge's split
+    ({}, {"data_source": {"source": "jsonl", "repo": "", "challenge_data": False}},
+     "documents from 'jsonl', not the challenge's FineWeb"),
+    ({}, {"data_source": {"source": "published", "repo": "someone/fork", "challenge_data": False}},
+     "documents from 'published' (someone/fork), not the challenge's FineWeb"),
+    ({}, {"data_source": None}, "shards without a record of their source (source.json): rerun tokenize"),
 ])
 def test_each_broken_condition_is_one_reason_that_names_it(cfg, run, reason):
     (only,) = challenge.not_a_challenge_run(schedule(**cfg), **{**CHALLENGE, **run})
@@ -43,6 +50,7 @@ def test_each_broken_condition_is_one_reason_that_names_it(cfg, run, reason):
 
 def test_a_cpu_default_run_gives_every_reason_it_is_not_one():
     reasons = challenge.not_a_challenge_run(train_config({}), world_size=1, device_name="cpu", resumed_from_step=3,
-                                            calibrated_in_launch=True, val_documents=250)
-    assert len(reasons) == 6  # processes, device, mode, cap, resume, split
+                                            calibrated_in_launch=True, val_documents=250,
+                                            data_source={"source": "embedded", "repo": "", "challenge_data": False})
+    assert len(reasons) == 7  # processes, device, mode, cap, resume, split, corpus
     assert reasons[3] == "train.schedule.max_wallclock_seconds 0 (no cap), not a cap of at most 600 s"

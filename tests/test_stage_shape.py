@@ -221,7 +221,8 @@ def test_train_stage_on_the_cpu_is_not_a_challenge_run_and_says_why(tmp_path, sh
     assert reasons == ["1 process(es), not 8", "device 'cpu', not an H100",
                        "train.schedule.mode 'steps', not a wall-clock schedule",
                        "train.schedule.max_wallclock_seconds 0 (no cap), not a cap of at most 600 s",
-                       "a validation split of 3 documents, not the challenge's 50,000"]  # calibrated, fresh: no reason
+                       "a validation split of 3 documents, not the challenge's 50,000",
+                       "shards without a record of their source (source.json): rerun tokenize"]  # calibrated, fresh
     (line,) = [line for line in result.summary if "challenge run" in line]
     assert line == (f"train: not a challenge run ({'; '.join(reasons)}): its seconds are measurements on this "
                     "machine, read as projections")

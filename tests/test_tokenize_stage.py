@@ -32,6 +32,7 @@ def test_local_jsonl_source_splits_first_documents_into_val(tmp_path):
     val = data.load_split(tmp_path / "shards", "val")
     assert sp.decode(val[1:].tolist()).startswith(DOCS[0])
     assert metrics["val"]["bytes"] == sum(len(d.encode()) for d in DOCS[:20])
+    assert data.read_source(tmp_path / "shards") == {"source": "jsonl", "repo": "", "challenge_data": False}
 
 
 def test_retokenizing_twice_gives_identical_shards(tmp_path):
@@ -50,6 +51,9 @@ def test_docs_cache_source_downloads_then_retokenizes(fake_hub, tmp_path):
         f"datasets/{hub.DOCS_MANIFEST_FILE}": json.dumps({"docs_sha256": hashlib.sha256(content).hexdigest()}).encode()}
     metrics = run(cfg(source="docs_cache"), paths(tmp_path, tmp_path / "dl")).metrics
     assert metrics["val"]["documents"] == 20 and (tmp_path / "dl" / hub.DOCS_FILE).read_bytes() == content
+    # the docs cache the challenge's export comes from
+    assert data.read_source(tmp_path / "shards") == {"source": "docs_cache", "repo": "willdepueoai/parameter-golf",
+                                                     "challenge_data": True}
 
 
 def test_published_source_links_shards_and_tokenizer(fake_hub, tmp_path, tiny_tokenizer_dir, tiny_sp, embedded_docs):
@@ -73,3 +77,6 @@ def test_published_source_links_shards_and_tokenizer(fake_hub, tmp_path, tiny_to
     downloaded = tmp_path / "dl" / "datasets" / "tiny" / "fineweb_train_000000.bin"
     assert os.path.samefile(linked, downloaded)  # a hard link: the bytes exist once
     assert (tmp_path / "tok" / tokenizer.MODEL_FILE).read_bytes() == model
+    # another repository's "published" data is not the challenge's
+    assert data.read_source(tmp_path / "shards") == {"source": "published", "repo": "someone/golf",
+                                                     "challenge_data": False}

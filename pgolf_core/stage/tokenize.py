@@ -9,7 +9,7 @@ import platform
 import time
 from pathlib import Path
 
-from pgolf_core import caseops, corpus, export, io, tokenizer
+from pgolf_core import caseops, corpus, data, export, io, tokenizer
 from pgolf_core.bpb import write_byte_sidecars
 from pgolf_core.config import TokenizeConfig
 from pgolf_core.stage.result import StageResult
@@ -37,15 +37,18 @@ def run(cfg: TokenizeConfig, paths: TokenizePaths) -> StageResult:
 def _tokenize(cfg: TokenizeConfig, tokenizer_dir: Path, shards_dir: Path, downloads: Path) -> dict:
     """Learn the tokenizer on training documents only (the first `val_documents` are
     validation), then stream every document into shards; returns the metrics."""
-    jsonl_path = cfg.jsonl_path
+    jsonl_path, repo, challenge_data = cfg.jsonl_path, "", False
     if cfg.source in ("docs_cache", "published"):
         from pgolf_core import hub  # needs huggingface_hub, which GPU benchmark machines lack
 
         repo = cfg.hub_repo or hub.DEFAULT_REPOS[cfg.source]
+        # the challenge's FineWeb: its published export, or the docs cache that was tokenized from
+        challenge_data = repo == hub.DEFAULT_REPOS[cfg.source]
         if cfg.source == "published":
             published = hub.download_published(repo, cfg.hub_dataset, cfg.train_shards, downloads, cfg.hub_revision)
             with io.atomic_path(tokenizer_dir) as tok_tmp, io.atomic_path(shards_dir) as shard_tmp:
                 hub.install_published(published, tok_tmp, shard_tmp)
+                data.write_source(shard_tmp, cfg.source, repo, challenge_data)
             return hub.installed_sizes(tokenizer_dir, shards_dir, published.commit)
         jsonl_path = str(hub.download_docs_cache(repo, downloads, cfg.hub_revision).docs)
 
@@ -68,6 +71,7 @@ def _tokenize(cfg: TokenizeConfig, tokenizer_dir: Path, shards_dir: Path, downlo
     with io.atomic_path(shards_dir) as tmp:
         stats = export.export_shards(documents(), model, tmp, val_documents=cfg.val_documents,
                                      shard_tokens=cfg.shard_tokens, num_workers=cfg.num_workers, transform=transform)
+        data.write_source(tmp, cfg.source, repo, challenge_data)
         if transform and write_byte_sidecars(tokenizer.load_tokenizer(tokenizer_dir), tmp) != stats.val.bytes:
             raise ValueError("CaseOps byte sidecars do not add up to the validation text's UTF-8 length")
     return {"train": dataclasses.asdict(stats.train), "val": dataclasses.asdict(stats.val),

@@ -112,7 +112,7 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
         cfg, world_size=dist.world_size(), resumed_from_step=result.resumed_from_step,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         calibrated_in_launch=cfg.calib_batches > 0 and bool(collected),
-        val_documents=int((val_tokens == BOS_ID).sum()))
+        val_documents=int((val_tokens == BOS_ID).sum()), data_source=data.read_source(paths.shards))
     # challenge_run is a figure of metrics.json; its reasons (a list) go to the provenance's labels
     metrics = {**dataclasses.asdict(result), "num_params": num_params, "challenge_run": not not_challenge,
                "not_a_challenge_run": not_challenge}
