@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EVAL_MODES = ("nonoverlap", "sliding", "ttt_sgd", "ttt_lora", "ttt_phased")
-LORA_TARGETS = ("q", "k", "v", "o", "up", "down", "head")  # pgolf_core.eval.lora.target_weights
+LORA_TARGETS = ("q", "k", "v", "o", "up", "down", "head", "o_side", "mlp_side")  # pgolf_core.eval.lora.target_weights
 TOKENIZE_SOURCES = ("embedded", "jsonl", "docs_cache", "published")
 COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")  # the default set: pure Python wheels, always available
 ALL_COMPRESSORS = (*COMPRESSORS, "lrzip")  # lrzip (ZPAQ) runs the system binary, where one exists
@@ -511,7 +511,7 @@ class EvaluateConfig:
     ttt_freeze_blocks: int = 0  # leading blocks kept fixed
     ttt_batch_seqs: int = 32  # training sequences (seq_len tokens) per step, over all processes
     # ttt_lora (TECHNIQUES.md 5.4): per-document adapters, a chunk scored then one AdamW step
-    lora_targets: list = field(default_factory=lambda: ["q", "k", "v", "o", "down", "head"])  # LORA_TARGETS
+    lora_targets: list = field(default_factory=lambda: ["q", "k", "v", "o_side", "mlp_side", "head"])  # LORA_TARGETS; the records' set
     lora_rank: int = 96
     lora_alpha: float = 144.0  # adapter output scale alpha / rank
     lora_chunk_tokens: int = 48  # targets scored per forward, then one step

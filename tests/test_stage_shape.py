@@ -208,9 +208,9 @@ def test_train_stage_on_the_cpu_is_not_a_challenge_run_and_says_why(tmp_path, sh
         micro_batch_seqs=4, iterations=2, val_every=0, val_tokens=64, calib_batches=1, device="cpu")))
     paths = train.TrainPaths(shards=shards, tokenizer=tiny_tokenizer_dir, out=tmp_path / "model.safetensors",
                              hessians=tmp_path / "hessians.safetensors", metrics=tmp_path / "train",
-                             log=tmp_path / "train.log")
+                             train_log=tmp_path / "train.log")
     result = train.run(cfg, paths)
-    log = paths.log.read_text().splitlines()
+    log = paths.train_log.read_text().splitlines()
     assert log[0].startswith("train: ") and "seed 1337" in log[0]
     assert [line.split()[0] for line in log if line.startswith("step:")] == ["step:1/2", "step:2/2", "step:2/2"]
     assert log[-len(result.summary):] == result.summary  # the stage's summary closes the log

@@ -202,7 +202,7 @@ def torchrun_train(tmp_path, name: str, nproc: int, train_params: dict, shards, 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "stages.train", "--params", str(params), "--shards", str(shards), "--tokenizer", str(tokenizer_dir),
            "--out", str(out / "model.safetensors"), "--hessians", str(out / "hessians.safetensors"),
-           "--metrics", str(out / "metrics"), *extra]
+           "--metrics", str(out / "metrics"), "--train-log", str(out / "train.log"), *extra]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**_env(), **(env or {})})
     assert run.returncode == 0, run.stderr[-3000:]
     with open(out / "metrics" / "plots" / "metrics" / "train_loss.tsv") as f:

@@ -16,12 +16,13 @@ of earlier batches: under torchrun, of that rank's earlier batches, so the score
 depend on the number of processes).
 
 Adapters act on the model's own forward: a `TorchFunctionMode` adds x A^T B^T (alpha/r)
-to the output of every `F.linear` call whose weight is an adapted one, so every feature
-of the model's forward (gates, XSA, lanes, looping, value embeddings, whatever is added
-later) is present in the TTT forward as it is in scoring: the 04-23 record lost a gate
-in its hand-written TTT forward and scored 1.908. A weight called more than once per
-forward (a looped layer) gets one adapter per call, as the records' per-virtual-layer
-slots. The head is the tied embedding's F.linear.
+to the output of every `F.linear` call whose weight is an adapted one (x: that call's
+input; for the records' side adapters, the input of the block's first projection in the
+same pass, `Site`), so every feature of the model's forward (gates, XSA, lanes, looping,
+value embeddings, whatever is added later) is present in the TTT forward as it is in
+scoring: the 04-23 record lost a gate in its hand-written TTT forward and scored 1.908.
+A weight called more than once per forward (a looped layer) gets one adapter per call,
+as the records' per-virtual-layer slots. The head is the tied embedding's F.linear.
 
 Ordering and causality: a document's losses depend on the artifact, its own earlier
 tokens and, with warm-started A or `ttt_phased`, on documents earlier in the queue.
@@ -37,6 +38,7 @@ does not depend on the number of processes), then resumes with fresh adapters.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -54,17 +56,47 @@ ADAPTER_SEED = 20260410  # adapters' A of batch b are drawn from a generator see
 
 
 def target_weights(model, names) -> dict[str, list[torch.nn.Parameter]]:
-    """The weights each `evaluate.lora_targets` name adapts (config.LORA_TARGETS)."""
+    """The weights each `evaluate.lora_targets` name adapts (config.LORA_TARGETS): for a
+    side adapter (`o_side`, `mlp_side`) the weight whose output it adds to."""
     table = {
         "q": [b.attn.q.weight for b in model.blocks], "k": [b.attn.k.weight for b in model.blocks],
         "v": [b.attn.v.weight for b in model.blocks], "o": [b.attn.out.weight for b in model.blocks],
         "up": [b.mlp.up.weight for b in model.blocks], "down": [b.mlp.down.weight for b in model.blocks],
         "head": [model.tok_emb.weight],
+        "o_side": [b.attn.out.weight for b in model.blocks], "mlp_side": [b.mlp.down.weight for b in model.blocks],
     }
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"evaluate.lora_targets: unknown {unknown} (valid: {sorted(table)})")
     return {n: table[n] for n in names}
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """Where one adapter acts: it reads the input of the F.linear call with `source` and
+    adds to the output of the F.linear call with `sink` (the same weight for a plain
+    adapter). The records' side adapters (TECHNIQUES 5.4) read a block's input instead:
+    the O-side one the attention input (q's, which k and v share) into the attention
+    output, the MLP-side one the MLP input (up's) into the MLP output, d to d. `key`
+    names the adapter: the sink's id for a plain one, ("side", the sink's id) else."""
+    key: object
+    source: torch.nn.Parameter
+    sink: torch.nn.Parameter
+
+
+SIDE_SOURCES = {"o_side": lambda b: b.attn.q.weight, "mlp_side": lambda b: b.mlp.up.weight}
+
+
+def target_sites(model, names) -> list[Site]:
+    """The adapter sites of `evaluate.lora_targets`, in the order of the names."""
+    weights = target_weights(model, names)
+    sites = []
+    for name in names:
+        if name in SIDE_SOURCES:
+            sites += [Site(("side", id(w)), SIDE_SOURCES[name](block), w) for block, w in zip(model.blocks, weights[name])]
+        else:
+            sites += [Site(id(w), w, w) for w in weights[name]]
+    return sites
 
 
 def _linear_weight(args, kwargs):
@@ -99,15 +131,27 @@ def count_slots(model, weights: list[torch.nn.Parameter], device) -> dict[int, i
 
 class LoraMode(TorchFunctionMode):
     """Adds each document's adapter output to every adapted F.linear of the forward.
-    `adapters[id(weight)] = (A, B)`, A (docs, slots, r, in), B (docs, slots, out, r):
-    batch row i is document i. Documents lead, so the first n of them are a contiguous
-    slice whose strides do not depend on n (torch.compile guards strides)."""
+    `adapters[key] = (A, B)`, A (docs, slots, r, in), B (docs, slots, out, r): batch row i
+    is document i. Documents lead, so the first n of them are a contiguous slice whose
+    strides do not depend on n (torch.compile guards strides). `sites` (`Site`) say which
+    call's input each adapter reads and which call's output it adds to; a side adapter's
+    input is held from its source call to its sink call (q before out, up before down, in
+    every pass)."""
 
-    def __init__(self, adapters: dict[int, tuple[torch.Tensor, torch.Tensor]], scale: float):
+    def __init__(self, adapters: dict, scale: float, sites: list[Site] = ()):
         super().__init__()
         self.adapters, self.scale = adapters, scale
         self.active = adapters
         self.calls = dict.fromkeys(adapters, 0)
+        self.sinks: dict[int, list] = {}
+        self.sources: dict[int, list] = {}
+        for site in sites:
+            if site.key in adapters:
+                self.sinks.setdefault(id(site.sink), []).append(site.key)
+                if site.source is not site.sink:
+                    self.sources.setdefault(id(site.source), []).append(site.key)
+        self.side_keys = {key for keys in self.sources.values() for key in keys}
+        self.held: dict = {}
 
     def restart(self, rows: int | None = None, first: int = 0) -> None:
         """Before each forward: its batch rows are documents first..first+rows-1 (all
@@ -120,21 +164,26 @@ class LoraMode(TorchFunctionMode):
             self.active = {key: (varying_rows(a[first : first + rows]), varying_rows(b[first : first + rows]))
                            for key, (a, b) in self.adapters.items()}
         self.calls = dict.fromkeys(self.adapters, 0)
+        self.held = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is not F.linear or id(_linear_weight(args, kwargs)) not in self.adapters:
+        if func is not F.linear:
             return out
-        key = id(_linear_weight(args, kwargs))
-        A, B = self.active[key]
-        slot = self.calls[key]
-        if slot >= A.size(1):
-            raise RuntimeError(f"a forward called an adapted weight {slot + 1} times; it has {A.size(1)} slots")
-        self.calls[key] = slot + 1
-        a, b = A[:, slot], B[:, slot]
-        x = args[0]
-        return out + self.scale * ((x @ a.transpose(-1, -2)) @ b.transpose(-1, -2))
+        weight = id(_linear_weight(args, kwargs))
+        for key in self.sources.get(weight, ()):
+            self.held[key] = args[0]
+        for key in self.sinks.get(weight, ()):
+            A, B = self.active[key]
+            slot = self.calls[key]
+            if slot >= A.size(1):
+                raise RuntimeError(f"a forward called an adapted weight {slot + 1} times; it has {A.size(1)} slots")
+            self.calls[key] = slot + 1
+            x = self.held.pop(key) if key in self.side_keys else args[0]
+            a, b = A[:, slot], B[:, slot]
+            out = out + self.scale * ((x @ a.transpose(-1, -2)) @ b.transpose(-1, -2))
+        return out
 
 
 def documents(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
@@ -150,15 +199,17 @@ def queue_order(docs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 class DocumentLora:
-    """The adapters of one batch of documents and their optimizer, for the weights named
-    by `cfg.lora_targets`; `fresh(batch_index, num_docs)` starts a batch."""
+    """The adapters of one batch of documents and their optimizer, at the sites named by
+    `cfg.lora_targets`; `fresh(batch_index, num_docs)` starts a batch."""
 
     def __init__(self, model, cfg: EvaluateConfig, device):
         self.model, self.cfg, self.device = model, cfg, device
-        self.weights = [w for ws in target_weights(model, cfg.lora_targets).values() for w in ws]
-        self.slots = count_slots(model, self.weights, device)
+        self.sites = target_sites(model, cfg.lora_targets)
+        calls = count_slots(model, list({id(w): w for site in self.sites for w in (site.source, site.sink)}.values()),
+                            device)
+        self.slots = {site.key: calls[id(site.sink)] for site in self.sites}
         self.dtype = model.tok_emb.weight.dtype
-        self.kept_a: dict[int, torch.Tensor] = {}
+        self.kept_a: dict = {}
         self.mode = LoraMode({}, cfg.lora_alpha / cfg.lora_rank)
         self.opt = None
 
@@ -167,11 +218,11 @@ class DocumentLora:
         `lora_warm_start_a`), B = 0, and a fresh AdamW."""
         gen = torch.Generator().manual_seed(ADAPTER_SEED + batch_index)
         r, adapters = self.cfg.lora_rank, {}
-        for w in self.weights:
-            out_dim, in_dim = w.shape
-            slots = self.slots[id(w)]
-            if self.cfg.lora_warm_start_a and id(w) in self.kept_a:
-                a = self.kept_a[id(w)][:num_docs].clone()
+        for site in self.sites:
+            out_dim, in_dim = site.sink.shape[0], site.source.shape[1]
+            slots = self.slots[site.key]
+            if self.cfg.lora_warm_start_a and site.key in self.kept_a:
+                a = self.kept_a[site.key][:num_docs].clone()
             else:
                 bound = 1.0 / math.sqrt(in_dim)
                 drawn = (torch.rand(slots, num_docs, r, in_dim, generator=gen, dtype=torch.float64) * 2 - 1) * bound
@@ -181,8 +232,8 @@ class DocumentLora:
                 a = torch.empty(num_docs, slots, r, in_dim, device=self.device, dtype=self.dtype)
                 a.copy_(drawn.transpose(0, 1))
             b = torch.zeros(num_docs, slots, out_dim, r, device=self.device, dtype=self.dtype)
-            adapters[id(w)] = (a.requires_grad_(True), b.requires_grad_(True))
-        self.mode = LoraMode(adapters, self.cfg.lora_alpha / r)
+            adapters[site.key] = (a.requires_grad_(True), b.requires_grad_(True))
+        self.mode = LoraMode(adapters, self.cfg.lora_alpha / r, self.sites)
         params = [t for pair in adapters.values() for t in pair]
         self.opt = torch.optim.AdamW(params, lr=self.cfg.lora_lr, betas=(self.cfg.lora_beta1, self.cfg.lora_beta2),
                                      eps=self.cfg.lora_eps, weight_decay=self.cfg.lora_weight_decay)

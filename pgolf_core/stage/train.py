@@ -34,7 +34,8 @@ class TrainPaths:
     hessians: Path = dataclasses.field(metadata={
         "help": "GPTQ Hessians (.safetensors); written empty of tensors when train.calib_batches is 0"})
     metrics: Path = dataclasses.field(metadata={"help": "DVCLive folder"})
-    log: Path = dataclasses.field(metadata={
+    # --train-log, not --log: torchrun's own parser takes a prefix of its --log-dir even after the module name
+    train_log: Path = dataclasses.field(metadata={
         "help": "the run's log as the records ship theirs: the set-up, a line per report (step, loss, "
                 "val_bpb) and the summary; it goes into the submission folder"})
     snapshots: Path | None = dataclasses.field(default=None, metadata={
@@ -70,7 +71,7 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
     model = GPT(cfg.model.with_vocab(sp.vocab_size()), kernels).to(device)
     num_params = sum(p.numel() for p in model.parameters())
     live = Live(str(paths.metrics), dvcyaml=False, save_dvc_exp=False, report=None) if dist.is_main() else None
-    run_log = RunLogFile(paths.log) if live else None
+    run_log = RunLogFile(paths.train_log) if live else None
     if live:
         compiled = cfg.runtime.compile
         mix_order = "" if cfg.runtime.compile_mix_order_reduction else ", no mix-order reductions"
