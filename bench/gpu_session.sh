@@ -12,7 +12,9 @@
 # compile, run it alone), expandable (the allocator's expandable segments), fusedmlpstep
 # (the fused Triton MLP, whose kernels `fusedmlp` times against cuBLAS), fusedcestep (the
 # Triton loss), mixorder (Inductor's mix-order reductions back on), docmask against
-# docmaskoff (document masking by FlexAttention on 1,000-token documents); reference
+# docmaskoff (document masking by FlexAttention on 1,000-token documents), seedgptj,
+# seedbigram, seedgatedvres (issue 23's seed switches: GPT-J lanes, BigramHash 2,048,
+# the gated value residual); reference
 # (profiles/pr1477_8xh100.yaml, the reference system of issue #4's targets). Dev runs:
 # devdocmask, devf32residual, devfusedmlp and devfusedce against dev (same curve, no
 # recompiles). Into $OUT (or bench/out): session.log (all output), each part's JSON
@@ -61,6 +63,10 @@ ab autotune 560 --set runtime.compile_mode=max-autotune-no-cudagraphs
 ab fusedmlpstep 280 --set runtime.fused_mlp=true
 ab fusedcestep 280 --set runtime.fused_ce=true
 ab mixorder 280 --set runtime.compile_mix_order_reduction=true --trace "$OUT/trace_mixorder.txt"  # traces name the kernels
+# issue 23: the seeds' switches on the record model (throughput only; their CPU val_bpb is in the issue's note)
+ab seedgptj 280 --set model.parallel_mode=gptj
+ab seedbigram 280 --set model.bigram_buckets=2048
+ab seedgatedvres 280 --set model.value_residual=true --set model.value_residual_mode=gated
 part expandable train_throughput_expandable.json 280 env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True \
     python3 -m bench.train_throughput --profile $RECORD --out bench/results/train_throughput_expandable.json
 # dev NAME JSON ARGS...: the short real run on the dev corpus (75 steps of 131,072 tokens)

@@ -43,7 +43,7 @@ class TrainPaths:
 
 
 class RunLogFile:
-    """The run's text log on rank 0 (`TrainPaths.log`), written as the run goes, so that a
+    """The run's text log on rank 0 (`TrainPaths.train_log`), written as the run goes, so a
     long run's progress can be read from it; a resumed run's log starts at the resume."""
 
     def __init__(self, path: Path):
