@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 EVAL_MODES = ("nonoverlap", "sliding", "ttt_sgd", "ttt_lora", "ttt_phased")
-LORA_TARGETS = ("q", "k", "v", "o", "up", "down", "head", "o_side", "mlp_side")  # pgolf_core.eval.lora.target_weights
+LORA_TARGETS = ("q", "k", "v", "o", "up", "down", "head", "o_side", "mlp_side")  # eval.lora: target_weights, SIDE_SITES
 TOKENIZE_SOURCES = ("embedded", "jsonl", "docs_cache", "published")
 COMPRESSORS = ("zlib", "lzma", "brotli", "zstd")  # the default set: pure Python wheels, always available
 ALL_COMPRESSORS = (*COMPRESSORS, "lrzip")  # lrzip (ZPAQ) runs the system binary, where one exists

@@ -55,7 +55,7 @@ from pgolf_core.eval.run import evaluate, truncated
 from pgolf_core.model import GPT
 from pgolf_core.quant.fit import pack_to_fit
 from pgolf_core.quant.pipeline import quantize_model
-from pgolf_core.train import TrainResult, run_warnings, set_seed, train
+from pgolf_core.train import TrainResult, report_line, run_warnings, set_seed, train
 
 ARTIFACT_NAME = "final_model.pgolf"  # the compressed model, in OUT_DIR unless ARTIFACT_PATH says
 SUMMARY_NAME = "summary.json"  # the run's figures, beside the artifact
@@ -113,20 +113,17 @@ ENV_KEYS = {
     "GATED_ATTN_QUANT_GATE": "quantize.gate_int8",
 }
 
-# Public variables whose meaning this script does not have: refused, never ignored.
-UNSUPPORTED = {
-    "WARMUP_STEPS": "the public scripts' compile warm-up steps; here the compile warm-up is automatic and "
-                    "train.schedule.warmup_steps (an LR warm-up) is baked",
-    "WARMDOWN_ITERS": "the warm-down is a fraction of the run here (train.schedule.warmdown_frac, baked)",
-    "VAL_BATCH_SIZE": "validation batches are evaluate.batch_seqs windows here (baked)",
-    "TIE_EMBEDDINGS": "the embedding is always tied here",
-    "EMBED_LR": "for an untied embedding; the tied embedding's rate is TIED_EMBED_LR",
-    "HEAD_LR": "for an untied head; the head is the tied embedding here",
-    "ADAM_EPS": "not a setting here",
-}
-# The other variables the five seed systems' commands set (../shared/seeds), by why they
-# cannot be honoured here.
-_UNHONOURED_GROUPS = {
+# Public variables whose meaning this script does not have, by the reason: refused, never
+# ignored. Every setting the five seed systems' commands use (../shared/seeds) is either
+# here or in ENV_KEYS.
+_UNSUPPORTED_BY_REASON = {
+    "the public scripts' compile warm-up steps; here the compile warm-up is automatic and "
+    "train.schedule.warmup_steps (an LR warm-up) is baked": ("WARMUP_STEPS",),
+    "the warm-down is a fraction of the run here (train.schedule.warmdown_frac, baked)": ("WARMDOWN_ITERS",),
+    "validation batches are evaluate.batch_seqs windows here (baked)": ("VAL_BATCH_SIZE",),
+    "the embedding is always tied here": ("TIE_EMBEDDINGS",),
+    "for an untied embedding; the tied embedding's rate is TIED_EMBED_LR": ("EMBED_LR",),
+    "for an untied head; the head is the tied embedding here": ("HEAD_LR",),
     "test-time training is chosen by evaluate.modes and evaluate.final_mode (baked), its settings are the "
     "evaluate.ttt_* and lora_* keys; this setting has none of them": (
         "TTT_ENABLED", "TTT_MODE", "TTT_E2E_MODE", "TTT_E2E_LAST_FRAC", "TTT_OPTIMIZER", "TTT_STEPS",
@@ -146,11 +143,11 @@ _UNHONOURED_GROUPS = {
     "a technique this script does not have": (
         "BACKOUT_ENABLED", "DISTILL_ENABLED", "USE_NORM_PCT_DROPOUT", "NORM_PCT_THRESH", "USE_CMP_QUANT_VALUE_DEDUP",
         "CMP_QUANT_DEDUP_STEP"),
-    "not a setting here": ("SKIP_REDUNDANT_EVALS", "DRY_RUN"),
+    "not a setting here": ("ADAM_EPS", "SKIP_REDUNDANT_EVALS", "DRY_RUN"),
     "the data come from DATA_PATH; the script downloads nothing": (
         "MATCHED_FINEWEB_REPO_ID", "MATCHED_FINEWEB_SKIP_HF_COPY"),
 }
-UNSUPPORTED |= {name: why for why, names in _UNHONOURED_GROUPS.items() for name in names}
+UNSUPPORTED = {name: why for why, names in _UNSUPPORTED_BY_REASON.items() for name in names}
 
 # Run-level variables (not params): see `Paths`.
 RUN_VARS = ("DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "VOCAB_SIZE", "OUT_DIR", "EVAL_ONLY", "ARTIFACT_PATH",
@@ -363,16 +360,14 @@ def score_artifact(eval_cfg: config.EvaluateConfig, path: Path, vocab_size: int,
 def _printer(cfg: config.TrainConfig):
     def log(step: int, values: dict) -> None:
         if dist.is_main():
-            shown = " ".join(f"{k}:{v:.4f}" if isinstance(v, float) else f"{k}:{v}" for k, v in values.items())
-            print(f"step:{step}/{cfg.schedule.iterations} {shown}", flush=True)
+            print(report_line(step, cfg.schedule.iterations, values), flush=True)
     return log
 
 
 def train_and_quantize(train_cfg, quant_cfg, paths: Paths, device, code_bytes: int):
     """Train (calibrating in the same launch when quantizing uses the Hessians), quantize
-    and pack; rank 0 writes
-    the artifact. Returns (train and quantize figures, vocabulary, val tokens, val byte
-    counts)."""
+    and pack; rank 0 writes the artifact. Returns (train and quantize figures, vocabulary,
+    val tokens, val byte counts)."""
     set_seed(train_cfg.seed)
     sp = load_tokenizer(paths)
     stream, val_tokens, val_bytes = load_data(paths, sp, with_train=True)

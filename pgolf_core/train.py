@@ -238,6 +238,13 @@ class SnapshotKeeper:
         dist.barrier()
 
 
+def report_line(step: int, iterations: int, values: dict) -> str:
+    """One report as the records' logs write it: `step:N/M name:value ...` (floats to 4
+    decimals); the stage's log file and the shipped script's output share it."""
+    shown = " ".join(f"{k}:{v:.4f}" if isinstance(v, float) else f"{k}:{v}" for k, v in values.items())
+    return f"step:{step}/{iterations} {shown}"
+
+
 class RunLog:
     """The progress bar, the window of step losses since the last report, and the
     caller's `log(step, metrics)`. Reading a loss is a host sync, so losses stay on the

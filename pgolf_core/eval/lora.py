@@ -56,14 +56,13 @@ ADAPTER_SEED = 20260410  # adapters' A of batch b are drawn from a generator see
 
 
 def target_weights(model, names) -> dict[str, list[torch.nn.Parameter]]:
-    """The weights each `evaluate.lora_targets` name adapts (config.LORA_TARGETS): for a
-    side adapter (`o_side`, `mlp_side`) the weight whose output it adds to."""
+    """The weights each plain `evaluate.lora_targets` name adapts (config.LORA_TARGETS;
+    the side adapters are `SIDE_SITES`)."""
     table = {
         "q": [b.attn.q.weight for b in model.blocks], "k": [b.attn.k.weight for b in model.blocks],
         "v": [b.attn.v.weight for b in model.blocks], "o": [b.attn.out.weight for b in model.blocks],
         "up": [b.mlp.up.weight for b in model.blocks], "down": [b.mlp.down.weight for b in model.blocks],
         "head": [model.tok_emb.weight],
-        "o_side": [b.attn.out.weight for b in model.blocks], "mlp_side": [b.mlp.down.weight for b in model.blocks],
     }
     unknown = [n for n in names if n not in table]
     if unknown:
@@ -84,18 +83,23 @@ class Site:
     sink: torch.nn.Parameter
 
 
-SIDE_SOURCES = {"o_side": lambda b: b.attn.q.weight, "mlp_side": lambda b: b.mlp.up.weight}
+# The records' side adapters, per block: (the weight whose call's input they read, the one
+# whose call's output they add to).
+SIDE_SITES = {"o_side": lambda b: (b.attn.q.weight, b.attn.out.weight),
+              "mlp_side": lambda b: (b.mlp.up.weight, b.mlp.down.weight)}
 
 
 def target_sites(model, names) -> list[Site]:
     """The adapter sites of `evaluate.lora_targets`, in the order of the names."""
-    weights = target_weights(model, names)
+    plain = target_weights(model, [n for n in names if n not in SIDE_SITES])
     sites = []
     for name in names:
-        if name in SIDE_SOURCES:
-            sites += [Site(("side", id(w)), SIDE_SOURCES[name](block), w) for block, w in zip(model.blocks, weights[name])]
+        if name in SIDE_SITES:
+            for block in model.blocks:
+                source, sink = SIDE_SITES[name](block)
+                sites.append(Site(("side", id(sink)), source, sink))
         else:
-            sites += [Site(id(w), w, w) for w in weights[name]]
+            sites += [Site(id(w), w, w) for w in plain[name]]
     return sites
 
 

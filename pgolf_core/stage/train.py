@@ -23,7 +23,7 @@ from pgolf_core.dispatch import resolve_kernels
 from pgolf_core.model import GPT
 from pgolf_core.stage.result import StageResult
 from pgolf_core.stage.validation import load_validation
-from pgolf_core.train import run_warnings, set_seed, train
+from pgolf_core.train import report_line, run_warnings, set_seed, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,7 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
 
     def log(step: int, values: dict) -> None:
         if live:
-            run_log.line(f"step:{step}/{cfg.schedule.iterations} "
-                         + " ".join(f"{name}:{value:.6g}" for name, value in values.items()))
+            run_log.line(report_line(step, cfg.schedule.iterations, values))
             live.step = step
             for name, value in values.items():
                 live.log_metric(name, value)
