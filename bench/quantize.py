@@ -14,7 +14,10 @@ unless --no-sliding. These are dev-corpus figures, not FineWeb's.
 Then, from the same GPTQ integers, Quantization II's options one at a time: + LQER
 (`--lqer-rank`, `--lqer-top-k`; record 4 and 3), + the int8 attention gate, both, each
 scored (keys val_bpb_gptq_lqer, model_bytes_gptq_lqer, ..._gate, ..._lqer_gate, with the
-bytes LQER costs and the damage it removes); variant `fit` packs GPTQ alone and GPTQ with
+bytes LQER costs and the damage it removes); GPTQ-lite (per-row percentile clips, no
+Hessians) beside RTN and GPTQ (val_bpb_gptq_lite, model_bytes_gptq_lite); the opt-in
+variant `search_bytes` lets GPTQ choose SDClip's k per category among `--search-k` by
+calibration error within `--fit-bytes` (gptq_search_bytes, sdclip_k_gptq_search_bytes); variant `fit` packs GPTQ alone and GPTQ with
 LQER and the int8 gate to the same byte target (`--fit-bytes`, artifact with the profile's
 code; issue 20's 15,950,000 by default) by `fit_bytes`' pruning, and scores both
 (gptq_fit, gptq_lqer_gate_fit, and `fit_lqer_gate_damage_gain`: positive when the options
@@ -53,7 +56,8 @@ from pgolf_core.quant.pipeline import quantize_model
 from pgolf_core.quant.rtn import quantize_rtn
 from pgolf_core.train import set_seed, train
 
-VARIANTS = ("lqer", "gate", "lqer_gate", "fit")
+VARIANTS = ("lqer", "gate", "lqer_gate", "fit", "search_bytes")
+DEFAULT_VARIANTS = ("lqer", "gate", "lqer_gate", "fit")  # search_bytes: one GPTQ and one pack per candidate k
 TARGET_ARTIFACT_BYTES = 15_950_000  # issue 19's target: artifact with code at most this many bytes
 TRAIN_RUN = "train_run.json"  # the training run's figures beside its model and Hessians in --workdir
 
@@ -106,8 +110,11 @@ def main() -> None:
     parser.add_argument("--lqer-top-k", type=int, default=3)
     parser.add_argument("--layouts", default="row,col,row+shuffle,col+shuffle,row+nn+shuffle,col+nn+shuffle",
                         help="comma-separated layouts packed alone from the GPTQ integers ('' = none)")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
+    parser.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                         help="Quantization II options scored on top of GPTQ (none listed: none)")
+    parser.add_argument("--search-k", type=float, nargs="+", default=[10.0, 11.5, 13.0, 14.0, 16.0, 18.0],
+                        help="variant search_bytes: the candidate SDClip k, chosen per category by least "
+                             "calibration output error within --fit-bytes")
     parser.add_argument("--fit-bytes", type=int, default=TARGET_ARTIFACT_BYTES,
                         help="variant fit: the byte target of the artifact with the profile's code")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a quantize key")
@@ -189,25 +196,39 @@ def main() -> None:
     # RTN and GPTQ alone, whatever Quantization II options the profile switches on: the
     # variants below add them one at a time
     alone = dataclasses.replace(quant_cfg, lqer_rank=0, gate_int8=False, prune_fraction=0.0, fit_bytes=0)
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq_lite", "gptq"):
         start = time.perf_counter()
-        qm = quantize_gptq(state, hessians, alone, device) if method == "gptq" else quantize_rtn(state, alone)
+        if method == "gptq_lite":  # its own per-row percentile clips instead of the profile's grid
+            qm = quantize_rtn(state, dataclasses.replace(alone, method=method, clip="percentile", sdclip_search=[],
+                                                         sdclip_search_bytes=0))
+        else:
+            qm = quantize_gptq(state, hessians, alone, device) if method == "gptq" else quantize_rtn(state, alone)
         gptq_qm = qm  # the loop ends on gptq: the layouts below pack these integers
         measure(method, qm, time.perf_counter() - start, quant_cfg.compressors)
     lqer = {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k}
     both = {**lqer, "gate_int8": True}
     options = {"lqer": [("gptq_lqer", lqer, 0)], "gate": [("gptq_gate", {"gate_int8": True}, 0)],
                "lqer_gate": [("gptq_lqer_gate", both, 0)],
-               "fit": [("gptq_fit", {}, args.fit_bytes), ("gptq_lqer_gate_fit", both, args.fit_bytes)]}
+               "fit": [("gptq_fit", {}, args.fit_bytes), ("gptq_lqer_gate_fit", both, args.fit_bytes)],
+               "search_bytes": [("gptq_search_bytes", {"clip": "sdclip", "sdclip_search": args.search_k,
+                                                       "sdclip_search_bytes": args.fit_bytes}, 0)]}
     variants = [variant for name in args.variants for variant in options[name]]
     for key, change, fit_bytes in variants:
         if change:
             vcfg = dataclasses.replace(alone, method="gptq", **change)
             start = time.perf_counter()
-            qm, steps = quantize_model(state, vcfg, hessians, device)
+            try:
+                qm, steps = quantize_model(state, vcfg, hessians, device, model_config=dataclasses.asdict(mcfg),
+                                           code_bytes=code_bytes)
+            except ValueError as err:  # a byte target out of reach: say so and keep every other figure
+                record[f"fit_error_{key}"] = str(err)
+                print(f"quantize bench: {key}: {err}", flush=True)
+                continue
             seconds = time.perf_counter() - start
             if steps["lqer"]:
                 record[f"lqer_{key}"] = steps["lqer"]
+            if "sdclip_search" in steps:
+                record[f"sdclip_k_{key}"] = steps["sdclip_k"]
         else:  # GPTQ alone, packed differently: its integers from above
             qm, seconds = gptq_qm, record["gptq_seconds"]
         measure(key, qm, seconds, quant_cfg.compressors, fit_bytes)

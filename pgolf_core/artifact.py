@@ -21,7 +21,7 @@ or LQER, are refused with a message: re-run the quantize stage):
     end-32  32    sha256 of every byte before it (prefix, header, payloads)
 
 Header JSON:
-    {"method": "rtn" | "gptq", "model_config": {...},
+    {"method": "rtn" | "gptq" | "gptq_lite", "model_config": {...},
      "bits_per_category": {"embedding": 7, "attention": 6, ...} (every integer tensor of a
                           category has its width; checked on reading),
      "groups":  [{"name", "codec" (id, see compress.CODEC_IDS), "layout" (see layout.py),

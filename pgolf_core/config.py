@@ -23,7 +23,7 @@ ALL_COMPRESSORS = (*COMPRESSORS, "lrzip")  # lrzip (ZPAQ) runs the system binary
 LAYOUT_ORDERS = ("row", "col")  # layouts: an order, then optionally "+nn" and/or "+shuffle" (artifact_layout)
 EVAL_COMPILE_BACKENDS = ("inductor", "aot_eager")  # aot_eager: dynamo's and AOTAutograd's graphs, run eagerly
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")  # no CUDA-graph modes: the host already runs ahead of the GPU
-QUANT_METHODS = ("rtn", "gptq")
+QUANT_METHODS = ("rtn", "gptq", "gptq_lite")
 CLIP_METHODS = ("percentile", "sdclip")
 SCRIPT_PAYLOADS = ("base85", "latin1")  # bundle.self_extracting
 CHALLENGE_ARTIFACT_BYTES = 16_000_000  # the challenge's cap, decimal, code included: a params value may only lower it
@@ -392,11 +392,13 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class QuantizeConfig:
-    method: str = "rtn"  # "rtn" (round to nearest) or "gptq" (full-Hessian, needs train.calib_batches > 0)
+    method: str = "rtn"  # "rtn" (round to nearest), "gptq" (full-Hessian, needs train.calib_batches > 0) or "gptq_lite" (rtn, each row's clip the least-error of lite_percentiles)
     clip: str = "percentile"  # per-row scale: "percentile" of |w| or "sdclip" (k * std of the row)
     clip_percentile: float = 99.99  # clip "percentile": the |w| percentile that sets the scale (100 = max)
+    lite_percentiles: list = field(default_factory=lambda: [99.9, 99.95, 99.99, 99.999, 100.0])  # gptq_lite: each row's candidate clips (03-22)
     sdclip_k: CategoryClip = field(default_factory=CategoryClip)  # clip "sdclip": k per category
     sdclip_search: list = field(default_factory=list)  # candidate k: each category takes the one of least calibration output error (needs Hessians; [] = off)
+    sdclip_search_bytes: int = 0  # with sdclip_search: the least-error k per category whose artifact + code fits this (decimal; 0 = error alone)
     bits: CategoryBits = field(default_factory=CategoryBits)  # integer width per category
     damp: float = 0.01  # gptq: added to H's diagonal, as a fraction of its mean
     block_size: int = 128  # gptq: columns quantized per block before the error goes on to the rest
@@ -420,8 +422,22 @@ class QuantizeConfig:
         if self.sdclip_search and self.clip != "sdclip":
             raise ValueError(f"quantize.sdclip_search chooses SDClip's k, but quantize.clip is {self.clip!r}: "
                              "set quantize.clip: sdclip")
+        if not 0 <= self.sdclip_search_bytes <= CHALLENGE_ARTIFACT_BYTES:
+            raise ValueError(f"quantize.sdclip_search_bytes={self.sdclip_search_bytes}: must lie in "
+                             f"[0, {CHALLENGE_ARTIFACT_BYTES:,}] (decimal bytes of artifact + code; 0 = off)")
+        if self.sdclip_search_bytes and not self.sdclip_search:
+            raise ValueError("quantize.sdclip_search_bytes chooses among the k of quantize.sdclip_search, which is "
+                             "empty: list candidate k there")
         if not 50.0 < self.clip_percentile <= 100.0:
             raise ValueError(f"quantize.clip_percentile={self.clip_percentile}: must lie in (50, 100]")
+        if not self.lite_percentiles:
+            raise ValueError("quantize.lite_percentiles is empty: name at least one |w| percentile in (50, 100]")
+        for percentile in self.lite_percentiles:
+            if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50.0 < percentile <= 100.0:
+                raise ValueError(f"quantize.lite_percentiles: {percentile!r} is not a percentile in (50, 100]")
+        if self.method == "gptq_lite" and self.clip != "percentile":
+            raise ValueError(f"quantize.method 'gptq_lite' chooses each row's clip among quantize.lite_percentiles, "
+                             f"so quantize.clip {self.clip!r} does not apply: set quantize.clip: percentile")
         if not 0.0 <= self.damp < 1.0:
             raise ValueError(f"quantize.damp={self.damp}: must lie in [0, 1)")
         _positive("quantize.block_size", self.block_size)

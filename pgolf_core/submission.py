@@ -398,10 +398,13 @@ def train_and_quantize(train_cfg, quant_cfg, paths: Paths, device, code_bytes: i
             state, _ = checkpoint.read_model_file(Path(tmp) / "model.safetensors")
         hessians = {k: h.detach().float().cpu() for k, h in collected[0].hessians.items()} \
             if quant_cfg.uses_hessians else None
-        qm, _ = quantize_model(state, quant_cfg, hessians, device)
+        cache: dict = {}  # groups the k search compressed, reused by the final pack
+        qm, _ = quantize_model(state, quant_cfg, hessians, device, model_config=dataclasses.asdict(model.cfg),
+                               code_bytes=code_bytes, pack_cache=cache)
         quantize_seconds = time.perf_counter() - start
         qm, blob, pack, fit = pack_to_fit(qm, dataclasses.asdict(model.cfg), quant_cfg.compressors,
-                                          quant_cfg.layouts, quant_cfg.fit_bytes, code_bytes, quant_cfg.chunk_bytes)
+                                          quant_cfg.layouts, quant_cfg.fit_bytes, code_bytes, quant_cfg.chunk_bytes,
+                                          cache=cache)
         io.write_bytes_atomic(paths.artifact, blob)
         figures["quantize"] = {"method": qm.method, "model_bytes": len(blob), "quantize_seconds": quantize_seconds,
                                "pack_seconds": time.perf_counter() - start - quantize_seconds,

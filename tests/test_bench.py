@@ -103,7 +103,7 @@ def test_quantize_smoke_run_on_cpu(tmp_path, embedded_docs):
                         "--workdir", str(tmp_path / "work"), "--batch-tokens", "8192", "--micro-batch-seqs", "16",
                         "--steps", "3", "--val-tokens", "4096", *zstd_only, "--out", str(out))
     assert result["steps"] == 3 and result["calib_seconds"] > 0 and result["calib_tokens"] == 8 * 32 * 256
-    for method in ("rtn", "gptq"):
+    for method in ("rtn", "gptq_lite", "gptq"):
         assert result[f"model_bytes_{method}"] > 0 and 0 < result[f"val_bpb_{method}"] < 20
         assert result[f"damage_{method}"] == pytest.approx(result[f"val_bpb_{method}"] - result["val_bpb_float"])
         assert result[f"damage_{method}_sliding"] == pytest.approx(
@@ -113,7 +113,8 @@ def test_quantize_smoke_run_on_cpu(tmp_path, embedded_docs):
     # the same weights again (--reuse), GPTQ alone and with LQER + int8 gate packed 3,000 bytes under GPTQ alone
     target = result["artifact_bytes_gptq"] - 3000
     fitted = run_module("quantize", "--profile", "profiles/cpu.yaml", "--corpus", str(corpus),
-                        "--workdir", str(tmp_path / "work"), "--reuse", "--variants", "fit", "--layouts", "",
+                        "--workdir", str(tmp_path / "work"), "--reuse", "--variants", "fit", "search_bytes",
+                        "--search-k", "4", "16", "64", "--layouts", "",
                         "--no-sliding", "--fit-bytes", str(target), "--val-tokens", "4096", *zstd_only,
                         "--out", str(tmp_path / "fit.json"))
     assert fitted["val_bpb_gptq"] == result["val_bpb_gptq"] and fitted["fit_bytes_target"] == target
@@ -127,6 +128,10 @@ def test_quantize_smoke_run_on_cpu(tmp_path, embedded_docs):
             fitted[f"val_bpb_{key}"] - fitted["val_bpb_float"])
     assert fitted["fit_lqer_gate_damage_gain"] == pytest.approx(
         fitted["damage_gptq_fit"] - fitted["damage_gptq_lqer_gate_fit"])
+    # the k search within the same target: one k per category among the candidates, and the artifact fits
+    assert fitted["model_bytes_gptq_search_bytes"] + fitted["code_bytes"] <= target
+    chosen = fitted["sdclip_k_gptq_search_bytes"]  # "other" has no matrix in this model: it keeps its k
+    assert {chosen[c] for c in ("attention", "mlp", "embedding")} <= {4.0, 16.0, 64.0}
 
 
 def test_fused_mlp_bench_checks_both_paths_against_float64():

@@ -104,3 +104,49 @@ def test_passthrough_beyond_fp16_range_is_refused():
 def test_row_scales_reject_fp16_overflow():
     with pytest.raises(ValueError, match="overflows fp16"):
         row_scales(torch.tensor([1e9]), 8)
+
+
+LITE = [99.0, 99.9, 99.99, 100.0]
+
+
+def _heavy_tailed(rows=48, cols=96, seed=0):
+    """Gaussian rows with a few large entries: the best clip differs from row to row."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    outliers = torch.rand(rows, cols, generator=g) < torch.linspace(0.0, 0.04, rows)[:, None]
+    return torch.where(outliers, w * 12, w)
+
+
+@pytest.mark.parametrize("bits", [5, 6, 8])
+def test_gptq_lite_keeps_per_row_the_percentile_of_least_squared_error(bits):
+    """Each row's integers and scale are those RTN gives at one candidate percentile, and
+    that candidate's error (float64, here) is the least of all candidates for the row."""
+    state = {"blocks.0.mlp.fc.weight": _heavy_tailed(seed=bits)}
+    widths = CategoryBits(attention=bits, mlp=bits, embedding=bits, other=bits)
+    lite = quantize_rtn(state, QuantizeConfig(method="gptq_lite", lite_percentiles=LITE, bits=widths,
+                                              passthrough_max_numel=100))
+    assert lite.method == "gptq_lite"
+    w = state["blocks.0.mlp.fc.weight"].double()
+    t = lite.tensors["blocks.0.mlp.fc.weight"]
+    lite_error = ((t.q.double() * t.scale.double()[:, None] - w) ** 2).sum(dim=1)
+    per_candidate = []
+    for percentile in LITE:
+        r = quantize_rtn(state, QuantizeConfig(clip_percentile=percentile, bits=widths, passthrough_max_numel=100))
+        rt = r.tensors["blocks.0.mlp.fc.weight"]
+        per_candidate.append((rt, ((rt.q.double() * rt.scale.double()[:, None] - w) ** 2).sum(dim=1)))
+    least = torch.stack([e for _, e in per_candidate]).min(dim=0).values
+    assert torch.equal(lite_error, least)
+    for row in range(w.shape[0]):
+        assert any(torch.equal(t.q[row], rt.q[row]) and t.scale[row] == rt.scale[row] for rt, _ in per_candidate), row
+    chosen = [next(i for i, (_, e) in enumerate(per_candidate) if e[row] == least[row]) for row in range(w.shape[0])]
+    assert len(set(chosen)) > 1  # the rows chose differently: a per-row choice, not one percentile
+
+
+def test_gptq_lite_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match="quantize.method 'gptq_lite' chooses each row's clip"):
+        QuantizeConfig(method="gptq_lite", clip="sdclip")
+    with pytest.raises(ValueError, match="quantize.lite_percentiles: 40 is not a percentile"):
+        QuantizeConfig(method="gptq_lite", lite_percentiles=[99.9, 40])
+    with pytest.raises(ValueError, match="quantize.lite_percentiles is empty"):
+        QuantizeConfig(method="gptq_lite", lite_percentiles=[])
+    assert not QuantizeConfig(method="gptq_lite").uses_hessians

@@ -69,9 +69,9 @@ def test_each_category_takes_its_candidate_of_least_output_error(method):
             err = float((((w - deq[name].double()) @ inputs[name].T) ** 2).sum() / len(inputs[name]))
             want.setdefault(category_of(name), {}).setdefault(k, 0.0)
             want[category_of(name)][k] += err
-    assert set(report["sdclip_search"]) == set(want) == {"attention", "mlp", "embedding", "other"}
+    assert set(report["sdclip_search"]["error"]) == set(want) == {"attention", "mlp", "embedding", "other"}
     for category, by_k in want.items():
-        got = report["sdclip_search"][category]
+        got = report["sdclip_search"]["error"][category]
         assert list(got) == CANDIDATES
         np.testing.assert_allclose([got[k] for k in CANDIDATES], [by_k[k] for k in CANDIDATES], rtol=1e-4)
         best = min(by_k, key=by_k.get)
@@ -94,7 +94,7 @@ def test_a_matrix_without_a_hessian_counts_its_weight_error():
         deq = dequantize(quantize_rtn(state, dataclasses.replace(CFG, sdclip_search=[], sdclip_k=CategoryClip(
             **dict.fromkeys(("attention", "mlp", "embedding", "other"), k)))))
         weight_error = float(((state["value_embed.weight"].double() - deq["value_embed.weight"].double()) ** 2).sum())
-        assert report["sdclip_search"]["other"][k] == pytest.approx(weight_error, rel=1e-9)
+        assert report["sdclip_search"]["error"]["other"][k] == pytest.approx(weight_error, rel=1e-9)
 
 
 def test_search_settings_are_checked_by_name():
@@ -106,3 +106,123 @@ def test_search_settings_are_checked_by_name():
     assert not QuantizeConfig(clip="sdclip").uses_hessians
     with pytest.raises(ValueError, match="quantize.sdclip_search needs the calibration Hessians"):
         quantize_model(random_state(), CFG, None)
+
+
+def _packed_size(qm, cfg):
+    from _quant_models import MODEL_CONFIG
+    from pgolf_core.artifact import pack_artifact
+
+    return len(pack_artifact(qm, MODEL_CONFIG, cfg.compressors, cfg.layouts, chunk_bytes=cfg.chunk_bytes)[0])
+
+
+def _every_combination(state, inputs, cfg, code_bytes):
+    """Per combination of candidate k (one per category): (summed output error on the inputs
+    themselves, artifact bytes with code), each combination quantized and packed for real."""
+    import itertools
+
+    from pgolf_core.quant.lqer import add_lqer
+
+    out = {}
+    categories = ("attention", "embedding", "mlp", "other")
+    for ks in itertools.product(cfg.sdclip_search, repeat=len(categories)):
+        fixed = dataclasses.replace(cfg, sdclip_search=[], sdclip_search_bytes=0,
+                                    sdclip_k=CategoryClip(**dict(zip(categories, ks))))
+        integers = quantize_rtn(state, fixed)
+        deq = dequantize(integers)
+        err = sum(float((((state[n].double() - deq[n].double()) @ x.T) ** 2).sum() / len(x)) for n, x in inputs.items())
+        shipped = add_lqer(integers, state, cfg.lqer_rank, cfg.lqer_top_k)[0] if cfg.lqer_rank else integers
+        out[ks] = (err, _packed_size(shipped, cfg) + code_bytes)
+    return categories, out
+
+
+@pytest.mark.parametrize("lqer_rank", [0, 2])
+def test_under_a_byte_target_the_search_takes_the_least_error_combination_that_fits(lqer_rank):
+    """Every combination of candidates is quantized and packed here; the search must pick the
+    one of least output error among those that fit, and its artifact must fit. The target
+    sits in a wide gap between combinations' sizes, so that no few bytes of compressed
+    header decide it, and between the smallest combination and the least-error one, so
+    that it binds."""
+    from _quant_models import MODEL_CONFIG
+
+    state = heavy_tailed_state(seed=5)
+    inputs, hessians = calibration_inputs(state, seed=6)
+    code = 1234
+    cfg = dataclasses.replace(CFG, sdclip_search=[2.0, 4.0, 30.0], compressors=["zlib"], lqer_rank=lqer_rank,
+                              lqer_top_k=2)
+    categories, table = _every_combination(state, inputs, cfg, code)
+    least_error = min(table, key=lambda ks: table[ks][0])
+    smallest = min(table, key=lambda ks: table[ks][1])
+    sizes = sorted({size for _, size in table.values() if size < table[least_error][1]}, reverse=True)
+    for high, low in zip(sizes, sizes[1:]):  # the largest target below the least-error size, in a gap
+        target = (low + high) // 2
+        want = min((ks for ks in table if table[ks][1] <= target), key=lambda ks: table[ks][0])
+        if high - low > 32 and want != smallest:
+            break
+    else:
+        raise AssertionError(f"no gap of over 32 bytes: {sizes}")
+    assert want not in (least_error, smallest)  # the target binds, and bytes alone would choose otherwise
+
+    run = dataclasses.replace(cfg, sdclip_search_bytes=target)
+    qm, report = quantize_model(state, run, hessians, model_config=MODEL_CONFIG, code_bytes=code)
+    assert tuple(report["sdclip_k"][c] for c in categories) == want
+    assert _packed_size(qm, run) + code <= target
+    assert report["sdclip_search"]["model_bytes"] + code == table[want][1]
+    assert report["sdclip_search"]["packs"] >= len(cfg.sdclip_search) + 1
+
+
+def test_an_unreachable_byte_target_is_refused_by_name():
+    from _quant_models import MODEL_CONFIG
+
+    state = heavy_tailed_state(seed=5)
+    _, hessians = calibration_inputs(state, seed=6)
+    run = dataclasses.replace(CFG, sdclip_search=[2.0, 4.0], compressors=["zlib"], sdclip_search_bytes=1000)
+    with pytest.raises(ValueError, match="quantize.sdclip_search_bytes=1,000 is out of reach"):
+        quantize_model(state, run, hessians, model_config=MODEL_CONFIG, code_bytes=10)
+    with pytest.raises(ValueError, match="quantize.sdclip_search_bytes chooses among the k of quantize.sdclip_search"):
+        QuantizeConfig(clip="sdclip", sdclip_search_bytes=100_000)
+    with pytest.raises(ValueError, match="quantize.sdclip_search_bytes=16000001: must lie in"):
+        QuantizeConfig(clip="sdclip", sdclip_search=[4.0], sdclip_search_bytes=16_000_001)
+
+
+def test_the_stage_reports_the_search_and_lands_under_its_byte_target(tmp_path):
+    """The quantize stage with the search: first by error alone, then with a byte target one
+    byte under that artifact, which must change the choice and land at or under it, with
+    the shipped script's bytes counted."""
+    from pgolf_core import calibration, checkpoint
+    from pgolf_core.config import ModelConfig, build_section
+    from pgolf_core.model import GPT
+    from pgolf_core.stage import quantize
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    checkpoint.save_model(tmp_path / "model.safetensors", model)
+    state, _ = checkpoint.read_model_file(tmp_path / "model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    hessians = {}
+    for name, t in state.items():
+        if t.ndim == 2 and t.numel() > 256 and category_of(name) != "gate":
+            x = torch.randn(200, t.shape[1], generator=g)
+            hessians[name] = x.T @ x / len(x)
+    calibration.save_hessians(tmp_path / "h.safetensors", calibration.Calibration(
+        hessians=hessians, rows=dict.fromkeys(hessians, 200), calls=dict.fromkeys(hessians, 1), aliases={},
+        tokens=200, seconds=0.0))
+    (tmp_path / "train_gpt.py").write_text("print('the shipped script')\n" * 50)
+    code = (tmp_path / "train_gpt.py").stat().st_size
+    paths = quantize.QuantizePaths(model=tmp_path / "model.safetensors", hessians=tmp_path / "h.safetensors",
+                                   out=tmp_path / "artifact", reference=tmp_path / "ref.safetensors",
+                                   script=tmp_path / "train_gpt.py", metrics=tmp_path / "q.json")
+    section = {"passthrough_max_numel": 256, "clip": "sdclip", "sdclip_search": [1.0, 3.0, 30.0],
+               "compressors": ["zlib"], "bits": dict.fromkeys(("attention", "mlp", "embedding", "other"), 6)}
+    by_error = quantize.run(build_section("quantize", section), paths)
+    assert set(by_error.metrics["sdclip_search_error"]["mlp"]) == {"1", "3", "30"}
+    assert "sdclip_search_group_bytes" not in by_error.metrics
+    target = by_error.metrics["model_bytes"] + code - 1
+    fitted = quantize.run(build_section("quantize", {**section, "sdclip_search_bytes": target}), paths)
+    assert (tmp_path / "artifact" / "model.bin").stat().st_size + code <= target
+    assert fitted.metrics["sdclip_k"] != by_error.metrics["sdclip_k"]
+    assert set(fitted.metrics["sdclip_search_group_bytes"]["attention"]) == {"1", "3", "30"}
+    assert fitted.metrics["sdclip_search_packs"] >= 4
+    assert f"within {target:,} bytes with code" in "\n".join(fitted.summary)

@@ -1,8 +1,8 @@
 """Quantized weights: the container every quantizer returns and the artifact stores.
 
-Quantizers (`quant.rtn`, `quant.gptq`) differ only in how they choose the integers; they
-all hand back a `QuantizedModel`, so packing, the reference file and the exact round-trip
-check never depend on which one ran. Dequantization lives here for the same reason, and
+Quantizers (`quant.rtn`, with its GPTQ-lite grid, and `quant.gptq`) differ only in how
+they choose the integers; they all hand back a `QuantizedModel`, so packing, the
+reference file and the exact round-trip check never depend on which one ran. Dequantization lives here for the same reason, and
 so does the one rule that puts a weight in a category (its width, its clip, its storage
 group in the artifact).
 """

@@ -31,14 +31,15 @@ MAX_VERIFY_ROUNDS = 5
 
 
 def pack_to_fit(qm: QuantizedModel, model_config: dict, compressors, layouts, fit_bytes: int, code_bytes: int,
-                chunk_bytes: int, progress=None) -> tuple[QuantizedModel, bytes, dict, dict]:
+                chunk_bytes: int, progress=None, cache: dict | None = None) -> tuple[QuantizedModel, bytes, dict, dict]:
     """(model as packed, artifact, pack report, fit report) with len(artifact) + code_bytes
     <= fit_bytes (fit_bytes 0: packed as it is), zeroing as few ±1 integers as the search
     finds (to within 1/2000 of the candidates); groups are compressed in chunks of
     `chunk_bytes` (`pack_artifact`). `progress(n, size)` is called after each probe.
+    `cache` (`pack_artifact`'s) may hold groups an earlier pack compressed (the k search's).
     Raises ValueError naming quantize.fit_bytes when even zeroing every candidate does not fit."""
     start = time.perf_counter()
-    blob, report = pack_artifact(qm, model_config, compressors, layouts, chunk_bytes=chunk_bytes)
+    blob, report = pack_artifact(qm, model_config, compressors, layouts, chunk_bytes=chunk_bytes, cache=cache)
     first_seconds = time.perf_counter() - start
     budget = fit_bytes - code_bytes
     fit = {"fit_bytes": fit_bytes, "zeroed": 0, "first_pack_seconds": first_seconds}

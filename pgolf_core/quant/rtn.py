@@ -7,6 +7,11 @@ compressed size of a Gaussian row tracks b - log2 k, so k, not the width, is the
 that fills the byte budget). The scale is rounded to fp16 *before* the integers are
 computed, so `q * scale` in the artifact reproduces exactly what was measured here.
 `row_grid` is public so GPTQ quantizes on exactly the grid RTN would use.
+
+GPTQ-lite (`quantize.method: gptq_lite`, the 03-22 record's name for it) is RTN on a
+grid chosen per row: each row tries the |w| percentiles of `quantize.lite_percentiles`
+as its clip and keeps the one whose integers reproduce the row with least squared error
+(#1453: a small gain over one fixed percentile, for no calibration data).
 """
 
 from __future__ import annotations
@@ -52,9 +57,30 @@ def sdclip(w: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def row_grid(w: torch.Tensor, bits: int, cfg: QuantizeConfig, k: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(clip float32 (rows,), fp16 scale (rows,)) of a matrix: the grid RTN and GPTQ share."""
+    """(clip float32 (rows,), fp16 scale (rows,)) of a matrix: the grid RTN and GPTQ share
+    (GPTQ-lite's, per row the least-error percentile, under method gptq_lite)."""
+    if cfg.method == "gptq_lite":
+        return least_error_grid(w, bits, cfg.lite_percentiles)
     clip = sdclip(w, k) if cfg.clip == "sdclip" else row_clip(w, cfg.clip_percentile)
     return clip, row_scales(clip, bits)
+
+
+def least_error_grid(w: torch.Tensor, bits: int, percentiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the (clip, scale) among the |w| `percentiles` whose rounded integers give the
+    least Σ (q·scale − w)² over the row; ties go to the earlier percentile in the list."""
+    best_clip = best_scale = best_error = None
+    for percentile in percentiles:
+        clip = row_clip(w, percentile)
+        scale = row_scales(clip, bits)
+        error = ((quantize_rows(w, scale, clip, bits).float() * scale.float()[:, None] - w.float()) ** 2).sum(dim=1)
+        if best_error is None:
+            best_clip, best_scale, best_error = clip, scale, error
+            continue
+        better = error < best_error
+        best_clip = torch.where(better, clip, best_clip)
+        best_scale = torch.where(better, scale, best_scale)
+        best_error = torch.where(better, error, best_error)
+    return best_clip, best_scale
 
 
 def row_scales(clip: torch.Tensor, bits: int) -> torch.Tensor:
@@ -139,7 +165,8 @@ def quantize_rtn(state: dict[str, torch.Tensor], cfg: QuantizeConfig) -> Quantiz
     Raises ValueError naming the tensor for non-float or non-finite values, or a
     passthrough value beyond the fp16 range.
     """
-    return quantize_state(state, cfg, "rtn", lambda name, w, bits, clip, scale: quantize_rows(w, scale, clip, bits))
+    method = "gptq_lite" if cfg.method == "gptq_lite" else "rtn"  # both round to nearest; gptq_lite's grid is its own
+    return quantize_state(state, cfg, method, lambda name, w, bits, clip, scale: quantize_rows(w, scale, clip, bits))
 
 
 def check_tensor(name: str, t: torch.Tensor) -> None:
