@@ -114,22 +114,73 @@ def _stream_cut_points(n: int, chunk: int, rng) -> list[int]:
     return sorted({p for c in ends for p in (c - 1, c, c + 1)} | set(rng.integers(2, n - 2, 3).tolist()))
 
 
+def _queue_positions(tokens: np.ndarray) -> list[tuple[int, int]]:
+    """(document, target position) in the order the document modes score them."""
+    return [(d, t) for d, (s, e) in enumerate(queue_order(documents(tokens, BOS))) for t in range(s + 1, e + 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """A causality check at p: `tokens` is the stream with every position of `perturbed`
+    replaced; the losses of `before` (the targets up to p in the mode's order) must not
+    move, and some loss of `later` (every target after p in that order) must."""
+    p: int
+    perturbed: np.ndarray
+    before: np.ndarray
+    later: np.ndarray
+    tokens: np.ndarray
+
+
+def _cuts(mode: str, tokens: np.ndarray) -> list[Cut]:
+    """The cut points every causality test checks for `mode`, in one process or two.
+
+    Stream modes (order = stream order): p at the TTT chunk ends +-1 and at random, every
+    token after p perturbed, BOS tokens included. Document modes (order = the length-
+    sorted queue, then position): p inside chunks of a document of the first batch and of
+    one after the first phase (boundary 3, batches of 3), at its chunk ends +-1 and at
+    random; the later targets and the inputs before them are perturbed, except any token
+    that is an earlier target, and BOS tokens stay (the queue's order reads them)."""
+    n = len(tokens)
+    if mode in STREAM_MODES:
+        points = _stream_cut_points(n, EVAL.ttt_chunk_tokens, np.random.default_rng(7))[::2]
+        return [Cut(p, np.arange(p + 1, n), np.arange(1, p + 1), np.arange(p + 1, n),
+                    _perturb_after(tokens, np.arange(p + 1, n), seed=p, keep_bos=False)) for p in points]
+    assert mode in DOC_MODES, mode
+    order = _queue_positions(tokens)
+    docs = queue_order(documents(tokens, BOS))
+    rng = np.random.default_rng(11)
+    picks = []
+    for d in (1, 5):  # a document of the first batch; one after the first phase (boundary 3, batches of 3)
+        s, e = docs[d]
+        k = EVAL.lora_chunk_tokens
+        picks += [p for p in (s + k - 1, s + k, s + k + 1, int(rng.integers(s + 1, e + 1))) if s < p <= e]
+    picks = list(dict.fromkeys(picks))  # a random pick may repeat a chunk end's
+    assert len(picks) >= 5
+    cuts = []
+    for p in picks:
+        index = next(i for i, (_, t) in enumerate(order) if t == p)
+        later = np.array([t for _, t in order[index + 1 :]])
+        before = np.array([t for _, t in order[: index + 1]])
+        # later targets and the inputs before them, but no token an earlier target is
+        perturbed = np.setdiff1d(np.concatenate([later - 1, later]), before)
+        cuts.append(Cut(p, perturbed, before, later, _perturb_after(tokens, perturbed, seed=p, keep_bos=True)))
+    return cuts
+
+
+def _assert_causal(name: str, cut: Cut, base: np.ndarray, after: np.ndarray) -> None:
+    """`base` and `after`: per-position losses of the stream and of `cut.tokens`."""
+    moved = cut.before[base[cut.before] != after[cut.before]]  # NaN (never scored) counts as moved
+    assert moved.size == 0, f"{name}: p={cut.p}: losses of targets {moved.tolist()} moved"
+    assert not np.array_equal(base[cut.later], after[cut.later]), f"{name}: p={cut.p}: no later loss moved"
+
+
 @pytest.mark.parametrize("mode", STREAM_MODES)
 def test_losses_up_to_p_ignore_every_later_token(mode, stream):
     """Perturb every token after p (BOS tokens included): every loss of a target <= p is
     bit-identical, and some later loss moved (the perturbation was seen)."""
     base, _ = _ledger(mode, stream)
-    rng = np.random.default_rng(7)
-    for p in _stream_cut_points(len(stream), EVAL.ttt_chunk_tokens, rng)[::2]:
-        changed = _perturb_after(stream, np.arange(p + 1, len(stream)), seed=p, keep_bos=False)
-        after, _ = _ledger(mode, changed)
-        assert np.array_equal(base.nll[1 : p + 1], after.nll[1 : p + 1]), f"{mode}: a loss up to {p} moved"
-        assert not np.array_equal(base.nll[p + 1 :], after.nll[p + 1 :])
-
-
-def _queue_positions(tokens: np.ndarray) -> list[tuple[int, int]]:
-    """(document, target position) in the order the document modes score them."""
-    return [(d, t) for d, (s, e) in enumerate(queue_order(documents(tokens, BOS))) for t in range(s + 1, e + 1)]
+    for cut in _cuts(mode, stream):
+        _assert_causal(mode, cut, base.nll, _ledger(mode, cut.tokens)[0].nll)
 
 
 @pytest.mark.parametrize("mode, warm_start_a", [*((m, False) for m in DOC_MODES), ("ttt_lora", True)],
@@ -144,25 +195,8 @@ def test_document_losses_ignore_every_later_token_of_the_queue(mode, warm_start_
     base, _ = _ledger(mode, stream, cfg)
     if warm_start_a:  # the carried A changes later batches' scores
         assert not np.array_equal(base.nll, _ledger(mode, stream)[0].nll)
-    order = _queue_positions(stream)
-    docs = queue_order(documents(stream, BOS))
-    rng = np.random.default_rng(11)
-    picks = []
-    for d in (1, 5):  # a document of the first batch; one after the first phase (boundary 3, batches of 3)
-        s, e = docs[d]
-        k = EVAL.lora_chunk_tokens
-        picks += [p for p in (s + k - 1, s + k, s + k + 1, int(rng.integers(s + 1, e + 1))) if s < p <= e]
-    assert len(picks) >= 5
-    for p in picks:
-        index = next(i for i, (_, t) in enumerate(order) if t == p)
-        later = np.array([t for _, t in order[index + 1 :]])
-        before = np.array([t for _, t in order[: index + 1]])
-        # later targets and the inputs before them, but no token an earlier target is
-        later_inputs = np.setdiff1d(np.concatenate([later - 1, later]), before)
-        changed = _perturb_after(stream, later_inputs, seed=p, keep_bos=True)
-        after, _ = _ledger(mode, changed, cfg)
-        assert np.array_equal(base.nll[before], after.nll[before]), f"{mode}: a loss before {p} moved"
-        assert not np.array_equal(base.nll[later], after.nll[later])
+    for cut in _cuts(mode, stream):
+        _assert_causal(mode, cut, base.nll, _ledger(mode, cut.tokens, cfg)[0].nll)
 
 
 def test_ttt_changes_the_scores_after_the_first_chunk_and_document(stream):
@@ -616,6 +650,84 @@ def test_two_processes_share_the_work_and_agree_with_one(tmp_path, stream):
     one_seq = dataclasses.replace(EVAL, ttt_batch_seqs=1)
     alone = score_mode("ttt_sgd", _model(ModelConfig(**RECORD_LIKE)), stream, _bytes(stream), one_seq, device=CPU)
     assert out["one_seq"] == pytest.approx(alone.sums.nll_nats, rel=1e-5)
+
+
+# every mode, and the record profiles' warm-started A: (mode, config) by name
+CAUSAL_CASES = {**{mode: (mode, EVAL) for mode in ALL_MODES},
+                "ttt_lora-warm_start_a": ("ttt_lora", dataclasses.replace(EVAL, lora_warm_start_a=True))}
+
+TWO_PROCESS_CAUSAL_SCRIPT = '''
+import sys
+import numpy as np
+import torch
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[1] + "/tests")
+torch.set_num_threads(1)
+from pgolf_core import dist
+import test_ttt as t
+
+dist.init("cpu")
+assert dist.world_size() == 2
+stream = t._stream(300, 64, seed=3)
+out = {}
+for name, (mode, cfg) in t.CAUSAL_CASES.items():
+    nll, counts = [], []
+    for tokens in [stream] + [cut.tokens for cut in t._cuts(mode, stream)]:
+        ledger, _ = t._ledger(mode, tokens, cfg)
+        mine = ledger.times_scored > 0
+        assert mine.any(), name  # this rank scored its share
+        # float64 and 0 where the other rank scores: x + 0.0 is x, so each gathered loss is
+        # bit for bit the one its rank computed (checked below), whatever the reduction order
+        local = np.where(mine, ledger.nll, 0.0)
+        assert (local[mine] == local[mine].astype(np.float32)).all()  # float32 losses, exact in float64
+        gathered = dist.all_reduce_sum(torch.as_tensor(local)).numpy()
+        assert np.array_equal(gathered[mine], local[mine]), name
+        nll.append(gathered)
+        counts.append(dist.all_reduce_sum(torch.as_tensor(ledger.times_scored)).numpy())
+    out[name + "/nll"], out[name + "/times_scored"] = np.stack(nll), np.stack(counts)
+if dist.is_main():
+    np.savez(sys.argv[2], **out)
+dist.shutdown()
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_losses_up_to_p_ignore_every_later_token(tmp_path, stream):
+    """The causality tests above, under torchrun with 2 processes (gloo), at the same cut
+    points, every mode and warm-started A, in one launch: each target is scored exactly
+    once across the ranks, in the base run and in every perturbed one, and every loss up
+    to p (stream order; queue order for the document modes) is bit-identical to the base
+    run's, some later one not.
+
+    Why 2 processes: there the ranks split the scoring (windows, document batches) and
+    SGD all-reduces the gradient of blocks that each rank takes its share of, phases see
+    the documents every rank has scored, and warm-started A carries over a rank's own
+    earlier batches. A leak through the shared gradient, through which documents a phase
+    trains on, or through a rank's carried state would show here and not in 1 process.
+    Each rank's losses are gathered by an all-reduce in float64 of its own losses and
+    zeros elsewhere, which leaves each fp32 loss exact (the script checks it). Checked
+    by mutation: rank 1 training on blocks one chunk later (a future leak through the
+    gradient all-reduce), or a phase counting a round's documents as scored one batch per
+    rank early, fails here while the 1-process tests pass."""
+    import os
+    import subprocess
+
+    script = tmp_path / "causal.py"
+    script.write_text(TWO_PROCESS_CAUSAL_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script), str(root), str(tmp_path / "out.npz")], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz")
+    for name, (mode, _) in CAUSAL_CASES.items():
+        cuts = _cuts(mode, stream)
+        nll, counts = out[name + "/nll"], out[name + "/times_scored"]
+        assert len(nll) == len(counts) == 1 + len(cuts)
+        for times_scored in counts:
+            assert times_scored[0] == 0 and (times_scored[1:] == 1).all(), name
+        for cut, after in zip(cuts, nll[1:]):
+            _assert_causal(f"{name} on 2 processes", cut, nll[0], after)
 
 
 def test_rounds_end_at_every_phase_whatever_the_world_size():
