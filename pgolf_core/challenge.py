@@ -7,7 +7,7 @@ snapshot), GPTQ's calibration inside that launch, scored on the fixed validation
 (the first 50,000 FineWeb documents). A run that differs in any of these is still
 useful, but its seconds are not the challenge's: they are reported as they were
 measured and read as a projection. The rules live here as data, one place, so the train
-stage and `verify` agree on them.
+stage and `verify` agree on them, with the projection's model beside them.
 """
 
 from __future__ import annotations
@@ -59,3 +59,20 @@ def not_a_challenge_run(cfg: TrainConfig, *, world_size: int, device_name: str, 
         where = f" ({data_source['repo']})" if data_source.get("repo") else ""
         reasons.append(f"documents from {data_source.get('source')!r}{where}, not the challenge's FineWeb")
     return reasons
+
+
+def projected_train_plus_calib_seconds(*, tokens: int, tokens_per_second_per_gpu: float, calib_seconds: float,
+                                       device_name: str) -> tuple[float | None, str]:
+    """(seconds, model): what this run's training and calibration would take on the
+    challenge's 8 H100s, and how that figure was made. The model: the run's `tokens` at
+    its measured per-process rate times 8 processes, with no cost of communication (so a
+    lower bound for a run of fewer processes), plus its calibration as measured (each
+    rank calibrates on its own batches, so 8 ranks take as long as one). Only an H100's
+    rate carries over; on any other device the figure is None and the model says why."""
+    if not is_h100_class(device_name):
+        return None, (f"none: device {device_name!r} is not an H100, so its rate says nothing of the challenge's "
+                      "8xH100 seconds")
+    seconds = tokens / (WORLD_SIZE * tokens_per_second_per_gpu) + calib_seconds
+    return seconds, (f"{tokens:,} tokens at this run's {tokens_per_second_per_gpu:,.0f} tokens/s per process x "
+                     f"{WORLD_SIZE} processes, no communication cost (a lower bound), + calibration "
+                     f"{calib_seconds:.1f} s as measured")

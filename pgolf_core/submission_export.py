@@ -343,8 +343,13 @@ def _readme(name: str, params: dict, results: dict, requirements: list[str], fil
     challenge = r["challenge_run"]
     reasons = "; ".join(r["not_a_challenge_run"])
     challenge_text = ("yes" if challenge else f"no ({reasons or 'see the train metrics'}): the time figures are "
-                      "measurements on this machine, not the challenge's 8xH100 launch: read them as projections") \
+                      "measurements on this machine, not the challenge's 8xH100 launch (projections: training and "
+                      "evaluation rows)") \
         if challenge is not None else "not recorded by this run's train metrics"
+    projected = r["projected_train_seconds"]
+    model = r["train_projection_model"] or "not recorded by this run's train metrics"
+    train_projection = (f"{projected:.1f} s projected on 8xH100 ({model})" if projected is not None else
+                        f"no 8xH100 projection ({model})")
     return f"""# {name}
 
 {r['blurb']}
@@ -365,7 +370,7 @@ writes the artifact `final_model.pgolf`, reads it back and scores it; it imports
 | val_bpb (`{r['final_mode']}`) | {r['val_bpb']:.8f} |
 | val_loss (nats per token) | {r['val_loss']:.8f} |
 | artifact bytes | {r['bytes_total']:,} = {r['bytes_code']:,} script + {r['bytes_model']:,} model |
-| training | {r['steps']} steps, {r['train_seconds']:.1f} s + calibration {r['calib_seconds']:.1f} s |
+| training | {r['steps']} steps, {r['train_seconds']:.1f} s + calibration {r['calib_seconds']:.1f} s measured; {train_projection} |
 | evaluation (`{r['final_mode']}`) | {r['eval_seconds']:.1f} s measured, {r['projected_eval_seconds']:.1f} s projected on 8xH100 |
 | processes, device | {r['world_size']} x {r['hardware']} |
 | seed | {r['seed']} |
@@ -473,6 +478,8 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
                "bytes_total": total, "bytes_code": script.bytes, "bytes_model": len(blob),
                "steps": train_metrics.get("steps", 0), "train_seconds": train_metrics["train_seconds"],
                "calib_seconds": train_metrics["calib_seconds"],
+               "projected_train_seconds": train_metrics.get("projected_8xh100_train_plus_calib_seconds"),
+               "train_projection_model": train_metrics.get("projection_model_8xh100", ""),
                "eval_seconds": eval_metrics.get(f"eval_seconds_{final}", float("nan")),
                "projected_eval_seconds": eval_metrics["projected_8xh100_seconds"], "world_size": world,
                "hardware": hardware, "seed": seed, "challenge_run": train_metrics.get("challenge_run"),

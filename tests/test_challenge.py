@@ -54,3 +54,20 @@ def test_a_cpu_default_run_gives_every_reason_it_is_not_one():
                                             data_source={"source": "embedded", "repo": "", "challenge_data": False})
     assert len(reasons) == 7  # processes, device, mode, cap, resume, split, corpus
     assert reasons[3] == "train.schedule.max_wallclock_seconds 0 (no cap), not a cap of at most 600 s"
+
+
+def test_an_h100_runs_time_projects_to_8_processes_at_its_own_rate():
+    """1,000 steps of 786,432 tokens at 100,000 tokens/s per process: 8 processes would take
+    786,432,000 / 800,000 = 983.04 s, + 12.5 s of calibration."""
+    seconds, model = challenge.projected_train_plus_calib_seconds(
+        tokens=1_000 * 786_432, tokens_per_second_per_gpu=100_000.0, calib_seconds=12.5, device_name=H100)
+    assert seconds == pytest.approx(983.04 + 12.5, rel=1e-12)
+    assert "786,432,000 tokens at this run's 100,000 tokens/s per process x 8 processes" in model
+    assert "no communication cost (a lower bound)" in model and "calibration 12.5 s as measured" in model
+
+
+@pytest.mark.parametrize("device", ["cpu", "NVIDIA H200", "NVIDIA A100-SXM4-80GB"])
+def test_no_other_devices_rate_is_carried_to_the_h100(device):
+    seconds, model = challenge.projected_train_plus_calib_seconds(
+        tokens=1000, tokens_per_second_per_gpu=10.0, calib_seconds=1.0, device_name=device)
+    assert seconds is None and model.startswith(f"none: device {device!r} is not an H100")

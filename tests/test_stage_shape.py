@@ -224,8 +224,12 @@ def test_train_stage_on_the_cpu_is_not_a_challenge_run_and_says_why(tmp_path, sh
                        "a validation split of 3 documents, not the challenge's 50,000",
                        "shards without a record of their source (source.json): rerun tokenize"]  # calibrated, fresh
     (line,) = [line for line in result.summary if "challenge run" in line]
-    assert line == (f"train: not a challenge run ({'; '.join(reasons)}): its seconds are measurements on this "
-                    "machine, read as projections")
+    assert line == f"train: not a challenge run ({'; '.join(reasons)}): its seconds are measurements on this machine"
+    # no CPU rate is carried to the H100: no projected figure, and the label says why
+    labels = json.loads(io.provenance_path(tmp_path / "train").read_text())["labels"]
+    assert labels["projection_model_8xh100"].startswith("none: device 'cpu' is not an H100")
+    assert "projected_8xh100_train_plus_calib_seconds" not in written
+    assert any(line.startswith("train: projected on 8xH100: none: device 'cpu' is not an H100") for line in result.summary)
     assert result.metrics["calib_seconds"] > 0 and calibration.load_hessians(paths.hessians)
     uncalibrated = train.run(dataclasses.replace(cfg, calib_batches=0), paths)
     assert "no GPTQ calibration in the training launch (train.calib_batches is 0)" in \

@@ -456,3 +456,18 @@ def test_a_run_that_is_no_challenge_run_is_exported_with_its_seconds_as_measurem
     assert result["compliance"]["challenge_run"] is False and result["compliance"]["train_under_600s"] is False
     assert "| challenge run | no (1 process(es), not 8): the time figures are measurements on this machine" in \
         (out / "README.md").read_text()
+
+
+def test_the_readme_gives_the_training_projection_and_its_model(tmp_path, pipeline_run, tiny_script, shards,
+                                                                  tiny_tokenizer_dir):
+    """The train metrics' projection to 8xH100 and its model go to the README's training
+    row; a run on a device whose rate does not carry over says so instead of a figure."""
+    h100 = {"projected_8xh100_train_plus_calib_seconds": 1234.56, "projection_model_8xh100": "the model, stated"}
+    export(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, tmp_path / "h100", train=h100)
+    assert "calibration" in (row := next(line for line in (tmp_path / "h100" / "README.md").read_text().splitlines()
+                                         if line.startswith("| training |")))
+    assert row.endswith("measured; 1234.6 s projected on 8xH100 (the model, stated) |")
+    cpu = {"projection_model_8xh100": "none: device 'cpu' is not an H100"}
+    export(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, tmp_path / "cpu", train=cpu)
+    assert "measured; no 8xH100 projection (none: device 'cpu' is not an H100) |" in \
+        (tmp_path / "cpu" / "README.md").read_text()

@@ -108,14 +108,19 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
 
     result = train(cfg, model, stream, val_tokens, val_bytes, device, log, snapshots,
                    calibrate=calibrate if cfg.calib_batches else None)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     not_challenge = challenge.not_a_challenge_run(
-        cfg, world_size=dist.world_size(), resumed_from_step=result.resumed_from_step,
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        cfg, world_size=dist.world_size(), resumed_from_step=result.resumed_from_step, device_name=device_name,
         calibrated_in_launch=cfg.calib_batches > 0 and bool(collected),
         val_documents=int((val_tokens == BOS_ID).sum()), data_source=data.read_source(paths.shards))
-    # challenge_run is a figure of metrics.json; its reasons (a list) go to the provenance's labels
+    projected, projection_model = challenge.projected_train_plus_calib_seconds(
+        tokens=result.steps * cfg.batch_tokens, tokens_per_second_per_gpu=result.tokens_per_second_per_gpu,
+        calib_seconds=result.calib_seconds, device_name=device_name)
+    # challenge_run is a figure of metrics.json; its reasons (a list) and the projection's
+    # model (a string) go to the provenance's labels
     metrics = {**dataclasses.asdict(result), "num_params": num_params, "challenge_run": not not_challenge,
-               "not_a_challenge_run": not_challenge}
+               "not_a_challenge_run": not_challenge, "projection_model_8xh100": projection_model,
+               **({"projected_8xh100_train_plus_calib_seconds": projected} if projected is not None else {})}
     summary = []
     if live:
         checkpoint.save_model(paths.out, model)
@@ -138,7 +143,10 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
                        f"stage {time.perf_counter() - start:.1f} s")
         summary.append("train: a challenge run" if not not_challenge else
                        f"train: not a challenge run ({'; '.join(not_challenge)}): its seconds are measurements on "
-                       "this machine, read as projections")
+                       "this machine")
+        summary.append("train: projected on 8xH100: " + (f"{projected:.1f} s of training + calibration ("
+                                                         if projected is not None else "") + projection_model
+                       + (")" if projected is not None else ""))
         for warning in run_warnings(cfg, result):
             summary.append(f"train: WARNING: {warning}")
         for line in summary:
