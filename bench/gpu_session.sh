@@ -80,7 +80,13 @@ dev dev train_dev_run.json
 # non-overlapping windows only (at b440bab sliding damage was within 0.0001 of theirs; a sliding
 # window at stride 64 costs 32x the compute per token, and that run was cut at 420 s after GPTQ)
 part quantize quantize.json 420 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
-    --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants lqer fit --no-sliding
+    --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants lqer fit --no-sliding --no-lite
+# quantizesearch (after quantize, on its weights): GPTQ-lite beside RTN and GPTQ, and GPTQ with
+# SDClip's k searched per category within 15,950,000 bytes with code (one GPTQ and one pack per
+# candidate k; brotli only, the codec that won every group so far, to keep the packs short)
+part quantizesearch quantize_search.json 420 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
+    --workdir data/dev_run --reuse --layouts '' --variants search_bytes --no-sliding \
+    --set 'compressors=[brotli]' --out bench/results/quantize_search.json
 # evalspeed (after quantize, in a call of its own: each mode compiles its graphs in its warm-up):
 # the record's final mode first (a call cut by its limit keeps it), then sliding, on that GPTQ
 # artifact (ttt_sgd projected 420 s eager already),

@@ -112,6 +112,7 @@ def main() -> None:
                         help="comma-separated layouts packed alone from the GPTQ integers ('' = none)")
     parser.add_argument("--variants", nargs="*", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
                         help="Quantization II options scored on top of GPTQ (none listed: none)")
+    parser.add_argument("--no-lite", action="store_true", help="skip GPTQ-lite (one more pack and score)")
     parser.add_argument("--search-k", type=float, nargs="+", default=[10.0, 11.5, 13.0, 14.0, 16.0, 18.0],
                         help="variant search_bytes: the candidate SDClip k, chosen per category by least "
                              "calibration output error within --fit-bytes")
@@ -196,7 +197,7 @@ def main() -> None:
     # RTN and GPTQ alone, whatever Quantization II options the profile switches on: the
     # variants below add them one at a time
     alone = dataclasses.replace(quant_cfg, lqer_rank=0, gate_int8=False, prune_fraction=0.0, fit_bytes=0)
-    for method in ("rtn", "gptq_lite", "gptq"):
+    for method in ("rtn", *(() if args.no_lite else ("gptq_lite",)), "gptq"):
         start = time.perf_counter()
         if method == "gptq_lite":  # its own per-row percentile clips instead of the profile's grid
             qm = quantize_rtn(state, dataclasses.replace(alone, method=method, clip="percentile", sdclip_search=[],

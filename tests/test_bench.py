@@ -181,6 +181,10 @@ def test_every_gpu_session_part_calls_a_module_with_flags_and_settings_it_takes(
         elif "--profile" in args and name == "eval_speed":  # bench.eval_speed's --set names evaluate keys
             profile = config.read_profile(ROOT / args[args.index("--profile") + 1])
             config.build_section("evaluate", {**profile.get("evaluate", {}), **config.parse_assignments(settings)})
+        elif "--profile" in args and name == "quantize":  # bench.quantize's --set names quantize keys
+            profile = config.read_profile(ROOT / args[args.index("--profile") + 1])
+            config.build_section("quantize", config.merge_nested(profile.get("quantize", {}),
+                                                                 config.parse_assignments(settings)))
         elif "--profile" in args:
             profile = config.read_profile(ROOT / args[args.index("--profile") + 1])
             config.build_section("train", config.merge_nested(profile.get("train", {}), config.parse_assignments(settings)))
