@@ -56,7 +56,7 @@ def quantize_model(state: dict[str, torch.Tensor], cfg: QuantizeConfig, hessians
                 if c.method == "gptq" else quantize_rtn(pruned, c)
         return last[key]
 
-    def shipped(qm: QuantizedModel) -> QuantizedModel:
+    def shipped(qm: QuantizedModel) -> tuple[QuantizedModel, list]:  # what the artifact holds: + LQER
         return add_lqer(qm, state, cfg.lqer_rank, cfg.lqer_top_k) if cfg.lqer_rank else (qm, [])
 
     report: dict = {"lqer": []}
