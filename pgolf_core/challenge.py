@@ -72,6 +72,8 @@ def projected_train_plus_calib_seconds(*, tokens: int, tokens_per_second_per_gpu
     if not is_h100_class(device_name):
         return None, (f"none: device {device_name!r} is not an H100, so its rate says nothing of the challenge's "
                       "8xH100 seconds")
+    if tokens_per_second_per_gpu <= 0:
+        return None, "none: the run measured no training rate (no step was timed)"
     seconds = tokens / (WORLD_SIZE * tokens_per_second_per_gpu) + calib_seconds
     return seconds, (f"{tokens:,} tokens at this run's {tokens_per_second_per_gpu:,.0f} tokens/s per process x "
                      f"{WORLD_SIZE} processes, no communication cost (a lower bound), + calibration "

@@ -71,3 +71,9 @@ def test_no_other_devices_rate_is_carried_to_the_h100(device):
     seconds, model = challenge.projected_train_plus_calib_seconds(
         tokens=1000, tokens_per_second_per_gpu=10.0, calib_seconds=1.0, device_name=device)
     assert seconds is None and model.startswith(f"none: device {device!r} is not an H100")
+
+
+def test_a_run_without_a_timed_step_has_no_projection():
+    seconds, model = challenge.projected_train_plus_calib_seconds(
+        tokens=0, tokens_per_second_per_gpu=0.0, calib_seconds=1.0, device_name=H100)
+    assert seconds is None and model == "none: the run measured no training rate (no step was timed)"
