@@ -66,13 +66,18 @@ def test_switch_is_causal_and_every_parameter_learns(name):
 # below: numpy's savez_compressed of {"logits_<mode>": float32 (1, 16, 64), "idx_<mode>"}.
 # Regenerate only for a deliberate change of the default model, and say so in its commit.
 GOLDEN = Path(__file__).parent / "golden" / "model_before_seed_switches.npz"
+GOLDEN_TOLERANCE = 1e-5  # absolute, on logits of mean magnitude above 0.1 (see _model_before_switches)
 GOLDEN_FEATURES = dict(BASE, **RECORD, value_embed_layers=(4, 5), value_embed_dim=8, value_residual=True,
                        parallel_start=4)
 
 
 def _model_before_switches(mode: str) -> tuple[GPT, torch.Tensor]:
-    """The golden model and input: seeded init, perturbed, computed in float64 (so that the
-    float32 logits are the same on any CPU, whatever its matmul kernels' summation order)."""
+    """The golden model and input: seeded init, perturbed, computed in float64, so that
+    the matmuls' summation order does not move the float32 logits. They still move by
+    about one float32 step from machine to machine (2.4e-7 at most, in 749 of 1,024
+    logits, on the machine of 2026-12-05 against the one that wrote the file; the same
+    with ATen's default, AVX2 and AVX512 kernels): parts of the forward, such as the
+    rotary tables, are float32 whatever the model's dtype."""
     torch.manual_seed(0)
     model = perturbed(GPT(ModelConfig(**GOLDEN_FEATURES, parallel_mode=mode))).double()
     idx = torch.randint(2, 64, (1, 16))
@@ -81,10 +86,11 @@ def _model_before_switches(mode: str) -> tuple[GPT, torch.Tensor]:
 
 
 @pytest.mark.parametrize("mode", ["none", "merge", "routed"])
-def test_switches_off_build_the_model_from_before_the_switches_bit_for_bit(mode):
+def test_switches_off_build_the_model_from_before_the_switches(mode):
     """Every new field at its off value: no new parameter, and the logits of the model as
-    it was before the switches were added, to the bit (the reference tests pin the
-    formulas; the record profile's parameter count is pinned in test_profile.py)."""
+    it was before the switches were added, to within the float32 noise between machines
+    (the reference tests pin the formulas; the record profile's parameter count is pinned
+    in test_profile.py)."""
     golden = np.load(GOLDEN)
     model, idx = _model_before_switches(mode)
     assert not any(any(k in n for k in NEW_PARAMETERS) for n in model.state_dict())
@@ -92,8 +98,9 @@ def test_switches_off_build_the_model_from_before_the_switches_bit_for_bit(mode)
     with torch.no_grad():
         logits = model(idx)
     assert logits.dtype == torch.float32 and logits.abs().mean() > 0.1
-    assert torch.equal(logits, torch.from_numpy(golden[f"logits_{mode}"])), \
-        f"max difference {(logits - torch.from_numpy(golden[f'logits_{mode}'])).abs().max():g}"
+    # GOLDEN_TOLERANCE: 40 times the machines' spread; a change of the model's own arithmetic
+    # is far above it (the head's logits x (1 + 1e-4) move by up to 1.9e-4, and fail)
+    torch.testing.assert_close(logits, torch.from_numpy(golden[f"logits_{mode}"]), rtol=0, atol=GOLDEN_TOLERANCE)
 
 
 @pytest.mark.parametrize("feature, base", [(dict(bigram_buckets=32, bigram_dim=8), dict()),
