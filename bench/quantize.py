@@ -197,13 +197,13 @@ def main() -> None:
     # RTN and GPTQ alone, whatever Quantization II options the profile switches on: the
     # variants below add them one at a time
     alone = dataclasses.replace(quant_cfg, lqer_rank=0, gate_int8=False, prune_fraction=0.0, fit_bytes=0)
+    # GPTQ-lite takes its own per-row percentile clips instead of the profile's grid
+    lite = dataclasses.replace(alone, method="gptq_lite", clip="percentile", sdclip_search=[], sdclip_search_bytes=0)
+    quantizers = {"rtn": lambda: quantize_rtn(state, alone), "gptq_lite": lambda: quantize_rtn(state, lite),
+                  "gptq": lambda: quantize_gptq(state, hessians, alone, device)}
     for method in ("rtn", *(() if args.no_lite else ("gptq_lite",)), "gptq"):
         start = time.perf_counter()
-        if method == "gptq_lite":  # its own per-row percentile clips instead of the profile's grid
-            qm = quantize_rtn(state, dataclasses.replace(alone, method=method, clip="percentile", sdclip_search=[],
-                                                         sdclip_search_bytes=0))
-        else:
-            qm = quantize_gptq(state, hessians, alone, device) if method == "gptq" else quantize_rtn(state, alone)
+        qm = quantizers[method]()
         gptq_qm = qm  # the loop ends on gptq: the layouts below pack these integers
         measure(method, qm, time.perf_counter() - start, quant_cfg.compressors)
     lqer = {"lqer_rank": args.lqer_rank, "lqer_top_k": args.lqer_top_k}
