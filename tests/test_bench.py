@@ -15,6 +15,7 @@ from pgolf_core import config
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = {"device", "date", "command", "git_commit", "dirty"}
+EXPORT_AGREEMENT = 1e-8  # bpb; see test_export_smoke_run_on_cpu
 
 
 def run_module(module: str, *args: str) -> dict:
@@ -89,7 +90,11 @@ def test_export_smoke_run_on_cpu(tmp_path, embedded_docs):
                         str(tmp_path / "work"), "--steps", "2", "--batch-tokens", "8192", "--micro-batch-seqs", "16",
                         "--set", "evaluate.stride=256", "--out", str(out))
     assert HEADER <= set(result) and json.loads(out.read_text()) == result
-    assert result["val_bpb_script"] == result["val_bpb_pipeline"] and result["val_bpb_difference"] == 0.0
+    # The same code in two processes agrees to float32 reduction order, not bit for bit: on the
+    # CI machine the in-process side once came out 3.0e-10 bpb off the script's (equal here). A
+    # script that trained differently moves more: matrix_lr 0.0201 for 0.02 moves this run 7.9e-7.
+    assert abs(result["val_bpb_difference"]) < EXPORT_AGREEMENT
+    assert result["val_bpb_difference"] == result["val_bpb_script"] - result["val_bpb_pipeline"]
     assert result["artifact_bytes"] == result["script_bytes"] + result["model_bytes"]
 
 
