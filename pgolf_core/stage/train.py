@@ -144,9 +144,9 @@ def run(cfg: TrainConfig, paths: TrainPaths) -> StageResult:
         summary.append("train: a challenge run" if not not_challenge else
                        f"train: not a challenge run ({'; '.join(not_challenge)}): its seconds are measurements on "
                        "this machine")
-        summary.append("train: projected on 8xH100: " + (f"{projected:.1f} s of training + calibration ("
-                                                         if projected is not None else "") + projection_model
-                       + (")" if projected is not None else ""))
+        projection = projection_model if projected is None else \
+            f"{projected:.1f} s of training + calibration ({projection_model})"
+        summary.append(f"train: projected on 8xH100: {projection}")
         for warning in run_warnings(cfg, result):
             summary.append(f"train: WARNING: {warning}")
         for line in summary:
