@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU measurement of the trainer in one device call, run from the repository root.
 # Carry data/dev_run, built on any machine by
-# `python -m bench.train_dev_run --workdir data/dev_run --prepare-only`.
+# `python -m bench.train_dev_run --workdir data/dev_run --prepare-only`, and .carry/whl
+# (bench/NOTES.md has the command that fills it and each call's exact arguments).
 #   bash bench/gpu_session.sh [fusedmlp] [muon] [throughput] [A/B parts below] [dev runs below]
 # (default: throughput dev, about 8 minutes cold: each compiles the record step for about
 # 200 s; dev runs last, so a slow compile cuts it, not the throughput figures). The
@@ -38,6 +39,16 @@ part() {
     if [[ "$json" -nt "$mark" ]]; then cp "$json" "$OUT/"; else echo "no new result: $json"; fi
     rm -f "$mark"
 }
+# Wheels carried in .carry/whl (brotli, zstandard: the device machine has neither) go into the
+# interpreter's own site-packages where pip may write there, since the isolated run of the
+# exported script (`python -I`) ignores PYTHONPATH; else into /tmp/site on PYTHONPATH.
+if compgen -G ".carry/whl/*.whl" >/dev/null; then
+    pip_flags=(-q --no-index --no-deps --no-compile --no-cache-dir --upgrade)
+    python3 -m pip install "${pip_flags[@]}" --break-system-packages .carry/whl/*.whl 2>/dev/null \
+        || { python3 -m pip install "${pip_flags[@]}" --target /tmp/site .carry/whl/*.whl \
+             && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}; }
+    python3 -c "import brotli, zstandard; print('brotli', brotli.__version__, 'zstandard', zstandard.__version__)"
+fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 RECORD=profiles/record_8xh100.yaml
@@ -79,8 +90,20 @@ dev dev train_dev_run.json
 # GPTQ + LQER, and GPTQ alone against GPTQ + LQER + int8 gate pruned to 15,950,000 bytes with code;
 # non-overlapping windows only (at b440bab sliding damage was within 0.0001 of theirs; a sliding
 # window at stride 64 costs 32x the compute per token, and that run was cut at 420 s after GPTQ)
-part quantize quantize.json 420 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
-    --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants lqer fit --no-sliding --no-lite
+# The JSON is rewritten after every variant, so a cut keeps what was measured; fit first (the
+# profile's artifact, which the eval parts below read), LQER alone last.
+part quantize quantize.json 270 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
+    --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants fit lqer --no-sliding --no-lite
+# the record profile's artifact as the pipeline would pack it (GPTQ + LQER + int8 gate, pruned to fit),
+# or GPTQ alone where the quantize part was cut before it
+ARTIFACT=data/dev_run/model_gptq_lqer_gate_fit.bin
+[[ -f $ARTIFACT ]] || ARTIFACT=data/dev_run/model_gptq.bin
+# evaleager (in the quantize call): the record's final mode and sliding on that artifact, eager, over
+# the first 200,000 dev val tokens: the TTT gain on the record-size model, and the eager speed to set
+# against the b440bab figure (1,408 tok/s) and against evalspeed's compiled one
+part evaleager eval_speed_eager.json 200 python3 -m bench.eval_speed --profile $RECORD --device cuda \
+    --artifact $ARTIFACT --shards data/dev_run/shards_8192 --tokenizer data/dev_run/tokenizer_8192 \
+    --tokens 200000 --modes ttt_phased sliding --set compile=false --out bench/results/eval_speed_eager.json
 # quantizesearch (after quantize, on its weights): GPTQ-lite beside RTN and GPTQ, and GPTQ with
 # SDClip's k searched per category within 15,950,000 bytes with code (one GPTQ and one pack per
 # candidate k; brotli only, the codec that won every group so far, to keep the packs short)
@@ -88,18 +111,17 @@ part quantizesearch quantize_search.json 420 python3 -m bench.quantize --profile
     --workdir data/dev_run --reuse --layouts '' --variants search_bytes --no-sliding \
     --set 'compressors=[brotli]' --out bench/results/quantize_search.json
 # evalspeed (after quantize, in a call of its own: each mode compiles its graphs in its warm-up):
-# the record's final mode first (a call cut by its limit keeps it), then sliding, on that GPTQ
-# artifact (ttt_sgd projected 420 s eager already),
-# over the first 200,000 dev val tokens, compiled
-# as the record profile says: tokens/s, the 8xH100 projection and val_bpb of the slice
-part evalspeed eval_speed.json 540 python3 -m bench.eval_speed --profile $RECORD --device cuda \
-    --artifact data/dev_run/model_gptq.bin --shards data/dev_run/shards_8192 \
+# the record's final mode first (a call cut by its limit keeps it), then sliding, on that
+# artifact (ttt_sgd projected 420 s eager already), over the first 200,000 dev val tokens,
+# compiled as the record profile says: tokens/s, the 8xH100 projection and val_bpb of the slice
+part evalspeed eval_speed.json 300 python3 -m bench.eval_speed --profile $RECORD --device cuda \
+    --artifact $ARTIFACT --shards data/dev_run/shards_8192 \
     --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes ttt_phased sliding
 # evalspeedwhole (a call of its own): the final mode with the batch's 64 rows in one forward
 # (lora_group_rows 0); its peak_mem_mib says whether that fits an H100's 80 GB, so that the
 # record profile can drop its groups of 32 (bench/NOTES.md)
 part evalspeedwhole eval_speed_whole.json 540 python3 -m bench.eval_speed --profile $RECORD --device cuda \
-    --artifact data/dev_run/model_gptq.bin --shards data/dev_run/shards_8192 \
+    --artifact $ARTIFACT --shards data/dev_run/shards_8192 \
     --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes ttt_phased --set lora_group_rows=0 \
     --out bench/results/eval_speed_whole.json
 dev devdocmask train_dev_run_docmask.json --set model.doc_mask=true

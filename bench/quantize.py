@@ -28,7 +28,9 @@ round trip checks, so their val_bpb is GPTQ's, not re-scored). `--layouts ''` an
 
     python -m bench.quantize --profile profiles/record_1xh100.yaml --workdir data/dev_run --steps 70
 
-Writes bench/results/quantize.json (GPU runs; `--out` elsewhere).
+Writes bench/results/quantize.json (GPU runs; `--out` elsewhere), rewritten after every
+packed and scored variant with `"complete": false` until the last, so a device call cut by
+its time limit keeps what it measured (a cut at b440bab left only the log).
 """
 
 from __future__ import annotations
@@ -161,7 +163,35 @@ def main() -> None:
     script_cfg = config.build_section("script", overrides.get("script", {}))
     code_bytes = submission_export.build_script({"tokenize": tok_cfg, "train": profile_train, "quantize": quant_cfg,
                                                  "evaluate": eval_cfg, "script": script_cfg}).bytes
-    record = {"val_tokens": int(len(val)), **(run or {})}
+    reserve = config.build_section("train", config.read_profile(args.reserve_profile).get("train", {})) \
+        .schedule.calib_reserve_seconds
+    record = {**header(device.type), "val_tokens": int(len(val)), **(run or {})}
+    record.update({
+        "corpus": args.corpus + " (dev corpus, not FineWeb)",
+        "code_bytes": code_bytes,
+        "calib_reserve_seconds_target": reserve, "calib_reserve_profile": args.reserve_profile,
+        "calib_within_reserve": (run["calib_seconds"] <= reserve) if run else None,
+        "params": {"profile": args.profile, "quantize": dataclasses.asdict(quant_cfg), "train_steps": cfg.schedule.iterations,
+                   "batch_tokens": cfg.batch_tokens, "calib_batches": cfg.calib_batches,
+                   "calib_seqs": profile_train.micro_batch_seqs, "seq_len": cfg.seq_len, "ema_decay": 0.0},
+    })
+
+    def write(complete: bool) -> None:
+        """The record so far (GPU runs, or any run given --out); the derived figures once
+        both of their terms are measured."""
+        if "model_bytes_gptq" in record:
+            record["artifact_bytes_gptq"] = record["model_bytes_gptq"] + code_bytes
+            record["fits_target_gptq"] = record["artifact_bytes_gptq"] <= TARGET_ARTIFACT_BYTES
+        if "damage_gptq" in record and "damage_rtn" in record:
+            record["gptq_damage_over_rtn"] = record["damage_gptq"] / record["damage_rtn"] if record["damage_rtn"] else None
+        record.pop("complete", None)  # last in the file, where a reader looks for it
+        record["complete"] = complete
+        if complete:
+            print(json.dumps(record))
+        if device.type == "cuda" or args.out != parser.get_default("out"):
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+
     float_model = checkpoint.build_model(state, mcfg)
     for suffix, (window, stride) in windows.items():
         record[f"val_bpb_float{suffix}"] = score(float_model, val, val_bytes, device, window, stride,
@@ -193,6 +223,7 @@ def main() -> None:
             record[f"damage_{key}{suffix}"] = bpb - record[f"val_bpb_float{suffix}"]
             print(f"quantize bench: {key}{suffix} val_bpb {bpb:.5f} (float {record[f'val_bpb_float{suffix}']:.5f}), "
                   f"{record[f'model_bytes_{key}']:,} bytes, {seconds:.1f} s", flush=True)
+        write(complete=False)
 
     # RTN and GPTQ alone, whatever Quantization II options the profile switches on: the
     # variants below add them one at a time
@@ -256,27 +287,9 @@ def main() -> None:
             record[f"codec_per_group_{key}"] = report["compressor_per_group"]
             for suffix in windows:
                 record[f"val_bpb_{key}{suffix}"] = record[f"val_bpb_gptq{suffix}"]  # lossless: same weights
+            write(complete=False)
         record["best_layout"] = min(layouts, key=lambda x: record["model_bytes_gptq_" + x.replace("+", "_")])
-    record = {**header(device.type), **record}
-    reserve = config.build_section("train", config.read_profile(args.reserve_profile).get("train", {})) \
-        .schedule.calib_reserve_seconds
-    record.update({
-        "corpus": args.corpus + " (dev corpus, not FineWeb)",
-        "code_bytes": code_bytes,
-        "artifact_bytes_gptq": record["model_bytes_gptq"] + code_bytes,
-        "fits_target_gptq": record["model_bytes_gptq"] + code_bytes <= TARGET_ARTIFACT_BYTES,
-        "gptq_damage_over_rtn": record["damage_gptq"] / record["damage_rtn"] if record["damage_rtn"] else None,
-        "gptq_seconds": record["gptq_seconds"],
-        "calib_reserve_seconds_target": reserve, "calib_reserve_profile": args.reserve_profile,
-        "calib_within_reserve": (run["calib_seconds"] <= reserve) if run else None,
-        "params": {"profile": args.profile, "quantize": dataclasses.asdict(quant_cfg), "train_steps": cfg.schedule.iterations,
-                   "batch_tokens": cfg.batch_tokens, "calib_batches": cfg.calib_batches,
-                   "calib_seqs": profile_train.micro_batch_seqs, "seq_len": cfg.seq_len, "ema_decay": 0.0},
-    })
-    print(json.dumps(record))
-    if device.type == "cuda" or args.out != parser.get_default("out"):
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write(complete=True)
 
 
 if __name__ == "__main__":
