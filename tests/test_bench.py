@@ -94,8 +94,9 @@ def test_export_smoke_run_on_cpu(tmp_path, embedded_docs):
     # CI machine the in-process side once came out 3.0e-10 bpb off the script's (equal here). A
     # script that trained differently moves more: matrix_lr 0.0201 for 0.02 moves this run 7.9e-7.
     assert abs(result["val_bpb_difference"]) < EXPORT_AGREEMENT
-    assert result["val_bpb_difference"] == result["val_bpb_script"] - result["val_bpb_pipeline"]
-    assert result["artifact_bytes"] == result["script_bytes"] + result["model_bytes"]
+    assert result["val_bpb_difference"] == result["val_bpb_exported"] - result["val_bpb_pipeline"]
+    assert result["artifact_bytes"] == result["code_bytes"] + result["model_bytes"]
+    assert {"val_bpb_pipeline", "val_bpb_exported", "code_bytes", "steps", "profile"} <= set(result)  # DESIGN.md
 
 
 @pytest.mark.slow
