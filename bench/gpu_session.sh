@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the trainer in one device call, run from the repository root.
+# The GPU measurements, any set of parts per device call, run from the repository root.
 # Carry data/dev_run, built on any machine by
 # `python -m bench.train_dev_run --workdir data/dev_run --prepare-only`, and .carry/whl
 # (bench/NOTES.md has the command that fills it and each call's exact arguments).
