@@ -91,9 +91,11 @@ dev dev train_dev_run.json
 # non-overlapping windows only (at b440bab sliding damage was within 0.0001 of theirs; a sliding
 # window at stride 64 costs 32x the compute per token, and that run was cut at 420 s after GPTQ)
 # The JSON is rewritten after every variant, so a cut keeps what was measured; fit first (the
-# profile's artifact, which the eval parts below read), LQER alone last.
+# profile's artifact, which the eval parts below read), LQER alone last; then the record profile's
+# layouts one at a time (row is GPTQ's own pack), bytes per group: which layout wins which group.
 part quantize quantize.json 270 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
-    --workdir data/dev_run --steps 75 --layouts col+nn+shuffle --variants fit lqer --no-sliding --no-lite
+    --workdir data/dev_run --steps 75 --layouts row+shuffle,col+shuffle,col+nn+shuffle --variants fit lqer \
+    --no-sliding --no-lite
 # the record profile's artifact as the pipeline would pack it (GPTQ + LQER + int8 gate, pruned to fit),
 # or GPTQ alone where the quantize part was cut before it
 ARTIFACT=data/dev_run/model_gptq_lqer_gate_fit.bin

@@ -284,6 +284,7 @@ def main() -> None:
             if compare_exact(unpack_artifact(blob)[0], qm):
                 raise RuntimeError(f"layout {layout!r} did not round-trip the GPTQ integers")
             record[f"model_bytes_{key}"] = report["model_bytes"]
+            record[f"bytes_per_group_{key}"] = report["bytes_per_group"]  # which layout wins which group
             record[f"codec_per_group_{key}"] = report["compressor_per_group"]
             for suffix in windows:
                 record[f"val_bpb_{key}{suffix}"] = record[f"val_bpb_gptq{suffix}"]  # lossless: same weights
