@@ -56,9 +56,10 @@ part fusedmlp fused_mlp.json 200 python3 -m bench.fused_mlp
 part muon muon_shard.json 120 python3 -m bench.muon_shard --profile $RECORD  # the optimizer step, whole and one of 8 shares
 # the exported train_gpt.py alone against the pipeline's functions (issue 22): two compiles of the record step;
 # fit_bytes off: a 20-step model's artifact is over the cap and its search would repack it many times
-# (the quantize part measures fit_bytes); evaluation eager: its compile would add two more (evalspeed times it)
+# (the quantize part measures fit_bytes); evaluation eager: its compile would add two more (evalspeed times it);
+# row layout only: the profile's four layouts would add about 35 s of packing to each side
 part export export.json 560 python3 -m bench.export --profile $RECORD --workdir data/dev_run --steps 20 \
-    --set quantize.fit_bytes=0 --set evaluate.compile=false
+    --set quantize.fit_bytes=0 --set evaluate.compile=false --set 'quantize.layouts=[row]'
 part throughput train_throughput.json 280 python3 -m bench.train_throughput --profile $RECORD --trace "$OUT/trace.txt"
 part reference train_throughput_pr1477.json 280 python3 -m bench.train_throughput \
     --profile profiles/pr1477_8xh100.yaml --out bench/results/train_throughput_pr1477.json
