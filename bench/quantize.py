@@ -196,6 +196,7 @@ def main() -> None:
     for suffix, (window, stride) in windows.items():
         record[f"val_bpb_float{suffix}"] = score(float_model, val, val_bytes, device, window, stride,
                                                  verify_cfg.batch_seqs)
+    write(complete=False)  # the training run's figures and the float score, before any packing
 
     def measure(key: str, qm, seconds: float, compressors, fit_bytes: int = 0) -> None:
         """Pack `qm` as the stage packs it (row layout; to `fit_bytes` with the code when
