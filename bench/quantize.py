@@ -199,8 +199,9 @@ def main() -> None:
     write(complete=False)  # the training run's figures and the float score, before any packing
 
     def measure(key: str, qm, seconds: float, compressors, fit_bytes: int = 0) -> None:
-        """Pack `qm` as the stage packs it (row layout; to `fit_bytes` with the code when
-        given), reload it from the bytes and score it as verify does."""
+        """Pack `qm` with the stage's packer in the row layout only, whatever layouts the
+        profile lists (those are packed one at a time below), to `fit_bytes` with the code
+        when given; reload it from the bytes and score it as verify does."""
         record[f"{key}_seconds"] = seconds
         start = time.perf_counter()
         try:
