@@ -13,6 +13,9 @@ TTT's arithmetic does not depend on the weights). `ttt_phased`'s boundaries are 
 by the slice's share of the 50,000 validation documents, so its phases train the same
 share of tokens. The projection is `pgolf_core.eval.budget`'s model (stated in the
 JSON); the setup (model load, warm-up) is counted once, the loop scaled to the full set.
+That scaling is linear in tokens, but the document LoRA modes' work per token grows with
+document length (`lora_window_tokens`): the JSON's `mean_document_tokens` and
+`lora_window_tokens_per_target` say how the slice compares with FineWeb's documents.
 The JSON is rewritten after every mode (`"complete": false` until the last), so a call
 cut by its time limit keeps the modes it finished.
 
@@ -39,6 +42,7 @@ from bench.header import RESULTS, header
 from pgolf_core import artifact, checkpoint, config, data, tokenizer
 from pgolf_core.bpb import bits_per_byte, val_byte_counts
 from pgolf_core.eval import budget
+from pgolf_core.eval.lora import documents
 from pgolf_core.eval.run import prepare, score_mode, truncated
 from pgolf_core.graphs import compiled_graphs
 from pgolf_core.model import GPT
@@ -53,6 +57,22 @@ def synthetic_stream(num_tokens: int, vocab: int, bos: int, doc_len: float, seed
     tokens[rng.random(num_tokens) < 1.0 / doc_len] = bos
     tokens[0] = bos
     return tokens
+
+
+def lora_window_tokens(docs: list[tuple[int, int]], chunk_tokens: int, seq_len: int) -> int:
+    """Token positions the document LoRA loop forwards (and back-propagates) over `docs`:
+    each chunk of `chunk_tokens` targets is scored in a window of its document that ends at
+    the chunk's last target and holds at most `seq_len` tokens. Per target that grows with
+    the document's length (about n / 2K for n targets up to seq_len, seq_len / K beyond),
+    so a slice of longer documents than FineWeb's (mean about 811 tokens) costs more per
+    token than FineWeb would, and its linear projection overstates `ttt_lora` and
+    `ttt_phased`: the JSON carries this figure per target to read the projection by."""
+    total = 0
+    for start, end in docs:
+        targets = end - start
+        chunk_ends = np.minimum(np.arange(1, -(-targets // chunk_tokens) + 1) * chunk_tokens, targets)
+        total += int(np.minimum(chunk_ends, seq_len).sum())
+    return total
 
 
 def peak_mem_mib(device: torch.device) -> float:
@@ -117,6 +137,8 @@ def main() -> None:
         byte_counts[0] = 0
     tokens, byte_counts = truncated(cfg, tokens, byte_counts)
     docs = int((tokens == bos).sum())
+    spans = documents(tokens, bos)
+    window_tokens = lora_window_tokens(spans, cfg.lora_chunk_tokens, cfg.seq_len)
     share = docs / FINEWEB_VAL_DOCUMENTS
     scaled = sorted({max(1, round(b * share)) for b in cfg.phase_boundaries})
     cfg = dataclasses.replace(cfg, phase_boundaries=scaled)
@@ -161,6 +183,8 @@ def main() -> None:
         record.update({
             "projection_model": budget.PROJECTION_MODEL, "projected_tokens": FINEWEB_VAL_TOKENS,
             "timed_tokens": int(len(tokens) - 1), "timed_documents": docs, "phase_boundaries_scaled": scaled,
+            "mean_document_tokens": round((len(tokens) - 1) / len(spans), 1),
+            "lora_window_tokens_per_target": round(window_tokens / (len(tokens) - 1), 3),
             "per_mode": per_mode,
             "config": {"profile": args.profile, "model": args.artifact or args.model or "initialisation",
                        "tokens": "val shards" if args.shards else f"synthetic, mean document {args.doc_len}",

@@ -745,11 +745,17 @@ def test_eval_speed_smoke_run_on_cpu(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "eval_speed.json"
+    # a val shard of known documents (BOS = 1), 46 sequences of 32 plus one token
+    lengths = [300, 5, 17, 16, 33, 600, 1, 64, 437]
+    rng = np.random.default_rng(3)
+    stream = np.concatenate([np.r_[1, rng.integers(2, 1024, n - 1)] for n in lengths])
+    assert len(stream) == 46 * 32 + 1
+    data.write_split(tmp_path / "shards", "val", stream.astype(np.uint16), 10_000)
     run = subprocess.run([sys.executable, "-m", "bench.eval_speed", "--profile", "profiles/cpu.yaml", "--device", "cpu",
-                          "--tokens", "1500", "--modes", "ttt_phased", "ttt_sgd", "--set", "seq_len=32", "stride=16",
-                          "lora_rank=2", "lora_chunk_tokens=16", "ttt_chunk_tokens=512", "lora_batch_docs=1",
-                          "--doc-len", "200", "--out", str(out)], cwd=root, capture_output=True, text=True,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          "--shards", str(tmp_path / "shards"), "--tokens", "5000", "--modes", "ttt_phased", "ttt_sgd",
+                          "--set", "seq_len=32", "stride=16", "lora_rank=2", "lora_chunk_tokens=16",
+                          "ttt_chunk_tokens=512", "lora_batch_docs=1", "--out", str(out)],
+                         cwd=root, capture_output=True, text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result == json.loads(out.read_text()) and result["complete"]
@@ -758,3 +764,15 @@ def test_eval_speed_smoke_run_on_cpu(tmp_path):
         assert result[f"tokens_per_second_{mode}"] > 0 and result[f"projected_8xh100_seconds_{mode}"] > 0
         assert result["per_mode"][mode]["peak_mem_mib"] > 0
     assert result["phase_boundaries_scaled"] == [1]  # 833..2500 of 50,000 documents, for a handful
+    # the LoRA loop's window tokens, counted here chunk by chunk: a document's targets run to
+    # the next BOS (the last one to the stream's end), chunks of 16, windows of at most 32
+    starts = [i for i, t in enumerate(stream) if t == 1] + [len(stream) - 1]
+    window_tokens = 0
+    for first, last in zip(starts, starts[1:]):
+        scored = 0
+        while scored < last - first:
+            scored = min(scored + 16, last - first)
+            window_tokens += min(scored, 32)
+    assert result["timed_tokens"] == len(stream) - 1 and result["timed_documents"] == len(lengths)
+    assert result["mean_document_tokens"] == round((len(stream) - 1) / len(lengths), 1)
+    assert result["lora_window_tokens_per_target"] == round(window_tokens / (len(stream) - 1), 3)
