@@ -382,9 +382,15 @@ def test_compile_model_switches_inductors_mix_order_reductions(monkeypatch):
 
 
 def test_inductor_takes_the_options_torch_compile_is_given():
-    """Inductor's own check of option names and types (what torch.compile runs first),
-    for every option the run's switches can give."""
+    """Inductor's own check of option names and types, which torch.compile runs when it
+    is called (before any tracing), for every option the run's switches can give. Through
+    torch.compile itself: its private wrapper's signature differs between the GPU
+    machine's torch 2.11 and CI's 2.13."""
     cfg = train_config({"compile_mode": "max-autotune-no-cudagraphs", "compile_tune_kernels": True,
                         "compile_mix_order_reduction": False}).runtime
     options = inductor_options(cfg)
-    assert torch._TorchCompileInductorWrapper(None, options, False, None).config == options
+    assert options["coordinate_descent_tuning"] is True and options["max_autotune"] is True
+    torch.compile(torch.nn.Identity(), options=options)
+    for wrong in ({**options, "coordinate_descent_tuning": "yes"}, {**options, "no_such_option": True}):
+        with pytest.raises(RuntimeError, match="Unexpected"):  # the check this test relies on
+            torch.compile(torch.nn.Identity(), options=wrong)

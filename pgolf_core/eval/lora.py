@@ -133,6 +133,22 @@ def count_slots(model, weights: list[torch.nn.Parameter], device) -> dict[int, i
     return counter.calls
 
 
+def _keys_of(entries: list, weight: torch.nn.Parameter) -> list:
+    """The key list of `weight`'s entry in `entries`, a new one if it has none."""
+    for known, keys in entries:
+        if known is weight:
+            return keys
+    entries.append((weight, []))
+    return entries[-1][1]
+
+
+def _keys_at(entries: list, weight) -> list:
+    for known, keys in entries:
+        if weight is known:
+            return keys
+    return []
+
+
 class LoraMode(TorchFunctionMode):
     """Adds each document's adapter output to every adapted F.linear of the forward.
     `adapters[key] = (A, B)`, A (docs, slots, r, in), B (docs, slots, out, r): batch row i
@@ -147,14 +163,18 @@ class LoraMode(TorchFunctionMode):
         self.adapters, self.scale = adapters, scale
         self.active = adapters
         self.calls = dict.fromkeys(adapters, 0)
-        self.sinks: dict[int, list] = {}
-        self.sources: dict[int, list] = {}
+        # (weight, the adapter keys of its calls), found in __torch_function__ by identity
+        # (`is`), never by id(): torch 2.11's dynamo (the GPU machine's) cannot take the
+        # id() of a tensor the forward computes (the attention gate's cast weight), which
+        # broke the compiled graph there and rebuilt its pieces inside the timed loop
+        self.sinks: list[tuple[torch.nn.Parameter, list]] = []
+        self.sources: list[tuple[torch.nn.Parameter, list]] = []
         for site in sites:
             if site.key in adapters:
-                self.sinks.setdefault(id(site.sink), []).append(site.key)
+                _keys_of(self.sinks, site.sink).append(site.key)
                 if site.source is not site.sink:
-                    self.sources.setdefault(id(site.source), []).append(site.key)
-        self.side_keys = {key for keys in self.sources.values() for key in keys}
+                    _keys_of(self.sources, site.source).append(site.key)
+        self.side_keys = {key for _, keys in self.sources for key in keys}
         self.held: dict = {}
 
     def restart(self, rows: int | None = None, first: int = 0) -> None:
@@ -175,10 +195,10 @@ class LoraMode(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func is not F.linear:
             return out
-        weight = id(_linear_weight(args, kwargs))
-        for key in self.sources.get(weight, ()):
+        weight = _linear_weight(args, kwargs)
+        for key in _keys_at(self.sources, weight):
             self.held[key] = args[0]
-        for key in self.sinks.get(weight, ()):
+        for key in _keys_at(self.sinks, weight):
             A, B = self.active[key]
             slot = self.calls[key]
             if slot >= A.size(1):
