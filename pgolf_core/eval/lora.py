@@ -133,20 +133,22 @@ def count_slots(model, weights: list[torch.nn.Parameter], device) -> dict[int, i
     return counter.calls
 
 
-def _keys_of(entries: list, weight: torch.nn.Parameter) -> list:
-    """The key list of `weight`'s entry in `entries`, a new one if it has none."""
-    for known, keys in entries:
-        if known is weight:
-            return keys
-    entries.append((weight, []))
-    return entries[-1][1]
-
-
-def _keys_at(entries: list, weight) -> list:
+def _keys_at(entries: list, weight) -> list | None:
+    """The adapter keys of `weight`'s entry in `entries` ((weight, keys) pairs), found
+    by identity; None when it has none."""
     for known, keys in entries:
         if weight is known:
             return keys
-    return []
+    return None
+
+
+def _keys_of(entries: list, weight: torch.nn.Parameter) -> list:
+    """`weight`'s key list in `entries`, a new entry if it has none."""
+    keys = _keys_at(entries, weight)
+    if keys is None:
+        keys = []
+        entries.append((weight, keys))
+    return keys
 
 
 class LoraMode(TorchFunctionMode):
@@ -196,9 +198,9 @@ class LoraMode(TorchFunctionMode):
         if func is not F.linear:
             return out
         weight = _linear_weight(args, kwargs)
-        for key in _keys_at(self.sources, weight):
+        for key in _keys_at(self.sources, weight) or ():
             self.held[key] = args[0]
-        for key in _keys_at(self.sinks, weight):
+        for key in _keys_at(self.sinks, weight) or ():
             A, B = self.active[key]
             slot = self.calls[key]
             if slot >= A.size(1):
