@@ -21,13 +21,15 @@ that has already imported `pgolf_core`. The profile's hyperparameters are a lite
 **Shipped form.** `minify` drops docstrings, comments, blank lines and the annotations
 nothing reads at run time through `ast` (`ast.unparse`) and indents by one space, and
 checks that the result parses to the same AST as the source after those removals (a
-module that reads `__doc__` keeps its docstrings). `self_extracting` wraps a script as
-`exec(<decompress>(<payload>))`, the payload xz, raw LZMA2 or zlib in base85 (whichever
-is smallest), or raw LZMA2 as a latin-1 string literal in a file that declares that
-encoding (`script.payload`: about 1.02 bytes per compressed byte where base85 spends
-1.25); it runs in the wrapper's own globals, so `__name__` is the wrapper's and the
-main block runs exactly when the wrapper is run as a script. `shipped_script` returns
-the smaller of the minified and the self-extracting script as the file's bytes
+module that reads `__doc__` keeps its docstrings). The minified bundle then loses the
+module-level functions and classes nothing in it references (`drop_unreferenced`).
+`self_extracting` wraps a script as `exec(<decompress>(<payload>))`, the payload xz,
+raw LZMA2, zlib or (where the script imports brotli anyway) brotli in base85, whichever
+is smallest, or raw LZMA2 or brotli as a latin-1 string literal in a file that declares
+that encoding (`script.payload`: about 1.02 bytes per compressed byte where base85
+spends 1.25); it runs in the wrapper's own globals, so `__name__` is the wrapper's and
+the main block runs exactly when the wrapper is run as a script. `shipped_script`
+returns the smaller of the minified and the self-extracting script as the file's bytes
 (`Shipped.data`, what `code_bytes` charges) and says which.
 
 **Isolation.** This venv has `pgolf_core` installed editable: setuptools' `.pth` file
@@ -58,6 +60,8 @@ import zlib
 from dataclasses import dataclass
 from importlib.util import decode_source
 from pathlib import Path
+
+import brotli as brotli_codec
 
 ROOT_PACKAGE = "pgolf_core"
 SOURCE_ROOT = Path(__file__).resolve().parent.parent  # the checkout whose pgolf_core is bundled
@@ -158,6 +162,27 @@ def _unbundled_imports(name: str, is_package: bool, tree: ast.Module, bundled) -
         if (SOURCE_ROOT / rel).with_suffix(".py").is_file() or (SOURCE_ROOT / rel / "__init__.py").is_file():
             missing.append(module)
     return sorted(set(missing))
+
+
+def load_imports(tree: ast.Module) -> tuple[set[str], set[str]]:
+    """(top-level packages a module imports when it is imported, those it imports only
+    inside functions or under a try: optional paths, e.g. Triton kernels, PyYAML)."""
+    required, optional = set(), set()
+
+    def visit(node: ast.AST, guarded: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = guarded or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.Try))
+            names = []
+            if isinstance(child, ast.Import):
+                names = [alias.name for alias in child.names]
+            elif isinstance(child, ast.ImportFrom) and not child.level and child.module:
+                names = [child.module]
+            for name in names:
+                (optional if inner else required).add(name.partition(".")[0])
+            visit(child, inner)
+
+    visit(tree, False)
+    return required, optional - required
 
 
 # --- minification -------------------------------------------------------------------
@@ -291,6 +316,106 @@ def minify(source: str) -> str:
     return text + "\n" if text else ""
 
 
+# --- dropping what the script never references ---------------------------------------
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Decorators that only wrap or describe the function or class they decorate: a def so
+# decorated does nothing at definition time that anything could observe once nothing
+# references it. Any other decorator may register it (`register_fake`, `custom_op`), so
+# its def is always kept.
+_PURE_DECORATORS = frozenset({"dataclass", "dataclasses.dataclass", "functools.cache", "functools.lru_cache",
+                              "functools.cached_property", "contextlib.contextmanager", "torch.no_grad"})
+
+
+def _words(node: ast.AST) -> dict[str, int]:
+    """How often each identifier occurs in `node`: names, attributes, keyword
+    arguments, imported names and every identifier-like word of its string constants
+    (a name looked up by `getattr(x, "name")` counts)."""
+    counts: dict[str, int] = {}
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.Name):
+            found = [sub.id]
+        elif isinstance(sub, ast.Attribute):
+            found = [sub.attr]
+        elif isinstance(sub, ast.keyword):
+            found = [sub.arg] if sub.arg else []
+        elif isinstance(sub, ast.alias):
+            found = sub.name.split(".") + ([sub.asname] if sub.asname else [])
+        elif isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+            found = _WORD.findall(sub.value)
+        else:
+            continue
+        for word in found:
+            counts[word] = counts.get(word, 0) + 1
+    return counts
+
+
+def _droppable(node: ast.stmt) -> bool:
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("__"):
+        return False
+    for decorator in node.decorator_list:
+        target = decorator.func if isinstance(decorator, ast.Call) else decorator
+        if ast.unparse(target) not in _PURE_DECORATORS:
+            return False
+    return True
+
+
+def _looks_up_globals(tree: ast.Module) -> bool:
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("globals", "vars")
+                and not node.args):
+            return True
+        if isinstance(node, ast.ImportFrom) and any(alias.name == "*" for alias in node.names):
+            return True
+    return any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__" for node in tree.body)
+
+
+def drop_unreferenced(sources: dict[str, str], also_read: str = "") -> tuple[dict[str, str], list[str]]:
+    """(`sources` without the module-level functions and classes nothing references,
+    the dropped ones as `module.name`). A def counts as referenced when its name occurs
+    as an identifier anywhere in the bundle outside its own body, or as a word in a
+    string constant there or in `also_read` (the script's own code: its main call and
+    baked settings); repeated until nothing more drops, so what only dropped code used
+    goes too. Kept whatever the count: dunder names and defs with a decorator that may
+    register them (`_PURE_DECORATORS` lists the others). Why: the bundle ships the
+    modules the entry imports whole, and about 5 % of their minified text is functions
+    only the stages call (provenance, tokenizer training, profile merging). Code that
+    finds a global by a computed name (`globals()`, `vars()`, a module `__getattr__`,
+    `import *`) would defeat the count, so a bundle with any of them drops nothing."""
+    trees = {name: ast.parse(text) for name, text in sources.items()}
+    if any(_looks_up_globals(tree) for tree in trees.values()):
+        return dict(sources), []
+    outside = {}
+    for word in _WORD.findall(also_read):
+        outside[word] = outside.get(word, 0) + 1
+    dropped: list[str] = []
+    while True:
+        total = dict(outside)
+        for tree in trees.values():
+            for word, count in _words(tree).items():
+                total[word] = total.get(word, 0) + count
+        before = len(dropped)
+        for name, tree in trees.items():
+            kept = []
+            for node in tree.body:
+                if _droppable(node) and total.get(node.name, 0) == _words(node).get(node.name, 0):
+                    dropped.append(f"{name}.{node.name}")
+                else:
+                    kept.append(node)
+            tree.body = kept or [ast.Pass()]
+        if len(dropped) == before:
+            break
+    out = {}
+    for name, text in sources.items():
+        if not any(d.rpartition(".")[0] == name for d in dropped):
+            out[name] = text
+            continue
+        unparsed = ast.unparse(trees[name])
+        compact = _compact_lines(unparsed)
+        out[name] = (compact if ast.dump(ast.parse(compact)) == ast.dump(ast.parse(unparsed)) else unparsed) + "\n"
+    return out, dropped
+
+
 # --- the bundle ---------------------------------------------------------------------
 
 _BOOTSTRAP = '''\
@@ -379,7 +504,8 @@ def _main_block(main_call: str) -> str:
 
 
 def _render(entries: tuple[str, ...], traced: dict[str, tuple[bool, Path]], main_call: str,
-            baked: dict | None, minified: bool, left_out: tuple[str, ...] = ()) -> str:
+            baked: dict | None, minified: bool, left_out: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """(the script, the defs `drop_unreferenced` dropped: none unless `minified`)."""
     sources, problems = {}, []
     for name, (is_package, path) in traced.items():
         text = decode_source(path.read_bytes())
@@ -390,12 +516,20 @@ def _render(entries: tuple[str, ...], traced: dict[str, tuple[bool, Path]], main
     if problems:
         raise ValueError("bundled modules import unbundled ones (inside functions, which tracing misses): "
                          + "; ".join(problems) + ". Add them to the entry modules.")
+    baked_text, dropped = _baked_literal(baked), []
+    if minified:
+        sources, dropped = _drop_from_bundle(sources, main_call + "\n" + baked_text)
     items = "".join(f"    {name!r}: ({pkg!r}, {src!r}),\n" for name, (pkg, src) in sources.items())
     script = _BOOTSTRAP.format(count=len(sources), root=ROOT_PACKAGE, entries=", ".join(entries),
                                sources=items, roots=(ROOT_PACKAGE,), prefix=FILENAME_PREFIX,
-                               baked=_baked_literal(baked))
+                               baked=baked_text)
     script += _main_block(main_call)
-    return minify(script) if minified else script
+    return (minify(script) if minified else script), dropped
+
+
+def _drop_from_bundle(sources: dict[str, tuple[bool, str]], also_read: str):
+    texts, dropped = drop_unreferenced({name: text for name, (_, text) in sources.items()}, also_read)
+    return {name: (is_package, texts[name]) for name, (is_package, _) in sources.items()}, dropped
 
 
 def _prepare(entry_modules, main_module: str, main_call: str | None):
@@ -420,7 +554,7 @@ def bundle_source(entry_modules: tuple[str, ...], main_module: str, main_call: s
     this script never takes that path (training's fused kernels when switched off); an
     import of one still fails, by name."""
     entries, traced, main_call = _prepare(entry_modules, main_module, main_call)
-    return _render(entries, traced, main_call, baked, minified, left_out)
+    return _render(entries, traced, main_call, baked, minified, left_out)[0]
 
 
 # --- compression and the shipped form ------------------------------------------------
@@ -459,19 +593,25 @@ def latin1_literal(payload: bytes) -> str:
     return '"' + "".join(chars) + '"'
 
 
-def self_extracting(source: str, payload: str = "base85") -> bytes:
+def self_extracting(source: str, payload: str = "base85", brotli: bool = False) -> bytes:
     """The bytes of a tiny script that decompresses `source` and runs it in its own
     globals (so its `if __name__ == "__main__":` block runs exactly when this script is
     run as one). `payload` (`script.payload`): "base85", the smallest of xz, raw LZMA2 and
     zlib in base85 (an ASCII file); "latin1", raw LZMA2 as a latin-1 str literal in a file
     that declares `coding: latin-1` (PEP 263, which Python honours wherever it reads
-    source: run, runpy, import)."""
+    source: run, runpy, import). `brotli`: brotli 11 is a candidate too (both payloads),
+    for a script that imports the `brotli` package anyway, so that the wrapper adds no
+    requirement; on pgolf's bundle it is about 2.4 % smaller than raw LZMA2."""
     data = source.encode("utf-8")
     raw = _raw_lzma2(data)
     raw_call = 'L.FORMAT_RAW,None,[{"id":L.FILTER_LZMA2}]'
+    packed_brotli = brotli_codec.compress(data, quality=11, lgwin=24) if brotli else None
     # The payload on a line of its own: a traceback quotes only the line of the exec call.
     if payload == "latin1":
-        return f'#coding:latin-1\nimport lzma as L\nexec(L.decompress(\n{latin1_literal(raw)}.encode("latin-1"),{raw_call}))\n'.encode("latin-1")
+        candidates = [f'#coding:latin-1\nimport lzma as L\nexec(L.decompress(\n{latin1_literal(raw)}.encode("latin-1"),{raw_call}))\n']
+        if packed_brotli is not None:
+            candidates.append(f'#coding:latin-1\nimport brotli as R\nexec(R.decompress(\n{latin1_literal(packed_brotli)}.encode("latin-1")))\n')
+        return min(candidates, key=len).encode("latin-1")
     if payload != "base85":
         raise ValueError(f"script.payload={payload!r}: must be 'base85' or 'latin1'")
 
@@ -483,6 +623,8 @@ def self_extracting(source: str, payload: str = "base85") -> bytes:
         f'import lzma as L,base64 as B\nexec(L.decompress(B.b85decode(\n"{b85(raw)}"),{raw_call}))\n',
         f'import zlib as Z,base64 as B\nexec(Z.decompress(B.b85decode(\n"{b85(zlib.compress(data, 9))}")))\n',
     ]
+    if packed_brotli is not None:
+        candidates.append(f'import brotli as R,base64 as B\nexec(R.decompress(B.b85decode(\n"{b85(packed_brotli)}")))\n')
     return min(candidates, key=len).encode("ascii")
 
 
@@ -490,23 +632,25 @@ def self_extracting(source: str, payload: str = "base85") -> bytes:
 class Shipped:
     """The script as shipped (`data`: the file's bytes, what `code_bytes` charges), which
     form won ("minified" or "self-extracting"), the bytes of each form ("plain": the
-    readable bundle, "minified", "self_extracting") and the modules it holds."""
+    readable bundle, "minified", "self_extracting"), the modules it holds and the
+    unreferenced defs left out of them (`module.name`, `drop_unreferenced`)."""
 
     data: bytes
     form: str
     sizes: dict
     modules: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
 
     @property
     def bytes(self) -> int:
         return len(self.data)
 
 
-def smaller_form(minified_source: str, payload: str = "base85") -> tuple[bytes, str]:
+def smaller_form(minified_source: str, payload: str = "base85", brotli: bool = False) -> tuple[bytes, str]:
     """(the script's bytes, form): `minified_source` itself (UTF-8) or its
-    self-extracting wrapper with that `payload`, whichever is smaller (the minified text
-    on a tie: it stays readable)."""
-    packed = self_extracting(minified_source, payload)
+    self-extracting wrapper with that `payload` and `brotli` choice, whichever is
+    smaller (the minified text on a tie: it stays readable)."""
+    packed = self_extracting(minified_source, payload, brotli)
     if len(packed) < script_bytes(minified_source):
         return packed, "self-extracting"
     return minified_source.encode("utf-8"), "minified"
@@ -517,12 +661,13 @@ def shipped_script(entry_modules: tuple[str, ...], main_module: str, main_call: 
     """The bundle (see `bundle_source`) as shipped: the smaller of its minified and
     self-extracting forms, with the bytes of every form."""
     entries, traced, main_call = _prepare(entry_modules, main_module, main_call)
-    plain = _render(entries, traced, main_call, baked, minified=False, left_out=left_out)
-    small = _render(entries, traced, main_call, baked, minified=True, left_out=left_out)
-    data, form = smaller_form(small, payload)
-    packed = len(data) if form == "self-extracting" else len(self_extracting(small, payload))  # compress once
+    plain, _ = _render(entries, traced, main_call, baked, minified=False, left_out=left_out)
+    small, dropped = _render(entries, traced, main_call, baked, minified=True, left_out=left_out)
+    brotli = any("brotli" in load_imports(ast.parse(path.read_bytes()))[0] for _, path in traced.values())
+    data, form = smaller_form(small, payload, brotli)
+    packed = len(data) if form == "self-extracting" else len(self_extracting(small, payload, brotli))  # compress once
     sizes = {"plain": script_bytes(plain), "minified": script_bytes(small), "self_extracting": packed}
-    return Shipped(data=data, form=form, sizes=sizes, modules=tuple(traced))
+    return Shipped(data=data, form=form, sizes=sizes, modules=tuple(traced), dropped=tuple(dropped))
 
 
 # --- running in isolation -------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,13 @@ def export_shards(docs: Iterable[str], model_proto: bytes, directory: str | Path
         for split, batch in batches():
             consume(split, len(batch), _encode_batch(batch))
     else:
-        with ProcessPoolExecutor(num_workers, initializer=_init_worker, initargs=(model_proto, transform)) as pool:
+        # Spawned, not forked: the progress bar's monitor thread (and torch's threads, in a
+        # process that imported it) are running by now, and a fork copies whatever lock
+        # such a thread holds (Python 3.12 warns of the deadlock). A spawned worker imports
+        # this module afresh, about 0.15 s, once per export.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(model_proto, transform)) as pool:
             pending: list[tuple[str, int, Future]] = []
             for split, batch in batches():
                 pending.append((split, len(batch), pool.submit(_encode_batch, batch)))

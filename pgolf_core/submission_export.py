@@ -100,34 +100,13 @@ def _module_file(name: str) -> Path:
     return base / "__init__.py" if (base / "__init__.py").is_file() else base.with_suffix(".py")
 
 
-def _imports(tree: ast.Module) -> tuple[set[str], set[str]]:
-    """(top-level packages a module imports when it is imported, those it imports only
-    inside functions or under a try: optional paths, e.g. Triton kernels, PyYAML)."""
-    required, optional = set(), set()
-
-    def visit(node: ast.AST, guarded: bool) -> None:
-        for child in ast.iter_child_nodes(node):
-            inner = guarded or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.Try))
-            names = []
-            if isinstance(child, ast.Import):
-                names = [alias.name for alias in child.names]
-            elif isinstance(child, ast.ImportFrom) and not child.level and child.module:
-                names = [child.module]
-            for name in names:
-                (optional if inner else required).add(name.partition(".")[0])
-            visit(child, inner)
-
-    visit(tree, False)
-    return required, optional - required
-
-
 def script_requirements(entry_modules=(ENTRY_MODULE,)) -> tuple[list[str], list[str]]:
     """(requirements.txt lines `distribution==version` of what the bundled modules import
     when loaded, beyond the standard library, pgolf and torch/numpy; the distributions
     imported only on optional paths). Read from the traced modules' sources, never a list."""
     required, optional = set(), set()
     for name in bundle.traced_modules(tuple(entry_modules)):
-        req, opt = _imports(ast.parse(_module_file(name).read_text(encoding="utf-8")))
+        req, opt = bundle.load_imports(ast.parse(_module_file(name).read_text(encoding="utf-8")))
         required |= req
         optional |= opt
     skip = set(sys.stdlib_module_names) | {"__future__", bundle.ROOT_PACKAGE, *ALWAYS_PRESENT}

@@ -4,12 +4,14 @@
 import ast
 import dataclasses
 import json
+import lzma
 import os
 import runpy
 import subprocess
 import sys
 import textwrap
 
+import brotli
 import numpy as np
 import pytest
 import torch
@@ -331,6 +333,88 @@ def test_every_pgolf_core_module_minifies_to_the_same_ast():
         assert len(small) < len(source) or not source, path
 
 
+# --- dropping what nothing references -------------------------------------------------------
+
+DROP_A = '''
+import dataclasses
+import functools
+REGISTRY = {}
+def register(f):
+    REGISTRY[f.__name__] = f
+    return f
+def used(x):
+    return x + 1
+def unused(x):
+    return only_for_unused(x) * 2
+def only_for_unused(x):
+    return x
+def recursive_unused(n):
+    return 1 if n < 1 else n * recursive_unused(n - 1)
+def found_by_string(x):
+    return x
+def found_by_keyword(x):
+    return x
+@register
+def registered_unused():
+    return "registered"
+@dataclasses.dataclass(frozen=True)
+class UnusedRecord:
+    x: int = 0
+@functools.cache
+def cached_unused():
+    return 1
+def __unused_dunder__():
+    return 0
+class Base:
+    def method(self):
+        return found_by_keyword
+'''
+DROP_B = '''
+from mod_a import used, Base
+import mod_a
+def run():
+    return [used(1), getattr(mod_a, "found_by_string")(2), mod_a.REGISTRY["registered_unused"](), Base().method()(3)]
+def helper_the_main_call_names():
+    return "main"
+'''
+
+
+def test_drop_unreferenced_drops_exactly_what_nothing_references(tmp_path):
+    sources = {"mod_a": bundle.minify(DROP_A), "mod_b": bundle.minify(DROP_B)}
+    kept, dropped = bundle.drop_unreferenced(sources, "import mod_b\nmod_b.run(); mod_b.helper_the_main_call_names()")
+    # only_for_unused goes in the second round, once unused has gone
+    assert sorted(dropped) == ["mod_a.UnusedRecord", "mod_a.cached_unused", "mod_a.only_for_unused",
+                               "mod_a.recursive_unused", "mod_a.unused"]
+    assert kept["mod_b"] == sources["mod_b"]  # untouched modules stay as they were
+    names = lambda text: [n.name for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert names(kept["mod_a"]) == [n for n in names(sources["mod_a"]) if f"mod_a.{n}" not in dropped]
+    assert bundle.minify(kept["mod_a"]) == kept["mod_a"]  # still in the minified form
+    for name, text in kept.items():
+        (tmp_path / f"{name}.py").write_text(text, encoding="utf-8")
+    result = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, '.'); import mod_b; print(mod_b.run())"], cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[2, 2, 'registered', 3]"
+
+
+@pytest.mark.parametrize("dynamic", ["globals()['x']", "vars()['x']", "from mod_c import *",
+                                     "def __getattr__(name):\n return name"])
+def test_drop_unreferenced_drops_nothing_where_code_reads_globals_by_a_computed_name(dynamic):
+    sources = {"mod_a": "def unused():\n return 1\n", "mod_b": dynamic + "\n"}
+    assert bundle.drop_unreferenced(sources) == (sources, [])
+
+
+def test_the_shipped_script_drops_only_defs_that_exist_and_never_the_entry(scripts):
+    _, shipped = scripts
+    assert shipped.dropped, "the stages' helpers (provenance, tokenizer training) are not in the script's path"
+    for qualified in shipped.dropped:
+        module, _, name = qualified.rpartition(".")
+        path = bundle.SOURCE_ROOT.joinpath(*module.split(".")).with_suffix(".py")
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        assert name in [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], qualified
+    assert not any(d.startswith("pgolf_core.model.") and d.endswith((".GPT", ".ModelConfig")) for d in shipped.dropped)
+
+
 @pytest.mark.parametrize("payload", ["base85", "latin1"])
 def test_self_extracting_runs_like_the_source(tmp_path, payload):
     source = bundle.minify(SAMPLE) + textwrap.dedent('''
@@ -355,6 +439,36 @@ def test_self_extracting_runs_like_the_source(tmp_path, payload):
     assert "exec(" in failed.stderr and len(failed.stderr) < 1000  # the payload is not quoted
     namespace = runpy.run_path(str(tmp_path / "packed.py"), run_name="imported")  # not __main__: no main block
     assert namespace["label"](0) == "two\nlines"
+
+
+@pytest.mark.parametrize("payload", ["base85", "latin1"])
+def test_brotli_wraps_the_script_only_when_asked_and_smaller(tmp_path, payload):
+    source = bundle.minify((bundle.SOURCE_ROOT / "pgolf_core" / "config.py").read_text(encoding="utf-8"))
+    source += 'if __name__ == "__main__":\n print(sorted(SECTIONS))\n'
+    data = source.encode("utf-8")
+    raw_lzma = lzma.compress(data, format=lzma.FORMAT_RAW,
+                             filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    assert len(brotli.compress(data, quality=11, lgwin=24)) < 0.99 * len(raw_lzma)  # the case this test is about
+    without, with_brotli = bundle.self_extracting(source, payload), bundle.self_extracting(source, payload, brotli=True)
+    assert b"brotli" not in without and b"import brotli as R" in with_brotli
+    assert len(with_brotli) < len(without)
+    plain = tmp_path / "plain.py"
+    plain.write_text(source, encoding="utf-8")
+    expected = subprocess.run([sys.executable, "-I", str(plain)], capture_output=True, text=True)
+    assert expected.returncode == 0 and "'train'" in expected.stdout, expected.stderr
+    for name, packed in (("without.py", without), ("with.py", with_brotli)):
+        (tmp_path / name).write_bytes(packed)
+        run = subprocess.run([sys.executable, "-I", "-W", "error", name], cwd=tmp_path, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout == expected.stdout
+
+
+def test_the_shipped_wrapper_uses_brotli_only_where_the_bundle_imports_it():
+    model_only = bundle.shipped_script(("pgolf_core.model",), "pgolf_core.model", "print(1)")
+    assert "pgolf_core.compress" not in model_only.modules
+    assert b"brotli" not in model_only.data
+    with_compress = bundle.shipped_script(("pgolf_core.model", "pgolf_core.compress"), "pgolf_core.model", "print(1)")
+    assert with_compress.data.startswith(b"import brotli as R")
 
 
 def test_latin1_literal_carries_every_byte_value(tmp_path):

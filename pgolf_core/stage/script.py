@@ -37,5 +37,7 @@ def run(cfg: dict, paths: ScriptPaths) -> StageResult:
     modules = list(shipped.modules)
     summary = [f"script: {paths.out} {shipped.bytes:,} bytes ({shipped.form}; {shipped.sizes['plain']:,} readable, "
                f"{shipped.sizes['minified']:,} minified), {len(modules)} modules"
-               + (f", left out: {', '.join(left_out)}" if left_out else "")]
-    return StageResult(metrics, provenance={"bundled_modules": modules}, summary=summary)
+               + (f", left out: {', '.join(left_out)}" if left_out else "")
+               + f"; {len(shipped.dropped)} functions and classes nothing in it calls dropped"]
+    return StageResult(metrics, provenance={"bundled_modules": modules, "dropped_defs": list(shipped.dropped)},
+                       summary=summary)
