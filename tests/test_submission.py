@@ -205,6 +205,56 @@ def test_eval_only_rescores_the_artifact(script_run, pipeline_run):
     assert "step:" not in rescored.stdout and "train" not in summary
 
 
+# The record profile as baked (every record switch: XSA, a loop, routed lanes, gates, GPTQ with
+# SDClip, LQER, the int8 gate, four layouts, fit_bytes; phased TTT final), with the device,
+# compile, schedule and evaluation batching a CPU can run; the environment shrinks the model.
+RECORD_BAKED = config.merge_nested(config.read_profile(ROOT / "profiles" / "record_8xh100.yaml"), {
+    "train": {"runtime": {"device": "cpu", "compile": False, "val_every": 0}, "micro_batch_seqs": 2,
+              "schedule": {"mode": "steps", "max_wallclock_seconds": 0.0, "calib_reserve_seconds": 0.0}},
+    "quantize": {"passthrough_max_numel": 512},  # else this model's matrices would all pass through as fp16
+    "evaluate": {"modes": ["ttt_phased"], "compile": False, "batch_seqs": 4, "lora_batch_docs": 6,
+                 "lora_group_rows": 3, "phase_boundaries": [3, 6], "ttt_chunk_tokens": 256, "max_eval_seconds": 0.0}})
+RECORD_ENV = {"VOCAB_SIZE": str(TINY_VOCAB), "NUM_LAYERS": "4", "MODEL_DIM": "32", "NUM_HEADS": "2",
+              "NUM_KV_HEADS": "1", "MLP_MULT": "2", "LOOP_START": "1", "LOOP_END": "2", "PARALLEL_START_LAYER": "3",
+              "XSA_LAST_N": "4", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "256", "ITERATIONS": "3",
+              "GPTQ_CALIB_BATCHES": "1", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "32", "SEED": "5", "RUN_ID": "record"}
+
+
+def test_the_record_profiles_script_scores_its_artifact_as_the_pipeline_does(tmp_path, shards, tiny_tokenizer_dir):
+    """The record profile's script, alone, trains and scores in phased TTT; the pipeline's
+    `evaluate`, in this process, gives the same val_bpb on the artifact it wrote, and the
+    eval-only entry gives it again. Guards every record-only path of the shipped script
+    (with its unreferenced defs dropped) against a name the bundle lost."""
+    params = configs(RECORD_BAKED)
+    shipped = submission_export.build_script(params)
+    assert shipped.dropped
+    script = tmp_path / "train_gpt.py"
+    script.write_bytes(shipped.data)
+    env = clean_env(DATA_PATH=str(shards), TOKENIZER_PATH=str(tiny_tokenizer_dir / tokenizer.MODEL_FILE),
+                    **RECORD_ENV)
+    trained = bundle.run_isolated(script, env=env, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    line = final_line(trained)
+    assert line["mode"] == "ttt_phased" and line["code_bytes"] == shipped.bytes
+    blob = (tmp_path / submission.ARTIFACT_NAME).read_bytes()
+    sp = tokenizer.load_tokenizer(tiny_tokenizer_dir)
+    val = data.load_split(shards, "val", sp.vocab_size())
+    val_bytes = val_byte_counts(sp, shards, val)
+    eval_cfg = dataclasses.replace(params["evaluate"], seq_len=64, stride=32)
+    reference = evaluate(eval_cfg, lambda: artifact.load_model(tmp_path / submission.ARTIFACT_NAME), val, val_bytes,
+                         torch.device("cpu"))
+    assert reference["val_bpb"] == reference["val_bpb_ttt_phased"]
+    summary = json.loads((tmp_path / submission.SUMMARY_NAME).read_text())
+    assert summary["val_bpb"] == pytest.approx(reference["val_bpb"], abs=1e-6, rel=0)
+    rescored = bundle.run_isolated(script, env={**env, "EVAL_ONLY": "1",
+                                                "ARTIFACT_PATH": str(tmp_path / submission.ARTIFACT_NAME)}, timeout=900)
+    assert rescored.returncode == 0, rescored.stderr[-4000:]
+    assert final_line(rescored)["val_bpb"] == pytest.approx(line["val_bpb"], abs=1e-6, rel=0)
+    assert len(blob) == line["model_bytes"]
+    packed = summary["quantize"]
+    assert packed["method"] == "gptq" and {"attention", "mlp", "embedding"} <= set(packed["bytes_per_group"])
+
+
 # --- settings from the environment -------------------------------------------------------------
 
 
