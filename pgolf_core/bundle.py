@@ -57,6 +57,7 @@ import subprocess
 import sys
 import tokenize
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from importlib.util import decode_source
 from pathlib import Path
@@ -327,11 +328,11 @@ _PURE_DECORATORS = frozenset({"dataclass", "dataclasses.dataclass", "functools.c
                               "functools.cached_property", "contextlib.contextmanager", "torch.no_grad"})
 
 
-def _words(node: ast.AST) -> dict[str, int]:
+def _words(node: ast.AST) -> Counter:
     """How often each identifier occurs in `node`: names, attributes, keyword
     arguments, imported names and every identifier-like word of its string constants
     (a name looked up by `getattr(x, "name")` counts)."""
-    counts: dict[str, int] = {}
+    counts = Counter()
     for sub in ast.walk(node):
         if isinstance(sub, ast.Name):
             found = [sub.id]
@@ -345,8 +346,7 @@ def _words(node: ast.AST) -> dict[str, int]:
             found = _WORD.findall(sub.value)
         else:
             continue
-        for word in found:
-            counts[word] = counts.get(word, 0) + 1
+        counts.update(found)
     return counts
 
 
@@ -385,35 +385,26 @@ def drop_unreferenced(sources: dict[str, str], also_read: str = "") -> tuple[dic
     trees = {name: ast.parse(text) for name, text in sources.items()}
     if any(_looks_up_globals(tree) for tree in trees.values()):
         return dict(sources), []
-    outside = {}
-    for word in _WORD.findall(also_read):
-        outside[word] = outside.get(word, 0) + 1
+    outside = Counter(_WORD.findall(also_read))
     dropped: list[str] = []
     while True:
-        total = dict(outside)
+        total = outside.copy()
         for tree in trees.values():
-            for word, count in _words(tree).items():
-                total[word] = total.get(word, 0) + count
+            total.update(_words(tree))
         before = len(dropped)
         for name, tree in trees.items():
             kept = []
             for node in tree.body:
-                if _droppable(node) and total.get(node.name, 0) == _words(node).get(node.name, 0):
+                if _droppable(node) and total[node.name] == _words(node)[node.name]:
                     dropped.append(f"{name}.{node.name}")
                 else:
                     kept.append(node)
             tree.body = kept or [ast.Pass()]
         if len(dropped) == before:
             break
-    out = {}
-    for name, text in sources.items():
-        if not any(d.rpartition(".")[0] == name for d in dropped):
-            out[name] = text
-            continue
-        unparsed = ast.unparse(trees[name])
-        compact = _compact_lines(unparsed)
-        out[name] = (compact if ast.dump(ast.parse(compact)) == ast.dump(ast.parse(unparsed)) else unparsed) + "\n"
-    return out, dropped
+    changed = {qualified.rpartition(".")[0] for qualified in dropped}
+    return {name: minify(ast.unparse(trees[name])) if name in changed else text
+            for name, text in sources.items()}, dropped
 
 
 # --- the bundle ---------------------------------------------------------------------
