@@ -79,6 +79,19 @@ def test_a_low_rank_error_is_mostly_removed():
     assert left < 0.6  # a 2-bit A and 4-bit B keep most of an exactly rank-4 error
 
 
+def test_a_correction_that_lowers_no_error_is_not_stored():
+    """Weights exactly on their grid leave an error of zero: every correction is fitted,
+    lowers nothing, and is dropped; the tensors stay the ones quantization made."""
+    state = random_state(seed=3)
+    qm = quantize_rtn(state, CFG)
+    on_grid = {name: dequantize_tensor(t).to(state[name].dtype) if t.kind == "int8" else state[name]
+               for name, t in qm.tensors.items()}
+    fixed, report = add_lqer(qm, on_grid, rank=4, top_k=2)
+    assert len(report) == 2 and not any(r["kept"] for r in report)
+    assert all(r["error_before"] == r["error_after"] == 0.0 for r in report)
+    assert all(fixed.tensors[name] is t for name, t in qm.tensors.items())
+
+
 def test_factors_round_trip_exactly_through_artifact_and_reference(corrected, tmp_path):
     _, _, fixed, _ = corrected
     blob, report = pack_artifact(fixed, MODEL_CONFIG, ["zlib", "zstd"])

@@ -27,13 +27,15 @@ def test_magnitude_pruning_removes_exactly_the_fraction(fraction):
     assert torch.equal(out[~zeroed], w[~zeroed])
 
 
-def test_prune_state_touches_only_quantized_matrices():
+@pytest.mark.parametrize("passthrough", [100, 40])  # at 40 the gate (48 entries) is large enough, and still kept
+def test_prune_state_touches_only_quantized_matrices(passthrough):
     state = random_state()
-    pruned = prune_state(state, 0.1, passthrough_max_numel=100)
+    pruned = prune_state(state, 0.1, passthrough_max_numel=passthrough)
     for name, t in state.items():
-        quantized = t.ndim == 2 and t.numel() > 100 and not name.endswith(".gate")
+        quantized = t.ndim == 2 and t.numel() > passthrough and not name.endswith(".gate")
         assert int((pruned[name] == 0).sum()) == (round(0.1 * t.numel()) if quantized else 0), name
-    qm, _ = quantize_model(state, QuantizeConfig(prune_fraction=0.1, passthrough_max_numel=100))
+    assert pruned["blocks.0.attn.gate"] is state["blocks.0.attn.gate"]
+    qm, _ = quantize_model(state, QuantizeConfig(prune_fraction=0.1, passthrough_max_numel=passthrough))
     q = qm.tensors["blocks.0.mlp.fc.weight"].q
     assert int((q == 0).sum()) >= round(0.1 * q.numel())
 

@@ -4,6 +4,7 @@ reference, and the budget. CPU, fp32, tiny models."""
 
 import dataclasses
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -352,6 +353,118 @@ def test_a_batch_forwards_only_its_unfinished_documents_and_each_as_if_alone():
     with pytest.raises(ValueError, match="longest first"):
         score_batch(model, DocumentLora(model, cfg, CPU), 0, docs[::-1], stream_t, bytes_t,
                     torch.zeros(3, dtype=torch.float64), rows=3, device=CPU, autocast_dtype=None, ledger=None)
+
+
+@pytest.mark.parametrize("mode", DOC_MODES)
+def test_without_learning_each_chunk_is_scored_on_the_last_seq_len_tokens_of_its_document(mode):
+    """With both learning rates 0, B stays 0 and the weights stay put, so every target's
+    loss is the plain model's on its chunk's window: the inputs of its own document, at
+    most `seq_len` of them, ending at the chunk's last target. Recomputed here window by
+    window in float64, documents found from the BOS tokens; documents of 61 and 38
+    targets with windows of 24 make most windows start inside their document."""
+    tokens = np.random.default_rng(12).integers(BOS + 1, 64, 140)
+    tokens[[0, 61, 99, 120]] = BOS
+    cfg = dataclasses.replace(EVAL, lora_lr=0.0, phase_lr=0.0, phase_boundaries=[2])
+    ledger = Ledger(len(tokens))
+    score_mode(mode, _model(ModelConfig(**RECORD_LIKE)).double(), tokens, _bytes(tokens), cfg, device=CPU,
+               ledger=ledger)
+    plain = _model(ModelConfig(**RECORD_LIKE)).double()
+    K, L = cfg.lora_chunk_tokens, cfg.seq_len
+    starts = [i for i, t in enumerate(tokens) if t == BOS]
+    expected = np.full(len(tokens), np.nan)
+    for s, e in zip(starts, starts[1:] + [len(tokens) - 1]):  # targets s+1..e, the next BOS the last
+        for first in range(s, e, K):
+            end = min(first + K, e)
+            w = max(s, end - L)
+            window = torch.as_tensor(tokens[w : end + 1])
+            with torch.no_grad():
+                logp = torch.log_softmax(plain(window[None, :-1])[0].double(), dim=-1)
+            nll = -logp[torch.arange(end - w), window[1:]]
+            expected[first + 1 : end + 1] = nll[first - w :].numpy()
+    assert (ledger.times_scored[1:] == 1).all()
+    np.testing.assert_allclose(ledger.nll[1:], expected[1:], rtol=2e-6, atol=0)
+
+
+def test_a_documents_last_chunk_is_scored_and_never_stepped_on():
+    """The step after a chunk is for the document's later chunks: a batch whose documents
+    all fit one chunk takes no optimizer step at all, and one with a document of two
+    chunks takes exactly one (with warm-started A a step after the last chunk would still
+    reach the next batch)."""
+    cfg = dataclasses.replace(EVAL, lora_chunk_tokens=7, lora_warm_start_a=True)
+    for bos, steps in (([0, 7, 14], 0), ([0, 12, 17], 1)):  # targets 7, 7, 5 / 12, 5, 2
+        tokens = np.random.default_rng(4).integers(BOS + 1, 64, 20)
+        tokens[bos] = BOS
+        docs = queue_order(documents(tokens, BOS))
+        stream_t, bytes_t = stream_tensors(tokens, _bytes(tokens))
+        model = _model(ModelConfig(**RECORD_LIKE))
+        lora = DocumentLora(model, cfg, CPU)
+        score_batch(model, lora, 0, docs, stream_t, bytes_t, torch.zeros(3, dtype=torch.float64), rows=3,
+                    device=CPU, autocast_dtype=None, ledger=None)
+        taken = {int(state["step"]) for state in lora.opt.state.values()}
+        assert taken == (set() if steps == 0 else {steps}), bos
+
+
+@pytest.mark.parametrize("warm_start_a", [True, False])
+def test_warm_started_a_is_the_previous_batchs_trained_a(warm_start_a):
+    """`lora_warm_start_a`: a batch starts from the A the previous batch ended with (B
+    at zero); without it every batch draws its own A."""
+    model = _model(ModelConfig(**RECORD_LIKE))
+    cfg = dataclasses.replace(EVAL, lora_warm_start_a=warm_start_a)
+    lora = _lora(model, cfg, 3)
+    with torch.no_grad():
+        for a, b in lora.mode.adapters.values():  # as if trained
+            a.add_(0.25)
+            b.add_(0.5)
+    trained = {key: a.detach().clone() for key, (a, _) in lora.mode.adapters.items()}
+    lora.end_batch()
+    lora.fresh(1, 3)
+    for key, (a, b) in lora.mode.adapters.items():
+        assert torch.equal(a, trained[key]) == warm_start_a, key
+        assert not b.any() and a.requires_grad and b.requires_grad
+
+
+def test_sgd_steps_are_plain_momentum_sgd_on_the_batch_mean_with_clipping_and_frozen_blocks():
+    """SGDTrainer against a plain float64 loop written here: each global batch of
+    `batch_seqs` blocks (of unequal lengths; the trainer pads them) gives the mean NLL
+    over the batch's targets; the gradient's norm is clipped to `grad_clip` (small here,
+    so every step clips); then v <- m v + g, p <- p - lr v; the first block's
+    parameters never move and take gradients again after `restore`."""
+    cfg = ModelConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                      bos_id=BOS)
+    model, ref = _model(cfg).double(), _model(cfg).double()
+    tokens = torch.as_tensor(_stream(120, 64, seed=5))
+    blocks = span_blocks(0, 50, 16) + span_blocks(60, 119, 16)  # 16, 16, 16, 2, 16, 16, 16, 11 targets
+    lr, momentum, clip, epochs, batch = 0.1, 0.9, 0.05, 2, 3
+    trainer = SGDTrainer(model, momentum=momentum, grad_clip=clip, freeze_blocks=1, batch_seqs=batch, device=CPU,
+                         autocast_dtype=None, rank=0, world_size=1)
+    trainer.train(tokens, blocks, lr=lr, epochs=epochs)
+    trainer.restore()
+
+    frozen = {id(p) for p in ref.blocks[0].parameters()}
+    params = [p for p in ref.parameters() if id(p) not in frozen]
+    velocity, clipped = [None] * len(params), []
+    ref.train()
+    for _ in range(epochs):
+        for i in range(0, len(blocks), batch):
+            loss = 0.0
+            for blk in blocks[i : i + batch]:
+                window = tokens[blk.start : blk.start + blk.length + 1]
+                logits = ref(window[None, :-1])[0].double()
+                loss = loss - torch.log_softmax(logits, dim=-1)[torch.arange(blk.length), window[1:]].sum()
+            grads = torch.autograd.grad(loss / sum(blk.length for blk in blocks[i : i + batch]), params)
+            norm = math.sqrt(sum(float((g * g).sum()) for g in grads))
+            factor = min(1.0, clip / (norm + 1e-6))
+            clipped.append(factor < 1.0)
+            with torch.no_grad():
+                for k, (p, g) in enumerate(zip(params, grads)):
+                    velocity[k] = g * factor if velocity[k] is None else momentum * velocity[k] + g * factor
+                    p -= lr * velocity[k]
+    assert all(clipped) and len(clipped) == epochs * 3
+    untouched = _model(cfg).double()
+    for (name, got), want, before in zip(model.named_parameters(), ref.parameters(), untouched.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8, msg=name)
+        assert torch.equal(got, before) == name.startswith("blocks.0."), name
+        assert got.requires_grad, name
 
 
 def test_row_groups_partition_the_rows_in_balanced_groups_of_two_or_more():
