@@ -70,13 +70,16 @@ def test_first_attention_input_matches_float64(tmp_path):
     assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_autocast_hessian_sums_what_the_linear_map_multiplies(tmp_path):
+@pytest.mark.parametrize("layer", ["mlp.down", "attn.q"])  # its input under autocast: bf16 already / float32
+def test_autocast_hessian_sums_what_the_linear_map_multiplies(tmp_path, layer):
     """Under bf16 autocast the linear map multiplies bf16(x): H is the float32 sum of
-    those products, against float64 on inputs captured by a hook of the test's own."""
+    those products, against float64 on inputs captured by a hook of the test's own.
+    The attention's input comes from a float32 norm, so there the rounding is the hook's."""
     model = _model(num_loops=1, loop_start=1, loop_end=1)
     stream = data.TokenStream(data.list_shards(_shards(tmp_path), "train"), VOCAB)
     seen = []
-    handle = model.blocks[1].mlp.down.register_forward_pre_hook(
+    module = model.blocks[1].get_submodule(layer)
+    handle = module.register_forward_pre_hook(
         lambda module, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.bfloat16)))
     cal = calibration.collect_hessians(model, stream, batches=2, seqs=2, seq_len=16, device=torch.device("cpu"),
                                        autocast_dtype=torch.bfloat16)
@@ -84,7 +87,7 @@ def test_autocast_hessian_sums_what_the_linear_map_multiplies(tmp_path):
     assert len(seen) == 4  # 2 batches x 2 passes of the looped layer
     x = torch.cat(seen).double().numpy()
     want = x.T @ x / len(x)
-    got = cal.hessians["blocks.1.mlp.down.weight"]
+    got = cal.hessians[f"blocks.1.{layer}.weight"]
     assert got.dtype == torch.float32
     assert np.allclose(got.double().numpy(), want, rtol=1e-5, atol=1e-7)
 

@@ -1,5 +1,6 @@
 """Laws of per-row RTN: error bound, fp16-exact scales, routing, refusal of bad weights."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,35 @@ def test_scales_are_fp16_and_dequant_uses_them_exactly():
     assert ((scale.float() - ideal).abs() <= ideal * 2**-10).all()  # nearest fp16
     qm = quantize_rtn({"m": w}, QuantizeConfig(bits=CategoryBits(attention=6, mlp=6, embedding=6, other=6), clip_percentile=99.9, passthrough_max_numel=16))
     assert torch.equal(dequantize(qm)["m"], q.float() * scale.float()[:, None])
+
+
+@pytest.mark.parametrize("bits", [5, 6, 8])
+def test_scales_are_the_nearest_fp16_moved_up_only_where_the_clip_would_escape(bits):
+    """A float64/numpy reference: s = fp16(clip / qmax), one fp16 step up exactly where
+    (qmax + 1/2) s < clip (clamped values would then dequantize more than s/2 away)."""
+    rng = np.random.default_rng(bits)
+    clip = np.concatenate([rng.uniform(1e-3, 4.0, 4000), rng.uniform(1e-6, 1e-4, 1000)]).astype(np.float32)
+    qmax = 2 ** (bits - 1) - 1
+    want = (clip.astype(np.float64) / qmax).astype(np.float16)
+    escapes = want.astype(np.float64) * (qmax + 0.5) < clip.astype(np.float64)
+    want[escapes] = np.nextafter(want[escapes], np.float16(np.inf))
+    got = row_scales(torch.from_numpy(clip), bits)
+    assert got.dtype == torch.float16
+    assert np.array_equal(got.numpy(), want)
+    assert (got.double().numpy() * (qmax + 0.5) >= clip).all()
+
+
+def test_sdclip_gives_a_nonzero_constant_row_its_own_value():
+    """A constant row has std 0, so k * std would clip it to nothing: it falls back to
+    its max |w| and dequantizes to within half a step of that constant."""
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(2)) * 0.05
+    w[3] = -0.07
+    qm = quantize_rtn({"m": w}, QuantizeConfig(bits=CategoryBits(attention=6, mlp=6, embedding=6, other=6),
+                                               clip="sdclip", passthrough_max_numel=16))
+    t = qm.tensors["m"]
+    step = float(t.scale[3])
+    assert 0 < step <= 0.07 / 31 * (1 + 2**-9)  # int6: 31 steps span the constant's magnitude
+    assert (dequantize(qm)["m"][3] - w[3]).abs().max() <= step / 2
 
 
 def test_zero_rows_get_scale_one_and_zero_integers():

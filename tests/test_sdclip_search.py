@@ -13,7 +13,7 @@ from pgolf_core.config import CategoryBits, CategoryClip, QuantizeConfig
 from pgolf_core.quant import category_of, dequantize
 from pgolf_core.quant.pipeline import quantize_model
 from pgolf_core.quant.rtn import quantize_rtn
-from pgolf_core.quant.sdclip_search import output_error
+from pgolf_core.quant.sdclip_search import least_error_within, output_error
 
 CANDIDATES = [1.0, 2.0, 4.0, 8.0, 30.0]
 CFG = QuantizeConfig(clip="sdclip", passthrough_max_numel=100, sdclip_search=CANDIDATES,
@@ -226,3 +226,32 @@ def test_the_stage_reports_the_search_and_lands_under_its_byte_target(tmp_path):
     assert set(fitted.metrics["sdclip_search_group_bytes"]["attention"]) == {"1", "3", "30"}
     assert fitted.metrics["sdclip_search_packs"] >= 4
     assert f"within {target:,} bytes with code" in "\n".join(fitted.summary)
+
+
+def test_least_error_within_is_the_brute_force_choice_under_the_budget():
+    """Random errors and sizes, every budget between the smallest and the largest sum: the
+    choice is the least summed error among combinations at most the budget and not
+    excluded (ties: fewer bytes, then larger k), checked against an enumeration here."""
+    rng = np.random.default_rng(8)
+    ks = [10.0, 11.5, 13.0, 16.0]
+    categories = ["attention", "embedding", "mlp"]
+    errors = {c: {k: float(rng.integers(1, 6)) for k in ks} for c in categories}  # small integers: ties occur
+    sizes = {c: {k: int(rng.integers(100, 200)) for k in ks} for c in categories}
+    combos = [dict(zip(categories, choice)) for choice in np.array(np.meshgrid(ks, ks, ks)).T.reshape(-1, 3).tolist()]
+
+    def brute(budget, excluded):
+        fits = [c for c in combos if sum(sizes[k][v] for k, v in c.items()) <= budget
+                and tuple(sorted(c.items())) not in excluded]
+        if not fits:
+            return None
+        return min(fits, key=lambda c: (sum(errors[k][v] for k, v in c.items()),
+                                        sum(sizes[k][v] for k, v in c.items()),
+                                        [-c[k] for k in categories]))
+
+    totals = sorted({sum(sizes[k][v] for k, v in c.items()) for c in combos})
+    for budget in range(totals[0] - 1, totals[-1] + 2, 7):
+        want = brute(budget, set())
+        assert least_error_within(errors, sizes, budget) == want, budget
+        if want is not None:
+            excluded = {tuple(sorted(want.items()))}
+            assert least_error_within(errors, sizes, budget, excluded) == brute(budget, excluded), budget
