@@ -220,6 +220,11 @@ def test_ttt_changes_the_scores_after_the_first_chunk_and_document(stream):
         np.testing.assert_allclose(lora.nll[s + 1 : end + 1], ref, rtol=1e-5, atol=1e-6)
 
 
+def test_the_queue_is_longest_first_and_ties_keep_stream_order():
+    docs = [(0, 5), (5, 9), (9, 14), (14, 18), (18, 30)]  # 5, 4, 5, 4 and 12 targets
+    assert queue_order(docs) == [(18, 30), (0, 5), (9, 14), (5, 9), (14, 18)]
+
+
 def test_documents_partition_the_targets():
     for tokens in (np.array([1, 5, 6, 1, 7, 1, 1, 8, 9]), np.array([5, 6, 1, 7, 8, 1]), np.array([4, 5, 6])):
         docs = documents(tokens, BOS)
@@ -230,12 +235,13 @@ def test_documents_partition_the_targets():
 
 
 def test_chunks_own_their_targets_and_the_lr_is_cosine():
-    length, windows = plan_windows(101, 16, 4)
-    groups = windows_by_chunk(windows, length, 101, 30)
-    assert len(groups) == 4 and sum(len(g) for g in groups) == len(windows)
-    for c, group in enumerate(groups):
-        for w in group:
-            assert c * 30 < w.start + length - w.num_scored + 1 <= (c + 1) * 30
+    length, windows = plan_windows(101, 16, 4)  # first scored targets 1, 17, 21, ..., 97
+    for size in (30, 29):  # 29: the window whose first target is 29 belongs to chunk 0, which owns target 29
+        groups = windows_by_chunk(windows, length, 101, size)
+        assert len(groups) == 4 and sum(len(g) for g in groups) == len(windows)
+        for c, group in enumerate(groups):
+            for w in group:
+                assert c * size < w.start + length - w.num_scored + 1 <= (c + 1) * size
     blocks = span_blocks(30, 60, 16)
     assert [(b.start, b.length) for b in blocks] == [(30, 16), (46, 14)]
     assert cosine_lr(1.0, 0, 5) == 1.0 and cosine_lr(1.0, 4, 5) == pytest.approx(0.0, abs=1e-15)
@@ -630,6 +636,55 @@ def test_the_last_chunk_is_never_trained_on_and_every_step_is_a_sync(stream, mon
     steps.clear()
     _, phased = _ledger("ttt_phased", stream)
     assert len(steps) > 0 and phased.syncs == len(steps) + 1
+
+
+def test_each_phase_trains_on_the_first_boundary_documents_of_the_queue_once_they_are_scored(stream, monkeypatch):
+    """ttt_phased, events in order: batches of 3 documents scored, and after the batch that
+    completes each boundary (3 and 6 of 10 documents; none after the last batch) one
+    global pass: the first `boundary` documents of the length-sorted queue, each cut in
+    blocks of at most seq_len targets, grouped in order into chunks of at least
+    ttt_chunk_tokens targets (the first chunk here is exactly 48: two blocks of 24), chunk c
+    of n at 0.5 phase_lr (1 + cos(pi c / n)), phase_epochs each. The queue and the cuts are
+    recomputed here from the BOS positions."""
+    import pgolf_core.eval.lora as lora_module
+
+    events = []
+    original_score = lora_module.score_batch
+
+    def score(model, lora, batch_index, docs, *args, **kwargs):
+        events.append(("score", batch_index))
+        return original_score(model, lora, batch_index, docs, *args, **kwargs)
+
+    def train(self, stream_, blocks, *, lr, epochs):
+        events.append(("train", [(b.start, b.length) for b in blocks], lr, epochs))
+
+    monkeypatch.setattr(lora_module, "score_batch", score)
+    monkeypatch.setattr(SGDTrainer, "train", train)
+    cfg = dataclasses.replace(EVAL, phase_boundaries=[3, 6], phase_epochs=2, phase_lr=0.3, ttt_chunk_tokens=48)
+    score_mode("ttt_phased", _model(ModelConfig(**RECORD_LIKE)), stream, _bytes(stream), cfg, device=CPU)
+
+    starts = [i for i, t in enumerate(stream) if t == BOS]
+    docs = list(zip(starts, starts[1:] + [len(stream) - 1]))
+    assert len(docs) == 10
+    queue = sorted(docs, key=lambda d: (d[0] - d[1], d[0]))
+    expected = []
+    for batch_index in range(4):
+        expected.append(("score", batch_index))
+        if batch_index in (0, 1):  # documents 3 and 6 scored: the phases of boundaries 3 and 6
+            chunks, current = [], []
+            for s, e in queue[: 3 * (batch_index + 1)]:
+                for first in range(s, e, cfg.seq_len):
+                    current.append((first, min(cfg.seq_len, e - first)))
+                    if sum(length for _, length in current) >= cfg.ttt_chunk_tokens:
+                        chunks.append(current)
+                        current = []
+            chunks += [current] if current else []
+            expected += [("train", chunk, 0.5 * 0.3 * (1 + math.cos(math.pi * c / len(chunks))), 2)
+                         for c, chunk in enumerate(chunks)]
+    assert [e[:2] for e in events] == [e[:2] for e in expected]
+    for got, want in zip(events, expected):
+        if got[0] == "train":
+            assert got[2] == pytest.approx(want[2], rel=1e-12) and got[3] == want[3]
 
 
 def test_projection_model_and_budget_check():
