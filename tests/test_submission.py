@@ -457,6 +457,23 @@ def test_refuses_a_run_that_trained_on_validation(tmp_path, pipeline_run, tiny_s
              r"the training shards hold 10 of the 10 validation documents .*: the validation split was trained on")
 
 
+def test_overlap_counts_exactly_the_leaked_documents_the_last_one_included(tmp_path, shards):
+    """Validation documents 2 and 7 copied into the training data, 7 as its very last
+    document (read from what is left after the final chunk): exactly those two count."""
+    val = data.load_split(shards, "val")
+    starts = [int(i) for i in np.flatnonzero(val == config.BOS_ID)] + [len(val)]
+    assert starts[0] == 0 and len(starts) == 11
+    doc = lambda i: val[starts[i] : starts[i + 1]]  # noqa: E731
+    train_tokens = data.load_split(shards, "train")
+    cut = int(np.flatnonzero(train_tokens == config.BOS_ID)[3])
+    leaky = tmp_path / "leaky"
+    shutil.copytree(shards, leaky)
+    data.write_split(leaky, "train", np.concatenate([train_tokens[:cut], doc(2), train_tokens[cut:], doc(7)]), 20_000)
+    overlap = submission_export.validation_overlap(leaky, chunk_tokens=1000)
+    assert overlap["overlap_documents"] == 2
+    assert overlap["overlap_tokens"] == len(doc(2)) + len(doc(7))
+
+
 def test_refuses_an_artifact_of_other_settings(tmp_path, pipeline_run, tiny_script, shards, tiny_tokenizer_dir):
     other = configs(config.merge_nested(TINY_PARAMS, {"train": {"model": {"mlp_mult": 3}}}))
     _refusal(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, tmp_path / "out",
