@@ -9,7 +9,7 @@ import torch
 
 from pgolf_core.artifact import (
     DIGEST_BYTES, MAGIC, PREFIX, compare_exact, group_of, pack_artifact, read_header,
-    read_reference, unpack_artifact, write_reference,
+    read_reference, split_chunks, unpack_artifact, write_reference,
 )
 from pgolf_core.compress import CODEC_IDS
 from pgolf_core.config import COMPRESSORS, CategoryBits, QuantizeConfig
@@ -145,6 +145,15 @@ def test_groups_in_chunks_round_trip_bit_exact(qm, packed):
             pack_artifact(qm, MODEL_CONFIG, ["zlib"], chunk_bytes=bad)
 
 
+def test_chunks_cut_every_length_into_whole_pieces_of_at_most_chunk_bytes():
+    data = bytes(range(256)) * 2
+    for n in range(0, 350):
+        pieces = split_chunks(data[:n], 100)
+        assert b"".join(pieces) == data[:n], n
+        assert len(pieces) == max(1, -(-n // 100)) and all(len(p) <= 100 for p in pieces), n
+    assert split_chunks(data, 0) == [data]
+
+
 def test_each_group_is_stored_by_its_smallest_codec(qm):
     alone = {codec: pack_artifact(qm, MODEL_CONFIG, [codec], chunk_bytes=150)[1]["bytes_per_group"]
              for codec in COMPRESSORS}
@@ -217,6 +226,19 @@ def test_inconsistent_index_is_rejected(packed, edit):
         edit(next(t for t in header["tensors"] if t["kind"] == "int8"))
     with pytest.raises(ValueError, match="tensor|malformed"):
         unpack_artifact(_reseal(packed[0], damage))
+
+
+def test_payload_bytes_that_no_group_declares_are_rejected(packed):
+    """Sealed bytes after the last chunk (length and sha256 valid) would load unnoticed and
+    count in the artifact's size."""
+    blob = packed[0]
+    _, version, _, header_len = PREFIX.unpack_from(blob)
+    header_bytes = blob[PREFIX.size:PREFIX.size + header_len]
+    payload = blob[PREFIX.size + header_len:-DIGEST_BYTES] + bytes(7)
+    total = PREFIX.size + len(header_bytes) + len(payload) + DIGEST_BYTES
+    body = PREFIX.pack(MAGIC, version, total, len(header_bytes)) + header_bytes + payload
+    with pytest.raises(ValueError, match="declare .* stored bytes, the payload holds"):
+        unpack_artifact(body + hashlib.sha256(body).digest())
 
 
 def test_resealed_unchanged_header_still_loads(qm, packed):
