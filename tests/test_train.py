@@ -11,9 +11,10 @@ import yaml
 
 from pgolf_core import calibration, data, resume
 from pgolf_core.bpb import val_byte_counts
+from pgolf_core.config import ScheduleConfig
 from pgolf_core.graphs import compiled_graphs
 from pgolf_core.model import GPT
-from pgolf_core.train import compile_model, inductor_options, run_warnings, train
+from pgolf_core.train import TrainingClock, compile_model, inductor_options, run_warnings, train
 from params_helpers import nested, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +124,21 @@ def test_wallclock_schedule_runs_on_the_agreed_clock(shards, tiny_sp, step_clock
     assert result.steps == 65 and result.train_seconds == 100.0  # 30 x 1 s + 35 x 2 s
     assert train_module.wallclock_progress(37, 30, 30.0, 1.0, 100.0) == 0.37
     assert train_module.wallclock_progress(130, 30, 30.0, 1.0, 100.0) == 1.0  # never past the end
+
+
+def test_a_resumed_clock_measures_its_rate_from_the_resume_on():
+    """After resuming at step 100 with 300 s already trained, steps of 2 s: the rate is
+    2 s/step, not the 300 s carried over spread on the new steps, so the wall-clock
+    schedule and the near-cap check go on as in the uninterrupted run."""
+    seconds = [0.0]
+    schedule = ScheduleConfig(mode="wallclock", max_wallclock_seconds=340.0)
+    clock = TrainingClock(schedule, log_every=10, device=torch.device("cpu"), now=lambda: seconds[0])
+    clock.start(100, 300.0)
+    seconds[0] += 20.0  # 10 steps of 2 s
+    assert clock.agree(110) == 320.0
+    assert clock.seconds_per_step == 2.0
+    assert clock.progress(112) == (320.0 + 2 * 2.0) / 340.0
+    assert clock.near_cap and not clock.over_cap()  # 320 s + 10 steps x 2 s reaches the 340 s cap
 
 
 def test_wallclock_cap_stops_training(shards, tiny_sp):
