@@ -43,13 +43,14 @@ def packed(qm):
     return pack_artifact(qm, MODEL_CONFIG, list(COMPRESSORS))
 
 
-def _reseal(blob: bytes, edit) -> bytes:
-    """Apply edit(header) and rebuild a well-formed artifact (valid length and sha256)."""
+def _reseal(blob: bytes, edit, extra_payload: bytes = b"") -> bytes:
+    """Apply edit(header), append `extra_payload` after the last chunk, and rebuild a
+    well-formed artifact (valid length and sha256)."""
     _, version, _, header_len = PREFIX.unpack_from(blob)
     header = json.loads(zlib.decompress(blob[PREFIX.size:PREFIX.size + header_len]))
     edit(header)
     header_bytes = zlib.compress(json.dumps(header).encode())
-    payload = blob[PREFIX.size + header_len:-DIGEST_BYTES]
+    payload = blob[PREFIX.size + header_len:-DIGEST_BYTES] + extra_payload
     total = PREFIX.size + len(header_bytes) + len(payload) + DIGEST_BYTES
     body = PREFIX.pack(MAGIC, version, total, len(header_bytes)) + header_bytes + payload
     return body + hashlib.sha256(body).digest()
@@ -231,14 +232,8 @@ def test_inconsistent_index_is_rejected(packed, edit):
 def test_payload_bytes_that_no_group_declares_are_rejected(packed):
     """Sealed bytes after the last chunk (length and sha256 valid) would load unnoticed and
     count in the artifact's size."""
-    blob = packed[0]
-    _, version, _, header_len = PREFIX.unpack_from(blob)
-    header_bytes = blob[PREFIX.size:PREFIX.size + header_len]
-    payload = blob[PREFIX.size + header_len:-DIGEST_BYTES] + bytes(7)
-    total = PREFIX.size + len(header_bytes) + len(payload) + DIGEST_BYTES
-    body = PREFIX.pack(MAGIC, version, total, len(header_bytes)) + header_bytes + payload
     with pytest.raises(ValueError, match="declare .* stored bytes, the payload holds"):
-        unpack_artifact(body + hashlib.sha256(body).digest())
+        unpack_artifact(_reseal(packed[0], lambda header: None, extra_payload=bytes(7)))
 
 
 def test_resealed_unchanged_header_still_loads(qm, packed):

@@ -79,6 +79,14 @@ def _bytes(tokens: np.ndarray) -> np.ndarray:
     return counts
 
 
+def _bos_documents(tokens) -> list[tuple[int, int]]:
+    """(start, end) per document, recomputed from the BOS positions alone (the stream opens
+    with one): targets start+1..end, the next document's BOS the last, the final document
+    running to the stream's end."""
+    starts = [i for i, t in enumerate(tokens) if t == BOS]
+    return list(zip(starts, starts[1:] + [len(tokens) - 1]))
+
+
 def _ledger(mode: str, tokens: np.ndarray, cfg=EVAL, model_cfg=None) -> tuple[Ledger, object]:
     model = _model(model_cfg or ModelConfig(**RECORD_LIKE))
     ledger = Ledger(len(tokens))
@@ -376,9 +384,8 @@ def test_without_learning_each_chunk_is_scored_on_the_last_seq_len_tokens_of_its
                ledger=ledger)
     plain = _model(ModelConfig(**RECORD_LIKE)).double()
     K, L = cfg.lora_chunk_tokens, cfg.seq_len
-    starts = [i for i, t in enumerate(tokens) if t == BOS]
     expected = np.full(len(tokens), np.nan)
-    for s, e in zip(starts, starts[1:] + [len(tokens) - 1]):  # targets s+1..e, the next BOS the last
+    for s, e in _bos_documents(tokens):
         for first in range(s, e, K):
             end = min(first + K, e)
             w = max(s, end - L)
@@ -663,8 +670,7 @@ def test_each_phase_trains_on_the_first_boundary_documents_of_the_queue_once_the
     cfg = dataclasses.replace(EVAL, phase_boundaries=[3, 6], phase_epochs=2, phase_lr=0.3, ttt_chunk_tokens=48)
     score_mode("ttt_phased", _model(ModelConfig(**RECORD_LIKE)), stream, _bytes(stream), cfg, device=CPU)
 
-    starts = [i for i, t in enumerate(stream) if t == BOS]
-    docs = list(zip(starts, starts[1:] + [len(stream) - 1]))
+    docs = _bos_documents(stream)
     assert len(docs) == 10
     queue = sorted(docs, key=lambda d: (d[0] - d[1], d[0]))
     expected = []
@@ -934,9 +940,8 @@ def test_eval_speed_smoke_run_on_cpu(tmp_path):
     assert result["phase_boundaries_scaled"] == [1]  # 833..2500 of 50,000 documents, for a handful
     # the LoRA loop's window tokens, counted here chunk by chunk: a document's targets run to
     # the next BOS (the last one to the stream's end), chunks of 16, windows of at most 32
-    starts = [i for i, t in enumerate(stream) if t == 1] + [len(stream) - 1]
     window_tokens = 0
-    for first, last in zip(starts, starts[1:]):
+    for first, last in _bos_documents(stream):
         scored = 0
         while scored < last - first:
             scored = min(scored + 16, last - first)
