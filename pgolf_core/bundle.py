@@ -386,16 +386,19 @@ def drop_unreferenced(sources: dict[str, str], also_read: str = "") -> tuple[dic
     if any(_looks_up_globals(tree) for tree in trees.values()):
         return dict(sources), []
     outside = Counter(_WORD.findall(also_read))
+    # a statement's words never change (dropping edits module bodies only): count each once
+    words = {node: _words(node) for tree in trees.values() for node in tree.body}  # AST nodes hash by identity
     dropped: list[str] = []
     while True:
         total = outside.copy()
         for tree in trees.values():
-            total.update(_words(tree))
+            for node in tree.body:
+                total.update(words.get(node, ()))  # none for the `pass` of an emptied module
         before = len(dropped)
         for name, tree in trees.items():
             kept = []
             for node in tree.body:
-                if _droppable(node) and total[node.name] == _words(node)[node.name]:
+                if _droppable(node) and total[node.name] == words[node][node.name]:
                     dropped.append(f"{name}.{node.name}")
                 else:
                     kept.append(node)

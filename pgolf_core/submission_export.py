@@ -100,12 +100,13 @@ def _module_file(name: str) -> Path:
     return base / "__init__.py" if (base / "__init__.py").is_file() else base.with_suffix(".py")
 
 
-def script_requirements(entry_modules=(ENTRY_MODULE,)) -> tuple[list[str], list[str]]:
-    """(requirements.txt lines `distribution==version` of what the bundled modules import
-    when loaded, beyond the standard library, pgolf and torch/numpy; the distributions
-    imported only on optional paths). Read from the traced modules' sources, never a list."""
+def script_requirements(modules) -> tuple[list[str], list[str]]:
+    """(requirements.txt lines `distribution==version` of what the bundled `modules`
+    (`bundle.Shipped.modules`) import when loaded, beyond the standard library, pgolf and
+    torch/numpy; the distributions imported only on optional paths). Read from those
+    modules' sources, never a list."""
     required, optional = set(), set()
-    for name in bundle.traced_modules(tuple(entry_modules)):
+    for name in modules:
         req, opt = bundle.load_imports(ast.parse(_module_file(name).read_text(encoding="utf-8")))
         required |= req
         optional |= opt
@@ -446,7 +447,7 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
             "challenge_run": train_metrics.get("challenge_run"),
         },
     }
-    requirements, optional = script_requirements()
+    requirements, optional = script_requirements(script.modules)
     learnt_tokenizer = params["tokenize"].source != "published"
     files = [SCRIPT_NAME, "README.md", "submission.json", "requirements.txt"]
     if train_log:

@@ -380,11 +380,14 @@ def helper_the_main_call_names():
 
 
 def test_drop_unreferenced_drops_exactly_what_nothing_references(tmp_path):
-    sources = {"mod_a": bundle.minify(DROP_A), "mod_b": bundle.minify(DROP_B)}
+    sources = {"mod_a": bundle.minify(DROP_A), "mod_b": bundle.minify(DROP_B),
+               "mod_c": bundle.minify("def lonely():\n    return 0\n")}
     kept, dropped = bundle.drop_unreferenced(sources, "import mod_b\nmod_b.run(); mod_b.helper_the_main_call_names()")
-    # only_for_unused goes in the second round, once unused has gone
+    # only_for_unused goes in the second round, once unused has gone; mod_c, emptied in
+    # the first, stays a module (`pass`) through the second
     assert sorted(dropped) == ["mod_a.UnusedRecord", "mod_a.cached_unused", "mod_a.only_for_unused",
-                               "mod_a.recursive_unused", "mod_a.unused"]
+                               "mod_a.recursive_unused", "mod_a.unused", "mod_c.lonely"]
+    assert kept["mod_c"] == "pass\n"
     assert kept["mod_b"] == sources["mod_b"]  # untouched modules stay as they were
     names = lambda text: [n.name for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     assert names(kept["mod_a"]) == [n for n in names(sources["mod_a"]) if f"mod_a.{n}" not in dropped]

@@ -164,8 +164,8 @@ def test_the_script_bundles_only_the_run_path():
     assert fused == (("pgolf_core.submission", "pgolf_core.fused_mlp"), ("pgolf_core.fused_ce",))
 
 
-def test_requirements_come_from_the_bundled_imports():
-    required, optional = submission_export.script_requirements()
+def test_requirements_come_from_the_bundled_imports(script_run):
+    required, optional = submission_export.script_requirements(script_run[0].modules)
     names = {line.split("==")[0].lower() for line in required}
     assert names == {"brotli", "safetensors", "sentencepiece", "tqdm", "zstandard"}
     assert {line.split("==")[0] for line in optional} == {"PyYAML", "triton"}  # lazy: params files, GPU kernels
