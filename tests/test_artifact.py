@@ -43,14 +43,14 @@ def packed(qm):
     return pack_artifact(qm, MODEL_CONFIG, list(COMPRESSORS))
 
 
-def _reseal(blob: bytes, edit, extra_payload: bytes = b"") -> bytes:
-    """Apply edit(header), append `extra_payload` after the last chunk, and rebuild a
-    well-formed artifact (valid length and sha256)."""
+def _reseal(blob: bytes, edit, edit_payload=lambda payload: payload) -> bytes:
+    """Apply edit(header) and edit_payload(the chunks' bytes), and rebuild a well-formed
+    artifact (valid length and sha256)."""
     _, version, _, header_len = PREFIX.unpack_from(blob)
     header = json.loads(zlib.decompress(blob[PREFIX.size:PREFIX.size + header_len]))
     edit(header)
     header_bytes = zlib.compress(json.dumps(header).encode())
-    payload = blob[PREFIX.size + header_len:-DIGEST_BYTES] + extra_payload
+    payload = edit_payload(blob[PREFIX.size + header_len:-DIGEST_BYTES])
     total = PREFIX.size + len(header_bytes) + len(payload) + DIGEST_BYTES
     body = PREFIX.pack(MAGIC, version, total, len(header_bytes)) + header_bytes + payload
     return body + hashlib.sha256(body).digest()
@@ -233,7 +233,63 @@ def test_payload_bytes_that_no_group_declares_are_rejected(packed):
     """Sealed bytes after the last chunk (length and sha256 valid) would load unnoticed and
     count in the artifact's size."""
     with pytest.raises(ValueError, match="declare .* stored bytes, the payload holds"):
-        unpack_artifact(_reseal(packed[0], lambda header: None, extra_payload=bytes(7)))
+        unpack_artifact(_reseal(packed[0], lambda header: None, lambda payload: payload + bytes(7)))
+
+
+# Four refusals the checks above would each also make for most corruptions: each test below
+# builds the one corruption that only its check sees, with sizes, crc32 and sha256 valid.
+
+
+def test_a_group_listed_twice_is_rejected(packed):
+    """The last group's entry and its stored bytes repeated: every size, crc32 and span holds."""
+    last = read_header(packed[0])["groups"][-1]
+    stored = sum(last["chunks"])
+    with pytest.raises(ValueError, match=f"group {last['name']!r} appears twice"):
+        unpack_artifact(_reseal(packed[0], lambda header: header["groups"].append(dict(last)),
+                                lambda payload: payload + payload[-stored:]))
+
+
+def test_a_span_read_twice_is_rejected(packed):
+    """mlp.proj's q pointed at mlp.fc's (the same 512 bytes): both load, in bounds, and
+    proj's own bytes are read by nothing."""
+    def share(header):
+        entries = {t["name"]: t for t in header["tensors"]}
+        fc, proj = entries["blocks.0.mlp.fc.weight"], entries["blocks.0.mlp.proj.weight"]
+        assert fc["group"] == proj["group"] and fc["q"][1] == proj["q"][1]
+        proj["q"] = list(fc["q"])
+    with pytest.raises(ValueError, match="spans must tile the payload"):
+        unpack_artifact(_reseal(packed[0], share))
+
+
+def test_group_bytes_no_tensor_reads_are_rejected(qm):
+    """Two bytes appended to the last group's decompressed payload (recompressed, sizes and
+    crc32 rewritten): every tensor still loads from its span, and the two bytes would count
+    in the artifact's size unread."""
+    blob, _ = pack_artifact(qm, MODEL_CONFIG, ["zlib"], chunk_bytes=0)
+    last = read_header(blob)["groups"][-1]
+    assert last["layout"] == "row" and len(last["chunks"]) == 1  # stored as zlib of the raw bytes
+    stored = last["chunks"][0]
+    raw = zlib.decompress(blob[-DIGEST_BYTES - stored:-DIGEST_BYTES]) + bytes(2)
+    packed_raw = zlib.compress(raw, 9)
+
+    def grow(header):
+        header["groups"][-1].update(raw_bytes=len(raw), crc32=zlib.crc32(raw), chunks=[len(packed_raw)])
+    with pytest.raises(ValueError, match=f"group {last['name']!r}: tensors cover {len(raw) - 2} bytes, "
+                                         f"its payload has {len(raw)}"):
+        unpack_artifact(_reseal(blob, grow, lambda payload: payload[:-stored] + packed_raw))
+
+
+@pytest.mark.parametrize("shift", ["negative", "past_the_end"])
+def test_a_span_outside_its_group_is_rejected(packed, shift):
+    header = read_header(packed[0])
+    raw_bytes = {g["name"]: g["raw_bytes"] for g in header["groups"]}
+
+    def move(header):
+        entry = next(t for t in header["tensors"] if t["name"] == "blocks.0.mlp.fc.weight")
+        nbytes = entry["q"][1]
+        entry["q"] = [-1, nbytes] if shift == "negative" else [raw_bytes[entry["group"]] - nbytes + 1, nbytes]
+    with pytest.raises(ValueError, match=r"mlp\.fc\.weight' q: 512 bytes at offset -?\d+ in a \d+-byte group"):
+        unpack_artifact(_reseal(packed[0], move))
 
 
 def test_resealed_unchanged_header_still_loads(qm, packed):
