@@ -169,13 +169,13 @@ def test_every_gpu_session_part_calls_a_module_with_flags_and_settings_it_takes(
     assert run.returncode == 0, run.stderr
     commands = [shlex.split(line) for line in log.read_text().splitlines() if line.startswith("-m bench.")]
     assert len(commands) == len(parts)
-    helps = {}
+    names = {module.removeprefix("bench.") for _, module, *_ in commands}
+    for name in names:
+        assert (ROOT / "bench" / f"{name}.py").is_file(), name
+    helps = module_helps(names)
     for _, module, *args in commands:
         name = module.removeprefix("bench.")
-        assert (ROOT / "bench" / f"{name}.py").is_file(), module
         for flag in (a for a in args if a.startswith("--")):
-            if name not in helps:
-                helps[name] = module_help(name)
             assert flag in helps[name], (module, flag)
         settings = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
         if "--profile" in args and name == "export":  # bench.export's --set names SECTION.KEY
@@ -199,7 +199,14 @@ def test_every_gpu_session_part_calls_a_module_with_flags_and_settings_it_takes(
             assert not settings, (module, settings)
 
 
-def module_help(name: str) -> str:
-    run = subprocess.run([sys.executable, "-m", f"bench.{name}", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.stdout
+def module_helps(names) -> dict[str, str]:
+    """{name: `python -m bench.<name> --help`'s output}, the processes run side by side
+    (each spends seconds importing torch)."""
+    running = {name: subprocess.Popen([sys.executable, "-m", f"bench.{name}", "--help"], cwd=ROOT,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in names}
+    helps = {}
+    for name, process in running.items():
+        stdout, stderr = process.communicate()
+        assert process.returncode == 0, (name, stderr[-2000:])
+        helps[name] = stdout
+    return helps
