@@ -393,7 +393,7 @@ def drop_unreferenced(sources: dict[str, str], also_read: str = "") -> tuple[dic
         total = outside.copy()
         for tree in trees.values():
             for node in tree.body:
-                total.update(words.get(node, ()))  # none for the `pass` of an emptied module
+                total.update(words[node])
         before = len(dropped)
         for name, tree in trees.items():
             kept = []
@@ -402,10 +402,12 @@ def drop_unreferenced(sources: dict[str, str], also_read: str = "") -> tuple[dic
                     dropped.append(f"{name}.{node.name}")
                 else:
                     kept.append(node)
-            tree.body = kept or [ast.Pass()]
+            tree.body = kept
         if len(dropped) == before:
             break
     changed = {qualified.rpartition(".")[0] for qualified in dropped}
+    for name in changed:
+        trees[name].body = trees[name].body or [ast.Pass()]  # a module all of whose defs went
     return {name: minify(ast.unparse(trees[name])) if name in changed else text
             for name, text in sources.items()}, dropped
 
