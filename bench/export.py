@@ -7,7 +7,8 @@ with the installed pgolf_core (`submission.run`: train, calibrate, quantize, pac
 the pipeline's functions). Prints and writes one JSON line with DESIGN.md's keys: both
 val_bpb (`val_bpb_exported`, the script's; `val_bpb_pipeline`), their difference (exported
 minus pipeline), `code_bytes` (the script as shipped), the artifact's and model's bytes,
-and each run's seconds.
+and each run's seconds. Each side's folder (script, artifact, summary) is left in the
+workdir as `run_script/` and `run_pipeline/`, replaced by the next run.
 
     python -m bench.export --profile profiles/record_8xh100.yaml --workdir data/dev_run --steps 20
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -46,7 +48,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
     parser.add_argument("--corpus", default="data/dev_corpus/docs.jsonl")
-    parser.add_argument("--workdir", default=None, help="keeps tokenizer and shards between runs")
+    parser.add_argument("--workdir", default=None, help="keeps tokenizer and shards between runs, and each side's last run (run_script/, run_pipeline/)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-tokens", type=int, default=131072)
     parser.add_argument("--micro-batch-seqs", type=int, default=32)
@@ -61,7 +63,9 @@ def main() -> None:
     shipped = submission_export.build_script(params)
     runs = {}
     for side in ("script", "pipeline"):
-        folder = Path(tempfile.mkdtemp(prefix=f"pgolf-export-{side}-"))
+        folder = work / f"run_{side}"  # emptied per run: each side starts in an empty folder
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
         env = {**submission.settings_free(os.environ), "DATA_PATH": str(shards.resolve()),
                "TOKENIZER_PATH": str((tok_dir / tokenizer.MODEL_FILE).resolve()), "OUT_DIR": str(folder)}
         script = folder / submission_export.SCRIPT_NAME

@@ -1,11 +1,11 @@
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from torch.distributed.distributed_c10d import BackendConfig
 
+from launch import torchrun
 from pgolf_core import dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +69,7 @@ def test_the_document_block_mask_crosses_ddp_graph_splits(tmp_path):
     8-GPU doc_mask path; forward only: FlexAttention has no CPU backward)."""
     script = tmp_path / "ddp_block_mask.py"
     script.write_text(DDP_BLOCK_MASK_SCRIPT)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    run = subprocess.run([*torchrun(tmp_path, 2),
                           str(script), str(ROOT)], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "TORCH_LOGS": "ddp_graphs"})
     assert run.returncode == 0, run.stderr[-3000:]

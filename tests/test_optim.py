@@ -1,7 +1,6 @@
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from pgolf_core.config import OptimizerConfig, ScheduleConfig
 from pgolf_core.model import GPT
+from launch import torchrun
 from pgolf_core.optim import NS_COEFFICIENTS, Muon, lr_multiplier, muon_momentum, orthogonalize, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_sharded_muon_is_the_whole_update_computed_once_across_processes(tmp_pat
     identical on all (so rank 0's snapshot resumes every rank)."""
     script = tmp_path / "sharded_muon.py"
     script.write_text(SHARDED_MUON_SCRIPT)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+    run = subprocess.run([*torchrun(tmp_path, 3),
                           str(script), str(ROOT), repr(SHAPES)], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]

@@ -1,7 +1,6 @@
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from pgolf_core.config import ScheduleConfig
 from pgolf_core.graphs import compiled_graphs
 from pgolf_core.model import GPT
 from pgolf_core.train import TrainingClock, compile_model, inductor_options, run_warnings, train
+from launch import torchrun
 from params_helpers import nested, train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def torchrun_train(tmp_path, name: str, nproc: int, train_params: dict, shards, 
     stderr when it does."""
     out, params = tmp_path / name, tmp_path / f"{name}.yaml"
     params.write_text(yaml.safe_dump({"train": nested(train_params)}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    cmd = [*torchrun(tmp_path, nproc),
            "-m", "stages.train", "--params", str(params), "--shards", str(shards), "--tokenizer", str(tokenizer_dir),
            "--out", str(out / "model.safetensors"), "--hessians", str(out / "hessians.safetensors"),
            "--metrics", str(out / "metrics"), "--train-log", str(out / "train.log"), *extra]

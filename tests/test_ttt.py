@@ -24,6 +24,7 @@ from pgolf_core.eval.sliding import Ledger, stream_tensors
 from pgolf_core.eval.ttt import SGDTrainer, cosine_lr, span_blocks, windows_by_chunk
 from pgolf_core.eval.sliding import plan_windows
 from pgolf_core.config import ModelConfig
+from launch import torchrun
 from pgolf_core.model import GPT
 
 CPU = torch.device("cpu")
@@ -810,7 +811,7 @@ def test_two_processes_share_the_work_and_agree_with_one(tmp_path, stream):
     script = tmp_path / "two.py"
     script.write_text(TWO_PROCESS_SCRIPT)
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    run = subprocess.run([*torchrun(tmp_path, 2),
                           str(script), str(root), str(tmp_path / "out.json")], cwd=tmp_path, capture_output=True,
                          text=True, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
@@ -889,7 +890,7 @@ def test_two_processes_losses_up_to_p_ignore_every_later_token(tmp_path, stream)
     script = tmp_path / "causal.py"
     script.write_text(TWO_PROCESS_CAUSAL_SCRIPT)
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    run = subprocess.run([*torchrun(tmp_path, 2),
                           str(script), str(root), str(tmp_path / "out.npz")], cwd=tmp_path, capture_output=True,
                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
