@@ -151,6 +151,7 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         model = load()
+        loaded = time.perf_counter()
         prepare(model, mode, cfg, device, autocast, progress=True)  # compiled when the profile's evaluate.compile says so
         loop_start, graphs_before = time.perf_counter(), compiled_graphs()
         sums = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast,
@@ -166,7 +167,9 @@ def main() -> None:
         result[f"tokens_per_second_{mode}"] = round(timing.tokens / timing.loop_seconds)
         result[f"projected_8xh100_seconds_{mode}"] = round(
             budget.project_8xh100(timing, cfg.sync_seconds, tokens=FINEWEB_VAL_TOKENS), 1)
-        per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2),
+        # setup = the artifact read (decompress, dequantize, build, to the device) + compile and warm-up
+        per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2), "load_seconds": round(loaded - start, 2),
+                          "warmup_seconds": round(loop_start - loaded, 2),
                           "loop_seconds": round(timing.loop_seconds, 2), "syncs": timing.syncs,
                           "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets, "compiled": cfg.compile,
                           "graphs_compiled_in_loop": compiled_graphs() - graphs_before, "peak_mem_mib": peak}

@@ -937,7 +937,9 @@ def test_eval_speed_smoke_run_on_cpu(tmp_path):
     assert result["command"].startswith("python -m bench.eval_speed") and result["git_commit"] and result["final_mode"] == "ttt_phased"
     for mode in ("ttt_phased", "ttt_sgd"):
         assert result[f"tokens_per_second_{mode}"] > 0 and result[f"projected_8xh100_seconds_{mode}"] > 0
-        assert result["per_mode"][mode]["peak_mem_mib"] > 0
+        timed = result["per_mode"][mode]
+        assert timed["peak_mem_mib"] > 0 and timed["load_seconds"] >= 0 and timed["warmup_seconds"] >= 0
+        assert abs(timed["load_seconds"] + timed["warmup_seconds"] - timed["setup_seconds"]) <= 0.02  # the setup's two parts
     assert result["phase_boundaries_scaled"] == [1]  # 833..2500 of 50,000 documents, for a handful
     # the LoRA loop's window tokens, counted here chunk by chunk: a document's targets run to
     # the next BOS (the last one to the stream's end), chunks of 16, windows of at most 32
