@@ -48,7 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="profiles/record_8xh100.yaml")
     parser.add_argument("--corpus", default="data/dev_corpus/docs.jsonl")
-    parser.add_argument("--workdir", default=None, help="keeps tokenizer and shards between runs, and each side's last run (run_script/, run_pipeline/)")
+    parser.add_argument("--workdir", default=None,
+                        help="keeps tokenizer and shards between runs, and each side's last run (run_script/, run_pipeline/)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-tokens", type=int, default=131072)
     parser.add_argument("--micro-batch-seqs", type=int, default=32)

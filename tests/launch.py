@@ -1,7 +1,7 @@
 """The command that starts a test's processes under torchrun. torchrun makes a fresh log
 folder for every launch (`/tmp/torchelastic_*`) and never removes it; with `--log-dir`
 inside the test's own `tmp_path` those folders go where pytest prunes old runs, instead of
-piling up in /tmp by the dozens per suite run."""
+piling up in /tmp, ten per suite run."""
 
 import sys
 from pathlib import Path

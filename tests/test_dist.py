@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from torch.distributed.distributed_c10d import BackendConfig
 
-from launch import torchrun
 from pgolf_core import dist
+from launch import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,8 +8,8 @@ import torch
 
 from pgolf_core.config import OptimizerConfig, ScheduleConfig
 from pgolf_core.model import GPT
-from launch import torchrun
 from pgolf_core.optim import NS_COEFFICIENTS, Muon, lr_multiplier, muon_momentum, orthogonalize, param_groups
+from launch import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tall, wide and square matrices, several of a shape: the MLP's up (tall) and down (wide)

@@ -24,8 +24,8 @@ from pgolf_core.eval.sliding import Ledger, stream_tensors
 from pgolf_core.eval.ttt import SGDTrainer, cosine_lr, span_blocks, windows_by_chunk
 from pgolf_core.eval.sliding import plan_windows
 from pgolf_core.config import ModelConfig
-from launch import torchrun
 from pgolf_core.model import GPT
+from launch import torchrun
 
 CPU = torch.device("cpu")
 BOS = 1
