@@ -57,7 +57,6 @@ import hashlib
 import itertools
 import json
 import struct
-import time
 import zlib
 from pathlib import Path
 

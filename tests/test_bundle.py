@@ -14,7 +14,6 @@ import textwrap
 import brotli
 import numpy as np
 import pytest
-import torch
 
 from pgolf_core import bundle
 

@@ -3,7 +3,6 @@ float64 computation written here, the file round trip, the training budget, and 
 validation token ever read."""
 
 import builtins
-from dataclasses import replace
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """Magnitude pruning removes exactly its fraction; the ±1 candidates come in order of
 least damage; fit_bytes lands at or under its target with the code counted."""
 
-import numpy as np
 import pytest
 import torch
 
