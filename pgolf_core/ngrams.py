@@ -199,10 +199,6 @@ class NgramTables:
         """{order: (c(h), N1+(h.))} for orders 2..max_order."""
         return {order: table.context_stats() for order, table in self.orders.items()}
 
-    @property
-    def train_targets(self) -> int:
-        return self.num_targets
-
     def save(self, directory: str | Path) -> Path:
         """Write `<directory>/tables.npz` (no pickle): the top-order table's nonzero cells as
         delta-coded sorted keys and counts, each in the smallest unsigned dtype that holds

@@ -146,7 +146,7 @@ def test_bos_context_rule():
     assert all_bos[-1] * vocab_size + 4 in keys  # the first target sees (BOS, BOS, BOS) too
     after_bos = [python_ids(seq, 4, vocab_size, buckets) for seq in ([4, 5, BOS, 6, 7], [9, 9, BOS, 6, 7])]
     assert after_bos[0] == after_bos[1]  # tokens before a BOS never reach a context
-    assert tables.train_targets == 6
+    assert tables.num_targets == 6
 
 
 @pytest.mark.parametrize("buckets, dense", [((4, 2, 2), True), ((64, 4, 2), False)])
@@ -279,4 +279,4 @@ def test_stage_writes_metrics(tmp_path):
     assert "val_bpb_order5" not in metrics and metrics["hash_fallback"] is False
     assert metrics["val_bpb_unigram"] > metrics["val_bpb_bigram"] > 0
     assert metrics["table_bytes"] == (tmp_path / "ngrams" / ngrams.TABLES_FILE).stat().st_size
-    assert ngrams.NgramTables.load(tmp_path / "ngrams").train_targets == metrics["train_tokens"] - 1
+    assert ngrams.NgramTables.load(tmp_path / "ngrams").num_targets == metrics["train_tokens"] - 1
