@@ -41,12 +41,9 @@ def lint(source: str, filename: str = "<snippet>") -> list[str]:
     the module binds into a scope dict of its own."""
     tree = ast.parse(source, filename=filename)
     bound = _scope_bound_names(tree)
-    found = []
-    for message in checker.Checker(tree, filename=filename).messages:
-        if isinstance(message, messages.UndefinedName) and message.message_args[0] in bound:
-            continue
-        found.append(f"{filename}:{message.lineno}: {message.message % message.message_args}")
-    return sorted(found, key=lambda f: int(f.split(":")[1]))
+    return [f"{filename}:{message.lineno}: {message.message % message.message_args}"
+            for message in sorted(checker.Checker(tree, filename=filename).messages, key=lambda m: m.lineno)
+            if not (isinstance(message, messages.UndefinedName) and message.message_args[0] in bound)]
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
