@@ -5,6 +5,7 @@ reference, and the budget. CPU, fp32, tiny models."""
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from pgolf_core.bpb import byte_tables, position_bytes
 from pgolf_core.config import LORA_TARGETS, EvaluateConfig
 from pgolf_core.eval import budget
 from pgolf_core.eval.lora import DocumentLora, documents, queue_order, row_groups, score_batch, target_weights
+from pgolf_core.eval import run as eval_run
 from pgolf_core.eval.run import evaluate, score_mode
 from pgolf_core.eval.sliding import Ledger, stream_tensors
 from pgolf_core.eval.ttt import SGDTrainer, cosine_lr, span_blocks, windows_by_chunk
@@ -585,6 +587,34 @@ def test_evaluate_reloads_the_artifact_per_mode_and_reports_the_budget(stream):
     assert metrics["eval_seconds"] == metrics["eval_seconds_ttt_sgd"]  # the final mode's: what the budget counts
     assert metrics["eval_seconds_all_modes"] == pytest.approx(sum(metrics[f"eval_seconds_{m}"] for m in cfg.modes))
     assert metrics["tokens_scored"] == len(stream) - 1
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_each_compiled_mode_compiles_from_empty_caches_of_its_own(compiled, stream, tmp_path, monkeypatch):
+    """evaluate.compile: each mode's read, compile, warm-up and loop run inside a
+    `cold_compile` of its own (an empty Inductor cache directory per mode, gone after
+    it), so neither an earlier run nor a diagnostic mode shortens the compile that
+    `eval_seconds` counts; eager evaluation keeps the process's settings. (Whether
+    Inductor honours the directory: tests/test_graphs.py.) The spy stands in for the
+    compile and warm-up, so the modes score eagerly."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    seen = []
+
+    def spy(model, mode, cfg, device, autocast_dtype, *, progress=False):
+        where = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        seen.append((mode, where, where.exists() and not any(where.iterdir())))
+
+    monkeypatch.setattr(eval_run, "prepare", spy)
+    cfg = dataclasses.replace(EVAL, modes=["sliding", "nonoverlap"], final_mode="sliding", compile=compiled)
+    evaluate(cfg, lambda: _model(ModelConfig(**RECORD_LIKE)), stream, _bytes(stream), CPU)
+    assert [mode for mode, _, _ in seen] == cfg.modes
+    dirs = [where for _, where, _ in seen]
+    if compiled:
+        assert all(empty for _, _, empty in seen) and len(set(dirs)) == 2 and tmp_path not in dirs
+        assert not any(where.exists() for where in dirs)
+    else:
+        assert dirs == [tmp_path, tmp_path]
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
 def test_compiled_evaluation_scores_as_eager_with_every_graph_built_by_the_warm_up(stream, capsys):

@@ -4,8 +4,8 @@ times each as the budget counts it (`budget`).
 Each mode starts from the artifact's weights: test-time training changes the model, and
 a later mode must not score with a model an earlier one trained. Reading the artifact
 again per mode is also what `eval_seconds_<mode>` must include, and so is compiling it
-(`evaluate.compile`: each mode compiles from empty caches, as a run of that mode alone
-would). The warm-up runs each forward and backward the mode's loop runs, so that every
+(`evaluate.compile`: each mode compiles from empty caches, in memory and on disk, as a
+run of that mode alone on a fresh machine would: `graphs.cold_compile`). The warm-up runs each forward and backward the mode's loop runs, so that every
 graph exists before the loop's timer starts, on random tokens and with no optimizer
 step (the weights stay the artifact's), never on validation tokens: a warm-up on
 validation data would be training on it before scoring (#1530 was questioned for that).
@@ -27,7 +27,7 @@ from pgolf_core.eval import budget
 from pgolf_core.eval.lora import ttt_lora, ttt_phased, warm_up_adapters
 from pgolf_core.eval.sliding import Ledger, ScoreSums, score_windows, tail_select
 from pgolf_core.eval.ttt import ModeResult, leading_block_params, ttt_sgd, varying_length, without_gradients
-from pgolf_core.graphs import compiled_graphs
+from pgolf_core.graphs import cold_compile, compiled_graphs
 
 TTT_MODES = {"ttt_sgd": ttt_sgd, "ttt_lora": ttt_lora, "ttt_phased": ttt_phased}
 WARMUP_SEED = 1234
@@ -62,8 +62,7 @@ def prepare(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype, *, pr
     says so (static shapes but for the window length the TTT loops mark as varying), then
     warmed up when `evaluate.warmup` says so. With `progress` it says what it does and how
     long it took: compiling the record's TTT graphs takes minutes with no other output."""
-    if cfg.compile:
-        torch.compiler.reset()  # this mode pays for its own graphs, as a run of it alone would
+    if cfg.compile:  # inside `cold_compile`: this mode pays for all of its graphs
         model.compile(backend=cfg.compile_backend)
     if cfg.warmup:
         start, graphs_before = time.perf_counter(), compiled_graphs()
@@ -113,6 +112,25 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> No
         torch.cuda.synchronize(device)
 
 
+def timed_mode(mode: str, cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], tokens: np.ndarray,
+               byte_counts: np.ndarray, device, autocast_dtype, progress: bool) -> tuple[ModeResult, budget.ModeTiming]:
+    """One mode from a fresh read of the artifact: read, compiled cold, warmed up and
+    scored; its sums and its timing as the budget counts it."""
+    with cold_compile(cfg.compile):
+        start = time.perf_counter()
+        model = load_model()
+        prepare(model, mode, cfg, device, autocast_dtype, progress=progress)
+        loop_start, graphs_before = time.perf_counter(), compiled_graphs()
+        result = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast_dtype,
+                            progress=progress)
+        end = time.perf_counter()
+        if cfg.compile and compiled_graphs() > graphs_before:
+            print(f"WARNING: evaluate: {mode}: torch.compile built {compiled_graphs() - graphs_before} graph(s) "
+                  "inside the timed loop (a shape or state the warm-up did not cover)", flush=True)
+    return result, budget.ModeTiming(loop_start - start, end - loop_start, dist.world_size(), result.syncs,
+                                     result.sums.num_targets)
+
+
 def evaluate(cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], val_tokens: np.ndarray,
              val_bytes: np.ndarray, device, *, progress: bool = False) -> dict:
     """metrics/eval.json's figures for every mode of `cfg.modes` (DESIGN.md's names).
@@ -121,19 +139,8 @@ def evaluate(cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], val
     autocast = dist.autocast_dtype(device)
     metrics, timings = {}, {}
     for mode in cfg.modes:
-        start = time.perf_counter()
-        model = load_model()
-        prepare(model, mode, cfg, device, autocast, progress=progress)
-        loop_start, graphs_before = time.perf_counter(), compiled_graphs()
-        result = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast,
-                            progress=progress)
-        end = time.perf_counter()
-        if cfg.compile and compiled_graphs() > graphs_before:
-            print(f"WARNING: evaluate: {mode}: torch.compile built {compiled_graphs() - graphs_before} graph(s) "
-                  "inside the timed loop (a shape or state the warm-up did not cover)", flush=True)
+        result, timings[mode] = timed_mode(mode, cfg, load_model, tokens, byte_counts, device, autocast, progress)
         total = result.sums
-        timings[mode] = budget.ModeTiming(loop_start - start, end - loop_start, dist.world_size(), result.syncs,
-                                          total.num_targets)
         metrics[f"val_bpb_{mode}"] = bits_per_byte(total.nll_nats, total.num_bytes)
         metrics[f"eval_seconds_{mode}"] = timings[mode].eval_seconds
         metrics[f"projected_8xh100_seconds_{mode}"] = budget.project_8xh100(timings[mode], cfg.sync_seconds)
@@ -143,7 +150,6 @@ def evaluate(cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], val
                   f"{total.num_bytes:,} bytes in {timings[mode].eval_seconds:.1f} s "
                   f"(loop {timings[mode].loop_seconds:.1f} s; 8xH100 projection "
                   f"{metrics[f'projected_8xh100_seconds_{mode}']:.0f} s)")
-        del model
     final = cfg.final_mode
     metrics["eval_seconds_all_modes"] = sum(t.eval_seconds for t in timings.values())  # diagnostic modes included
     return {"val_bpb": metrics[f"val_bpb_{final}"], "final_mode": final, **metrics,
