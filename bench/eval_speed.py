@@ -153,7 +153,7 @@ def main() -> None:
             start = time.perf_counter()
             model = load()
             loaded = time.perf_counter()
-            prepare(model, mode, cfg, device, autocast, progress=True)  # compiled when the profile's evaluate.compile says so
+            warmup_by_call = prepare(model, mode, cfg, device, autocast, progress=True)  # compiled as the profile says
             loop_start, graphs_before = time.perf_counter(), compiled_graphs()
             sums = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast,
                               progress=True)
@@ -172,6 +172,7 @@ def main() -> None:
         # setup = the artifact read (decompress, dequantize, build, to the device) + compile and warm-up
         per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2), "load_seconds": round(loaded - start, 2),
                           "warmup_seconds": round(loop_start - loaded, 2),
+                          "warmup_seconds_by_call": {call: round(v, 2) for call, v in warmup_by_call.items()},
                           "loop_seconds": round(timing.loop_seconds, 2), "syncs": timing.syncs,
                           "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets, "compiled": cfg.compile,
                           "graphs_compiled_in_loop": graphs_in_loop, "peak_mem_mib": peak}

@@ -617,6 +617,23 @@ def test_each_compiled_mode_compiles_from_empty_caches_of_its_own(compiled, stre
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_the_warm_up_times_each_kind_of_call_of_its_mode_and_leaves_the_weights(mode):
+    """The warm-up makes the calls of the mode's loop and no other, each timed apart (a
+    compiled graph's cost, which the budget pays), and leaves the weights, their gradient
+    flags and the training flag as it found them."""
+    model = _model(ModelConfig(**RECORD_LIKE))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.train()
+    seconds = eval_run.warm_up(model, mode, dataclasses.replace(EVAL, ttt_freeze_blocks=1), CPU, None)
+    expected = {"nonoverlap": ["scoring"], "sliding": ["scoring"], "ttt_sgd": ["scoring", "sgd_step"],
+                "ttt_lora": ["adapters"], "ttt_phased": ["sgd_step", "adapters"]}[mode]
+    assert list(seconds) == expected and all(s >= 0 for s in seconds.values())
+    assert model.training
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) and p.requires_grad and p.grad is None, name
+
+
 def test_compiled_evaluation_scores_as_eager_with_every_graph_built_by_the_warm_up(stream, capsys):
     """evaluate.compile with aot_eager (dynamo's and AOTAutograd's graphs: the part that
     could lose an adapter or a state; Inductor's code generation is torch's) scores as
@@ -636,9 +653,11 @@ def test_compiled_evaluation_scores_as_eager_with_every_graph_built_by_the_warm_
                         lambda: _model(small), stream, _bytes(stream), CPU, progress=True)
     out = capsys.readouterr().out
     assert "inside the timed loop" not in out
+    calls = {"sliding": "scoring", "ttt_phased": "sgd_step [0-9.]+ s, adapters"}  # each kind of call timed apart
     for mode in cfg.modes:  # the minutes of a record-size compile are announced, then timed and counted
         assert f"evaluate: {mode}: warm-up on random tokens, compiling (aot_eager)\n" in out
-        built = re.search(rf"evaluate: {mode}: warm-up done in [0-9.]+ s, (\d+) graph\(s\) built", out)
+        built = re.search(rf"evaluate: {mode}: warm-up done in [0-9.]+ s \({calls[mode]} [0-9.]+ s\), "
+                          r"(\d+) graph\(s\) built", out)
         assert built and int(built.group(1)) > 0, mode
     for mode in cfg.modes:  # float32's epsilon: traced and eager graphs may multiply the adapters in other orders
         assert compiled[f"val_bpb_{mode}"] == pytest.approx(eager[f"val_bpb_{mode}"], rel=1.2e-7, abs=0), mode
@@ -970,6 +989,9 @@ def test_eval_speed_smoke_run_on_cpu(tmp_path):
         timed = result["per_mode"][mode]
         assert timed["peak_mem_mib"] > 0 and timed["load_seconds"] >= 0 and timed["warmup_seconds"] >= 0
         assert abs(timed["load_seconds"] + timed["warmup_seconds"] - timed["setup_seconds"]) <= 0.02  # the setup's two parts
+        by_call = timed["warmup_seconds_by_call"]  # within the warm-up, each kind of call the loop makes
+        assert set(by_call) == {"ttt_phased": {"sgd_step", "adapters"}, "ttt_sgd": {"scoring", "sgd_step"}}[mode]
+        assert 0 <= sum(by_call.values()) <= timed["warmup_seconds"] + 0.02
     assert result["phase_boundaries_scaled"] == [1]  # 833..2500 of 50,000 documents, for a handful
     # the LoRA loop's window tokens, counted here chunk by chunk: a document's targets run to
     # the next BOS (the last one to the stream's end), chunks of 16, windows of at most 32

@@ -5,14 +5,16 @@ Each mode starts from the artifact's weights: test-time training changes the mod
 a later mode must not score with a model an earlier one trained. Reading the artifact
 again per mode is also what `eval_seconds_<mode>` must include, and so is compiling it
 (`evaluate.compile`: each mode compiles from empty caches, in memory and on disk, as a
-run of that mode alone on a fresh machine would: `graphs.cold_compile`). The warm-up runs each forward and backward the mode's loop runs, so that every
-graph exists before the loop's timer starts, on random tokens and with no optimizer
-step (the weights stay the artifact's), never on validation tokens: a warm-up on
-validation data would be training on it before scoring (#1530 was questioned for that).
+run of that mode alone on a fresh machine would: `graphs.cold_compile`). The warm-up
+runs each forward and backward the mode's loop runs, so that every graph exists before
+the loop's timer starts, on random tokens and with no optimizer step (the weights stay
+the artifact's), never on validation tokens: a warm-up on validation data would be
+training on it before scoring (#1530 was questioned for that).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import Callable
@@ -57,42 +59,59 @@ def score_mode(mode: str, model, tokens: np.ndarray, byte_counts: np.ndarray, cf
     return ModeResult(total, 1)
 
 
-def prepare(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype, *, progress: bool = False) -> None:
+def prepare(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype, *,
+            progress: bool = False) -> dict[str, float]:
     """Make a freshly read model ready for `mode`'s loop: compiled when `evaluate.compile`
     says so (static shapes but for the window length the TTT loops mark as varying), then
-    warmed up when `evaluate.warmup` says so. With `progress` it says what it does and how
-    long it took: compiling the record's TTT graphs takes minutes with no other output."""
+    warmed up when `evaluate.warmup` says so; returns `warm_up`'s seconds per kind of call
+    (empty without a warm-up). With `progress` it says what it does and how long each
+    part took: compiling the record's TTT graphs takes minutes with no other output."""
     if cfg.compile:  # inside `cold_compile`: this mode pays for all of its graphs
         model.compile(backend=cfg.compile_backend)
-    if cfg.warmup:
-        start, graphs_before = time.perf_counter(), compiled_graphs()
-        if progress:
-            compiling = f", compiling ({cfg.compile_backend})" if cfg.compile else ""
-            print(f"evaluate: {mode}: warm-up on random tokens{compiling}", flush=True)
-        warm_up(model, mode, cfg, device, autocast_dtype)
-        if progress:
-            built = f", {compiled_graphs() - graphs_before} graph(s) built" if cfg.compile else ""
-            print(f"evaluate: {mode}: warm-up done in {time.perf_counter() - start:.1f} s{built}", flush=True)
+    if not cfg.warmup:
+        return {}
+    start, graphs_before = time.perf_counter(), compiled_graphs()
+    if progress:
+        compiling = f", compiling ({cfg.compile_backend})" if cfg.compile else ""
+        print(f"evaluate: {mode}: warm-up on random tokens{compiling}", flush=True)
+    seconds = warm_up(model, mode, cfg, device, autocast_dtype)
+    if progress:
+        built = f", {compiled_graphs() - graphs_before} graph(s) built" if cfg.compile else ""
+        parts = ", ".join(f"{call} {s:.1f} s" for call, s in seconds.items())
+        print(f"evaluate: {mode}: warm-up done in {time.perf_counter() - start:.1f} s ({parts}){built}", flush=True)
+    return seconds
 
 
-def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> None:
+def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> dict[str, float]:
     """Each call the mode's loop makes, at the loop's batch shapes on random tokens:
     scoring forwards without gradient (with a stride below the window, also the one whose
     head sees only the scored tail), the full-model SGD step's forward and backward
     (`ttt_sgd`, `ttt_phased`), the adapters' forward and backward (`ttt_lora`,
     `ttt_phased`); the loops keep their row counts fixed and mark the window length
     dynamic, so these are every graph they need. Gradients are dropped and nothing
-    steps: the weights are untouched."""
+    steps: the weights are untouched. Returns the seconds of each kind of call
+    (`scoring`, `sgd_step`, `adapters`; compiled, mostly its graph's compile), which says
+    what each graph costs the budget: `ttt_phased`'s SGD step trains on a few percent of
+    the tokens its adapters see."""
     gen = torch.Generator().manual_seed(WARMUP_SEED)
+    seconds: dict[str, float] = {}
 
     def random_tokens(rows: int) -> torch.Tensor:
         return torch.randint(0, model.cfg.vocab_size, (rows, cfg.seq_len + 1), generator=gen).to(device)
+
+    @contextlib.contextmanager
+    def timed(call: str):
+        start = time.perf_counter()
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[call] = time.perf_counter() - start
 
     was_training = model.training
     with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         if mode in ("nonoverlap", "sliding", "ttt_sgd"):
             model.eval()
-            with torch.no_grad():
+            with timed("scoring"), torch.no_grad():
                 idx = random_tokens(cfg.batch_seqs)[:, :-1]
                 model(idx)
                 if mode != "nonoverlap" and cfg.stride < cfg.seq_len:  # the windows that score a tail only
@@ -101,15 +120,15 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> No
             model.train()
             idx = random_tokens(math.ceil(cfg.ttt_batch_seqs / dist.world_size()))
             # frozen as the SGD step freezes them: which weights take gradients is part of its graph
-            with without_gradients(leading_block_params(model, cfg.ttt_freeze_blocks)):
+            with timed("sgd_step"), without_gradients(leading_block_params(model, cfg.ttt_freeze_blocks)):
                 model(varying_length(idx[:, :-1]), varying_length(idx[:, 1:])).float().mean().backward()
             model.zero_grad(set_to_none=True)
         if mode in ("ttt_lora", "ttt_phased"):
             model.eval()
-            warm_up_adapters(model, cfg, device, random_tokens(cfg.lora_batch_docs))
+            with timed("adapters"):
+                warm_up_adapters(model, cfg, device, random_tokens(cfg.lora_batch_docs))
     model.train(was_training)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return seconds
 
 
 def timed_mode(mode: str, cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], tokens: np.ndarray,
