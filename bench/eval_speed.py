@@ -16,6 +16,9 @@ JSON); the setup (model load, warm-up) is counted once, the loop scaled to the f
 That scaling is linear in tokens, but the document LoRA modes' work per token grows with
 document length (`lora_window_tokens`): the JSON's `mean_document_tokens` and
 `lora_window_tokens_per_target` say how the slice compares with FineWeb's documents.
+Their loop is also stretched by how evenly 8 ranks share it (`balance_8xh100` per mode),
+modeled on FineWeb-sized documents (`fineweb_like_balance`), since the slice has too few
+batches to show it.
 The JSON is rewritten after every mode (`"complete": false` until the last), so a call
 cut by its time limit keeps the modes it finished.
 
@@ -42,7 +45,7 @@ from bench.header import RESULTS, header
 from pgolf_core import artifact, checkpoint, config, data, tokenizer
 from pgolf_core.bpb import bits_per_byte, val_byte_counts
 from pgolf_core.eval import budget
-from pgolf_core.eval.lora import documents
+from pgolf_core.eval.lora import deal_balance, documents, forward_positions, queue_order
 from pgolf_core.eval.run import prepare, score_mode, truncated
 from pgolf_core.graphs import cold_compile, compiled_graphs
 from pgolf_core.model import GPT
@@ -73,6 +76,22 @@ def lora_window_tokens(docs: list[tuple[int, int]], chunk_tokens: int, seq_len: 
         chunk_ends = np.minimum(np.arange(1, -(-targets // chunk_tokens) + 1) * chunk_tokens, targets)
         total += int(np.minimum(chunk_ends, seq_len).sum())
     return total
+
+
+def fineweb_like_balance(cfg, phased: bool, seed: int = 0) -> float:
+    """`deal_balance` on 8 ranks for FINEWEB_VAL_DOCUMENTS documents of geometric length
+    with FineWeb's mean (its length distribution is not known here), in the profile's
+    batches and, for `ttt_phased`, its phases: the document modes' balance for the
+    projection to the full set. The timed slice cannot give it: its 117 documents are
+    two batches, which on 8 ranks would read as 4x."""
+    lengths = np.random.default_rng(seed).geometric(FINEWEB_VAL_DOCUMENTS / FINEWEB_VAL_TOKENS, FINEWEB_VAL_DOCUMENTS)
+    ends = np.cumsum(lengths)
+    queue = queue_order(list(zip((ends - lengths).tolist(), ends.tolist())))
+    size = cfg.lora_batch_docs
+    costs = [forward_positions(queue[i : i + size], size, cfg.lora_chunk_tokens, cfg.seq_len)
+             for i in range(0, len(queue), size)]
+    boundaries = [b for b in cfg.phase_boundaries if b < len(queue)] if phased else []
+    return deal_balance(costs, budget.CHALLENGE_GPUS, {-(-b // size) - 1 for b in boundaries})
 
 
 def peak_mem_mib(device: torch.device) -> float:
@@ -141,6 +160,8 @@ def main() -> None:
     window_tokens = lora_window_tokens(spans, cfg.lora_chunk_tokens, cfg.seq_len)
     share = docs / FINEWEB_VAL_DOCUMENTS
     scaled = sorted({max(1, round(b * share)) for b in cfg.phase_boundaries})
+    balance = {mode: fineweb_like_balance(cfg, phased=mode == "ttt_phased") if mode in ("ttt_lora", "ttt_phased")
+               else 1.0 for mode in cfg.modes}  # the profile's own boundaries: FineWeb's 50,000 documents
     cfg = dataclasses.replace(cfg, phase_boundaries=scaled)
 
     result = header(device.type)
@@ -165,7 +186,8 @@ def main() -> None:
             del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        timing = budget.ModeTiming(loop_start - start, end - loop_start, 1, sums.syncs, sums.sums.num_targets)
+        timing = budget.ModeTiming(loop_start - start, end - loop_start, 1, sums.syncs, sums.sums.num_targets,
+                                   balance[mode])
         result[f"tokens_per_second_{mode}"] = round(timing.tokens / timing.loop_seconds)
         result[f"projected_8xh100_seconds_{mode}"] = round(
             budget.project_8xh100(timing, cfg.sync_seconds, tokens=FINEWEB_VAL_TOKENS), 1)
@@ -175,7 +197,8 @@ def main() -> None:
                           "warmup_seconds_by_call": {call: round(v, 2) for call, v in warmup_by_call.items()},
                           "loop_seconds": round(timing.loop_seconds, 2), "syncs": timing.syncs,
                           "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets, "compiled": cfg.compile,
-                          "graphs_compiled_in_loop": graphs_in_loop, "peak_mem_mib": peak}
+                          "graphs_compiled_in_loop": graphs_in_loop, "peak_mem_mib": peak,
+                          "balance_8xh100": round(balance[mode], 4)}
         if args.shards and args.tokenizer:  # the quality of the timed slice (dev-corpus figures off FineWeb)
             result[f"val_bpb_{mode}"] = bits_per_byte(sums.sums.nll_nats, sums.sums.num_bytes)
         print(f"eval_speed: {mode} {result[f'tokens_per_second_{mode}']:,} tok/s, 8xH100 projection "
@@ -191,6 +214,8 @@ def main() -> None:
             "timed_tokens": int(len(tokens) - 1), "timed_documents": docs, "phase_boundaries_scaled": scaled,
             "mean_document_tokens": round((len(tokens) - 1) / len(spans), 1),
             "lora_window_tokens_per_target": round(window_tokens / (len(tokens) - 1), 3),
+            "balance_model": ("document modes: lora.deal_balance on 8 ranks over 50,000 geometric documents of "
+                              "FineWeb's mean length in the profile's batches and phases; window modes 1"),
             "per_mode": per_mode,
             "config": {"profile": args.profile, "model": args.artifact or args.model or "initialisation",
                        "tokens": "val shards" if args.shards else f"synthetic, mean document {args.doc_len}",

@@ -19,7 +19,8 @@ from pgolf_core import data
 from pgolf_core.bpb import byte_tables, position_bytes
 from pgolf_core.config import LORA_TARGETS, EvaluateConfig
 from pgolf_core.eval import budget
-from pgolf_core.eval.lora import DocumentLora, documents, queue_order, row_groups, score_batch, target_weights
+from pgolf_core.eval.lora import (DocumentLora, deal, deal_balance, documents, forward_positions, queue_order,
+                                 row_groups, score_batch, target_weights)
 from pgolf_core.eval import run as eval_run
 from pgolf_core.eval.run import evaluate, score_mode
 from pgolf_core.eval.sliding import Ledger, stream_tensors
@@ -749,6 +750,9 @@ def test_projection_model_and_budget_check():
     assert budget.project_8xh100(t, 0.001, tokens=2000) == pytest.approx(30 + 2 * 101)
     eight = dataclasses.replace(t, world_size=8)
     assert budget.project_8xh100(eight, 0.001) == pytest.approx(830)  # measured on 8: as measured
+    uneven = dataclasses.replace(t, balance=1.25)  # the slowest of 8 ranks holds 1.25 even shares
+    assert budget.project_8xh100(uneven, 0.001) == pytest.approx(30 + 125 + 1)
+    assert budget.project_8xh100(uneven, 0.001, tokens=2000) == pytest.approx(30 + 2 * 126)
     budget.check_budget("ttt_phased", 599.0, 600.0)
     budget.check_budget("ttt_phased", 10_000.0, 0.0)  # no limit set
     with pytest.raises(RuntimeError, match="evaluate.max_eval_seconds"):
@@ -954,13 +958,80 @@ def test_two_processes_losses_up_to_p_ignore_every_later_token(tmp_path, stream)
             _assert_causal(f"{name} on 2 processes", cut, nll[0], after)
 
 
-def test_rounds_end_at_every_phase_whatever_the_world_size():
-    from pgolf_core.eval.lora import rounds
+def _least_loaded_first(costs, world, phase_after):
+    """The deal written out: within each segment (ending after a phase batch or the
+    last), each batch in turn to the rank holding the least cost, the lowest on ties."""
+    segments, hands, loads = [], [[] for _ in range(world)], [0.0] * world
+    for b, cost in enumerate(costs):
+        rank = loads.index(min(loads))
+        hands[rank].append(b)
+        loads[rank] += float(cost)
+        if b in phase_after or b == len(costs) - 1:
+            segments.append(hands)
+            hands, loads = [[] for _ in range(world)], [0.0] * world
+    return segments
 
-    assert rounds(7, 1, {1}) == [[0], [1], [2], [3], [4], [5], [6]]
-    assert rounds(7, 3, {1}) == [[0, 1], [2, 3, 4], [5, 6]]
-    assert rounds(7, 4, {1, 4}) == [[0, 1], [2, 3, 4], [5, 6]]
-    assert [b for r in rounds(9, 2, {3}) for b in r] == list(range(9))
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_deal_gives_each_batch_to_the_least_loaded_rank_between_phases(world):
+    """Every batch once; each rank's in queue order; no segment crosses a phase; each
+    batch to the least-loaded rank of its segment (longest processing time first), so a
+    segment's slowest rank holds at most an even share plus one batch (Graham's bound);
+    `deal_balance` is the slowest ranks' sum over an even split."""
+    rng = np.random.default_rng(world)
+    costs = sorted(rng.integers(1, 10_000, 40).tolist(), reverse=True)
+    costs[30:33] = [9_000, 5, 7_000]  # not only decreasing
+    phase_after = {5, 6, 20}
+    segments = deal(costs, world, phase_after)
+    assert segments == _least_loaded_first(costs, world, phase_after)
+    assert sorted(b for segment in segments for hand in segment for b in hand) == list(range(40))
+    starts = [0, 6, 7, 21]
+    for segment, first, last in zip(segments, starts, [5, 6, 20, 39]):
+        assert len(segment) == world and sorted(b for hand in segment for b in hand) == list(range(first, last + 1))
+        loads = [sum(costs[b] for b in hand) for hand in segment]
+        assert all(hand == sorted(hand) for hand in segment)
+        assert max(loads) <= sum(loads) / world + max(costs[first : last + 1])
+    slowest = sum(max(sum(costs[b] for b in hand) for hand in segment) for segment in segments)
+    assert deal_balance(costs, world, phase_after) == pytest.approx(slowest * world / sum(costs), rel=1e-15)
+    if world == 1:
+        assert segments == [[list(range(0, 6))], [[6]], [list(range(7, 21))], [list(range(21, 40))]]
+        assert deal_balance(costs, world, phase_after) == 1.0
+
+
+def test_forward_positions_are_what_the_batch_loop_forwards():
+    """Counted by a hook on the model in `score_batch` (rows x length of every forward):
+    documents of 40, 20, 9, 3 and 1 targets in chunks of 7 with windows of at most 24, in
+    a batch of 5 rows and, without the shortest, of 6 rows (a short last batch); the
+    longest is capped by the window, the shortest padded to MIN_LENGTH and the last
+    forwards to MIN_ROWS."""
+    tokens = np.random.default_rng(7).integers(BOS + 1, 64, 75)
+    tokens[[0, 40, 60, 69, 72, 73]] = BOS
+    docs = queue_order(documents(tokens, BOS))
+    assert [e - s for s, e in docs] == [40, 20, 9, 3, 1, 1]
+    stream_t, bytes_t = stream_tensors(tokens, _bytes(tokens))
+    for batch, rows in ((docs[:5], 5), (docs[:4], 6)):
+        model = _model(ModelConfig(**RECORD_LIKE))
+        forwarded = []
+        model.register_forward_pre_hook(lambda module, args: forwarded.append(args[0].size(0) * args[0].size(1)))
+        score_batch(model, DocumentLora(model, EVAL, CPU), 0, batch, stream_t, bytes_t,
+                    torch.zeros(3, dtype=torch.float64), rows=rows, device=CPU, autocast_dtype=None, ledger=None)
+        assert forward_positions(batch, rows, EVAL.lora_chunk_tokens, EVAL.seq_len) == sum(forwarded)
+
+
+def test_the_document_modes_projection_is_stretched_by_the_balance_of_8_ranks(stream):
+    """On 1 process the ranks' balance of the 8xH100 run scales the projected loop
+    (`deal_balance` of 8 over that of 1, which is 1), here computed from the stream's
+    batches by hand."""
+    cfg = dataclasses.replace(EVAL, modes=["ttt_phased"], final_mode="ttt_phased", lora_batch_docs=1)
+    metrics = evaluate(cfg, lambda: _model(ModelConfig(**RECORD_LIKE)), stream, _bytes(stream), CPU)
+    queue = queue_order(documents(stream, BOS))
+    costs = [forward_positions([doc], 1, cfg.lora_chunk_tokens, cfg.seq_len) for doc in queue]
+    balance = deal_balance(costs, 8, {b - 1 for b in cfg.phase_boundaries})
+    assert balance > 1.0  # 10 single-document batches of unequal work on 8 ranks
+    loop = metrics["eval_seconds_timed_as_records"]
+    setup = metrics["eval_seconds"] - loop
+    syncs = metrics["projected_8xh100_seconds"] - setup - loop / 8 * balance
+    assert 0 < syncs / cfg.sync_seconds == pytest.approx(round(syncs / cfg.sync_seconds), abs=1e-3)
 
 
 def test_eval_speed_smoke_run_on_cpu(tmp_path):

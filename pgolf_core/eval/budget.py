@@ -9,10 +9,13 @@ random tokens (138-184 s), so their 330-525 s TTT loops are this figure, not the
 
 Projection model (stated in metrics/eval.json as `projection_model`): the setup (artifact
 read, warm-up) is paid once, as measured; the loop's device-seconds (its wall time times
-the processes that ran it) are spread evenly over 8 GPUs, this device's rate taken as an
-H100's; a run in one process adds `sync_seconds` for each cross-process synchronisation
-the loop would make on 8 (gradient all-reduces of TTT, the final reduction); runs on
-several processes already paid theirs. Scaled to a token count, the loop scales linearly.
+the processes that ran it) are spread over 8 GPUs, this device's rate taken as an H100's,
+and stretched by the mode's `balance` (the document modes hand each rank whole batches,
+and the ranks wait for the slowest at every phase: its share against an even one,
+modeled from the documents' lengths); a run in one process adds `sync_seconds` for each
+cross-process synchronisation the loop would make on 8 (gradient all-reduces of TTT, the
+final reduction); runs on several processes already paid theirs. Scaled to a token
+count, the loop scales linearly.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CHALLENGE_GPUS = 8
-PROJECTION_MODEL = ("setup (artifact read + warm-up) as measured + loop_seconds * processes / 8 "
-                    "(this device's per-GPU rate taken as an H100's) + syncs * sync_seconds when run "
-                    "in one process; loop scaled linearly to the token count")
+PROJECTION_MODEL = ("setup (artifact read + warm-up) as measured + loop_seconds * processes / 8 * balance "
+                    "(this device's per-GPU rate taken as an H100's; balance: the document modes' slowest of "
+                    "8 ranks against an even split of the positions they forward, between phases, modeled from "
+                    "the documents' lengths, 1 for the window modes) + syncs * sync_seconds when run in one "
+                    "process; loop scaled linearly to the token count")
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class ModeTiming:
     world_size: int
     syncs: int  # cross-process synchronisations the loop makes
     tokens: int  # targets scored
+    balance: float = 1.0  # the loop's wall time on 8 processes against an even split, relative to this run's
 
     @property
     def eval_seconds(self) -> float:
@@ -43,7 +49,7 @@ def project_8xh100(t: ModeTiming, sync_seconds: float, tokens: int | None = None
     `tokens` targets (default: the ones measured)."""
     scale = 1.0 if tokens is None else tokens / t.tokens
     syncs = t.syncs * sync_seconds if t.world_size == 1 else 0.0
-    return t.setup_seconds + scale * (t.loop_seconds * t.world_size / CHALLENGE_GPUS + syncs)
+    return t.setup_seconds + scale * (t.loop_seconds * t.world_size / CHALLENGE_GPUS * t.balance + syncs)
 
 
 def check_budget(final_mode: str, projected: float, max_seconds: float) -> None:

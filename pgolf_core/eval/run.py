@@ -147,7 +147,7 @@ def timed_mode(mode: str, cfg: EvaluateConfig, load_model: Callable[[], torch.nn
             print(f"WARNING: evaluate: {mode}: torch.compile built {compiled_graphs() - graphs_before} graph(s) "
                   "inside the timed loop (a shape or state the warm-up did not cover)", flush=True)
     return result, budget.ModeTiming(loop_start - start, end - loop_start, dist.world_size(), result.syncs,
-                                     result.sums.num_targets)
+                                     result.sums.num_targets, result.balance)
 
 
 def evaluate(cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], val_tokens: np.ndarray,
@@ -168,7 +168,7 @@ def evaluate(cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], val
             print(f"evaluate: {mode} val_bpb {metrics[f'val_bpb_{mode}']:.4f} over {total.num_targets:,} targets / "
                   f"{total.num_bytes:,} bytes in {timings[mode].eval_seconds:.1f} s "
                   f"(loop {timings[mode].loop_seconds:.1f} s; 8xH100 projection "
-                  f"{metrics[f'projected_8xh100_seconds_{mode}']:.0f} s)")
+                  f"{metrics[f'projected_8xh100_seconds_{mode}']:.0f} s, balance {result.balance:.3f})")
     final = cfg.final_mode
     metrics["eval_seconds_all_modes"] = sum(t.eval_seconds for t in timings.values())  # diagnostic modes included
     return {"val_bpb": metrics[f"val_bpb_{final}"], "final_mode": final, **metrics,

@@ -93,11 +93,15 @@ class Block:
 
 @dataclass
 class ModeResult:
-    """What a mode returns: its sums over all ranks and how many cross-process
-    synchronisations (gradient all-reduces, phase gathers) its loop made, for the
-    8xH100 projection (`budget`)."""
+    """What a mode returns: its sums over all ranks, and for the 8xH100 projection
+    (`budget`) how many cross-process synchronisations (gradient all-reduces, phase
+    gathers) its loop made and `balance`: the loop's wall time on 8 processes against an
+    even split of its work, relative to this run's (the document modes deal whole
+    batches of unequal work, `lora.deal_balance`; the window modes split their windows
+    evenly: 1.0)."""
     sums: ScoreSums
     syncs: int = 0
+    balance: float = 1.0
 
 
 def num_chunks(num_tokens: int, chunk_tokens: int) -> int:
