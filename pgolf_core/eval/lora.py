@@ -446,7 +446,11 @@ def deal(costs: list[int], world_size: int, phase_after: set[int]) -> list[list[
     15.7 % more than an even share on 50,000 geometric documents of FineWeb's mean 811
     (the record profile's batches and phases; `deal_balance` 1.157 against 1.059: the
     longest batches always went to the same rank, and the short rounds before each phase
-    left the last ranks out); the rest is the few heavy batches before the phases."""
+    left the last ranks out); the rest is the 40 heavy batches before the phases. Dealing
+    those in row pieces would even it (8 pieces: 1.003; a document's rows are independent
+    under AdamW) but runs each piece through all of its batch's forwards, each with its
+    fixed launch and optimizer-step cost: 7 x 70 more per heavy batch on average
+    (51-185 forwards each), not done."""
     segments: list[list[list[int]]] = []
     current: list[list[int]] = [[] for _ in range(world_size)]
     loads = [0] * world_size
