@@ -62,12 +62,11 @@ from pathlib import Path
 
 import numpy as np
 import safetensors
-import safetensors.torch
 import torch
 
 from pgolf_core.checkpoint import build_model
 from pgolf_core.compress import codec_id, codec_name, compress_many, decompress
-from pgolf_core.io import write_bytes_atomic
+from pgolf_core.io import safetensors_bytes, write_bytes_atomic
 from pgolf_core.layout import Layout, decode, encode
 from pgolf_core.config import ModelConfig, QuantizeConfig
 from pgolf_core.model import GPT
@@ -231,7 +230,7 @@ def write_reference(path: str | Path, qm: QuantizedModel) -> None:
         index.append({"name": name, "kind": t.kind, "shape": list(t.shape), "dtype": t.dtype, "bits": t.bits,
                       "lqer_rank": t.lqer.rank if t.lqer is not None else 0})
     meta = {"format": REFERENCE_FORMAT, "method": qm.method, "index": json.dumps(index)}
-    write_bytes_atomic(path, safetensors.torch.save(tensors, metadata=meta))
+    write_bytes_atomic(path, safetensors_bytes(tensors, meta))
 
 
 def read_reference(path: str | Path) -> QuantizedModel:

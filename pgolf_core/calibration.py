@@ -25,7 +25,6 @@ from pathlib import Path
 
 import safetensors
 import torch
-from safetensors.torch import save_file
 
 from pgolf_core import dist, io
 from pgolf_core.data import TokenStream
@@ -140,8 +139,7 @@ def save_hessians(path: str | Path, calibration: Calibration, metadata: dict | N
     aliases = {a: s for a, s in calibration.aliases.items() if s in stored}
     meta = {"format": FORMAT, "aliases": json.dumps(aliases), "tokens": str(calibration.tokens),
             "rows": json.dumps(calibration.rows), **(metadata or {})}
-    with io.atomic_path(path) as tmp:
-        save_file(stored, str(tmp), metadata=meta)
+    io.write_bytes_atomic(path, io.safetensors_bytes(stored, meta))
 
 
 def load_hessians(path: str | Path) -> dict[str, torch.Tensor]:

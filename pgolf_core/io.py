@@ -43,6 +43,26 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def safetensors_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
+    """`safetensors.torch.save`'s file with the header's metadata in sorted key order, so
+    the same tensors and metadata always give the same bytes. The library writes the
+    metadata from a Rust hash map, in an order that changes from call to call (20 saves
+    of one three-key dict in one process gave 5 orders): a stage that rewrote the same
+    quantizer reference or Hessians changed its output's hash, and DVC reran what
+    depends on it. Only the order of those keys changes; tensors, offsets and readers
+    are as the library has them. (A single key, as `checkpoint` writes, has one order.)"""
+    import safetensors.torch  # torch's; the modules that write no tensors never load it
+
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the library's alignment of the tensor data
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
