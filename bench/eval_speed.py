@@ -45,7 +45,7 @@ from bench.header import RESULTS, header
 from pgolf_core import artifact, checkpoint, config, data, tokenizer
 from pgolf_core.bpb import bits_per_byte, val_byte_counts
 from pgolf_core.eval import budget
-from pgolf_core.eval.lora import deal_balance, documents, forward_positions, queue_order
+from pgolf_core.eval.lora import batch_plan, deal_balance, documents, queue_order
 from pgolf_core.eval.run import prepare, score_mode, truncated
 from pgolf_core.graphs import cold_compile, compiled_graphs
 from pgolf_core.model import GPT
@@ -86,12 +86,8 @@ def fineweb_like_balance(cfg, phased: bool, seed: int = 0) -> float:
     two batches, which on 8 ranks would read as 4x."""
     lengths = np.random.default_rng(seed).geometric(FINEWEB_VAL_DOCUMENTS / FINEWEB_VAL_TOKENS, FINEWEB_VAL_DOCUMENTS)
     ends = np.cumsum(lengths)
-    queue = queue_order(list(zip((ends - lengths).tolist(), ends.tolist())))
-    size = cfg.lora_batch_docs
-    costs = [forward_positions(queue[i : i + size], size, cfg.lora_chunk_tokens, cfg.seq_len)
-             for i in range(0, len(queue), size)]
-    boundaries = [b for b in cfg.phase_boundaries if b < len(queue)] if phased else []
-    return deal_balance(costs, budget.CHALLENGE_GPUS, {-(-b // size) - 1 for b in boundaries})
+    _, costs, _, phase_after = batch_plan(queue_order(list(zip((ends - lengths).tolist(), ends.tolist()))), cfg, phased)
+    return deal_balance(costs, budget.CHALLENGE_GPUS, phase_after)
 
 
 def peak_mem_mib(device: torch.device) -> float:

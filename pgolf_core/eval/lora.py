@@ -476,23 +476,32 @@ def deal_balance(costs: list[int], world_size: int, phase_after: set[int]) -> fl
     return slowest * world_size / total
 
 
+def batch_plan(queue: list[tuple[int, int]], cfg: EvaluateConfig, phased: bool):
+    """The document loop's plan over `queue`: its batches, each batch's work
+    (`forward_positions`), the phase boundaries that fall inside the queue and the
+    batches after which their phases train: what `deal` and `deal_balance` read."""
+    size = cfg.lora_batch_docs
+    batches = _batches(queue, size)
+    rows = len(batches[0]) if batches else 0
+    costs = [forward_positions(batch, rows, cfg.lora_chunk_tokens, cfg.seq_len) for batch in batches]
+    boundaries = [b for b in cfg.phase_boundaries if b < len(queue)] if phased else []
+    return batches, costs, boundaries, {math.ceil(b / size) - 1 for b in boundaries}
+
+
 def _run(model, tokens, byte_counts, cfg: EvaluateConfig, *, phased: bool, device, autocast_dtype, ledger,
          progress) -> ModeResult:
     rank, world = dist.rank(), dist.world_size()
     stream, stream_bytes = stream_tensors(tokens, byte_counts)
     queue = queue_order(documents(tokens, model.cfg.bos_id))
-    batches = _batches(queue, cfg.lora_batch_docs)
+    batches, costs, boundaries, phase_after = batch_plan(queue, cfg, phased)
     lora = DocumentLora(model, cfg, device)
     trainer = None
     if phased:
         trainer = SGDTrainer(model, momentum=cfg.ttt_momentum, grad_clip=cfg.ttt_grad_clip,
                              freeze_blocks=cfg.ttt_freeze_blocks, batch_seqs=cfg.ttt_batch_seqs, device=device,
                              autocast_dtype=autocast_dtype, rank=rank, world_size=world)
-    boundaries = [b for b in cfg.phase_boundaries if b < len(queue)] if phased else []
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     rows = len(batches[0]) if batches else 0
-    costs = [forward_positions(batch, rows, cfg.lora_chunk_tokens, cfg.seq_len) for batch in batches]
-    phase_after = {math.ceil(b / cfg.lora_batch_docs) - 1 for b in boundaries}
     segments = deal(costs, world, phase_after)
     bar = tqdm(total=sum(len(segment[rank]) for segment in segments), desc="ttt_phased" if phased else "ttt_lora",
                disable=not progress, unit="batch")
