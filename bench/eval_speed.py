@@ -35,7 +35,6 @@ import dataclasses
 import json
 import resource
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +45,7 @@ from pgolf_core import artifact, checkpoint, config, data, tokenizer
 from pgolf_core.bpb import bits_per_byte, val_byte_counts
 from pgolf_core.eval import budget
 from pgolf_core.eval.lora import batch_plan, deal_balance, documents, queue_order
-from pgolf_core.eval.run import prepare, score_mode, truncated
-from pgolf_core.graphs import cold_compile, compiled_graphs
+from pgolf_core.eval.run import timed_mode, truncated
 from pgolf_core.model import GPT
 
 FINEWEB_VAL_TOKENS = 40_540_160
@@ -166,37 +164,25 @@ def main() -> None:
     def time_mode(mode: str) -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with cold_compile(cfg.compile):  # compiled as `evaluate` compiles it: from empty caches
-            start = time.perf_counter()
-            model = load()
-            loaded = time.perf_counter()
-            warmup_by_call = prepare(model, mode, cfg, device, autocast, progress=True)  # compiled as the profile says
-            loop_start, graphs_before = time.perf_counter(), compiled_graphs()
-            sums = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast,
-                              progress=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            end = time.perf_counter()
-            graphs_in_loop = compiled_graphs() - graphs_before
-            peak = peak_mem_mib(device)
-            del model
+        run = timed_mode(mode, cfg, load, tokens, byte_counts, device, autocast, progress=True)  # as `evaluate` times it
+        peak = peak_mem_mib(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        timing = budget.ModeTiming(loop_start - start, end - loop_start, 1, sums.syncs, sums.sums.num_targets,
-                                   balance[mode])
+        totals = run.result.sums
+        timing = dataclasses.replace(run.timing, balance=balance[mode])  # the slice is too short to show it
         result[f"tokens_per_second_{mode}"] = round(timing.tokens / timing.loop_seconds)
         result[f"projected_8xh100_seconds_{mode}"] = round(
             budget.project_8xh100(timing, cfg.sync_seconds, tokens=FINEWEB_VAL_TOKENS), 1)
         # setup = the artifact read (decompress, dequantize, build, to the device) + compile and warm-up
-        per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2), "load_seconds": round(loaded - start, 2),
-                          "warmup_seconds": round(loop_start - loaded, 2),
-                          "warmup_seconds_by_call": {call: round(v, 2) for call, v in warmup_by_call.items()},
+        per_mode[mode] = {"setup_seconds": round(timing.setup_seconds, 2), "load_seconds": round(run.load_seconds, 2),
+                          "warmup_seconds": round(timing.setup_seconds - run.load_seconds, 2),
+                          "warmup_seconds_by_call": {call: round(v, 2) for call, v in run.warmup_seconds_by_call.items()},
                           "loop_seconds": round(timing.loop_seconds, 2), "syncs": timing.syncs,
-                          "nll_per_token": sums.sums.nll_nats / sums.sums.num_targets, "compiled": cfg.compile,
-                          "graphs_compiled_in_loop": graphs_in_loop, "peak_mem_mib": peak,
+                          "nll_per_token": totals.nll_nats / totals.num_targets, "compiled": cfg.compile,
+                          "graphs_compiled_in_loop": run.graphs_compiled_in_loop, "peak_mem_mib": peak,
                           "balance_8xh100": round(balance[mode], 4)}
         if args.shards and args.tokenizer:  # the quality of the timed slice (dev-corpus figures off FineWeb)
-            result[f"val_bpb_{mode}"] = bits_per_byte(sums.sums.nll_nats, sums.sums.num_bytes)
+            result[f"val_bpb_{mode}"] = bits_per_byte(totals.nll_nats, totals.num_bytes)
         print(f"eval_speed: {mode} {result[f'tokens_per_second_{mode}']:,} tok/s, 8xH100 projection "
               f"{result[f'projected_8xh100_seconds_{mode}']} s, val_bpb {result.get(f'val_bpb_{mode}')}, "
               f"{per_mode[mode]}", file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -616,6 +617,38 @@ def test_each_compiled_mode_compiles_from_empty_caches_of_its_own(compiled, stre
     else:
         assert dirs == [tmp_path, tmp_path]
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+
+
+def test_timed_mode_splits_the_setup_into_the_read_and_the_warm_up_and_counts_graphs_built_in_the_loop(
+        stream, monkeypatch, capsys):
+    """`timed_mode` is how `evaluate` and `bench.eval_speed` both time a mode: the setup
+    holds the artifact read and the warm-up, the loop the scoring, and graphs built inside
+    the loop are counted and warned about. The read and the warm-up sleep here, so their
+    shares of the setup have known lower bounds; the scoring is the real one."""
+    warmup = {"scoring": 0.05}
+
+    def slow_read():
+        time.sleep(0.1)
+        return _model(ModelConfig(**RECORD_LIKE))
+
+    def spy_prepare(model, mode, cfg, device, autocast_dtype, *, progress=False):
+        time.sleep(0.05)
+        return warmup
+
+    def scoring_that_builds_two_graphs(*args, **kwargs):
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] += 2  # as a shape the warm-up missed would
+        return score_mode(*args, **kwargs)
+
+    monkeypatch.setattr(eval_run, "prepare", spy_prepare)
+    monkeypatch.setattr(eval_run, "score_mode", scoring_that_builds_two_graphs)
+    cfg = dataclasses.replace(EVAL, modes=["sliding"], final_mode="sliding", compile=True)
+    run = eval_run.timed_mode("sliding", cfg, slow_read, stream, _bytes(stream), CPU, None, progress=False)
+    assert run.load_seconds >= 0.1 and run.timing.setup_seconds >= run.load_seconds + 0.05
+    assert run.warmup_seconds_by_call == warmup and run.timing.loop_seconds > 0
+    assert run.graphs_compiled_in_loop == 2 and "built 2 graph(s) inside the timed loop" in capsys.readouterr().out
+    expected = score_mode("sliding", _model(ModelConfig(**RECORD_LIKE)), stream, _bytes(stream), cfg, device=CPU)
+    assert run.result.sums == expected.sums and run.timing.tokens == expected.sums.num_targets == len(stream) - 1
+    assert (run.timing.world_size, run.timing.syncs, run.timing.balance) == (1, expected.syncs, expected.balance)
 
 
 @pytest.mark.parametrize("mode", ALL_MODES)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -131,23 +132,42 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> di
     return seconds
 
 
+@dataclass(frozen=True)
+class TimedMode:
+    """One mode's run as `timed_mode` made it: its sums, its timing as the budget counts it,
+    and the parts `bench.eval_speed` reports (the read within the setup, the warm-up per
+    kind of call, graphs built inside the timed loop: 0 when the warm-up covered every
+    shape)."""
+    result: ModeResult
+    timing: budget.ModeTiming
+    load_seconds: float
+    warmup_seconds_by_call: dict[str, float]
+    graphs_compiled_in_loop: int
+
+
 def timed_mode(mode: str, cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], tokens: np.ndarray,
-               byte_counts: np.ndarray, device, autocast_dtype, progress: bool) -> tuple[ModeResult, budget.ModeTiming]:
+               byte_counts: np.ndarray, device, autocast_dtype, progress: bool) -> TimedMode:
     """One mode from a fresh read of the artifact: read, compiled cold, warmed up and
-    scored; its sums and its timing as the budget counts it."""
+    scored. `evaluate` and `bench.eval_speed` both time a mode through it, so the
+    benchmark's figures are the budget's."""
     with cold_compile(cfg.compile):
         start = time.perf_counter()
         model = load_model()
-        prepare(model, mode, cfg, device, autocast_dtype, progress=progress)
+        loaded = time.perf_counter()
+        warmup_by_call = prepare(model, mode, cfg, device, autocast_dtype, progress=progress)
         loop_start, graphs_before = time.perf_counter(), compiled_graphs()
         result = score_mode(mode, model, tokens, byte_counts, cfg, device=device, autocast_dtype=autocast_dtype,
                             progress=progress)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         end = time.perf_counter()
-        if cfg.compile and compiled_graphs() > graphs_before:
-            print(f"WARNING: evaluate: {mode}: torch.compile built {compiled_graphs() - graphs_before} graph(s) "
-                  "inside the timed loop (a shape or state the warm-up did not cover)", flush=True)
-    return result, budget.ModeTiming(loop_start - start, end - loop_start, dist.world_size(), result.syncs,
-                                     result.sums.num_targets, result.balance)
+        graphs_in_loop = compiled_graphs() - graphs_before
+    if cfg.compile and graphs_in_loop:
+        print(f"WARNING: evaluate: {mode}: torch.compile built {graphs_in_loop} graph(s) "
+              "inside the timed loop (a shape or state the warm-up did not cover)", flush=True)
+    timing = budget.ModeTiming(loop_start - start, end - loop_start, dist.world_size(), result.syncs,
+                               result.sums.num_targets, result.balance)
+    return TimedMode(result, timing, loaded - start, warmup_by_call, graphs_in_loop)
 
 
 def evaluate(cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], val_tokens: np.ndarray,
@@ -158,7 +178,8 @@ def evaluate(cfg: EvaluateConfig, load_model: Callable[[], torch.nn.Module], val
     autocast = dist.autocast_dtype(device)
     metrics, timings = {}, {}
     for mode in cfg.modes:
-        result, timings[mode] = timed_mode(mode, cfg, load_model, tokens, byte_counts, device, autocast, progress)
+        run = timed_mode(mode, cfg, load_model, tokens, byte_counts, device, autocast, progress)
+        result, timings[mode] = run.result, run.timing
         total = result.sums
         metrics[f"val_bpb_{mode}"] = bits_per_byte(total.nll_nats, total.num_bytes)
         metrics[f"eval_seconds_{mode}"] = timings[mode].eval_seconds
