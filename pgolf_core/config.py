@@ -552,6 +552,10 @@ class EvaluateConfig:
     warmup: bool = True  # each forward/backward the mode's loop runs, on random tokens, before the loop's timer
     compile: bool = False  # torch.compile the evaluation model (dynamic shapes; the warm-up builds the graphs)
     compile_backend: str = "inductor"  # EVAL_COMPILE_BACKENDS; aot_eager traces the same graphs without codegen
+    # ttt_phased's global SGD passes in a compiled graph (false: eager, and the warm-up builds no
+    # SGD-step graph, about half of that mode's compile; the passes train a few percent of the
+    # tokens the adapters see, at eager speed: bench/NOTES.md weighs the trade)
+    compile_phases: bool = True
     max_eval_seconds: float = 0.0  # fail when the final mode's 8xH100 projection exceeds it (0 = no check)
     sync_seconds: float = 0.0002  # projection: cost of one cross-process synchronisation on 8xH100
 

@@ -29,6 +29,7 @@ from pgolf_core.eval.ttt import SGDTrainer, cosine_lr, span_blocks, windows_by_c
 from pgolf_core.eval.sliding import plan_windows
 from pgolf_core.config import ModelConfig
 from pgolf_core.model import GPT
+from pgolf_core.graphs import compiled_graphs
 from launch import torchrun
 
 CPU = torch.device("cpu")
@@ -1108,3 +1109,27 @@ def test_eval_speed_smoke_run_on_cpu(tmp_path):
     assert result["timed_tokens"] == len(stream) - 1 and result["timed_documents"] == len(lengths)
     assert result["mean_document_tokens"] == round((len(stream) - 1) / len(lengths), 1)
     assert result["lora_window_tokens_per_target"] == round(window_tokens / (len(stream) - 1), 3)
+
+
+def test_eager_phases_build_no_sgd_graph_and_score_as_eager(stream, capsys):
+    """evaluate.compile_phases off: `ttt_phased` compiles only the adapters' graph; its
+    warm-up makes no SGD-step call, its phases train eager (torch.compile's force_eager
+    stance: without it the first phase would build the SGD step's graph inside the timed
+    loop), and the scores equal eager evaluation's to float32's epsilon. The 2-layer
+    model of the test above keeps the tracing short."""
+    small = ModelConfig(**{**RECORD_LIKE, "num_layers": 2, "xsa_last_n": 2, "value_embed_layers": (1,),
+                           "num_loops": 0, "loop_start": 0, "loop_end": 0, "parallel_start": 1})
+    cfg = dataclasses.replace(EVAL, modes=["ttt_phased"], final_mode="ttt_phased", warmup=True, compile_phases=False,
+                              lora_batch_docs=6, lora_group_rows=3, lora_targets=["q", "k", "v", "o_side", "mlp_side", "head"])
+    eager = evaluate(cfg, lambda: _model(small), stream, _bytes(stream), CPU)
+    capsys.readouterr()
+    graphs_before = compiled_graphs()
+    compiled = evaluate(dataclasses.replace(cfg, compile=True, compile_backend="aot_eager"),
+                        lambda: _model(small), stream, _bytes(stream), CPU, progress=True)
+    out = capsys.readouterr().out
+    built = re.search(r"evaluate: ttt_phased: warm-up done in [0-9.]+ s \(adapters [0-9.]+ s\), (\d+) graph\(s\) built", out)
+    assert built and int(built.group(1)) > 0 and "sgd_step" not in out
+    assert "inside the timed loop" not in out and compiled_graphs() - graphs_before == int(built.group(1))
+    assert compiled["val_bpb_ttt_phased"] == pytest.approx(eager["val_bpb_ttt_phased"], rel=1.2e-7, abs=0)
+    _, phased = _ledger("ttt_phased", stream, cfg, small)
+    assert phased.syncs > 1  # the phases did train: one sync per SGD step, plus the final sum

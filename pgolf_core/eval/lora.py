@@ -37,6 +37,7 @@ does not depend on the number of processes), then resumes with fresh adapters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -488,6 +489,14 @@ def batch_plan(queue: list[tuple[int, int]], cfg: EvaluateConfig, phased: bool):
     return batches, costs, boundaries, {math.ceil(b / size) - 1 for b in boundaries}
 
 
+def phase_stance(cfg: EvaluateConfig):
+    """How a phase's SGD passes run: in the compiled model's graphs, or eager when
+    `evaluate.compile_phases` is off (torch.compile's force_eager stance: the compiled
+    model runs its Python forward, builds no graph, and the adapters' graph is untouched
+    after it)."""
+    return contextlib.nullcontext() if cfg.compile_phases else torch.compiler.set_stance("force_eager")
+
+
 def _run(model, tokens, byte_counts, cfg: EvaluateConfig, *, phased: bool, device, autocast_dtype, ledger,
          progress) -> ModeResult:
     rank, world = dist.rank(), dist.world_size()
@@ -513,8 +522,10 @@ def _run(model, tokens, byte_counts, cfg: EvaluateConfig, *, phased: bool, devic
         scored_docs = min(len(queue), (max(b for mine in segment for b in mine) + 1) * cfg.lora_batch_docs)
         while boundaries and boundaries[0] <= scored_docs and s < len(segments) - 1:
             chunks = phase_blocks(queue[: boundaries.pop(0)], cfg.seq_len, cfg.ttt_chunk_tokens)
-            for c, chunk in enumerate(chunks):  # cosine over the phase, never down to 0: every chunk trains
-                trainer.train(stream, chunk, lr=cosine_lr(cfg.phase_lr, c, len(chunks) + 1), epochs=cfg.phase_epochs)
+            with phase_stance(cfg):
+                for c, chunk in enumerate(chunks):  # cosine over the phase, never down to 0: every chunk trains
+                    trainer.train(stream, chunk, lr=cosine_lr(cfg.phase_lr, c, len(chunks) + 1),
+                                  epochs=cfg.phase_epochs)
     bar.close()
     if trainer is not None:
         trainer.restore()

@@ -87,7 +87,8 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> di
     """Each call the mode's loop makes, at the loop's batch shapes on random tokens:
     scoring forwards without gradient (with a stride below the window, also the one whose
     head sees only the scored tail), the full-model SGD step's forward and backward
-    (`ttt_sgd`, `ttt_phased`), the adapters' forward and backward (`ttt_lora`,
+    (`ttt_sgd`, and `ttt_phased` unless `evaluate.compile_phases` is off and its phases run
+    eager), the adapters' forward and backward (`ttt_lora`,
     `ttt_phased`); the loops keep their row counts fixed and mark the window length
     dynamic, so these are every graph they need. Gradients are dropped and nothing
     steps: the weights are untouched. Returns the seconds of each kind of call
@@ -117,7 +118,7 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> di
                 model(idx)
                 if mode != "nonoverlap" and cfg.stride < cfg.seq_len:  # the windows that score a tail only
                     model(idx, select=tail_select(cfg.seq_len, cfg.stride, idx.size(0), device))
-        if mode in ("ttt_sgd", "ttt_phased"):
+        if mode == "ttt_sgd" or (mode == "ttt_phased" and cfg.compile_phases):  # eager phases need no graph
             model.train()
             idx = random_tokens(math.ceil(cfg.ttt_batch_seqs / dist.world_size()))
             # frozen as the SGD step freezes them: which weights take gradients is part of its graph
