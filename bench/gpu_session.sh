@@ -127,7 +127,7 @@ part evalspeedwhole eval_speed_whole.json 540 python3 -m bench.eval_speed --prof
     --artifact $ARTIFACT --shards data/dev_run/shards_8192 \
     --tokenizer data/dev_run/tokenizer_8192 --tokens 200000 --modes ttt_phased --set lora_group_rows=0 \
     --out bench/results/eval_speed_whole.json
-# evalphaseseager (a call of its own, after quantize): the final mode compiled with its global SGD phases
+# evalphaseseager (after quantize, in its call: `quantize evalphaseseager`): the final mode compiled with its global SGD phases
 # eager (evaluate.compile_phases=false): no SGD-step graph in the warm-up, the phases at eager speed;
 # set against evalspeed's ttt_phased projection
 part evalphaseseager eval_speed_eager_phases.json 300 python3 -m bench.eval_speed --profile $RECORD --device cuda \
