@@ -501,7 +501,7 @@ class ScriptConfig:
     smaller one. `payload`: `base85` (ASCII, as the records shipped: 1.25 bytes per
     compressed byte) or `latin1` (raw LZMA2 in a str literal of a file that declares
     `coding: latin-1`, PEP 263: about 1.02 bytes per compressed byte; about 10.9 KB less
-    for the record profile's script, 59.0 -> 48.1 KB). Python runs both alike; a tool that reads
+    for the record profile's script: the README quotes both sizes). Python runs both alike; a tool that reads
     the script as UTF-8 text fails on `latin1`, so it is opt-in until the challenge's own
     counting of code bytes is known to read the file's bytes. Not offered: a denser text
     that stays UTF-8, base 123 over ASCII 1-127 less the line ends, quote and backslash

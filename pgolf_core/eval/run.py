@@ -88,8 +88,7 @@ def warm_up(model, mode: str, cfg: EvaluateConfig, device, autocast_dtype) -> di
     scoring forwards without gradient (with a stride below the window, also the one whose
     head sees only the scored tail), the full-model SGD step's forward and backward
     (`ttt_sgd`, and `ttt_phased` unless `evaluate.compile_phases` is off and its phases run
-    eager), the adapters' forward and backward (`ttt_lora`,
-    `ttt_phased`); the loops keep their row counts fixed and mark the window length
+    eager), the adapters' forward and backward (`ttt_lora`, `ttt_phased`); the loops keep their row counts fixed and mark the window length
     dynamic, so these are every graph they need. Gradients are dropped and nothing
     steps: the weights are untouched. Returns the seconds of each kind of call
     (`scoring`, `sgd_step`, `adapters`; compiled, mostly its graph's compile), which says
