@@ -97,8 +97,9 @@ dev dev train_dev_run.json
 part quantize quantize.json 270 python3 -m bench.quantize --profile profiles/record_1xh100.yaml \
     --workdir data/dev_run --steps 75 --layouts row+shuffle,col+shuffle,col+nn+shuffle --variants fit lqer \
     --no-sliding --no-lite
-# the record profile's artifact as the pipeline would pack it (GPTQ + LQER + int8 gate, pruned to fit),
-# or GPTQ alone where the quantize part was cut before it
+# the record profile's quantization, GPTQ + LQER + int8 gate pruned to 15,950,000 bytes with code in
+# the row layout (bench.quantize packs every variant in row alone, so it is pruned at least as much
+# as the profile's own artifact), or GPTQ alone, unpruned, where the quantize part was cut before it
 ARTIFACT=data/dev_run/model_gptq_lqer_gate_fit.bin
 [[ -f $ARTIFACT ]] || ARTIFACT=data/dev_run/model_gptq.bin
 # evaleager (in the quantize call): the record's final mode and sliding on that artifact, eager, over
