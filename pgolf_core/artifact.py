@@ -103,8 +103,8 @@ def pack_artifact(qm: QuantizedModel, model_config: dict, compressors, layouts=(
     chunk) of every (layout, codec) pair from `layouts` x `compressors`, or in the one pair
     `choices[group]` names when `choices` is given (a byte search re-packs many times;
     trying every pair each time would cost minutes).
-    `cache`, a dict kept by the caller, remembers compressed groups by their bytes so an
-    unchanged group is not compressed twice. `progress(group)` is called per group.
+    `cache`, a dict kept by the caller, remembers compressed groups by their bytes and
+    geometry so an unchanged group is not compressed twice. `progress(group)` is called per group.
 
     Returns (artifact, report); report has model_bytes (= len(artifact)), header_bytes,
     and per group: bytes_per_group (compressed), raw_bytes_per_group, compressor_per_group,
@@ -118,7 +118,9 @@ def pack_artifact(qm: QuantizedModel, model_config: dict, compressors, layouts=(
     bits = _bits_per_category(qm)
     pairs_of = {group: [tuple(choices[group])] if choices else list(itertools.product(layouts, compressors))
                 for group in payloads}
-    keys = {group: (hashlib.sha256(raw).digest(), tuple(pairs_of[group]), chunk_bytes)
+    # A layout reorders a group's bytes by its matrices' shapes, so equal bytes of other
+    # shapes are another encoding: the key holds the geometry as well as the bytes.
+    keys = {group: (hashlib.sha256(raw).digest(), repr(geometry[group]), tuple(pairs_of[group]), chunk_bytes)
             for group, raw in payloads.items()}
     todo = [g for g in payloads if cache is None or keys[g] not in cache]
     chosen, seconds = {}, {}

@@ -154,3 +154,26 @@ def test_gate_category_and_group(qm):
     with_fp16 = pack_artifact(quantize_rtn(random_state(seed=1), dataclasses.replace(CFG, gate_int8=False)),
                               MODEL_CONFIG, ["zlib"])[1]["bytes_per_group"]
     assert "gate" not in with_fp16 and with_int8["gate"] + with_int8["passthrough"] < with_fp16["passthrough"]
+
+
+def test_a_cache_shared_between_models_never_reuses_bytes_laid_out_for_other_shapes():
+    """The same integers in matrices of other shapes are other bytes once a layout
+    reorders them: the pack cache must tell them apart."""
+    from pgolf_core.quant import QuantizedModel, QuantizedTensor
+
+    ints = torch.randint(-15, 16, (64,), generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+
+    def model(shape_fc, shape_proj):
+        def tensor(q):
+            return QuantizedTensor(shape=tuple(q.shape), dtype="float32", bits=5, q=q.clone(),
+                                   scale=torch.ones(q.shape[0], dtype=torch.float16))
+        return QuantizedModel(tensors={"blocks.0.mlp.fc.weight": tensor(ints[:32].reshape(shape_fc)),
+                                       "blocks.0.mlp.proj.weight": tensor(ints[32:].reshape(shape_proj))},
+                              method="rtn")
+
+    cache: dict = {}
+    pack_artifact(model((4, 8), (8, 4)), {}, ["zlib"], ["col"], cache=cache)
+    other = model((8, 4), (4, 8))
+    blob, _ = pack_artifact(other, {}, ["zlib"], ["col"], cache=cache)
+    assert blob == pack_artifact(other, {}, ["zlib"], ["col"])[0]
+    assert compare_exact(unpack_artifact(blob)[0], other) == []

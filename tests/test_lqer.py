@@ -8,10 +8,11 @@ import torch
 from _quant_models import MODEL_CONFIG, random_state
 from pgolf_core.artifact import compare_exact, pack_artifact, read_reference, unpack_artifact, write_reference
 from pgolf_core.config import CategoryBits, QuantizeConfig
-from pgolf_core.quant import LQER_GROUP, dequantize, dequantize_tensor
+from pgolf_core.quant import dequantize, dequantize_tensor
 from pgolf_core.quant.lqer import add_lqer, fit_low_rank
 from pgolf_core.quant.rtn import quantize_rtn
 
+B_GROUP = 64  # B's integers per fp16 scale: the 04-27 record's groups (issue 20), not the library's constant
 CFG = QuantizeConfig(bits=CategoryBits(attention=5, mlp=5, embedding=5, other=5), clip="sdclip",
                      passthrough_max_numel=100)
 
@@ -22,7 +23,7 @@ def reference_product(lq) -> np.ndarray:
     flat = lq.b.numpy().astype(np.float64).reshape(-1)
     scales = lq.b_scale.numpy().astype(np.float64)
     for g in range(len(scales)):
-        flat[g * LQER_GROUP:(g + 1) * LQER_GROUP] *= scales[g]
+        flat[g * B_GROUP:(g + 1) * B_GROUP] *= scales[g]
     return a @ flat.reshape(lq.b.shape)
 
 
@@ -64,7 +65,7 @@ def test_factors_on_their_grids_and_dequantized_as_the_reference_says(corrected)
         assert lq.a.dtype == torch.int8 and -2 <= lq.a.min() and lq.a.max() <= 1
         assert lq.b.dtype == torch.int8 and -8 <= lq.b.min() and lq.b.max() <= 7
         assert lq.a_scale.dtype == lq.b_scale.dtype == torch.float16
-        assert lq.b_scale.shape == (-(-lq.b.numel() // LQER_GROUP),)
+        assert lq.b_scale.shape == (-(-lq.b.numel() // B_GROUP),)
         base = t.q.numpy().astype(np.float64) * t.scale.numpy().astype(np.float64)[:, None]
         np.testing.assert_allclose(dequantize_tensor(t).double().numpy(), base + reference_product(lq),
                                    rtol=0, atol=1e-6)

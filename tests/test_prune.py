@@ -117,6 +117,44 @@ def test_unreachable_fit_bytes_names_the_key(code):
         pack_to_fit(qm, MODEL_CONFIG, ["zlib"], ["row"], code + 500, code, 0)
 
 
+def _padding_packs(monkeypatch, *, full: int = 0, probe: int = 0):
+    """Make the full layout/codec search's packs (`full`) or the search's one-choice probes
+    (`probe`) that many bytes longer: the header that names each group's choice can grow
+    by a few bytes between the two, which real codecs only show near a budget's edge."""
+    from pgolf_core.quant import fit as fit_module
+
+    real = fit_module.pack_artifact
+
+    def padded(*args, **kwargs):
+        blob, report = real(*args, **kwargs)
+        extra = probe if kwargs.get("choices") else full
+        return blob + b"\0" * extra, {**report, "model_bytes": len(blob) + extra}
+
+    monkeypatch.setattr(fit_module, "pack_artifact", padded)
+
+
+def test_fit_ships_the_probe_that_fitted_when_the_full_search_comes_out_larger(monkeypatch, code):
+    qm = quantize_rtn(random_state(seed=4, scale=0.05), CFG)
+    _, base = pack_artifact(qm, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"])
+    target = code + base["model_bytes"] - 150
+    _padding_packs(monkeypatch, full=1000)  # the full search never fits: only a probe can
+    packed, blob, report, fit = pack_to_fit(qm, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"], target, code, 0)
+    assert len(blob) + code <= target and fit["shipped_pack"] == "probe" and report["model_bytes"] == len(blob)
+    back, _ = unpack_artifact(blob)  # a probe is a whole artifact, not padded
+    assert compare_exact(back, packed) == [] and compare_exact(back, zero_cheapest(qm, unit_candidates(qm),
+                                                                                   fit["zeroed"])) == []
+
+
+def test_fit_asks_the_full_search_before_calling_a_target_out_of_reach(monkeypatch, code):
+    qm = quantize_rtn(random_state(seed=4, scale=0.05), CFG)
+    everything = zero_cheapest(qm, unit_candidates(qm), len(unit_candidates(qm)))
+    smallest = len(pack_artifact(everything, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"])[0])
+    _padding_packs(monkeypatch, probe=1000)  # no probe fits: only the full search at the largest count does
+    packed, blob, _, fit = pack_to_fit(qm, MODEL_CONFIG, ["zlib", "zstd"], ["row", "col"], code + smallest, code, 0)
+    assert len(blob) == smallest and fit["zeroed"] == fit["candidates"] and fit["shipped_pack"] == "full search"
+    assert compare_exact(unpack_artifact(blob)[0], packed) == []
+
+
 def test_prune_and_fit_keys_are_checked():
     with pytest.raises(ValueError, match="quantize.prune_fraction"):
         QuantizeConfig(prune_fraction=1.0)
