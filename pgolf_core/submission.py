@@ -14,8 +14,10 @@ as `python train_gpt.py` or `torchrun --standalone --nproc_per_node=8 train_gpt.
 and settings. A variable with a value that does not parse or that the config refuses is
 named in the error; a variable of the public scripts this script cannot honour
 (`UNSUPPORTED`: every setting the five seed systems' commands use that is not mapped) is
-refused with the reason rather than silently ignored. A name outside both tables is not
-read: the environment holds much besides settings.
+refused with the reason rather than silently ignored. So is a name outside both tables
+that starts like the public scripts' settings do (`SETTING_PREFIXES`: `TTT_`, `GPTQ_`,
+`WARMDOWN_`, ...), since the records' scripts read more names than the seeds show; any
+other name is not read: the environment holds much besides settings.
 
 **The run** follows the pipeline's stages with the same functions in the same order
 (train: seed, tokenizer, shards, model, `train` with GPTQ calibration in the same launch;
@@ -90,6 +92,9 @@ ENV_KEYS = {
     "LOOP_START": "train.model.loop_start",
     "LOOP_END": "train.model.loop_end",
     "PARALLEL_START_LAYER": "train.model.parallel_start",
+    # #1894: "ENABLE_LOOPING_AT=0.42 beat ... 0.35 and 0.40", the fraction of the run at
+    # which the loop switches on (the 04-09 record's "loop 3-5 at 0.35").
+    "ENABLE_LOOPING_AT": "train.schedule.loop_start_frac",
     "MATRIX_LR": "train.optimizer.matrix_lr",
     "SCALAR_LR": "train.optimizer.scalar_lr",
     "TIED_EMBED_LR": "train.optimizer.embed_lr",
@@ -107,7 +112,9 @@ ENV_KEYS = {
     "TTT_LR": "evaluate.ttt_lr",
     "TTT_EPOCHS": "evaluate.ttt_epochs",
     "TTT_FREEZE_BLOCKS": "evaluate.ttt_freeze_blocks",
-    "TTT_CHUNK_SIZE": "evaluate.ttt_chunk_tokens",
+    # The per-document chunk: #687 sets TTT_CHUNK_SIZE=128 for its document LoRA, the
+    # phased records' "chunk 32/48" (TECHNIQUES §5.4); the 32,768-token chunk has no variable.
+    "TTT_CHUNK_SIZE": "evaluate.lora_chunk_tokens",
     "TTT_WARM_START_A": "evaluate.lora_warm_start_a",
     "SPARSE_ATTN_GATE_SCALE": "train.model.attn_gate_scale",
     "GATED_ATTN_QUANT_GATE": "quantize.gate_int8",
@@ -138,8 +145,9 @@ _UNSUPPORTED_BY_REASON = {
         "NGRAM_VOCAB", "NGRAM_MAX_TOKENS", "NGRAM_HASH_BUCKETS", "NGRAM_DATA_DIR", "USE_NGRAM_BIAS",
         "USE_NGRAM_BACKOFF", "USE_NGR_LOG_FREQ_INV", "USE_CTX_PARTITIONED_TAB"),
     "document-masked attention is train.model.doc_mask (baked)": ("VARLEN_ENABLED",),
+    "the parallel lanes' final hidden state is always their mean here (the records' "
+    "PARALLEL_FINAL_LANE=mean)": ("PARALLEL_FINAL_LANE",),
     "the value residual is train.model.value_residual (baked)": ("VRL_ENABLED",),
-    "the loop starts at train.schedule.loop_start_frac of the run (baked)": ("RENABLE_LOOPING_AT",),
     "a technique this script does not have": (
         "BACKOUT_ENABLED", "DISTILL_ENABLED", "USE_NORM_PCT_DROPOUT", "NORM_PCT_THRESH", "USE_CMP_QUANT_VALUE_DEDUP",
         "CMP_QUANT_DEDUP_STEP"),
@@ -148,6 +156,14 @@ _UNSUPPORTED_BY_REASON = {
         "MATCHED_FINEWEB_REPO_ID", "MATCHED_FINEWEB_SKIP_HF_COPY"),
 }
 UNSUPPORTED = {name: why for why, names in _UNSUPPORTED_BY_REASON.items() for name in names}
+# How the public scripts' settings begin (the seeds' names above and the records' logs):
+# a variable so named that neither table holds is refused as well, since the records'
+# scripts read names the seeds never show (a warm-down fraction, EMA or phase settings)
+# and one of them set and silently ignored would change nothing while seeming to.
+# Prefixes an environment uses for other things (TORCH_, MAX_, USE_, NUM_) are left out.
+SETTING_PREFIXES = ("TTT_", "GPTQ_", "MUON_", "NGRAM_", "LORA_", "WARMDOWN_", "WARMUP_", "EMA_", "SWA_", "QAT_",
+                    "MATRIX_", "EMBED_", "TIED_", "QK_", "ROPE_", "LOOP_", "EVAL_", "TRAIN_", "VAL_", "MLP_", "XSA_",
+                    "PHASED_", "GLOBAL_TTT_", "SPARSE_ATTN_", "GATED_ATTN_", "ADAM_", "MUONEQ_")
 
 # Run-level variables (not params): see `Paths`.
 RUN_VARS = ("DATA_PATH", "TOKENIZER_PATH", "RUN_ID", "VOCAB_SIZE", "OUT_DIR", "EVAL_ONLY", "ARTIFACT_PATH",
@@ -242,6 +258,12 @@ def settings_from_env(baked: dict, environ: typing.Mapping[str, str]):
     for name, why in UNSUPPORTED.items():
         if name in environ:
             raise SettingsError(f"{name} is a public script's setting this script does not honour: {why}")
+    unknown = sorted(name for name in environ if name.startswith(SETTING_PREFIXES)
+                     and name not in ENV_KEYS and name not in RUN_VARS)
+    if unknown:
+        raise SettingsError(f"{', '.join(unknown)}: named like a public script's setting, but this script does not "
+                            "read it (its settings are the baked params; the variables it reads are ENV_KEYS in "
+                            "pgolf_core/submission.py): unset it or change the params and export again")
     tree = json.loads(json.dumps({k: baked[k] for k in ("train", "quantize", "evaluate")}))
     culprits: dict[str, str] = {}
     for name, key in ENV_KEYS.items():

@@ -274,9 +274,12 @@ def test_environment_maps_onto_the_config(tmp_path):
 
 def test_the_records_ttt_gate_and_chunk_variables_map_and_no_name_is_both_mapped_and_refused():
     train_cfg, quant_cfg, eval_cfg, _ = submission.settings_from_env(baked(BAKED_PARAMS), {
-        "TTT_CHUNK_SIZE": "4096", "TTT_WARM_START_A": "1", "SPARSE_ATTN_GATE_SCALE": "0.5",
-        "GATED_ATTN_QUANT_GATE": "1"})
-    assert eval_cfg.ttt_chunk_tokens == 4096 and eval_cfg.lora_warm_start_a is True
+        "TTT_CHUNK_SIZE": "16", "TTT_WARM_START_A": "1", "SPARSE_ATTN_GATE_SCALE": "0.5",
+        "GATED_ATTN_QUANT_GATE": "1", "ENABLE_LOOPING_AT": "0.42"})
+    # the records' TTT_CHUNK_SIZE is the per-document chunk (#687: 128; the phased records: 48)
+    assert eval_cfg.lora_chunk_tokens == 16 and eval_cfg.ttt_chunk_tokens == configs(BAKED_PARAMS)[
+        "evaluate"].ttt_chunk_tokens
+    assert eval_cfg.lora_warm_start_a is True and train_cfg.schedule.loop_start_frac == 0.42
     assert train_cfg.model.attn_gate_scale == 0.5 and quant_cfg.gate_int8 is True
     assert not set(submission.ENV_KEYS) & set(submission.UNSUPPORTED)
     assert not set(submission.RUN_VARS) & (set(submission.ENV_KEYS) | set(submission.UNSUPPORTED))
@@ -302,6 +305,8 @@ def test_without_environment_the_baked_params_and_public_paths_hold():
     ({"EVAL_STRIDE": "0"}, r"EVAL_STRIDE \(sets evaluate.stride\): evaluate.stride=0"),
     ({"GPTQ_CALIB_BATCHES": "0"}, r"GPTQ_CALIB_BATCHES is 0 but quantize.method is 'gptq'"),
     ({"WARMDOWN_ITERS": "1200"}, r"WARMDOWN_ITERS is a public script's setting this script does not honour"),
+    ({"WARMDOWN_FRAC": "0.75", "TTT_LORA_RANK": "96", "PATH": "/bin", "TORCH_LOGS": "+dynamo"},
+     r"^TTT_LORA_RANK, WARMDOWN_FRAC: named like a public script's setting, but this script does not read it"),
     ({"TTT_ENABLED": "1"}, r"TTT_ENABLED is a public script's setting .*: test-time training is chosen by "
                            r"evaluate.modes"),
     ({"GPTQ_ENABLED": "0"}, r"GPTQ_ENABLED is a public script's setting .*: the quantizer is quantize.method"),
