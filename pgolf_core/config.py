@@ -525,7 +525,7 @@ class EvaluateConfig:
     truncate_to_seq_len: bool = False  # score only ((N-1)//seq_len)*seq_len targets, as the records
     # ttt_sgd (TECHNIQUES.md 5.3): score a chunk with sliding windows, then train on it
     ttt_chunk_tokens: int = 32768  # targets per chunk (chunk c owns targets (cC, (c+1)C])
-    ttt_lr: float = 0.005  # SGD peak LR, cosine over chunks to 0 at the last trained chunk
+    ttt_lr: float = 0.005  # SGD peak LR, cosine over all chunks to 0 at the last (never trained on; TECHNIQUES §5.3)
     ttt_momentum: float = 0.9
     ttt_epochs: int = 3  # passes over each chunk
     ttt_grad_clip: float = 1.0  # global grad-norm clip after the all-reduce (0 = off)

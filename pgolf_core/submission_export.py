@@ -21,7 +21,8 @@ mode projected over 600 s of evaluation on 8xH100; validation documents found in
 training shards (`validation_overlap`). Nothing is written when it refuses.
 
     python -m pgolf_core.submission_export --params params.yaml --artifact data/artifact \\
-        --train-metrics metrics/train/metrics.json --eval-metrics metrics/eval.json \\
+        --script data/script/train_gpt.py --train-metrics metrics/train/metrics.json \\
+        --eval-metrics metrics/eval.json --verify-metrics metrics/verify.json \\
         --shards data/shards --tokenizer data/tokenizer --out records/track_10min_16mb/<date>_<name>
 """
 
@@ -189,19 +190,19 @@ ISOLATED_TOLERANCE = 1e-3
 
 
 def broken_rules(params: dict, code_bytes: int, model_bytes: int, train_metrics: dict, eval_metrics: dict,
-                 overlap: dict, bundled_modules: tuple[str, ...] = (), verify_metrics: dict | None = None) -> list[str]:
+                 overlap: dict, bundled_modules: tuple[str, ...], verify_metrics: dict) -> list[str]:
     """Every challenge rule the run breaks (empty when none). `eval_metrics` holds the
     evaluate stage's figures and labels (`final_mode`); `bundled_modules` the shipped
-    script's modules (traced, `bundle.Shipped.modules`); `verify_metrics`, when given,
-    verify's figures and labels: the shipped script's own score of the artifact
-    (`val_bpb_isolated`, `isolated_final_mode`) must be evaluate's."""
+    script's modules (traced, `bundle.Shipped.modules`); `verify_metrics` verify's figures
+    and labels: the shipped script's own score of the artifact (`val_bpb_isolated`,
+    `isolated_final_mode`) must be evaluate's. Never optional: without it nothing shows
+    that the code that counts produced the score."""
     broken = []
-    if verify_metrics is not None:
-        isolated, mode = verify_metrics.get("val_bpb_isolated"), verify_metrics.get("isolated_final_mode")
-        final, val = eval_metrics.get("final_mode"), eval_metrics.get("val_bpb")
-        if mode != final or isolated is None or val is None or not abs(isolated - val) <= ISOLATED_TOLERANCE:
-            broken.append(f"the shipped script alone scored the artifact {isolated} in mode {mode!r}, evaluate "
-                          f"{val} in mode {final!r}: the code that counts is not the code that produced the result")
+    isolated, mode = verify_metrics.get("val_bpb_isolated"), verify_metrics.get("isolated_final_mode")
+    final, val = eval_metrics.get("final_mode"), eval_metrics.get("val_bpb")
+    if mode != final or isolated is None or val is None or not abs(isolated - val) <= ISOLATED_TOLERANCE:
+        broken.append(f"the shipped script alone scored the artifact {isolated} in mode {mode!r}, evaluate "
+                      f"{val} in mode {final!r}: the code that counts is not the code that produced the result")
     tables = [name for name in bundled_modules if name in NGRAM_MODULES]
     if tables:
         broken.append(f"the shipped script bundles {', '.join(tables)}: it could read n-gram tables at evaluation, "
@@ -384,19 +385,18 @@ Requirements beyond torch and numpy (from the script's imports): {', '.join(requ
 
 
 def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval_metrics: dict,
-               shards: str | Path, tokenizer_dir: str | Path, out: str | Path, *, train_log: str | Path | None = None,
-               name: str | None = None, script: bundle.Shipped | None = None, shipped: str | Path | None = None,
-               verify_metrics: dict | None = None,
-               hardware: str | None = None,
+               shards: str | Path, tokenizer_dir: str | Path, out: str | Path, *, shipped: str | Path,
+               verify_metrics: dict, train_log: str | Path | None = None, name: str | None = None,
+               script: bundle.Shipped | None = None, hardware: str | None = None,
                torch_version: str | None = None, git_commit: str | None = None,
                now: datetime.datetime | None = None) -> dict:
     """Write the submission folder `out` for a run; returns what went into
     submission.json. `params`: every section's typed config (`load_configs`);
-    `artifact_dir`: the quantize stage's folder (`model.bin`, and `train_gpt.py` when it
-    holds one, which must be the script these params generate); `train_metrics` and
-    `eval_metrics`: the stages' figures with their provenance labels (`final_mode`);
-    `shards` and `tokenizer_dir`: the tokenize stage's folders; `shipped`: the script the
-    run shipped (the script stage's), which must be the one these params generate.
+    `artifact_dir`: the quantize stage's folder (`model.bin`); `train_metrics`,
+    `eval_metrics` and `verify_metrics`: the stages' figures with their provenance labels
+    (`final_mode`, `isolated_final_mode`); `shards` and `tokenizer_dir`: the tokenize
+    stage's folders; `shipped`: the script the run shipped (the script stage's, the one
+    verify ran), which must be the one these params generate: the folder gets that script.
     Raises ExportRefused (nothing written) when the run breaks a rule."""
     artifact_dir, out, shards = Path(artifact_dir), Path(out), Path(shards)
     script = script or build_script(params)
@@ -407,9 +407,9 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
     if header_config != config.to_dict(params["train"].model.with_vocab(sp.vocab_size())):
         problems.append("the artifact's model config is not train.model of these params (with the tokenizer's "
                         "vocabulary): it was made by other settings")
-    shipped = Path(shipped) if shipped is not None else artifact_dir / SCRIPT_NAME
-    if shipped.is_file() and shipped.read_bytes() != script.data:
-        problems.append(f"{shipped} differs from the script these params and this checkout generate")
+    if Path(shipped).read_bytes() != script.data:
+        problems.append(f"{shipped} differs from the script these params and this checkout generate: the run "
+                        "shipped other code (regenerate it with the script stage and rerun verify)")
     overlap = validation_overlap(shards)
     problems += broken_rules(params, script.bytes, len(blob), train_metrics, eval_metrics, overlap, script.modules,
                              verify_metrics)
@@ -491,19 +491,21 @@ def main(argv=None) -> None:
     parser.add_argument("--shards", type=Path, required=True, help="train and val shards (checked for overlap)")
     parser.add_argument("--tokenizer", type=Path, required=True, help="folder with tokenizer.model")
     parser.add_argument("--out", type=Path, required=True, help="records/track_10min_16mb/<date>_<name>")
-    parser.add_argument("--train-log", type=Path, default=None)
-    parser.add_argument("--verify-metrics", type=Path, default=None,
+    parser.add_argument("--script", type=Path, required=True,
+                        help="data/script/train_gpt.py: the script the run shipped and verify ran")
+    parser.add_argument("--verify-metrics", type=Path, required=True,
                         help="metrics/verify.json: the shipped script's own score must be evaluate's")
+    parser.add_argument("--train-log", type=Path, default=None)
     parser.add_argument("--name", default=None, help="submission name (default: from --out)")
     args = parser.parse_args(argv)
     if args.out.exists() and any(args.out.iterdir()):
         sys.exit(f"export: {args.out} exists and is not empty; choose a new folder")
     train_metrics, eval_metrics, train_prov = run_metrics(args.train_metrics, args.eval_metrics)
-    verify_metrics = stage_metrics(args.verify_metrics, "verify metrics") if args.verify_metrics else None
+    verify_metrics = stage_metrics(args.verify_metrics, "verify metrics")
     try:
         result = export_run(load_configs(args.params), args.artifact, train_metrics,
                             eval_metrics, args.shards, args.tokenizer, args.out, train_log=args.train_log,
-                            verify_metrics=verify_metrics,
+                            shipped=args.script, verify_metrics=verify_metrics,
                             name=args.name, hardware=train_prov.get("device"),
                             torch_version=train_prov.get("torch_version"), git_commit=io.git_state()["git_commit"])
     except (ExportRefused, ValueError, FileNotFoundError) as err:

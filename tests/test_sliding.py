@@ -61,6 +61,19 @@ def test_ranks_partition_the_windows(tiny_model_config):
     assert sum(p.nll_nats for p in parts) == pytest.approx(whole.nll_nats, rel=1e-9)
 
 
+def test_a_rank_with_no_windows_adds_nothing(tiny_model_config):
+    """More ranks than windows (a short stream): the ranks past the last window score
+    nothing and still reach the final sum."""
+    model = GPT(tiny_model_config).eval()
+    tokens = np.random.default_rng(3).integers(0, tiny_model_config.vocab_size, 20)
+    counts = position_bytes(_tables(tiny_model_config.vocab_size), tokens)
+    kw = dict(window=32, stride=32, batch_seqs=4, device=torch.device("cpu"))
+    whole = score_windows(model, tokens, counts, **kw)
+    parts = [score_windows(model, tokens, counts, rank=r, world_size=3, **kw) for r in range(3)]
+    assert [p.num_targets for p in parts] == [whole.num_targets, 0, 0] and whole.num_targets == 19
+    assert parts[1].nll_nats == parts[2].nll_nats == parts[1].num_bytes == 0
+
+
 def test_scores_run_the_recurrence_as_asked(tiny_model_config):
     """`looping` reaches the model (validation during training scores it in the trainer's
     loop state); without it the model runs as evaluation does, looped."""

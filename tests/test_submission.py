@@ -345,8 +345,26 @@ def tiny_script(pipeline_run):
     return submission_export.build_script(pipeline_run["params"])
 
 
+@pytest.fixture(scope="module")
+def shipped_file(tiny_script, tmp_path_factory):
+    """The script as the script stage would have written it."""
+    path = tmp_path_factory.mktemp("script") / submission_export.SCRIPT_NAME
+    path.write_bytes(tiny_script.data)
+    return path
+
+
+def agreeing_verify(pipeline_run) -> dict:
+    """verify's figures when the shipped script scored the artifact as evaluate did."""
+    return {"val_bpb_isolated": pipeline_run["eval"]["val_bpb"], "isolated_final_mode": pipeline_run["eval"]["final_mode"]}
+
+
 def export(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, out, *, params=None, train=None, eval_=None,
            **kwargs):
+    kwargs.setdefault("verify_metrics", agreeing_verify(pipeline_run))
+    if "shipped" not in kwargs:
+        kwargs["shipped"] = out.parent / "shipped_train_gpt.py"
+        kwargs["shipped"].parent.mkdir(parents=True, exist_ok=True)
+        kwargs["shipped"].write_bytes(tiny_script.data)
     return submission_export.export_run(
         params or pipeline_run["params"], pipeline_run["work"] / "artifact", {**pipeline_run["train"], **(train or {})},
         {**pipeline_run["eval"], **(eval_ or {})}, shards, tiny_tokenizer_dir, out, script=tiny_script, **kwargs)
@@ -392,19 +410,19 @@ def test_refuses_an_artifact_over_the_limit(tmp_path, pipeline_run, tiny_script,
     broken = submission_export.broken_rules(pipeline_run["params"], tiny_script.bytes, 16_000_000 - tiny_script.bytes + 1,
                                             pipeline_run["train"], pipeline_run["eval"],
                                             {"val_tokens": 1, "overlap_tokens": 0, "overlap_documents": 0,
-                                             "val_documents": 1})
+                                             "val_documents": 1}, tiny_script.modules, agreeing_verify(pipeline_run))
     assert broken == [f"artifact is 16,000,001 bytes ({tiny_script.bytes:,} script + "
                       f"{16_000_001 - tiny_script.bytes:,} model) > 16,000,000"]
 
 
 def test_refuses_a_run_whose_shipped_script_scored_otherwise(tmp_path, pipeline_run, tiny_script, shards,
                                                             tiny_tokenizer_dir):
-    val, final = pipeline_run["eval"]["val_bpb"], pipeline_run["eval"]["final_mode"]
-    agreeing = {"val_bpb_isolated": val, "isolated_final_mode": final}
+    val = pipeline_run["eval"]["val_bpb"]
+    agreeing = agreeing_verify(pipeline_run)
     assert submission_export.broken_rules(
         pipeline_run["params"], tiny_script.bytes, 1000, pipeline_run["train"], pipeline_run["eval"],
-        {"val_tokens": 1, "overlap_tokens": 0, "overlap_documents": 0, "val_documents": 1},
-        verify_metrics=agreeing) == []
+        {"val_tokens": 1, "overlap_tokens": 0, "overlap_documents": 0, "val_documents": 1}, tiny_script.modules,
+        agreeing) == []
     for verify_metrics, shown in (({**agreeing, "val_bpb_isolated": val + 0.01}, f"{val + 0.01}"),
                                   ({**agreeing, "isolated_final_mode": "nonoverlap"}, "'nonoverlap'"),
                                   ({}, "None")):
@@ -479,13 +497,21 @@ def test_overlap_counts_exactly_the_leaked_documents_the_last_one_included(tmp_p
     assert overlap["overlap_tokens"] == len(doc(2)) + len(doc(7))
 
 
+def test_refuses_a_run_that_shipped_another_script(tmp_path, pipeline_run, tiny_script, shards, tiny_tokenizer_dir):
+    other = tmp_path / "train_gpt.py"
+    other.write_bytes(tiny_script.data + b"\n")  # one byte more: other code, other code_bytes
+    _refusal(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, tmp_path / "out",
+             r"train_gpt.py differs from the script these params and this checkout generate", shipped=other)
+
+
 def test_refuses_an_artifact_of_other_settings(tmp_path, pipeline_run, tiny_script, shards, tiny_tokenizer_dir):
     other = configs(config.merge_nested(TINY_PARAMS, {"train": {"model": {"mlp_mult": 3}}}))
     _refusal(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, tmp_path / "out",
              r"the artifact's model config is not train.model of these params", params=other)
 
 
-def test_export_cli(tmp_path, pipeline_run, tiny_script, shards, tiny_tokenizer_dir, monkeypatch, capsys):
+def test_export_cli(tmp_path, pipeline_run, tiny_script, shipped_file, shards, tiny_tokenizer_dir, monkeypatch,
+                    capsys):
     """The documented command, on files as the stages write them (figures, provenance labels)."""
     import yaml
 
@@ -500,10 +526,19 @@ def test_export_cli(tmp_path, pipeline_run, tiny_script, shards, tiny_tokenizer_
     (metrics / "provenance" / "eval.json").write_text(json.dumps({"labels": {"final_mode": "sliding"}}))
     (metrics / "provenance" / "train.json").write_text(json.dumps({"device": "cpu", "torch_version": "2.x"}))
     monkeypatch.setattr(submission_export, "build_script", lambda params: tiny_script)  # built once, by the fixture
+    (metrics / "verify.json").write_text(json.dumps({"val_bpb_isolated": pipeline_run["eval"]["val_bpb"]}))
+    (metrics / "provenance" / "verify.json").write_text(json.dumps({"labels": {"isolated_final_mode": "sliding"}}))
     out = tmp_path / "records" / "track_10min_16mb" / "2026-12-05_Cli"
-    args = ["--params", str(params_file), "--artifact", str(pipeline_run["work"] / "artifact"),
-            "--train-metrics", str(metrics / "train" / "metrics.json"), "--eval-metrics", str(metrics / "eval.json"),
-            "--shards", str(shards), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out)]
+    required = ["--params", str(params_file), "--artifact", str(pipeline_run["work"] / "artifact"),
+                "--script", str(shipped_file), "--verify-metrics", str(metrics / "verify.json")]
+    args = required + ["--train-metrics", str(metrics / "train" / "metrics.json"),
+                       "--eval-metrics", str(metrics / "eval.json"),
+                       "--shards", str(shards), "--tokenizer", str(tiny_tokenizer_dir), "--out", str(out)]
+    for dropped in ("--script", "--verify-metrics"):  # the checks of what shipped are never skipped
+        at = required.index(dropped)
+        with pytest.raises(SystemExit):
+            submission_export.main(required[:at] + required[at + 2:] + args[len(required):])
+        assert f"the following arguments are required: {dropped}" in capsys.readouterr().err
     submission_export.main(args)
     assert f"export: {out}: val_bpb" in capsys.readouterr().out
     sub = json.loads((out / "submission.json").read_text())

@@ -151,8 +151,10 @@ def _cuts(mode: str, tokens: np.ndarray) -> list[Cut]:
 
     Stream modes (order = stream order): p at the TTT chunk ends +-1 and at random, every
     token after p perturbed, BOS tokens included. Document modes (order = the length-
-    sorted queue, then position): p inside chunks of a document of the first batch and of
-    one after the first phase (boundary 3, batches of 3), at its chunk ends +-1 and at
+    sorted queue, then position): p inside chunks of a document of the first batch, of the
+    first document after the first phase (boundary 3, batches of 3: a phase that trained
+    on one document too many would have seen its later tokens) and of one later in that
+    batch, at its chunk ends +-1 and at
     random; the later targets and the inputs before them are perturbed, except any token
     that is an earlier target, and BOS tokens stay (the queue's order reads them)."""
     n = len(tokens)
@@ -165,7 +167,7 @@ def _cuts(mode: str, tokens: np.ndarray) -> list[Cut]:
     docs = queue_order(documents(tokens, BOS))
     rng = np.random.default_rng(11)
     picks = []
-    for d in (1, 5):  # a document of the first batch; one after the first phase (boundary 3, batches of 3)
+    for d in (1, 3, 5):  # in the first batch; first after the first phase (boundary 3, batches of 3); later
         s, e = docs[d]
         k = EVAL.lora_chunk_tokens
         picks += [p for p in (s + k - 1, s + k, s + k + 1, int(rng.integers(s + 1, e + 1))) if s < p <= e]

@@ -108,7 +108,7 @@ def score_window_list(model, stream: torch.Tensor, stream_bytes: torch.Tensor, l
     positions only (`GPT.forward`'s `select`): sliding windows of 2,048 scoring 64 would
     otherwise compute 32x the logits they use. Two shapes in all, this and the whole
     window (the first window, or `tail` 0), so two compiled graphs."""
-    rows = rows or min(batch_seqs, len(windows))
+    rows = rows or max(1, min(batch_seqs, len(windows)))  # a rank whose share is empty scores nothing
     offsets = torch.arange(length + 1)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     was_training = model.training
