@@ -262,10 +262,9 @@ def test_environment_maps_onto_the_config(tmp_path):
     train_cfg, quant_cfg, eval_cfg, paths = submission.settings_from_env(
         baked(BAKED_PARAMS), {**ENV, "DATA_PATH": "d", "TOKENIZER_PATH": "t.model", "MAX_WALLCLOCK_SECONDS": "30",
                               "OUT_DIR": str(tmp_path), "EVAL_ONLY": "0", "TRAIN_LOG_EVERY": "2"})
-    expected = configs(TINY_PARAMS)
-    assert dataclasses.replace(train_cfg, schedule=expected["train"].schedule,
-                               runtime=expected["train"].runtime) == expected["train"]
-    assert train_cfg.schedule.max_wallclock_seconds == 30.0 and train_cfg.runtime.log_every == 2
+    expected = configs(config.merge_nested(TINY_PARAMS, {"train": {"schedule": {"max_wallclock_seconds": 30.0},
+                                                                   "runtime": {"log_every": 2}}}))
+    assert train_cfg == expected["train"] and train_cfg.schedule.iterations == 6 and train_cfg.runtime.val_every == 3
     assert quant_cfg == expected["quantize"] and eval_cfg == expected["evaluate"]
     assert paths == submission.Paths(data=Path("d"), tokenizer=Path("t.model"), out_dir=tmp_path,
                                      artifact=tmp_path / submission.ARTIFACT_NAME, run_id="tiny",
