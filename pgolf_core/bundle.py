@@ -21,7 +21,8 @@ that has already imported `pgolf_core`. The profile's hyperparameters are a lite
 **Shipped form.** `minify` drops docstrings, comments, blank lines and the annotations
 nothing reads at run time through `ast` (`ast.unparse`) and indents by one space, and
 checks that the result parses to the same AST as the source after those removals (a
-module that reads `__doc__` keeps its docstrings). The minified bundle then loses the
+bundle any of whose modules may read docstrings or function annotations at run time,
+`reads_at_run_time`, keeps them in every module). The minified bundle then loses the
 module-level functions and classes nothing in it references (`drop_unreferenced`).
 `self_extracting` wraps a script as `exec(<decompress>(<payload>))`, the payload xz,
 raw LZMA2, zlib or (where the script imports brotli anyway) brotli in base85, whichever
@@ -191,17 +192,37 @@ def load_imports(tree: ast.Module) -> tuple[set[str], set[str]]:
 _BODY_FIELDS = ("body", "orelse", "finalbody")
 
 
-def _reads_doc(tree: ast.AST) -> bool:
-    return any((isinstance(n, ast.Name) and n.id == "__doc__") or (isinstance(n, ast.Attribute) and n.attr == "__doc__")
-               for n in ast.walk(tree))
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Names through which code reads what the minifier removes. `__doc__` and `getdoc`
+# (inspect's) read docstrings; `__annotations__`, `get_annotations` (inspect's) and
+# `singledispatch` (which registers a function by its first parameter's annotation) read
+# function annotations. `typing.get_type_hints` is not among them: pgolf calls it on
+# dataclasses, whose field annotations are always kept; a call on a function would need it.
+_DOC_READERS = frozenset({"__doc__", "getdoc"})
+_ANNOTATION_READERS = frozenset({"__annotations__", "get_annotations", "singledispatch", "singledispatchmethod"})
+
+
+def reads_at_run_time(tree: ast.AST) -> frozenset[str]:
+    """What of the minifier's removals code in `tree` may read: "docstrings",
+    "annotations" (of functions), or both. A name counts wherever it occurs: as a name,
+    an attribute, an imported name or a string (`getattr(f, "__doc__")`)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.alias):
+            names.update(node.name.split("."))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.update(_WORD.findall(node.value))
+    return frozenset({"docstrings"} if names & _DOC_READERS else set()) | \
+        frozenset({"annotations"} if names & _ANNOTATION_READERS else set())
 
 
 def strip_docstrings(tree: ast.Module) -> ast.Module:
     """`tree` (changed in place) without docstrings and other bare string statements (no
-    effect at run time, like `python -OO`); a body left empty becomes `pass`. A module
-    that reads `__doc__` anywhere keeps them all."""
-    if _reads_doc(tree):
-        return tree
+    effect at run time, like `python -OO`); a body left empty becomes `pass`."""
     for node in ast.walk(tree):
         for field in _BODY_FIELDS:
             body = getattr(node, field, None)
@@ -255,24 +276,30 @@ def _strip_local_annotations(body: list) -> list:
     return out
 
 
-def strip_annotations(tree: ast.Module) -> ast.Module:
+def strip_annotations(tree: ast.Module, keep_functions: bool = False) -> ast.Module:
     """`tree` (changed in place) without the annotations nothing reads at run time: the
     parameter and return annotations of functions whose annotations nothing reads
-    (`_annotations_read`), and annotated assignments with a value inside function
-    bodies. Kept: those functions' annotations, class bodies' (dataclass fields, which
-    `typing.get_type_hints` reads) and the module's. About 4 % of the compressed bundle."""
+    (`_annotations_read`; none when `keep_functions`), and annotated assignments with a
+    value inside function bodies (never stored). Kept: those functions' annotations,
+    class bodies' (dataclass fields, which `typing.get_type_hints` reads) and the
+    module's. About 4 % of the compressed bundle."""
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            if not _annotations_read(node):
+            if not keep_functions and not _annotations_read(node):
                 _strip_function_annotations(node)
             node.body = _strip_local_annotations(node.body)
     return ast.fix_missing_locations(tree)
 
 
-def _shipped_tree(source: str) -> ast.Module:
+def _shipped_tree(source: str, keep: frozenset[str] = frozenset()) -> ast.Module:
     """The AST that `minify` writes back as source: `source`'s without docstrings and
-    unread annotations."""
-    return strip_annotations(strip_docstrings(ast.parse(source)))
+    unread annotations, but for what `keep` or the source itself reads
+    (`reads_at_run_time`)."""
+    tree = ast.parse(source)
+    keep = keep | reads_at_run_time(tree)
+    if "docstrings" not in keep:
+        tree = strip_docstrings(tree)
+    return strip_annotations(tree, keep_functions="annotations" in keep)
 
 
 def _compact_lines(text: str) -> str:
@@ -292,17 +319,19 @@ def _compact_lines(text: str) -> str:
     return "\n".join(lines)
 
 
-def ast_equivalent(source: str, minified: str) -> bool:
+def ast_equivalent(source: str, minified: str, keep: frozenset[str] = frozenset()) -> bool:
     """True when `minified` parses to the AST of `source` with its docstrings and unread
-    annotations removed (`strip_docstrings`, `strip_annotations`), ignoring positions."""
-    return ast.dump(_shipped_tree(source)) == ast.dump(ast.parse(minified))
+    annotations removed (`strip_docstrings`, `strip_annotations`, `keep` as `minify`
+    takes it), ignoring positions."""
+    return ast.dump(_shipped_tree(source, keep)) == ast.dump(ast.parse(minified))
 
 
-def minify(source: str) -> str:
+def minify(source: str, keep: frozenset[str] = frozenset()) -> str:
     """`source` without docstrings, comments, blank lines and unread annotations,
     indented by one space; the same AST as the source after those removals (checked:
-    ValueError if not)."""
-    tree = _shipped_tree(source)
+    ValueError if not). `keep` ("docstrings", "annotations"): removals another module
+    of a bundle may observe (`reads_at_run_time` of each); the source's own are added."""
+    tree = _shipped_tree(source, keep)
     expected = ast.dump(tree)
     text = ast.unparse(tree)
     if ast.dump(ast.parse(text)) != expected:
@@ -318,8 +347,6 @@ def minify(source: str) -> str:
 
 
 # --- dropping what the script never references ---------------------------------------
-
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Decorators that only wrap or describe the function or class they decorate: a def so
 # decorated does nothing at definition time that anything could observe once nothing
 # references it. Any other decorator may register it (`register_fake`, `custom_op`), so
@@ -350,14 +377,42 @@ def _words(node: ast.AST) -> Counter:
     return counts
 
 
-def _droppable(node: ast.stmt) -> bool:
+# Calls a class body may make to declare its fields: they run at definition time but only
+# build a descriptor of the class itself.
+_FIELD_CALLS = frozenset({"field", "dataclasses.field"})
+
+
+def _calls_in(nodes) -> list[str]:
+    """The callees of every call inside `nodes` (as source text)."""
+    return [ast.unparse(sub.func) for node in nodes if node is not None for sub in ast.walk(node)
+            if isinstance(sub, ast.Call)]
+
+
+def _runs_code_when_defined(node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef,
+                            subclasses_observed: bool) -> bool:
+    """Whether defining `node` may do something observable besides binding its name: a
+    call in a default argument; for a class, a call in its body's statements (a field
+    declaration aside) or in its bases, a keyword (`metaclass=`), or any base at all
+    where some bundled class defines `__init_subclass__` (`subclasses_observed`), which
+    sees every subclass defined."""
+    if isinstance(node, ast.ClassDef):
+        if node.keywords or (node.bases and subclasses_observed) or _calls_in(node.bases):
+            return True
+        statements = [s for s in node.body if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        return any(c not in _FIELD_CALLS for c in _calls_in(statements)) or any(
+            _runs_code_when_defined(s, subclasses_observed) for s in node.body
+            if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef)))
+    return bool(_calls_in([*node.args.defaults, *node.args.kw_defaults]))
+
+
+def _droppable(node: ast.stmt, subclasses_observed: bool) -> bool:
     if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or node.name.startswith("__"):
         return False
     for decorator in node.decorator_list:
         target = decorator.func if isinstance(decorator, ast.Call) else decorator
         if ast.unparse(target) not in _PURE_DECORATORS:
             return False
-    return True
+    return not _runs_code_when_defined(node, subclasses_observed)
 
 
 def _looks_up_globals(tree: ast.Module) -> bool:
@@ -370,14 +425,16 @@ def _looks_up_globals(tree: ast.Module) -> bool:
     return any(isinstance(node, ast.FunctionDef) and node.name == "__getattr__" for node in tree.body)
 
 
-def drop_unreferenced(sources: dict[str, str], also_read: str = "") -> tuple[dict[str, str], list[str]]:
+def drop_unreferenced(sources: dict[str, str], also_read: str = "",
+                      keep: frozenset[str] = frozenset()) -> tuple[dict[str, str], list[str]]:
     """(`sources` without the module-level functions and classes nothing references,
     the dropped ones as `module.name`). A def counts as referenced when its name occurs
     as an identifier anywhere in the bundle outside its own body, or as a word in a
     string constant there or in `also_read` (the script's own code: its main call and
     baked settings); repeated until nothing more drops, so what only dropped code used
-    goes too. Kept whatever the count: dunder names and defs with a decorator that may
-    register them (`_PURE_DECORATORS` lists the others). Why: the bundle ships the
+    goes too. Kept whatever the count: dunder names, defs with a decorator that may
+    register them (`_PURE_DECORATORS` lists the others) and defs whose definition runs
+    code (`_runs_code_when_defined`). Why: the bundle ships the
     modules the entry imports whole, and about 5 % of their minified text is functions
     only the stages call (provenance, tokenizer training, profile merging). Code that
     finds a global by a computed name (`globals()`, `vars()`, a module `__getattr__`,
@@ -385,6 +442,8 @@ def drop_unreferenced(sources: dict[str, str], also_read: str = "") -> tuple[dic
     trees = {name: ast.parse(text) for name, text in sources.items()}
     if any(_looks_up_globals(tree) for tree in trees.values()):
         return dict(sources), []
+    subclasses_observed = any(isinstance(node, ast.FunctionDef) and node.name == "__init_subclass__"
+                              for tree in trees.values() for node in ast.walk(tree))
     outside = Counter(_WORD.findall(also_read))
     # a statement's words never change (dropping edits module bodies only): count each once
     words = {node: _words(node) for tree in trees.values() for node in tree.body}  # AST nodes hash by identity
@@ -398,7 +457,7 @@ def drop_unreferenced(sources: dict[str, str], also_read: str = "") -> tuple[dic
         for name, tree in trees.items():
             kept = []
             for node in tree.body:
-                if _droppable(node) and total[node.name] == words[node][node.name]:
+                if _droppable(node, subclasses_observed) and total[node.name] == words[node][node.name]:
                     dropped.append(f"{name}.{node.name}")
                 else:
                     kept.append(node)
@@ -408,7 +467,7 @@ def drop_unreferenced(sources: dict[str, str], also_read: str = "") -> tuple[dic
     changed = {qualified.rpartition(".")[0] for qualified in dropped}
     for name in changed:
         trees[name].body = trees[name].body or [ast.Pass()]  # a module all of whose defs went
-    return {name: minify(ast.unparse(trees[name])) if name in changed else text
+    return {name: minify(ast.unparse(trees[name]), keep) if name in changed else text
             for name, text in sources.items()}, dropped
 
 
@@ -502,19 +561,23 @@ def _main_block(main_call: str) -> str:
 def _render(entries: tuple[str, ...], traced: dict[str, tuple[bool, Path]], main_call: str,
             baked: dict | None, minified: bool, left_out: tuple[str, ...] = ()) -> tuple[str, list[str]]:
     """(the script, the defs `drop_unreferenced` dropped: none unless `minified`)."""
-    sources, problems = {}, []
+    sources, problems, trees = {}, [], {}
     for name, (is_package, path) in traced.items():
         text = decode_source(path.read_bytes())
-        tree = ast.parse(text, filename=str(path))
-        problems += [f"{name} imports {m}" for m in _unbundled_imports(name, is_package, tree, traced)
+        trees[name] = ast.parse(text, filename=str(path))
+        problems += [f"{name} imports {m}" for m in _unbundled_imports(name, is_package, trees[name], traced)
                      if m not in left_out]
-        sources[name] = (is_package, minify(text) if minified else text)
+        sources[name] = (is_package, text)
+    # what one module reads (a docstring, an annotation) may be another's: kept bundle-wide
+    keep = frozenset().union(*map(reads_at_run_time, trees.values()))
+    if minified:
+        sources = {name: (is_package, minify(text, keep)) for name, (is_package, text) in sources.items()}
     if problems:
         raise ValueError("bundled modules import unbundled ones (inside functions, which tracing misses): "
                          + "; ".join(problems) + ". Add them to the entry modules.")
     baked_text, dropped = _baked_literal(baked), []
     if minified:
-        sources, dropped = _drop_from_bundle(sources, main_call + "\n" + baked_text)
+        sources, dropped = _drop_from_bundle(sources, main_call + "\n" + baked_text, keep)
     items = "".join(f"    {name!r}: ({pkg!r}, {src!r}),\n" for name, (pkg, src) in sources.items())
     script = _BOOTSTRAP.format(count=len(sources), root=ROOT_PACKAGE, entries=", ".join(entries),
                                sources=items, roots=(ROOT_PACKAGE,), prefix=FILENAME_PREFIX,
@@ -523,8 +586,8 @@ def _render(entries: tuple[str, ...], traced: dict[str, tuple[bool, Path]], main
     return (minify(script) if minified else script), dropped
 
 
-def _drop_from_bundle(sources: dict[str, tuple[bool, str]], also_read: str):
-    texts, dropped = drop_unreferenced({name: text for name, (_, text) in sources.items()}, also_read)
+def _drop_from_bundle(sources: dict[str, tuple[bool, str]], also_read: str, keep: frozenset[str]):
+    texts, dropped = drop_unreferenced({name: text for name, (_, text) in sources.items()}, also_read, keep)
     return {name: (is_package, texts[name]) for name, (is_package, _) in sources.items()}, dropped
 
 

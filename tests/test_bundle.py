@@ -399,6 +399,79 @@ def test_drop_unreferenced_drops_exactly_what_nothing_references(tmp_path):
     assert result.stdout.strip() == "[2, 2, 'registered', 3]"
 
 
+DEFINITION_EFFECTS = """
+import dataclasses
+SEEN = []
+def note(x):
+    SEEN.append(x)
+    return x
+def default_calls(a=note("default")):
+    return a
+class BodyCalls:
+    note("class body")
+class Watched:
+    def __init_subclass__(cls):
+        SEEN.append(cls.__name__)
+class Subclass(Watched):
+    pass
+class Meta(type):
+    pass
+class WithMeta(metaclass=Meta):
+    pass
+class PlainUnused:
+    x = 1
+@dataclasses.dataclass
+class FieldsUnused:
+    items: list = dataclasses.field(default_factory=list)
+def run():
+    return SEEN
+"""
+
+
+def test_drop_unreferenced_keeps_defs_whose_definition_runs_code(tmp_path):
+    """A def nothing names may still act when defined: a default argument's call, a class
+    body's call, a subclass that `__init_subclass__` sees, a metaclass. Those stay; a
+    plain class or a dataclass with field declarations goes."""
+    kept, dropped = bundle.drop_unreferenced({"mod": bundle.minify(DEFINITION_EFFECTS)}, "import mod\nmod.run()")
+    assert sorted(dropped) == ["mod.FieldsUnused", "mod.PlainUnused"]
+    (tmp_path / "mod.py").write_text(kept["mod"], encoding="utf-8")
+    result = subprocess.run([sys.executable, "-I", "-c", "import sys; sys.path.insert(0, '.'); import mod; "
+                             "print(mod.run())"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['default', 'class body', 'Subclass']"
+
+
+READS_AT_RUN_TIME = """
+import functools
+@functools.singledispatch
+def describe(x):
+    return "thing"
+def describe_int(x: int) -> str:
+    \"\"\"An integer.\"\"\"
+    return "int"
+describe.register(describe_int)
+def documented():
+    \"\"\"Read back.\"\"\"
+    return getattr(documented, "__doc__")
+"""
+
+
+def test_minify_keeps_what_code_may_read_at_run_time():
+    """singledispatch registers by a parameter's annotation and getattr(f, "__doc__")
+    reads a docstring: a module (or, through `keep`, a bundle) that may do either keeps
+    them; `reads_at_run_time` names what each reads."""
+    assert bundle.reads_at_run_time(ast.parse(READS_AT_RUN_TIME)) == {"docstrings", "annotations"}
+    namespace = {}
+    exec(compile(bundle.minify(READS_AT_RUN_TIME), "<test>", "exec"), namespace)
+    assert namespace["describe"](3) == "int" and namespace["documented"]() == "Read back."
+    plain = "def f(x: int) -> str:\n    \"\"\"Doc.\"\"\"\n    return str(x)\n"
+    assert bundle.reads_at_run_time(ast.parse(plain)) == frozenset()
+    assert bundle.minify(plain) == "def f(x):\n return str(x)\n"
+    kept = bundle.minify(plain, frozenset({"docstrings", "annotations"}))  # another module reads them
+    assert "def f(x: int) -> str:" in kept and "Doc." in kept
+    assert bundle.ast_equivalent(plain, kept, frozenset({"docstrings", "annotations"}))
+
+
 @pytest.mark.parametrize("dynamic", ["globals()['x']", "vars()['x']", "from mod_c import *",
                                      "def __getattr__(name):\n return name"])
 def test_drop_unreferenced_drops_nothing_where_code_reads_globals_by_a_computed_name(dynamic):
