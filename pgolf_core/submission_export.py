@@ -318,6 +318,7 @@ def _provenance_of(metrics_path: Path) -> dict:
 def _readme(name: str, params: dict, results: dict, requirements: list[str], files: list[str],
             learnt_tokenizer: bool, shipped: bundle.Shipped) -> str:
     r = results
+    overlap = r["validation_overlap"]
     vocab = params["tokenize"].vocab_size
     tok_path = "./tokenizer.model" if learnt_tokenizer else f"./data/tokenizers/fineweb_{vocab}_bpe.model"
     data_path = "./data/shards" if learnt_tokenizer else f"./data/datasets/fineweb10B_sp{vocab}"
@@ -352,7 +353,8 @@ writes the artifact `final_model.pgolf`, reads it back and scores it; it imports
 | val_loss (nats per token) | {r['val_loss']:.8f} |
 | artifact bytes | {r['bytes_total']:,} = {r['bytes_code']:,} script + {r['bytes_model']:,} model |
 | training | {r['steps']} steps, {r['train_seconds']:.1f} s + calibration {r['calib_seconds']:.1f} s measured; {train_projection} |
-| evaluation (`{r['final_mode']}`) | {r['eval_seconds']:.1f} s measured, {r['projected_eval_seconds']:.1f} s projected on 8xH100 |
+| evaluation (`{r['final_mode']}`) | {r['eval_seconds']:.1f} s measured, {r['projected_eval_seconds']:.1f} s projected on 8xH100 (this device's per-GPU rate taken as an H100's) |
+| validation documents also in the training shards | {overlap['overlap_documents']:,} of {overlap['val_documents']:,} ({overlap['overlap_tokens']:,} of {overlap['val_tokens']:,} tokens; refused above {VAL_OVERLAP_TOLERANCE:.0%} of the tokens) |
 | processes, device | {r['world_size']} x {r['hardware']} |
 | seed | {r['seed']} |
 | challenge run | {challenge_text} |
@@ -464,7 +466,7 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
                "projected_eval_seconds": eval_metrics["projected_8xh100_seconds"], "world_size": world,
                "hardware": hardware, "seed": seed, "challenge_run": train_metrics.get("challenge_run"),
                "not_a_challenge_run": list(train_metrics.get("not_a_challenge_run", [])),
-               "git_commit": git_commit}
+               "validation_overlap": overlap, "git_commit": git_commit}
     requirements_text = "".join(f"{line}\n" for line in requirements)
     if optional:
         requirements_text += "# imported only inside functions, on paths a run may not take: " + ", ".join(optional) + "\n"

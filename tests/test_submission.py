@@ -390,6 +390,8 @@ def test_export_writes_a_records_folder(tmp_path, pipeline_run, tiny_script, sha
     assert "torchrun --standalone --nproc_per_node=1 train_gpt.py" in readme and "SEED=7" in readme
     assert "EVAL_ONLY=1" in readme and f"{pipeline_run['eval']['val_bpb']:.8f}" in readme
     assert "`train.model.num_layers=1`" in readme and "`quantize.method=gptq`" in readme
+    assert re.search(r"\| validation documents also in the training shards \| [\d,]+ of [\d,]+ \([\d,]+ of [\d,]+ "
+                     r"tokens; refused above 1% of the tokens\) \|", readme)
     requirements = (out / "requirements.txt").read_text().splitlines()
     assert [r.split("==")[0].lower() for r in requirements if not r.startswith("#")] == \
         ["brotli", "safetensors", "sentencepiece", "tqdm", "zstandard"]
