@@ -316,7 +316,7 @@ def _provenance_of(metrics_path: Path) -> dict:
 
 
 def _readme(name: str, params: dict, results: dict, requirements: list[str], files: list[str],
-            learnt_tokenizer: bool, shipped: bundle.Shipped) -> str:
+            learnt_tokenizer: bool, shipped: bundle.Shipped, programs: list[str]) -> str:
     r = results
     overlap = r["validation_overlap"]
     vocab = params["tokenize"].vocab_size
@@ -383,7 +383,7 @@ pgolf's `tokenize` stage writes with it (`tokenize.source: {params['tokenize'].s
 {chr(10).join(f"- `{f}`" for f in files)}
 
 Requirements beyond torch and numpy (from the script's imports): {', '.join(requirements) or 'none'}.
-"""
+{"" if not programs else f"System programs it runs (not from pip): {', '.join(programs)}." + chr(10)}"""
 
 
 def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval_metrics: dict,
@@ -450,6 +450,8 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
         },
     }
     requirements, optional = script_requirements(script.modules)
+    # the artifact's groups may be lrzip's, which the script runs as a program (`compress`)
+    programs = ["lrzip"] if "lrzip" in params["quantize"].compressors else []
     learnt_tokenizer = params["tokenize"].source != "published"
     files = [SCRIPT_NAME, "README.md", "submission.json", "requirements.txt"]
     if train_log:
@@ -470,12 +472,14 @@ def export_run(params: dict, artifact_dir: str | Path, train_metrics: dict, eval
     requirements_text = "".join(f"{line}\n" for line in requirements)
     if optional:
         requirements_text += "# imported only inside functions, on paths a run may not take: " + ", ".join(optional) + "\n"
+    if programs:
+        requirements_text += "# system programs, not from pip (quantize.compressors): " + ", ".join(programs) + "\n"
     with io.atomic_path(out) as tmp:
         tmp.mkdir()
         (tmp / SCRIPT_NAME).write_bytes(script.data)
         (tmp / "submission.json").write_text(json.dumps(submission_json, indent=2) + "\n", encoding="utf-8")
         (tmp / "requirements.txt").write_text(requirements_text, encoding="utf-8")
-        (tmp / "README.md").write_text(_readme(name, params, results, requirements, files, learnt_tokenizer, script),
+        (tmp / "README.md").write_text(_readme(name, params, results, requirements, files, learnt_tokenizer, script, programs),
                                        encoding="utf-8")
         if train_log:
             shutil.copyfile(train_log, tmp / "train.log")

@@ -397,6 +397,19 @@ def test_export_writes_a_records_folder(tmp_path, pipeline_run, tiny_script, sha
         ["brotli", "safetensors", "sentencepiece", "tqdm", "zstandard"]
 
 
+def test_an_lrzip_run_names_the_program_it_needs(tmp_path, pipeline_run, tiny_script, shards, tiny_tokenizer_dir):
+    """lrzip runs as a program, which no requirements.txt line installs: the folder says so."""
+    quantize = dataclasses.replace(pipeline_run["params"]["quantize"], compressors=["zlib", "lrzip"])
+    out = tmp_path / "lrzip"
+    export(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, out, params={**pipeline_run["params"],
+                                                                               "quantize": quantize})
+    assert "# system programs, not from pip (quantize.compressors): lrzip" in (out / "requirements.txt").read_text()
+    assert "System programs it runs (not from pip): lrzip." in (out / "README.md").read_text()
+    plain = tmp_path / "plain"
+    export(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, plain)
+    assert "lrzip" not in (plain / "requirements.txt").read_text() + (plain / "README.md").read_text()
+
+
 def _refusal(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, out, match, **kwargs):
     with pytest.raises(submission_export.ExportRefused, match=match):
         export(pipeline_run, tiny_script, shards, tiny_tokenizer_dir, out, **kwargs)
