@@ -8,6 +8,12 @@ pieces count 1; control, unknown and unused pieces count 0. Every reported val_b
 (train, verify, evaluate, ngrams) goes through `val_byte_counts` and `bits_per_byte`.
 With the CaseOps tokenizer, per-token byte sidecars written at tokenize time replace
 the table (`write_byte_sidecars`): operators cost 0 bytes.
+
+One character is not counted as the text has it: SentencePiece reads a literal U+2581
+as its space marker, so the plain tokenizer turns it into a space and the table counts
+1 byte (0 after BOS) for its 3, exactly as the challenge's lookup table does, since a
+val_bpb must be comparable with the records'. CaseOps escapes it (`caseops.encode`), so
+there the sidecars count its 3 bytes.
 """
 
 from __future__ import annotations

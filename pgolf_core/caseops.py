@@ -8,7 +8,11 @@ bytes are always counted on the ORIGINAL text (`original_byte_counts`), never on
 encoded text: operators cost 0 bytes.
 
 Format. A "word" is a maximal run of ASCII letters [A-Za-z]; every other character
-passes through unchanged, except that a literal operator character becomes ESC + it.
+passes through unchanged, except that a literal operator character becomes ESC + it and
+a literal U+2581 becomes ESC + space. Why the second: SentencePiece reads U+2581 as its
+own space marker, so a literal one would come back from the tokenizer as a space and be
+counted as 1 byte of original text where it was 3 (the tokenize stage's sidecar check
+refuses that); the records' transform leaves it, so their tokenizer loses it.
 Operators (private use): TITLE U+E001, ALLCAPS U+E002, CAPNEXT U+E003, ESC U+E004.
 - all lowercase                         "the"    -> the
 - all uppercase, length >= 2            "NASA"   -> ALLCAPS nasa
@@ -19,15 +23,16 @@ Operators (private use): TITLE U+E001, ALLCAPS U+E002, CAPNEXT U+E003, ESC U+E00
                                         "ABc"    -> TITLE a CAPNEXT b c
                                         "McDonald" -> TITLE mc CAPNEXT donald
 - literal operator                      "\\ue001" -> ESC \\ue001
+- literal SentencePiece space marker    "\\u2581" -> ESC " "
 An escaped operator is a non-letter, so a word after it starts afresh:
 "\\ue001Abc" -> ESC \\ue001 TITLE abc. Non-ASCII letters are not word characters and
 keep their case: "naïVE" -> na ï ALLCAPS ve, "Été" -> Été. Encoded text never contains
-an ASCII uppercase letter.
+an ASCII uppercase letter or a U+2581.
 
 Guarantees. `decode(encode(x)) == x` for every str x. `decode` accepts exactly the
 strings `encode` can produce and raises ValueError (naming the position and the
 problem) on any other, so `encode(decode(s)) == s` for every s it accepts. In
-particular it rejects: ESC not followed by an operator; TITLE/ALLCAPS/CAPNEXT not
+particular it rejects: ESC not followed by an operator or a space; a U+2581; TITLE/ALLCAPS/CAPNEXT not
 followed by a lowercase ASCII letter (or at the end); CAPNEXT at a word start;
 TITLE/ALLCAPS inside a word; CAPNEXT inside an ALLCAPS word; ALLCAPS on a one-letter
 word; TITLE + CAPNEXT on every letter (an all-uppercase word is written with ALLCAPS);
@@ -47,11 +52,13 @@ OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 _NAMES = {TITLE: "TITLE", ALLCAPS: "ALLCAPS", CAPNEXT: "CAPNEXT", ESC: "ESC"}
 _LOWER = frozenset("abcdefghijklmnopqrstuvwxyz")
 _UPPER = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-_WORD_OR_OPERATOR = re.compile("[A-Za-z]+|[\ue001-\ue004]")
+SPACE_MARK = "\u2581"  # SentencePiece's space marker: a literal one is written ESC + " "
+_WORD_OR_OPERATOR = re.compile("[A-Za-z]+|[\ue001-\ue004\u2581]")
 
 
 def encode(text: str) -> str:
-    """Factor the case of every ASCII word into operators; escape literal operators."""
+    """Factor the case of every ASCII word into operators; escape literal operators and
+    U+2581."""
     return _WORD_OR_OPERATOR.sub(_encode_match, text)
 
 
@@ -59,6 +66,8 @@ def _encode_match(match: re.Match) -> str:
     word = match.group()
     if word in OPERATORS:
         return ESC + word
+    if word == SPACE_MARK:
+        return ESC + " "
     lower = word.lower()
     if word == lower:
         return word
@@ -82,8 +91,8 @@ def original_byte_counts(surfaces: list[str]) -> list[int]:
     `surfaces` are consecutive token surfaces whose concatenation is encode(doc); the
     decoder state carries across token boundaries, so the result sums to
     len(doc.encode("utf-8")) and count i is exactly what token i's characters decode to:
-    operators and ESC cost 0, an escaped operator 3, a letter 1, any other character its
-    UTF-8 length. Characters are counted as given: the caller substitutes a real space
+    operators and ESC cost 0, an escaped operator 3, an escaped space (a literal U+2581)
+    3, a letter 1, any other character its UTF-8 length. Characters are counted as given: the caller substitutes a real space
     for SentencePiece's U+2581 marker first. Raises ValueError like `decode`.
     """
     decoder = _Decoder()
@@ -94,7 +103,7 @@ def original_byte_counts(surfaces: list[str]) -> list[int]:
 
 # A run of lowercase letters, a run of characters that are neither letters nor
 # operators, or one uppercase letter / operator character.
-_RUNS = re.compile("[a-z]+|[^A-Za-z\ue001-\ue004]+|.", re.DOTALL)
+_RUNS = re.compile("[a-z]+|[^A-Za-z\ue001-\ue004\u2581]+|.", re.DOTALL)
 
 
 class _Decoder:
@@ -148,10 +157,10 @@ class _Decoder:
 
     def _step(self, ch: str) -> str:
         if self.pending == ESC:
-            if ch not in OPERATORS:
-                self._fail(self.pending_pos, f"ESC followed by {ch!r}, not an operator character")
+            if ch not in OPERATORS and ch != " ":
+                self._fail(self.pending_pos, f"ESC followed by {ch!r}, not an operator character or a space")
             self.pending = None
-            return ch
+            return SPACE_MARK if ch == " " else ch
         if self.pending is not None:
             if ch not in _LOWER:
                 self._fail(self.pending_pos, f"{_NAMES[self.pending]} followed by {ch!r}, not a lowercase ASCII letter")
@@ -160,6 +169,8 @@ class _Decoder:
             return ch.upper()
         if ch in _UPPER:
             self._fail(self.pos, f"uppercase ASCII letter {ch!r} (encode never emits one)")
+        if ch == SPACE_MARK:
+            self._fail(self.pos, "a U+2581 (encode writes ESC + space for a literal one)")
         if ch == TITLE or ch == ALLCAPS:
             if self.word is not None:
                 self._fail(self.pos, f"{_NAMES[ch]} inside a word (words are separated by a non-letter)")

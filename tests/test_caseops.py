@@ -21,7 +21,7 @@ originals = st.lists(st.one_of(_words, _known, _other, _any_char), max_size=30).
 # Candidate encoded text: random strings over the alphabet encode writes (plus an
 # uppercase letter), and near misses: valid encodings with one character inserted,
 # deleted or replaced.
-_encoded_alphabet = [*OPERATORS, "a", "b", "A", " ", "é", "1"]
+_encoded_alphabet = [*OPERATORS, "a", "b", "A", " ", "é", "1", "\u2581"]
 
 
 @st.composite
@@ -74,6 +74,7 @@ def test_decode_accepts_exactly_what_encode_produces(encoded):
         ("naïVE", f"naï{ALLCAPS}ve"),
         (f"x{TITLE}Abc", f"x{ESC}{TITLE}{TITLE}abc"),
         (f"{ESC}{ESC}", f"{ESC}{ESC}{ESC}{ESC}"),
+        ("a\u2581b \u2581Cd", f"a{ESC} b {ESC} {TITLE}cd"),  # SentencePiece's space marker, literal
         ("", ""),
     ],
 )
@@ -105,6 +106,8 @@ def test_examples(text, encoded):
         (f"{TITLE}a{CAPNEXT}b", "TITLE with CAPNEXT on every letter"),
         (f"{TITLE}a{CAPNEXT}b{CAPNEXT}c!", "TITLE with CAPNEXT on every letter"),
         ("the Cat", "position 4: uppercase ASCII letter 'C'"),
+        ("a\u2581b", "position 1: a U+2581 (encode writes ESC + space"),
+        (f"{ESC}\u2581", "position 0: ESC followed by '\u2581', not an operator character or a space"),
     ],
 )
 def test_decode_rejects_malformed_text(encoded, problem):
@@ -128,11 +131,14 @@ def _content_bytes(encoded: str) -> list[int]:
     """Independent oracle: original bytes charged to each encoded character.
 
     Case never changes a byte length, so a character costs its own UTF-8 length unless
-    it is an operator acting on the text (0); an escaped operator is charged to itself.
+    it is an operator acting on the text (0); an escaped operator is charged to itself,
+    and an escaped space stands for a literal U+2581 (3 bytes), charged to the space.
     """
     costs = [0] * len(encoded)
-    for match in re.finditer(f"{ESC}[{''.join(OPERATORS)}]|[{''.join(OPERATORS)}]|.", encoded, re.DOTALL):
-        if len(match.group()) == 2:
+    for match in re.finditer(f"{ESC}[{''.join(OPERATORS)} ]|[{''.join(OPERATORS)}]|.", encoded, re.DOTALL):
+        if match.group() == ESC + " ":
+            costs[match.start() + 1] = 3  # U+2581 in UTF-8: E2 96 81
+        elif len(match.group()) == 2:
             costs[match.start() + 1] = len(match.group()[1].encode("utf-8"))
         elif match.group() not in OPERATORS:
             costs[match.start()] = len(match.group().encode("utf-8"))
@@ -174,4 +180,5 @@ def test_original_byte_counts_examples():
     surfaces = [TITLE, "the ", ALLCAPS + "na", "sa", " ", TITLE, "launch"]
     assert caseops.original_byte_counts(surfaces) == [0, 4, 2, 2, 1, 0, 6]
     assert caseops.original_byte_counts(["x", ESC, TITLE + "é", "😀"]) == [1, 0, 5, 4]
+    assert caseops.original_byte_counts(["a", ESC, " b"]) == [1, 0, 4]  # a literal U+2581: 3 bytes
     assert caseops.original_byte_counts([]) == []

@@ -22,7 +22,8 @@ def run_tokenize(tmp_path, name, **values):
 def generated_docs(n: int) -> list[str]:
     rng = random.Random(0)
     words = ["the", "The", "NASA", "iPhone", "McDonald", "A", "I", "x", "naïVE", "Été", "\ue001", "\ue004op",
-             "2024", "ok2GO", "  ", "\n", "tab\there", "日本語", "ÀB", "end."]
+             "2024", "ok2GO", "  ", "\n", "tab\there", "日本語", "ÀB", "end.",
+             "\u2581", "x\u2581Y"]  # SentencePiece's space marker as a literal character (3 bytes)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(5, 60))).strip() or "x" for _ in range(n)]
 
 
