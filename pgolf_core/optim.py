@@ -207,7 +207,8 @@ def build_optimizers(model: nn.Module, cfg: OptimizerConfig, ns_dtype: torch.dty
 def lr_multiplier(step: int, progress: float, cfg: ScheduleConfig) -> float:
     """Linear warm-up over `warmup_steps`, flat, then linear warm-down over the last
     `warmdown_frac` of the run to a floor of `min_lr_frac`. `progress` in [0, 1] is
-    step/iterations or elapsed/max_wallclock_seconds, as `cfg.mode` says."""
+    step/iterations or elapsed/train_seconds_cap (the cap less the calibration reserve),
+    as `cfg.mode` says."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.warmdown_frac > 0 and progress > 1.0 - cfg.warmdown_frac:

@@ -92,8 +92,12 @@ class TrainingClock:
     `pause()` (validation and snapshots are paused out); `agree(step)` syncs the device and
     takes the elapsed time all ranks agree on (their max), from which come the measured
     rate, whether the cap is near (then the clock is checked every step, so training stops
-    at most one step late) or reached, and the wall-clock schedule's progress. The time
-    source is injected: `time.perf_counter` in a run, a hand-driven counter in tests."""
+    at most one step late) or reached, and the wall-clock schedule's progress. "Near" leaves
+    room for steps twice as slow as the latest ones before the next check: steps slow down
+    between checks when the loop switches on (1.5x in the records), and a margin from the
+    rate so far let a run pass its cap by more than a step. A resumed clock takes the
+    snapshot's mean rate until its first check measures its own. The time source is
+    injected: `time.perf_counter` in a run, a hand-driven counter in tests."""
 
     def __init__(self, schedule: ScheduleConfig, log_every: int, device: torch.device,
                  now: Callable[[], float] = time.perf_counter):
@@ -107,6 +111,8 @@ class TrainingClock:
         """Begin (or resume, from a snapshot) at `step` with `elapsed` seconds already trained."""
         self.total, self.start_step, self.synced_step = elapsed, step, step
         self.elapsed_at_start = self.synced_elapsed = elapsed
+        self.seconds_per_step = elapsed / step if step else 0.0  # until a check measures this launch's rate
+        self._check_near_cap(elapsed, self.seconds_per_step)
         self.resume()
 
     def resume(self) -> None:
@@ -131,12 +137,16 @@ class TrainingClock:
         """The elapsed seconds all ranks agree on at `step` (a host sync)."""
         _sync(self.device)
         elapsed = float(dist.all_reduce_max(torch.tensor([self.read()], dtype=torch.float64)).item())
+        latest = (elapsed - self.synced_elapsed) / (step - self.synced_step) if step > self.synced_step else 0.0
         self.synced_step, self.synced_elapsed = step, elapsed
         if step > self.start_step:
             self.seconds_per_step = (elapsed - self.elapsed_at_start) / (step - self.start_step)
-        cap = self.schedule.max_wallclock_seconds > 0
-        self.near_cap = cap and elapsed + self.log_every * self.seconds_per_step >= self.schedule.train_seconds_cap
+        self._check_near_cap(elapsed, max(self.seconds_per_step, latest))
         return elapsed
+
+    def _check_near_cap(self, elapsed: float, seconds_per_step: float) -> None:
+        cap = self.schedule.max_wallclock_seconds > 0
+        self.near_cap = cap and elapsed + 2 * self.log_every * seconds_per_step >= self.schedule.train_seconds_cap
 
     def over_cap(self) -> bool:
         """Whether the agreed clock has reached the training cap (the cap minus the calibration reserve)."""
@@ -329,8 +339,8 @@ def train(cfg: TrainConfig, model: GPT, stream: TokenStream, val_tokens: np.ndar
     clock = TrainingClock(cfg.schedule, cfg.runtime.log_every, device, now)
     validation = PeriodicValidation(cfg, val_tokens, val_bytes, device, autocast_dtype)
     run_log = RunLog(cfg, log, step)
-    progress = 0.0
     clock.start(step, elapsed)
+    progress = clock.progress(step - 1) if step else 0.0  # as the uninterrupted run had it at a resumed step
     while True:
         at_val, at_snapshot = validation.due(step), keeper.due(step)
         last = step >= cfg.schedule.iterations

@@ -101,11 +101,24 @@ def step_clock():
 
 def test_near_the_cap_the_clock_is_checked_every_step(shards, tiny_sp, step_clock):
     """A fake clock that advances 1 s per training step: with checks every 10 steps and a
-    25 s cap, training stops at step 25 (checks go per-step from step 20), not at 30."""
+    25 s cap, training stops at step 25, not at 30. Checks go per step from the check at
+    step 10, whose 10 s + 2 x 10 steps x 1 s reaches the cap (room for steps twice as slow)."""
     result, logged, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=25.0, mode="wallclock",
                                   log_every=10, val_every=0, clock=step_clock)
     assert result.stopped_by == "wallclock" and result.steps == 25 and result.train_seconds == 25.0
-    assert [step for step, values in logged if "train_loss" in values] == [10, 20, 21, 22, 23, 24, 25]
+    assert [step for step, values in logged if "train_loss" in values] == [10, *range(11, 26)]
+
+
+def test_steps_that_slow_between_checks_stop_at_most_one_step_late(shards, tiny_sp, step_clock):
+    """Steps of 1 s, then 2 s from step 81 (the loop switching on between two checks); cap
+    95 s, checks every 10 steps. From the rate so far, the check at step 80 would expect
+    step 90 at 90 s and skip to it (100 s); the margin for slower steps checks every step
+    from 80 on, and training stops within one step of the cap."""
+    step_clock.seconds_for = lambda steps: 1.0 if steps <= 80 else 2.0
+    result, logged, _ = run_train(shards, tiny_sp, iterations=10_000, max_wallclock_seconds=95.0, mode="wallclock",
+                                  log_every=10, val_every=0, clock=step_clock)
+    assert 95.0 <= result.train_seconds <= 95.0 + 2.0 and result.steps == 88
+    assert [step for step, values in logged if "train_loss" in values][-9:] == list(range(80, 89))
 
 
 def test_wallclock_schedule_runs_on_the_agreed_clock(shards, tiny_sp, step_clock):
@@ -320,6 +333,31 @@ def test_a_crashed_run_resumes_from_its_snapshot_to_the_same_weights(shards, tin
         assert torch.equal(a, b), name  # EMA weights, bit for bit
     losses = lambda log, first: [(s, v["train_loss"]) for s, v in log if "train_loss" in v and s > first]  # noqa: E731
     assert losses(resumed_log, 6) == losses(straight_log, 6)  # steps 7, 8, 9 identical
+
+
+def test_a_crashed_wallclock_run_resumes_to_the_same_run_on_the_same_clock(shards, tiny_sp, tmp_path, step_clock):
+    """On a clock whose steps take 1 s in every launch, a wall-clock run that dies at step
+    26 and resumes from its snapshot at 25 goes on with the same learning rates, the same
+    loop state, the same validation score at the resumed step, the same stop (28 s cap)
+    and the same weights: the resumed clock takes the snapshot's rate until it measures
+    its own, and near-cap checking holds from the first step."""
+    settings = dict(iterations=10_000, mode="wallclock", max_wallclock_seconds=28.0, log_every=10, snapshot_every=5,
+                    val_every=5, warmdown_frac=0.5, num_layers=2, num_loops=1, loop_start=1, loop_end=1,
+                    loop_start_frac=0.5)
+    clock = type(step_clock)
+    straight_result, straight_log, straight = run_train(shards, tiny_sp, clock=clock(), **settings)
+    snapshots = resume.Snapshots(tmp_path, "run-w")
+    with pytest.raises(Crash):
+        run_train(shards, tiny_sp, snapshots=snapshots, log=crash_at(26), clock=clock(), **settings)
+    resumed_clock = clock()
+    resumed_result, resumed_log, resumed = run_train(shards, tiny_sp, snapshots=snapshots, clock=resumed_clock,
+                                                     **settings)
+    assert resumed_result.resumed_from_step == 25
+    assert (resumed_result.steps, resumed_result.train_seconds) == (straight_result.steps, 28.0) == (28, 28.0)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    vals = lambda log: [(s, v["val_bpb"]) for s, v in log if "val_bpb" in v and s >= 25]  # noqa: E731
+    assert vals(resumed_log)[0][0] == 25 and vals(resumed_log) == vals(straight_log)
 
 
 def test_a_snapshot_of_another_run_is_not_resumed(shards, tiny_sp, tmp_path):
