@@ -100,16 +100,20 @@ def _pydoc_topics(stdlib: Path) -> list[str]:
 
 
 
-def iter_documents(source: str, jsonl_path: str = "", min_chars: int = 200, max_documents: int = 0) -> Iterator[str]:
+def iter_documents(source: str, jsonl_path: str = "", min_chars: int = 200, max_documents: int = 0,
+                   as_is: bool = False) -> Iterator[str]:
     """Documents of the configured source, streamed, leading whitespace dropped, empty
-    ones skipped, at most `max_documents` (0 = all).
+    ones skipped, at most `max_documents` (0 = all); with `as_is`, every text as it is.
 
     Leading whitespace goes because the byte rule never charges the space of a piece
-    right after BOS; dropping it keeps the byte count equal to the text's length.
+    right after BOS; dropping it keeps the byte count equal to the text's length. The
+    challenge's documents (the docs cache) are read `as_is`: its export encodes each one
+    as it is (TECHNIQUES §1.2), so the validation split is its first 50,000 documents
+    exactly, an empty one or one that opens with a space included.
     """
     docs = embedded_documents(min_chars) if source == "embedded" else iter_jsonl_documents(jsonl_path)
-    stripped = (d for d in (d.lstrip() for d in docs) if d)
-    return itertools.islice(stripped, max_documents or None)
+    kept = docs if as_is else (d for d in (d.lstrip() for d in docs) if d)
+    return itertools.islice(kept, max_documents or None)
 
 
 def load_documents(source: str, jsonl_path: str = "", min_chars: int = 200, max_documents: int = 0) -> list[str]:

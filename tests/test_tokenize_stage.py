@@ -45,12 +45,21 @@ def test_retokenizing_twice_gives_identical_shards(tmp_path):
 
 
 def test_docs_cache_source_downloads_then_retokenizes(fake_hub, tmp_path):
-    content = "".join(json.dumps({"text": d}) + "\n" for d in DOCS).encode()
+    """The challenge's documents are encoded as they are, as its export does: an empty
+    one and one that opens with spaces stay where they are in the validation split."""
+    docs = ["", "  Leading spaces. " + DOCS[1], *DOCS[2:]]
+    content = "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()
     fake_hub.repos["willdepueoai/parameter-golf"] = {
         f"datasets/{hub.DOCS_FILE}": content,
         f"datasets/{hub.DOCS_MANIFEST_FILE}": json.dumps({"docs_sha256": hashlib.sha256(content).hexdigest()}).encode()}
     metrics = run(cfg(source="docs_cache"), paths(tmp_path, tmp_path / "dl")).metrics
     assert metrics["val"]["documents"] == 20 and (tmp_path / "dl" / hub.DOCS_FILE).read_bytes() == content
+    assert metrics["val"]["bytes"] == sum(len(d.encode()) for d in docs[:20])
+    sp = tokenizer.load_tokenizer(tmp_path / "tok")
+    val = data.load_split(tmp_path / "shards", "val").tolist()
+    starts = [i for i, t in enumerate(val) if t == tokenizer.BOS_ID] + [len(val)]
+    assert len(starts) == 21 and starts[1] == 1  # the empty document: BOS alone
+    assert sp.decode(val[starts[1] + 1:starts[2]]) == docs[1]
     # the docs cache the challenge's export comes from
     assert data.read_source(tmp_path / "shards") == {"source": "docs_cache", "repo": "willdepueoai/parameter-golf",
                                                      "challenge_data": True}

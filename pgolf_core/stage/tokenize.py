@@ -54,7 +54,7 @@ def _tokenize(cfg: TokenizeConfig, tokenizer_dir: Path, shards_dir: Path, downlo
 
     def documents():
         return corpus.iter_documents("embedded" if cfg.source == "embedded" else "jsonl", jsonl_path,
-                                     cfg.min_doc_chars, cfg.max_documents)
+                                     cfg.min_doc_chars, cfg.max_documents, as_is=cfg.source == "docs_cache")
 
     transform = caseops.encode if cfg.case_transform == "caseops" else None
     end = cfg.val_documents + cfg.tokenizer_train_documents if cfg.tokenizer_train_documents else None
