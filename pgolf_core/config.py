@@ -274,6 +274,11 @@ class OptimizerConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     grad_clip: float = 1.0  # global grad-norm clip (0 = off)
+    # Under torchrun: clip each process's own gradient, then average (the 04-10+ records'
+    # manual-comm optimizer, TECHNIQUES §7), instead of clipping the DDP average (04-08 and
+    # before). Each process clips on its own norm, which exceeds the average's, so this
+    # clips more. Its all-reduce waits for the backward instead of overlapping it.
+    clip_before_all_reduce: bool = False
     ema_decay: float = 0.99  # EMA of weights; the EMA weights are what is saved (0 = off)
 
     def __post_init__(self):

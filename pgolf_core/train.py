@@ -386,14 +386,18 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype,
     """Forward/backward this rank's rows (x, y: (rows, seq_len) on the device) in
     micro-batches, then one optimizer step. Each micro loss is weighted by its share of
     the rows, so the returned sum is the rank's mean loss (a tensor: no host sync).
-    `looping`: the model's recurrence on or off (`GPT.forward`)."""
+    `looping`: the model's recurrence on or off (`GPT.forward`). Under DDP the gradients
+    are averaged in the last micro-batch's backward and the average is clipped, or, with
+    `clip_before_all_reduce`, each rank's own gradient is clipped and then averaged."""
     rows = x.size(0)
     starts = list(range(0, rows, cfg.micro_batch_seqs))
     total = torch.zeros((), device=x.device)
+    distributed = hasattr(step_model, "no_sync")
+    local_clip = distributed and cfg.optimizer.clip_before_all_reduce
     for i, s in enumerate(starts):
         last = i == len(starts) - 1
         xb, yb = x[s : s + cfg.micro_batch_seqs], y[s : s + cfg.micro_batch_seqs]
-        no_sync = step_model.no_sync() if hasattr(step_model, "no_sync") and not last else contextlib.nullcontext()
+        no_sync = step_model.no_sync() if distributed and (local_clip or not last) else contextlib.nullcontext()
         with no_sync, torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss = step_model(xb, yb, looping=looping).mean() * (xb.size(0) / rows)
             loss.backward()
@@ -401,6 +405,8 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype,
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     if cfg.optimizer.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
+    if local_clip:
+        dist.all_reduce_mean_([p.grad for p in params if p.grad is not None])
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)

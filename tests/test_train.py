@@ -239,6 +239,96 @@ def torchrun_train(tmp_path, name: str, nproc: int, train_params: dict, shards, 
     return out, run.stdout, curve
 
 
+CLIP_ORDER_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch, torch.distributed as td
+from torch.nn.parallel import DistributedDataParallel
+from pgolf_core.config import OptimizerConfig
+from pgolf_core.train import train_step
+from params_helpers import train_config
+
+td.init_process_group("gloo")
+rank, world = td.get_rank(), td.get_world_size()
+torch.set_num_threads(1)
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = torch.nn.Embedding(11, 6), torch.nn.Linear(6, 11, bias=False)
+
+    def forward(self, x, y, looping=None):
+        logits = self.out(torch.tanh(self.emb(x)))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+
+
+class Capture:  # an optimizer that keeps the gradients it is given
+    def __init__(self, params):
+        self.param_groups, self.grads = [{"params": params}], None
+
+    def step(self):
+        self.grads = [p.grad.clone() for p in self.param_groups[0]["params"]]
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.param_groups[0]["params"]:
+            p.grad = None
+
+
+torch.manual_seed(0)
+start = Toy().double().state_dict()
+g = torch.Generator().manual_seed(1)
+X, Y = torch.randint(0, 11, (8, 5), generator=g), torch.randint(0, 11, (8, 5), generator=g)
+rows = 8 // world
+clip = 0.3
+
+
+def plain_grads(r):  # rank r's mean loss over its rows, its gradient in float64 (no DDP, no micro-batches)
+    model = Toy().double()
+    model.load_state_dict(start)
+    model(X[r * rows:(r + 1) * rows], Y[r * rows:(r + 1) * rows]).mean().backward()
+    return [p.grad for p in model.parameters()]
+
+
+def clipped(grads):
+    norm = torch.sqrt(sum((q * q).sum() for q in grads))
+    return [q * min(1.0, clip / (float(norm) + 1e-6)) for q in grads]
+
+
+per_rank = [plain_grads(r) for r in range(world)]
+mean = lambda lists: [sum(qs) / world for qs in zip(*lists)]
+expected = {False: clipped(mean(per_rank)), True: mean([clipped(q) for q in per_rank])}
+assert max((a - b).abs().max() for a, b in zip(expected[False], expected[True])) > 1e-3  # the orders differ here
+for local in (False, True):
+    cfg = train_config({"micro_batch_seqs": 3, "grad_clip": clip, "clip_before_all_reduce": local})
+    model = Toy().double()
+    model.load_state_dict(start)
+    capture = Capture(list(model.parameters()))
+    train_step(DistributedDataParallel(model), [capture], X[rank * rows:(rank + 1) * rows],
+               Y[rank * rows:(rank + 1) * rows], cfg, None)  # 4 rows: micro-batches of 3 and 1
+    error = max(float((a - b).abs().max()) for a, b in zip(capture.grads, expected[local]))
+    if error > 1e-12:
+        sys.exit(f"clip_before_all_reduce={local}: rank {rank} gradient off the float64 reference by {error}")
+if rank == 0:
+    print("both clip orders match their references")
+td.destroy_process_group()
+"""
+
+
+def test_each_clip_order_under_two_processes_matches_a_float64_reference(tmp_path):
+    """DDP averages then clips (04-08 and before); `clip_before_all_reduce` clips each
+    rank's own gradient, then averages (the 04-10+ records): each equals its plain
+    float64 reference, with micro-batches of 3 and 1 rows, and the two differ."""
+    import os
+
+    script = tmp_path / "clip_order.py"
+    script.write_text(CLIP_ORDER_SCRIPT)
+    run = subprocess.run([*torchrun(tmp_path, 2), str(script), str(ROOT / "tests")], cwd=tmp_path,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "both clip orders match their references" in run.stdout
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, shards, tiny_tokenizer_dir):
     """Same global batch on 1 and 2 processes (gloo): the loss curves agree. Both save
