@@ -241,6 +241,12 @@ class GPT(nn.Module):
             v0 = v if v0 is None else v0
             skips.append(x)
         for j, i in enumerate(decoder):
+            parallel = self.cfg.parallel_mode != "none" and i >= self.cfg.parallel_start
+            splits_here = lanes is None and parallel and self.cfg.parallel_mode in LANE_MODES
+            if splits_here and self.cfg.parallel_mode == "routed":
+                # 04-10+: the lanes split before the first parallel layer's skip, which goes
+                # to lane 0 only, as every later one; #1477 ("merge") adds it before splitting
+                lanes = [x, x]
             if j < len(encoder):  # U-Net: decoder step j takes the most recent encoder output
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
                 gate = torch.sigmoid(self.skip_gates[j]).to(x.dtype)
@@ -248,8 +254,7 @@ class GPT(nn.Module):
                     x = torch.lerp(skip, x, gate)
                 else:
                     lanes[0] = torch.lerp(skip, lanes[0], gate)
-            parallel = self.cfg.parallel_mode != "none" and i >= self.cfg.parallel_start
-            if lanes is not None or (parallel and self.cfg.parallel_mode in LANE_MODES):
+            if lanes is not None or splits_here:
                 lanes = lanes or [x, x]
                 lanes, v = self._parallel_block(i, lanes, x0, v0, value_embed, mask)
             else:

@@ -193,6 +193,9 @@ def reference_logits(model: GPT, idx: torch.Tensor, looping: bool | None = None)
         v0 = v if v0 is None else v0
         skips.append(x)
     for j, layer in enumerate(decoder):
+        parallel = cfg.parallel_mode != "none" and layer >= cfg.parallel_start
+        if parallel and cfg.parallel_mode == "routed" and lanes is None:
+            lanes = [x, x]  # §2.6, 04-10+: split first; this layer's skip goes to lane 0 only
         if j < len(encoder):  # §2.4: lerp(w * skip, x, sig(g)), into lane 0 once split
             w, g = P["skip_weights"][j], sigmoid(P["skip_gates"][j])
             skip = skips.pop()
@@ -200,9 +203,8 @@ def reference_logits(model: GPT, idx: torch.Tensor, looping: bool | None = None)
                 x = g * x + (1 - g) * w * skip
             else:
                 lanes[0] = g * lanes[0] + (1 - g) * w * skip
-        parallel = cfg.parallel_mode != "none" and layer >= cfg.parallel_start
-        if parallel and cfg.parallel_mode in ("merge", "routed") and lanes is None:
-            lanes = [x, x]
+        if parallel and cfg.parallel_mode == "merge" and lanes is None:
+            lanes = [x, x]  # #1477: the skip is added to the stream, then it splits
         if lanes is not None:
             attn_in = mixed(layer, lanes[0])
             a, v = attn(layer, attn_in, v0)

@@ -64,6 +64,8 @@ def test_switch_is_causal_and_every_parameter_learns(name):
 # Logits of the model before the seed switches existed, written by the code at commit
 # 0272572 (the parent of the switches' commit 6e68a69) running `_model_before_switches`
 # below: numpy's savez_compressed of {"logits_<mode>": float32 (1, 16, 64), "idx_<mode>"}.
+# "routed" was rewritten by the commit that splits its lanes before the first parallel
+# layer's skip (the 04-10+ order, TECHNIQUES §2.6), a deliberate change of that model.
 # Regenerate only for a deliberate change of the default model, and say so in its commit.
 GOLDEN = Path(__file__).parent / "golden" / "model_before_seed_switches.npz"
 GOLDEN_TOLERANCE = 1e-5  # absolute, on logits of mean magnitude above 0.1 (see _model_before_switches)
