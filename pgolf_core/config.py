@@ -188,7 +188,10 @@ class ModelConfig:
     # cost nothing measurable (val_bpb +0.0002 +- 0.0024 over 3 seeds, 2026-11-23); the record-
     # scale curve (gpu_session.sh devf32residual) is still open. On in the record profiles.
     low_precision_residual: bool = False
-    doc_mask: bool = False  # attention never crosses a BOS (the records' varlen attention, 04-10+)
+    # Attention never crosses a BOS (the records' varlen attention, 04-10+). Off in the record
+    # profiles until a GPU prices it: its FlexAttention path has never been timed
+    # (`gpu_session.sh docmask docmaskoff devdocmask`, bench/NOTES.md item 7).
+    doc_mask: bool = False
     bos_id: int = BOS_ID  # the id that starts every document (fixed by the data format)
 
     def __post_init__(self):
