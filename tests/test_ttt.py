@@ -444,6 +444,34 @@ def test_warm_started_a_is_the_previous_batchs_trained_a(warm_start_a):
         assert not b.any() and a.requires_grad and b.requires_grad
 
 
+def test_a_forgotten_warm_start_draws_a_afresh_and_a_reset_sgd_starts_without_momentum():
+    """After a phase: `forget` makes the next batch draw its A as a first batch would, and
+    `reset_momentum` makes the next SGD step a first step (buffer = its gradient)."""
+    model = _model(ModelConfig(**RECORD_LIKE))
+    cfg = dataclasses.replace(EVAL, lora_warm_start_a=True)
+    first = _lora(model, cfg, 3)
+    drawn = {key: a.detach().clone() for key, (a, _) in first.mode.adapters.items()}
+    with torch.no_grad():
+        for a, _ in first.mode.adapters.values():  # as if trained
+            a.add_(0.25)
+    first.end_batch()
+    first.forget()
+    first.fresh(0, 3)  # batch 0's seed: the same draw as the first batch's
+    for key, (a, _) in first.mode.adapters.items():
+        assert torch.equal(a.detach(), drawn[key]), key
+    p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    trainer = SGDTrainer.__new__(SGDTrainer)
+    trainer.opt = torch.optim.SGD([p], lr=1.0, momentum=0.9)
+    for _ in range(2):
+        p.grad = torch.ones(3, dtype=torch.float64)
+        trainer.opt.step()
+    trainer.reset_momentum()
+    before = p.detach().clone()
+    p.grad = torch.ones(3, dtype=torch.float64)
+    trainer.opt.step()
+    assert torch.equal(before - p.detach(), torch.ones(3, dtype=torch.float64))  # lr x g: no momentum left
+
+
 def test_sgd_steps_are_plain_momentum_sgd_on_the_batch_mean_with_clipping_and_frozen_blocks():
     """SGDTrainer against a plain float64 loop written here: each global batch of
     `batch_seqs` blocks (of unequal lengths; the trainer pads them) gives the mean NLL
@@ -738,8 +766,10 @@ def test_each_phase_trains_on_the_first_boundary_documents_of_the_queue_once_the
     global pass: the first `boundary` documents of the length-sorted queue, each cut in
     blocks of at most seq_len targets, grouped in order into chunks of at least
     ttt_chunk_tokens targets (the first chunk here is exactly 48: two blocks of 24), chunk c
-    of n at 0.5 phase_lr (1 + cos(pi c / n)), phase_epochs each. The queue and the cuts are
-    recomputed here from the BOS positions."""
+    of n at 0.5 phase_lr (1 + cos(pi c / n)), phase_epochs each, after the SGD's momentum
+    is cleared and the adapters' kept A forgotten (each phase as the records run it: a
+    fresh SGD, then fresh LoRAs). The queue and the cuts are recomputed here from the BOS
+    positions."""
     import pgolf_core.eval.lora as lora_module
 
     events = []
@@ -754,6 +784,8 @@ def test_each_phase_trains_on_the_first_boundary_documents_of_the_queue_once_the
 
     monkeypatch.setattr(lora_module, "score_batch", score)
     monkeypatch.setattr(SGDTrainer, "train", train)
+    monkeypatch.setattr(SGDTrainer, "reset_momentum", lambda self: events.append(("reset_momentum",)))
+    monkeypatch.setattr(lora_module.DocumentLora, "forget", lambda self: events.append(("forget",)))
     cfg = dataclasses.replace(EVAL, phase_boundaries=[3, 6], phase_epochs=2, phase_lr=0.3, ttt_chunk_tokens=48)
     score_mode("ttt_phased", _model(ModelConfig(**RECORD_LIKE)), stream, _bytes(stream), cfg, device=CPU)
 
@@ -772,6 +804,7 @@ def test_each_phase_trains_on_the_first_boundary_documents_of_the_queue_once_the
                         chunks.append(current)
                         current = []
             chunks += [current] if current else []
+            expected += [("reset_momentum",), ("forget",)]
             expected += [("train", chunk, 0.5 * 0.3 * (1 + math.cos(math.pi * c / len(chunks))), 2)
                          for c, chunk in enumerate(chunks)]
     assert [e[:2] for e in events] == [e[:2] for e in expected]

@@ -270,6 +270,10 @@ class DocumentLora:
         if self.cfg.lora_warm_start_a:
             self.kept_a = {k: a.detach() for k, (a, _) in self.mode.adapters.items()}
 
+    def forget(self) -> None:
+        """The next batch draws its A afresh even with `lora_warm_start_a` (after a phase)."""
+        self.kept_a = {}
+
 
 def live_rows(chunks: list[int], j: int) -> int:
     """How many rows a batch's forward j runs: its documents come longest first (checked
@@ -522,6 +526,10 @@ def _run(model, tokens, byte_counts, cfg: EvaluateConfig, *, phased: bool, devic
         scored_docs = min(len(queue), (max(b for mine in segment for b in mine) + 1) * cfg.lora_batch_docs)
         while boundaries and boundaries[0] <= scored_docs and s < len(segments) - 1:
             chunks = phase_blocks(queue[: boundaries.pop(0)], cfg.seq_len, cfg.ttt_chunk_tokens)
+            # each phase as the records run it: a fresh SGD, and fresh LoRAs after it (a
+            # warm-started A does not cross a phase; TECHNIQUES §5.5)
+            trainer.reset_momentum()
+            lora.forget()
             with phase_stance(cfg):
                 for c, chunk in enumerate(chunks):  # cosine over the phase, never down to 0: every chunk trains
                     trainer.train(stream, chunk, lr=cosine_lr(cfg.phase_lr, c, len(chunks) + 1),

@@ -130,8 +130,9 @@ def cosine_lr(peak: float, index: int, count: int) -> float:
 
 class SGDTrainer:
     """SGD with momentum over the model's parameters, leading blocks optionally frozen;
-    momentum persists across chunks (and across phases of `ttt_phased`). Built once per
-    evaluation; `restore()` gives the frozen blocks their gradients back."""
+    momentum persists across chunks; each phase of `ttt_phased` starts without it
+    (`reset_momentum`), as the phased records build their SGD afresh in each phase. Built
+    once per evaluation; `restore()` gives the frozen blocks their gradients back."""
 
     def __init__(self, model, *, momentum: float, grad_clip: float, freeze_blocks: int, batch_seqs: int,
                  device, autocast_dtype: torch.dtype | None, rank: int, world_size: int):
@@ -149,6 +150,10 @@ class SGDTrainer:
     def restore(self) -> None:
         for p in self.frozen:
             p.requires_grad_(True)
+
+    def reset_momentum(self) -> None:
+        """Forget the momentum: the next step starts its buffer from its own gradient."""
+        self.opt.state.clear()
 
     def train(self, stream: torch.Tensor, blocks: list[Block], *, lr: float, epochs: int) -> None:
         """`epochs` passes over `blocks` in global batches of `batch_seqs` (rank r takes
