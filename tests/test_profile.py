@@ -42,6 +42,10 @@ def test_pr1477_profile_builds_the_reference_systems_model():
     assert layer_sequence(model.cfg, True) == ([0, 1, 2, 3, 4, 5, 4], [5, 4, 5, 6, 7, 8, 9, 10])
     assert (train.schedule.loop_start_frac, train.schedule.mode, train.model.parallel_mode, train.model.parallel_start) == \
         (0.5, "wallclock", "merge", 7)
+    # what the 04-27 base has and 04-08 had not: LQER, each rank clipping its own gradient
+    assert configs["quantize"].lqer_rank == 0 and not train.optimizer.clip_before_all_reduce
+    record = config.apply_profile(ROOT / "profiles" / "record_8xh100.yaml", "/dev/null")
+    assert record["quantize"].lqer_rank == 4 and record["train"].optimizer.clip_before_all_reduce
 
 
 def test_profile_typos_are_named(tmp_path):
