@@ -354,15 +354,19 @@ FEATURED = dict(num_layers=4, unet_skips=True, num_loops=1, loop_start=1, loop_e
 
 
 @pytest.mark.slow
-def test_torchrun_compiled_two_processes_match_one_eager(tmp_path, shards, tiny_tokenizer_dir):
+@pytest.mark.parametrize("clip_before_all_reduce", [False, True])
+def test_torchrun_compiled_two_processes_match_one_eager(tmp_path, shards, tiny_tokenizer_dir, clip_before_all_reduce):
     """The 8xH100 path in miniature: DDP + torch.compile (inductor, gloo) with the loop
     switching on mid-run and the sharded Muon, against one eager process; the loss curves
     agree, and the compiled run built no graph after its warm-up (fullgraph: no graph
-    break either)."""
+    break either). With `clip_before_all_reduce` (the record profile's), DDP syncs nothing
+    and the gradients are averaged after the backward; unclipped there, so that one
+    process, which has no average to clip before, computes the same steps."""
     curves = {}
+    clip = {"clip_before_all_reduce": True, "grad_clip": 0.0} if clip_before_all_reduce else {}
     for nproc, compile_ in ((1, False), (2, True)):
         out, stdout, curves[nproc] = torchrun_train(
-            tmp_path, f"run{nproc}", nproc, {**TINY_TRAIN, **FEATURED, "iterations": 8, "val_every": 0,
+            tmp_path, f"run{nproc}", nproc, {**TINY_TRAIN, **FEATURED, **clip, "iterations": 8, "val_every": 0,
                                              "compile": compile_, "muon_shard": compile_}, shards, tiny_tokenizer_dir)
         assert json.loads((out / "metrics" / "metrics.json").read_text())["graphs_compiled_in_run"] == 0
         assert "WARNING" not in stdout
