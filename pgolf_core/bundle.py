@@ -192,7 +192,6 @@ def load_imports(tree: ast.Module) -> tuple[set[str], set[str]]:
 _BODY_FIELDS = ("body", "orelse", "finalbody")
 
 
-_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Names through which code reads what the minifier removes. `__doc__` and `getdoc`
 # (inspect's) read docstrings; `__annotations__`, `get_annotations` (inspect's) and
 # `singledispatch` (which registers a function by its first parameter's annotation) read
@@ -206,16 +205,7 @@ def reads_at_run_time(tree: ast.AST) -> frozenset[str]:
     """What of the minifier's removals code in `tree` may read: "docstrings",
     "annotations" (of functions), or both. A name counts wherever it occurs: as a name,
     an attribute, an imported name or a string (`getattr(f, "__doc__")`)."""
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            names.add(node.id)
-        elif isinstance(node, ast.Attribute):
-            names.add(node.attr)
-        elif isinstance(node, ast.alias):
-            names.update(node.name.split("."))
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            names.update(_WORD.findall(node.value))
+    names = _words(tree).keys()
     return frozenset({"docstrings"} if names & _DOC_READERS else set()) | \
         frozenset({"annotations"} if names & _ANNOTATION_READERS else set())
 
@@ -347,6 +337,8 @@ def minify(source: str, keep: frozenset[str] = frozenset()) -> str:
 
 
 # --- dropping what the script never references ---------------------------------------
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Decorators that only wrap or describe the function or class they decorate: a def so
 # decorated does nothing at definition time that anything could observe once nothing
 # references it. Any other decorator may register it (`register_fake`, `custom_op`), so

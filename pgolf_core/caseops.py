@@ -32,8 +32,9 @@ an ASCII uppercase letter or a U+2581.
 Guarantees. `decode(encode(x)) == x` for every str x. `decode` accepts exactly the
 strings `encode` can produce and raises ValueError (naming the position and the
 problem) on any other, so `encode(decode(s)) == s` for every s it accepts. In
-particular it rejects: ESC not followed by an operator or a space; a U+2581; TITLE/ALLCAPS/CAPNEXT not
-followed by a lowercase ASCII letter (or at the end); CAPNEXT at a word start;
+particular it rejects: ESC not followed by an operator or a space; a U+2581;
+TITLE/ALLCAPS/CAPNEXT not followed by a lowercase ASCII letter (or at the end);
+CAPNEXT at a word start;
 TITLE/ALLCAPS inside a word; CAPNEXT inside an ALLCAPS word; ALLCAPS on a one-letter
 word; TITLE + CAPNEXT on every letter (an all-uppercase word is written with ALLCAPS);
 any ASCII uppercase letter.
@@ -92,8 +93,9 @@ def original_byte_counts(surfaces: list[str]) -> list[int]:
     decoder state carries across token boundaries, so the result sums to
     len(doc.encode("utf-8")) and count i is exactly what token i's characters decode to:
     operators and ESC cost 0, an escaped operator 3, an escaped space (a literal U+2581)
-    3, a letter 1, any other character its UTF-8 length. Characters are counted as given: the caller substitutes a real space
-    for SentencePiece's U+2581 marker first. Raises ValueError like `decode`.
+    3, a letter 1, any other character its UTF-8 length. Characters are counted as given:
+    the caller substitutes a real space for SentencePiece's U+2581 marker first. Raises
+    ValueError like `decode`.
     """
     decoder = _Decoder()
     counts = [len(decoder.feed(surface).encode("utf-8")) for surface in surfaces]

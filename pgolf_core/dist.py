@@ -85,16 +85,17 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average `tensors` across processes in place: one collective over the concatenation
-    of those of each dtype."""
+def all_reduce_sum_(tensors: list[torch.Tensor], mean: bool = False) -> None:
+    """Sum (or with `mean`, average) `tensors` across processes in place: one collective
+    over the concatenation of those of each dtype."""
     if not td.is_initialized():
         return
     for dtype in dict.fromkeys(t.dtype for t in tensors):
         group = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in group])
         td.all_reduce(flat, op=td.ReduceOp.SUM)
-        flat /= td.get_world_size()
+        if mean:
+            flat /= td.get_world_size()
         offset = 0
         for t in group:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))

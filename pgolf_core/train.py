@@ -406,7 +406,7 @@ def train_step(step_model, optimizers, x, y, cfg: TrainConfig, autocast_dtype,
     if cfg.optimizer.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
     if local_clip:
-        dist.all_reduce_mean_([p.grad for p in params if p.grad is not None])
+        dist.all_reduce_sum_([p.grad for p in params if p.grad is not None], mean=True)
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)

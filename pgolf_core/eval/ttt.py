@@ -186,12 +186,7 @@ class SGDTrainer:
                 nll = self.model(inputs, targets)
             (nll.float() * valid).sum().div(total_targets).backward()
         if self.world_size > 1:
-            grads = [p.grad for p in self.params]
-            flat = dist.all_reduce_sum(torch.cat([g.flatten() for g in grads]))
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            dist.all_reduce_sum_([p.grad for p in self.params])
         self.syncs += 1  # an all-reduce on any number of processes > 1: one process's projection adds them
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
